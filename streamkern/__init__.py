@@ -1,0 +1,13 @@
+"""streamkern: fused kernels for the hot paths of streaming generative models.
+
+Every op takes ``backend=None`` ("torch", "cpu", "triton", "cuda" or "auto"); see DESIGN.md and README.md.
+"""
+from ._backend import BackendUnavailable, available_backends, backend, current_backend, set_backend
+from .consensus import consensus_frame_scores, select_frame
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable", "available_backends", "backend", "current_backend", "set_backend",
+    "consensus_frame_scores", "select_frame",
+]

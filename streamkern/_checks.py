@@ -1,0 +1,125 @@
+"""Argument checks shared by every op (DESIGN.md §3).
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong rank, shape,
+device, value) whose message names the argument, the expected and the actual value. Ops run all
+their checks before allocating or writing anything.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+INDEX = (torch.int64,)
+
+
+def debug_enabled() -> bool:
+    """``STREAMKERN_DEBUG=1``: GPU backends also check values held in tensors (this synchronises)."""
+    import os
+
+    return os.environ.get("STREAMKERN_DEBUG", "0") == "1"
+
+
+def _dt(dtypes: Iterable[torch.dtype]) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(name: str, t, *, ndim: int | Sequence[int] | None = None, dtypes: Sequence[torch.dtype] | None = None,
+           device: torch.device | None = None) -> torch.Tensor:
+    """``t`` is a tensor of one of ``dtypes``, of rank ``ndim`` (or one of several), on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in ranks:
+            want = " or ".join(str(r) for r in ranks)
+            raise ValueError(f"{name}: expected a {want}-d tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {_dt(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    return t
+
+
+def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: Sequence[str] | None = None) -> None:
+    """``t.shape`` equals ``expected`` (``None`` matches any size); ``what`` names each dimension."""
+    if t.dim() != len(expected) or any(e is not None and e != s for e, s in zip(expected, t.shape)):
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        dims = f" ({', '.join(what)})" if what else ""
+        raise ValueError(f"{name}: expected shape [{want}]{dims}, got {list(t.shape)}")
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    """All tensors live on one device; returns it."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            raise ValueError(f"{k}: expected a tensor on {dev} like {items[0][0]}, got one on {v.device}")
+    return dev
+
+
+def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    """All tensors share one dtype; returns it."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dt = items[0][1].dtype
+    for k, v in items[1:]:
+        if v.dtype != dt:
+            raise TypeError(f"{k}: expected dtype {str(dt).replace('torch.', '')} like {items[0][0]}, "
+                            f"got {str(v.dtype).replace('torch.', '')}")
+    return dt
+
+
+def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """A Python int (not bool) with ``low <= value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {value}")
+    return value
+
+
+def number(name: str, value, *, low: float | None = None, high: float | None = None,
+           open_low: bool = False) -> float:
+    """A finite real number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bad_low = low is not None and (value <= low if open_low else value < low)
+    if value != value or bad_low or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        raise ValueError(f"{name}: expected a number in {'(' if open_low else '['}{lo}, "
+                         f"{'inf' if high is None else high}], got {value}")
+    return value
+
+
+def int_tuple(name: str, values, *, length: int | None = None, low: int | None = None,
+              high: int | None = None) -> tuple[int, ...]:
+    """A sequence of ints, each in ``[low, high]``, of ``length`` if given."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(values).__name__}")
+    out = tuple(values)
+    if length is not None and len(out) != length:
+        raise ValueError(f"{name}: expected {length} values, got {len(out)}: {out}")
+    for i, v in enumerate(out):
+        integer(f"{name}[{i}]", v, low=low, high=high)
+    return out
+
+
+def float_tuple(name: str, values, *, length: int | None = None) -> tuple[float, ...]:
+    """A sequence of finite numbers, of ``length`` if given."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__}")
+    out = tuple(values)
+    if length is not None and len(out) != length:
+        raise ValueError(f"{name}: expected {length} values, got {len(out)}: {out}")
+    return tuple(number(f"{name}[{i}]", v) for i, v in enumerate(out))
+
+
+def index_range(name: str, idx: torch.Tensor, size: int) -> None:
+    """Every value of ``idx`` lies in ``[0, size)``. Reads the tensor: call only where a sync is allowed."""
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        raise ValueError(f"{name}: expected values in [0, {size}), got min {int(idx.min())}, max {int(idx.max())}")

@@ -1,0 +1,101 @@
+"""Multi-layer consensus frame scoring (seed 000, improvement 3; DESIGN.md §4.1).
+
+``score[b, f] = Σ_l λ_l · mean_h(q_l[b,h] · kbar_l[b,f,h]) / sqrt(D)`` where ``q_l`` is the entity-weighted
+sum of layer l's text keys and ``kbar_l`` the mean key of frame f: see ``streamkern/reference/consensus.py``.
+The accelerated backends read each selected layer's chunk keys and text keys once, in one launch, and write
+only ``[B, F]``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _checks as check
+from ._backend import OpBackends
+from .reference import consensus as ref
+
+DEFAULT_LAYERS = (0, 15, 29)
+DEFAULT_LAYER_WEIGHTS = (0.2, 0.3, 0.5)
+
+
+def _extension(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights):
+    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
+    out = torch.empty(chunk_k.shape[1], chunk_k.shape[2] // frame_seq_len, dtype=torch.float32,
+                      device=chunk_k.device)
+    torch.ops.streamkern_C.consensus_scores_(out, chunk_k, text_k, weights, frame_seq_len, layers, layer_weights)
+    return out
+
+
+def _triton(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights):
+    from streamkern.kernels.consensus import consensus_scores
+
+    return consensus_scores(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights)
+
+
+BACKENDS = OpBackends("consensus_frame_scores", {
+    "torch": ref.consensus_frame_scores, "cpu": _extension, "triton": _triton, "cuda": _extension,
+})
+
+
+@torch.library.custom_op("streamkern::consensus_frame_scores", mutates_args=())
+def _consensus_op(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor, frame_seq_len: int,
+                  layers: list[int], layer_weights: list[float], backend: str) -> torch.Tensor:
+    return BACKENDS(backend)(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
+
+
+@_consensus_op.register_fake
+def _(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights, backend):
+    return chunk_k.new_empty(chunk_k.shape[1], chunk_k.shape[2] // frame_seq_len, dtype=torch.float32)
+
+
+def _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights):
+    check.tensor("chunk_k", chunk_k, ndim=5, dtypes=check.FLOATS)
+    check.tensor("text_k", text_k, ndim=5, dtypes=check.FLOATS)
+    check.tensor("entity_weights", entity_weights, ndim=(1, 2), dtypes=check.FLOATS)
+    check.same_device(chunk_k=chunk_k, text_k=text_k, entity_weights=entity_weights)
+    check.same_dtype(chunk_k=chunk_k, text_k=text_k)
+    NL, B, L, H, D = chunk_k.shape
+    S = text_k.shape[2]
+    check.shape("text_k", text_k, (NL, B, None, H, D), ("NL", "B", "S", "H", "D"))
+    check.shape("entity_weights", entity_weights, (S,) if entity_weights.dim() == 1 else (B, S))
+    check.integer("frame_seq_len", frame_seq_len, low=1)
+    if L % frame_seq_len:
+        raise ValueError(f"frame_seq_len: expected a divisor of the chunk length L={L}, got {frame_seq_len}")
+    layers = check.int_tuple("layers", layers, low=0, high=NL - 1)
+    if not layers:
+        raise ValueError("layers: expected at least one layer index, got ()")
+    layer_weights = check.float_tuple("layer_weights", layer_weights, length=len(layers))
+    return list(layers), list(layer_weights)
+
+
+def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor,
+                           frame_seq_len: int, layers: Sequence[int] = DEFAULT_LAYERS,
+                           layer_weights: Sequence[float] = DEFAULT_LAYER_WEIGHTS, *,
+                           backend: str | None = None) -> torch.Tensor:
+    """Score each frame of an evicted chunk by its agreement with the entity-weighted text keys.
+
+    Args:
+        chunk_k: ``[NL, B, F * frame_seq_len, H, D]`` keys of the chunk for every block (fp32/fp16/bf16).
+        text_k: ``[NL, B, S, H, D]`` cross-attention key cache, same dtype.
+        entity_weights: ``[S]`` or ``[B, S]`` non-negative token weights (normalised inside).
+        frame_seq_len: tokens per latent frame; must divide the chunk length.
+        layers, layer_weights: the blocks that vote and their weights λ.
+        backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
+
+    Returns:
+        ``[B, F]`` float32 scores.
+    """
+    layers, layer_weights = _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
+    name = BACKENDS.resolve(backend, chunk_k.device)
+    return _consensus_op(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights, name)
+
+
+def select_frame(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor, frame_seq_len: int,
+                 layers: Sequence[int] = DEFAULT_LAYERS, layer_weights: Sequence[float] = DEFAULT_LAYER_WEIGHTS, *,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best frame of the chunk: ``(best [B] int64, scores [B, F] float32)``, argmax on the device
+    (ties to the lowest frame index), never read back to the host."""
+    scores = consensus_frame_scores(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights,
+                                    backend=backend)
+    return scores.argmax(dim=-1), scores

@@ -1,0 +1,1 @@
+"""Reference pipelines that call streamkern's ops (DESIGN.md §5)."""

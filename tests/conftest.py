@@ -1,0 +1,63 @@
+"""Shared fixtures: Triton's interpreter on GPU-less machines, NaN-poisoned allocations, the backend matrix."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the Triton kernels
+
+import streamkern  # noqa: E402
+from streamkern._backend import why_not  # noqa: E402
+
+_ALLOCATORS = ("empty", "empty_like", "empty_strided")
+_POISON_INT = {torch.int64: -(2 ** 62) + 7, torch.int32: -(2 ** 30) + 7, torch.int16: -32000, torch.uint8: 0xAB,
+               torch.int8: -77}
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN (floats), True (bool) or an unlikely sentinel (ints) so unwritten elements fail."""
+    if t.numel() == 0:
+        return t
+    if t.is_floating_point() or t.is_complex():
+        return t.fill_(float("nan"))
+    if t.dtype == torch.bool:
+        return t.fill_(True)
+    return t.fill_(_POISON_INT.get(t.dtype, 7))
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every ``torch.empty*`` and ``Tensor.new_empty`` made during a test comes back poisoned."""
+    for name in _ALLOCATORS:
+        real = getattr(torch, name)
+
+        def poisoned(*args, __real=real, **kwargs):
+            return poison_(__real(*args, **kwargs))
+
+        monkeypatch.setattr(torch, name, poisoned)
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison_(real_new_empty(self, *a, **k)))
+    yield
+
+
+# Every (backend, device) pair an op's parity tests run on; unavailable pairs are skipped with the reason.
+BACKEND_DEVICES = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
+                   ("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
+
+
+def backend_params(exclude=()):
+    """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run."""
+    params = []
+    for b, d in BACKEND_DEVICES:
+        if (b, d) in exclude or b in exclude:
+            continue
+        marks = []
+        if d == "cuda" and not torch.cuda.is_available():
+            marks.append(pytest.mark.skip(reason="no CUDA device on this machine"))
+        else:
+            why = why_not(b, torch.device(d))
+            if why:
+                marks.append(pytest.mark.skip(reason=f"{b} on {d}: {why}"))
+        params.append(pytest.param((b, d), id=f"{b}-{d}", marks=marks))
+    return params
