@@ -24,7 +24,7 @@ def _sources(pattern):
 def extension():
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("STREAMKERN_NO_CUDA", "0") != "1")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v2"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-march=x86-64-v2"]
     sources = ["csrc/module.cpp"] + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:

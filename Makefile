@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make demo` (the main job)  and  `make test` (what CI runs).
+# Everything else here is what those two need. Torch is installed first, as the CPU build, so that the
+# `torch>=2.4` requirement of the package pulls nothing more.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+LOCK   := flock /tmp/streamkern-build.lock
+
+.PHONY: demo bench test ext cuda-check clean
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch>=2.4,<=2.13.0" || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q "triton>=3.2" "pytest>=7" "numpy>=1.24" "scipy>=1.10" "matplotlib>=3.6" "tqdm>=4" ninja setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental rebuild of streamkern._C in place (ninja recompiles only changed sources).
+ext: $(VENV)/.ready
+	$(LOCK) $(PY) setup.py -q build_ext --inplace
+
+# Torch-free compile of the CUDA kernels for sm_89 and sm_90 (nvcc, no GPU needed); skipped without nvcc.
+cuda-check:
+	@if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then \
+	  $(LOCK) sh -c 'cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER=$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc) >/dev/null && cmake --build build/cmake -j 2'; \
+	else echo "cuda-check: nvcc not found, CUDA compile check skipped"; fi
+
+test: ext cuda-check
+	$(PY) -m pytest -q tests
+
+bench: ext
+	$(PY) -m streamkern.bench
+
+demo: ext
+	$(PY) -m streamkern.demo
+
+clean:
+	rm -rf build $(VENV) streamkern/_C*.so *.egg-info
