@@ -4,10 +4,13 @@ Every op takes ``backend=None`` ("torch", "cpu", "triton", "cuda" or "auto"); se
 """
 from ._backend import BackendUnavailable, available_backends, backend, current_backend, set_backend
 from .consensus import consensus_frame_scores, select_frame
+from .kv_ring import KVRing, ring_write
+from .bank_insert import bank_insert
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable", "available_backends", "backend", "current_backend", "set_backend",
     "consensus_frame_scores", "select_frame",
+    "KVRing", "ring_write", "bank_insert",
 ]

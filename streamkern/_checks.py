@@ -123,3 +123,12 @@ def index_range(name: str, idx: torch.Tensor, size: int) -> None:
     """Every value of ``idx`` lies in ``[0, size)``. Reads the tensor: call only where a sync is allowed."""
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
         raise ValueError(f"{name}: expected values in [0, {size}), got min {int(idx.min())}, max {int(idx.max())}")
+
+
+def rows_contiguous(name: str, t: torch.Tensor) -> None:
+    """The last two dims ``[H, D]`` of ``t`` are one contiguous run (``stride(-1) == 1``, ``stride(-2) == D``;
+    size-1 dims may have any stride), so that each token's ``H * D`` values can be copied as one row."""
+    H, D = t.shape[-2], t.shape[-1]
+    if (D > 1 and t.stride(-1) != 1) or (H > 1 and t.stride(-2) != D):
+        raise ValueError(f"{name}: expected the last two dims [H, D] contiguous (strides ({D}, 1)), "
+                         f"got strides {tuple(t.stride()[-2:])}")

@@ -1,0 +1,156 @@
+"""Ring-buffer KV window with attention sinks (seeds 000 §2, 001; DESIGN.md §4.2).
+
+``KVRing`` keeps ``[NL, B, sink + window, H, D]`` keys and values. The first ``sink`` tokens ever appended stay in
+slots ``[0, sink)``; the n-th later token goes to slot ``sink + n mod window``, overwriting the oldest when full.
+``ring_write`` is the kernel under ``append``: one launch writes k and v of every layer, only the new tokens.
+The eager cat-and-slice caches of the source pipelines are in ``streamkern/reference/kv_ring.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks as check
+from ._backend import OpBackends
+from .reference import kv_ring as ref
+
+
+def _extension(cache_k, cache_v, k_new, v_new, start, sink):
+    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
+    torch.ops.streamkern_C.ring_write_(cache_k, cache_v, k_new, v_new, start, sink)
+
+
+def _triton(cache_k, cache_v, k_new, v_new, start, sink):
+    from streamkern.kernels.kv_ring import ring_write as launch
+
+    launch(cache_k, cache_v, k_new, v_new, start, sink)
+
+
+BACKENDS = OpBackends("ring_write", {"torch": ref.ring_write, "cpu": _extension, "triton": _triton,
+                                     "cuda": _extension})
+
+
+@torch.library.custom_op("streamkern::ring_write", mutates_args=("cache_k", "cache_v"))
+def _ring_write_op(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                   start: int, sink: int, backend: str) -> None:
+    BACKENDS(backend)(cache_k, cache_v, k_new, v_new, start, sink)
+
+
+@_ring_write_op.register_fake
+def _(cache_k, cache_v, k_new, v_new, start, sink, backend):
+    return None
+
+
+def _check(cache_k, cache_v, k_new, v_new, start, sink):
+    for name, t in (("cache_k", cache_k), ("cache_v", cache_v), ("k_new", k_new), ("v_new", v_new)):
+        check.tensor(name, t, ndim=5, dtypes=check.FLOATS)
+    check.same_device(cache_k=cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new)
+    check.same_dtype(cache_k=cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new)
+    NL, B, S, H, D = cache_k.shape
+    check.shape("cache_v", cache_v, tuple(cache_k.shape), ("NL", "B", "sink+window", "H", "D"))
+    check.shape("k_new", k_new, (NL, B, None, H, D), ("NL", "B", "T", "H", "D"))
+    check.shape("v_new", v_new, tuple(k_new.shape), ("NL", "B", "T", "H", "D"))
+    check.rows_contiguous("cache_k", cache_k)
+    check.rows_contiguous("cache_v", cache_v)
+    check.integer("sink", sink, low=0, high=S - 1)
+    check.integer("start", start, low=0, high=S - 1)
+    window = S - sink
+    if k_new.shape[2] > window:
+        raise ValueError(f"k_new: expected at most window={window} new tokens (dim 2), got {k_new.shape[2]}")
+
+
+def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+               start: int, *, sink: int = 0, backend: str | None = None) -> None:
+    """Write ``T`` new tokens of every layer into the ring caches, in place, in one launch.
+
+    Args:
+        cache_k, cache_v: ``[NL, B, S, H, D]`` ring storage, ``S = sink + window`` (fp32/fp16/bf16); any strides
+            over ``NL, B, S`` but each token's ``[H, D]`` block contiguous (``stride(-1) == 1``,
+            ``stride(-2) == D``).
+        k_new, v_new: ``[NL, B, T, H, D]``, ``0 <= T <= window``, same dtype, any strides.
+        start: host int in ``[0, S)``, the slot of the first new token. New token ``i`` goes to slot
+            ``start + i`` while that is ``< S``, else to ``start + i - window``: consecutive slots, wrapping
+            from the end of the cache back to slot ``sink`` (the sink slots ``[0, sink)`` are never wrapped into).
+        sink: number of sink slots at the front of the cache, ``0 <= sink < S``.
+        backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
+
+    Only the ``T`` new tokens are read and written; every other slot is left bit-identical.
+    """
+    _check(cache_k, cache_v, k_new, v_new, start, sink)
+    name = BACKENDS.resolve(backend, cache_k.device)
+    _ring_write_op(cache_k, cache_v, k_new, v_new, start, sink, name)
+
+
+class KVRing:
+    """A stacked ring-buffer KV window with ``sink`` attention sinks.
+
+    ``.k``, ``.v``: ``[NL, B, sink + window, H, D]`` physical storage (zeros until written).
+    ``.append(k_new, v_new)``: ``[NL, B, T, H, D]``, ``1 <= T <= window``; one ``ring_write`` launch.
+    ``.length``: valid slots, ``min(appended, sink + window)`` (a host int, no sync).
+    ``.positions``: ``[sink + window]`` int64 device tensor, the logical index of the token in each slot, -1 if empty.
+    ``.ordered()``: ``(k, v)`` of the valid tokens in logical order (sinks first), ``[NL, B, length, H, D]``.
+
+    Logical token n sits in slot ``n`` if ``n < sink``, else ``sink + (n - sink) mod window``.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, window: int, sink: int = 0,
+                 dtype: torch.dtype = torch.bfloat16, device=None, backend: str | None = None):
+        for name, value in (("num_layers", num_layers), ("batch", batch), ("heads", heads),
+                            ("head_dim", head_dim)):
+            check.integer(name, value, low=1)
+        self.window = check.integer("window", window, low=1)
+        self.sink = check.integer("sink", sink, low=0)
+        if dtype not in check.FLOATS:
+            raise TypeError(f"dtype: expected {'/'.join(str(d) for d in check.FLOATS)}, got {dtype}")
+        shape = (num_layers, batch, sink + window, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._positions = torch.full((sink + window,), -1, dtype=torch.int64, device=self.k.device)
+        self.backend = backend
+        self.count = 0  # tokens appended so far (host side)
+
+    @property
+    def size(self) -> int:
+        return self.sink + self.window
+
+    @property
+    def length(self) -> int:
+        return min(self.count, self.size)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._positions
+
+    def slot_of(self, n: int) -> int:
+        """The slot of logical token ``n``."""
+        return n if n < self.sink else self.sink + (n - self.sink) % self.window
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Append ``T`` tokens (``1 <= T <= window``) for every layer: one ``ring_write``, no host sync."""
+        check.tensor("k_new", k_new, ndim=5)
+        if k_new.shape[2] < 1:
+            raise ValueError(f"k_new: expected 1 <= T <= window={self.window} new tokens (dim 2), got 0")
+        start = self.slot_of(self.count)
+        ring_write(self.k, self.v, k_new, v_new, start, sink=self.sink, backend=self.backend)
+        for slot, tok, n in ref.ring_slices(start, k_new.shape[2], self.size, self.sink):
+            first = self.count + tok
+            self._positions[slot:slot + n] = torch.arange(first, first + n, device=self._positions.device)
+        self.count += k_new.shape[2]
+
+    def _ordered_runs(self) -> list[tuple[int, int, int]]:
+        sinks = min(self.count, self.sink)
+        recent = min(max(self.count - self.sink, 0), self.window)
+        runs = [(0, 0, sinks)] if sinks else []
+        if recent:
+            runs += ref.ring_slices(self.slot_of(self.count - recent), recent, self.size, self.sink)
+        return runs
+
+    def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, v)`` ``[NL, B, length, H, D]``: sinks, then the window from oldest to newest (a copy)."""
+        runs = self._ordered_runs()
+        return tuple(torch.cat([t[:, :, s:s + n] for s, _, n in runs] or [t[:, :, :0]], dim=2)
+                     for t in (self.k, self.v))
+
+    def reset(self) -> None:
+        """Forget every token (storage is kept; positions back to -1)."""
+        self._positions.fill_(-1)
+        self.count = 0

@@ -1,0 +1,103 @@
+"""Ring-buffer KV window in eager PyTorch: the ``"torch"`` backend of ``ring_write`` and the source pipelines'
+cat-and-slice caches (seeds 000 §2, 001; DESIGN.md §4.2).
+
+Caches are ``[NL, B, S, H, D]`` with ``S = sink + window``; new tokens ``[NL, B, T, H, D]``.
+
+``ring_write`` (the executable specification): new token ``i`` (``0 <= i < T``) goes to slot
+
+    p(i) = start + i            if start + i < S
+           start + i - window   otherwise (wrap from the end back to slot ``sink``)
+
+so at most two slice copies per tensor move exactly the ``T`` new tokens.
+
+The two reference caches hold the valid tokens in logical order, the way the source pipelines do:
+
+* :class:`ShiftCache` (Self-Forcing / Matrix-Game): a fixed ``[NL, B, S, H, D]`` buffer filled from the front;
+  when the new tokens do not fit, the non-sink part is shifted left by copy, layer by layer, then the new tokens
+  are written at the end.
+* :class:`CatCache` (MemFlow / LongLive): the cache is rebuilt each step by ``torch.cat`` of the sinks, the
+  newest ``window - T`` window tokens and the new tokens.
+
+Both also carry the logical index of every token they hold (``positions``), for the tests.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def ring_slices(start: int, count: int, size: int, sink: int) -> list[tuple[int, int, int]]:
+    """``(slot, token, n)`` runs: tokens ``[token, token + n)`` go to slots ``[slot, slot + n)``."""
+    first = min(count, size - start)
+    runs = [(start, 0, first)]
+    if count > first:
+        runs.append((sink, first, count - first))
+    return [r for r in runs if r[2] > 0]
+
+
+def ring_write(cache_k, cache_v, k_new, v_new, start: int, sink: int) -> None:
+    """The ``"torch"`` backend: copies the ``T`` new tokens into slots ``p(i)`` of both caches."""
+    for slot, tok, n in ring_slices(start, k_new.shape[2], cache_k.shape[2], sink):
+        cache_k[:, :, slot:slot + n] = k_new[:, :, tok:tok + n]
+        cache_v[:, :, slot:slot + n] = v_new[:, :, tok:tok + n]
+
+
+class ShiftCache:
+    """Self-Forcing / Matrix-Game rolling cache: ``filled`` tokens in logical order in slots ``[0, filled)``;
+    when ``filled + T > S`` the oldest ``filled + T - S`` non-sink tokens are evicted by shifting the rest
+    left (one clone-and-copy per layer, as the source does inside each block), then the new tokens are written."""
+
+    def __init__(self, num_layers, batch, heads, head_dim, window, sink=0, dtype=torch.bfloat16, device=None):
+        shape = (num_layers, batch, sink + window, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.full((sink + window,), -1, dtype=torch.int64, device=device)
+        self.sink, self.size, self.filled, self.count = sink, sink + window, 0, 0
+
+    def append(self, k_new, v_new) -> None:
+        T = k_new.shape[2]
+        evict = max(0, self.filled + T - self.size)
+        if evict:
+            keep = self.filled - evict - self.sink
+            src = slice(self.sink + evict, self.sink + evict + keep)
+            dst = slice(self.sink, self.sink + keep)
+            for layer in range(self.k.shape[0]):
+                self.k[layer, :, dst] = self.k[layer, :, src].clone()
+                self.v[layer, :, dst] = self.v[layer, :, src].clone()
+            self.pos[dst] = self.pos[src].clone()
+        end = self.filled - evict + T
+        for layer in range(self.k.shape[0]):
+            self.k[layer, :, end - T:end] = k_new[layer]
+            self.v[layer, :, end - T:end] = v_new[layer]
+        self.pos[end - T:end] = torch.arange(self.count, self.count + T, device=self.pos.device)
+        self.filled, self.count = end, self.count + T
+
+    def valid(self):
+        """``(k, v, positions)`` of the valid tokens, in logical order."""
+        return self.k[:, :, :self.filled], self.v[:, :, :self.filled], self.pos[:self.filled]
+
+
+class CatCache:
+    """MemFlow / LongLive cache rebuilt by ``torch.cat`` every step: sinks (the first ``sink`` tokens ever),
+    then the newest window tokens, then the new ones, keeping at most ``window`` non-sink tokens."""
+
+    def __init__(self, num_layers, batch, heads, head_dim, window, sink=0, dtype=torch.bfloat16, device=None):
+        self.k = torch.zeros(num_layers, batch, 0, heads, head_dim, dtype=dtype, device=device)
+        self.v = self.k.clone()
+        self.pos = torch.zeros(0, dtype=torch.int64, device=device)
+        self.sink, self.window, self.count = sink, window, 0
+
+    def append(self, k_new, v_new) -> None:
+        T = k_new.shape[2]
+        new_pos = torch.arange(self.count, self.count + T, device=self.pos.device)
+        k, v, pos = (torch.cat([a, b], dim=d) for a, b, d in ((self.k, k_new, 2), (self.v, v_new, 2),
+                                                             (self.pos, new_pos, 0)))
+        s = min(self.sink, k.shape[2])
+        keep = min(self.window, k.shape[2] - s)
+        self.k = torch.cat([k[:, :, :s], k[:, :, k.shape[2] - keep:]], dim=2)
+        self.v = torch.cat([v[:, :, :s], v[:, :, v.shape[2] - keep:]], dim=2)
+        self.pos = torch.cat([pos[:s], pos[pos.shape[0] - keep:]])
+        self.count += T
+
+    def valid(self):
+        """``(k, v, positions)`` of the valid tokens, in logical order."""
+        return self.k, self.v, self.pos
