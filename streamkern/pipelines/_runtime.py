@@ -1,0 +1,138 @@
+"""What every reference pipeline shares: op lookup, the host-sync counter, per-step timing, the run record.
+
+Host syncs are counted on the CPU by construction: inside :func:`count_host_syncs` every Python-level way of
+reading a tensor's value on the host (``Tensor.item``, ``bool(t)``, ``int(t)``, ``float(t)``, ``operator.index``,
+``tolist``, ``numpy``, ``cpu``) is wrapped to count (or, with ``forbid=True``, to raise
+:class:`HostSyncError`). Reads made by ``streamkern._checks`` (the index-range checks DESIGN.md §3 lets the
+``"torch"`` and ``"cpu"`` backends make on CPU tensors, and GPU backends only under ``STREAMKERN_DEBUG=1``) are
+recorded apart as ``check:<kind>`` and left out of the total. On a CUDA device ``torch.cuda.set_sync_debug_mode("warn")`` is switched on as well and each
+synchronising CUDA call it reports is counted too.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+import streamkern
+
+_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+class HostSyncError(RuntimeError):
+    """A tensor value was read on the host inside a ``count_host_syncs(forbid=True)`` block."""
+
+
+def op(name: str):
+    """The public streamkern op ``name``; ``NotImplementedError`` naming it when it has not landed."""
+    fn = getattr(streamkern, name, None)
+    if fn is None:
+        raise NotImplementedError(f"streamkern.{name} is not implemented yet: the accelerated path of this "
+                                  f"pipeline needs it (DESIGN.md §4); only backend='torch' (eager) can run")
+    return fn
+
+
+@dataclass
+class SyncCount:
+    """Host reads seen so far, by kind (``item``, ``__bool__``, ``cuda-sync``...)."""
+
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(n for kind, n in self.by_kind.items() if not kind.startswith("check:"))
+
+
+_CHECKS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_checks.py")
+
+
+def _from_checks() -> bool:
+    """Whether the tensor read in progress was made by ``streamkern/_checks.py`` (two frames up)."""
+    return os.path.abspath(sys._getframe(2).f_code.co_filename) == _CHECKS_FILE
+
+
+@contextlib.contextmanager
+def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
+    """Count (or with ``forbid`` refuse) every host read of a tensor value made inside the block."""
+    count = SyncCount()
+    originals = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def wrap(name: str, real: Callable) -> Callable:
+        def reader(self, *args, **kwargs):
+            kind = f"check:{name}" if _from_checks() else name
+            if forbid and kind == name:
+                raise HostSyncError(f"host sync: Tensor.{name} called on the accelerated hot loop")
+            count.by_kind[kind] = count.by_kind.get(kind, 0) + 1
+            return real(self, *args, **kwargs)
+        return reader
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    previous_mode = torch.cuda.get_sync_debug_mode() if cuda else None
+    try:
+        for name, real in originals.items():
+            setattr(torch.Tensor, name, wrap(name, real))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("error" if forbid else "warn")
+            yield count
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        if syncs:
+            count.by_kind["cuda-sync"] = syncs
+        for w in caught:
+            if "synchroniz" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    finally:
+        for name, real in originals.items():
+            setattr(torch.Tensor, name, real)
+        if cuda:
+            torch.cuda.set_sync_debug_mode(previous_mode)
+
+
+def host_read(t: torch.Tensor) -> bool:
+    """The one deliberate host read of a decision tensor (``bool``), counted like any other."""
+    return bool(t)
+
+
+def _sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class PipelineRun:
+    """One streamed run: its outputs (compared across backends), per-step latency and host syncs."""
+
+    pipeline: str
+    backend: str
+    outputs: dict[str, torch.Tensor]
+    step_seconds: list[float] = field(default_factory=list)
+    step_syncs: list[int] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def latency(self) -> float:
+        """Median seconds per step."""
+        s = sorted(self.step_seconds)
+        return s[len(s) // 2] if s else float("nan")
+
+    @property
+    def syncs_per_step(self) -> float:
+        return sum(self.step_syncs) / max(1, len(self.step_syncs))
+
+
+def timed_step(run: PipelineRun, device: torch.device, step: Callable[[], None], forbid: bool = False) -> None:
+    """Run ``step()`` once, recording its wall time (device-synchronised outside the count) and host syncs."""
+    _sync_device(device)
+    start = time.perf_counter()
+    with count_host_syncs(forbid=forbid) as count:
+        step()
+    _sync_device(device)
+    run.step_seconds.append(time.perf_counter() - start)
+    run.step_syncs.append(count.total)
