@@ -4,6 +4,8 @@ Every op takes ``backend=None`` ("torch", "cpu", "triton", "cuda" or "auto"); se
 """
 from ._backend import BackendUnavailable, available_backends, backend, current_backend, set_backend
 from .consensus import consensus_frame_scores, select_frame
+from .bank_evict import bank_evict_select
+from .pose_topk import pose_topk
 from .kv_ring import KVRing, ring_write
 from .bank_insert import bank_insert
 
@@ -12,5 +14,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "available_backends", "backend", "current_backend", "set_backend",
     "consensus_frame_scores", "select_frame",
+    "bank_evict_select", "pose_topk",
     "KVRing", "ring_write", "bank_insert",
 ]
