@@ -1,0 +1,124 @@
+"""Triton kernel for consensus frame scoring (DESIGN.md §4.1), one launch for all selected layers and frames.
+
+Program ``(split, hd_block, b, i)`` owns the ``BLOCK_HD`` slice ``[hd0, hd0 + BLOCK_HD)`` of the flattened
+H·D axis of selected layer ``i = layers[i]`` and batch row ``b``, and the token range ``[t0, t1)`` of split
+``split``. It
+
+1. computes its slice of ``q = Σ_s w[b, s] · text_k[l, b, s, :] / (Σ_s w[b, s] + 1e-8)`` (tiles of BLOCK_S rows),
+2. streams its tokens frame by frame: for each frame f overlapping ``[t0, t1)`` it accumulates the scalar
+   ``Σ_t k[l, b, t, slice] · q[slice]`` and adds ``λ_i / (H·√D·fsl)`` times it atomically into ``out[b, f]``.
+
+Every chunk key is read once; each split re-reads the text-key slice once, so the host picks the number of
+token splits to give the GPU enough programs while keeping ``splits · S`` small next to ``L``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
+                      L, S, HD, D, F, fsl, tokens_per_split, n_hd_blocks,
+                      sc_l, sc_b, sc_t, sc_h, sc_d,
+                      st_l, st_b, st_s, st_h, st_d,
+                      sw_b, sw_s, norm,
+                      BLOCK_HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid = tl.program_id(0)
+    split = pid // n_hd_blocks
+    hd_block = pid % n_hd_blocks
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(2)
+    layer = tl.load(layer_ptr + i).to(tl.int64)
+    lam = tl.load(lam_ptr + i)
+
+    hd = hd_block * BLOCK_HD + tl.arange(0, BLOCK_HD)
+    hd_ok = hd < HD
+    h = (hd // D).to(tl.int64)
+    d = (hd % D).to(tl.int64)
+
+    # 1. the q slice, float32
+    text_row = text_ptr + layer * st_l + b * st_b + h * st_h + d * st_d
+    q = tl.zeros([BLOCK_HD], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        w = tl.load(w_ptr + b * sw_b + s.to(tl.int64) * sw_s, mask=s_ok, other=0.0).to(tl.float32)
+        x = tl.load(text_row[None, :] + s.to(tl.int64)[:, None] * st_s, mask=s_ok[:, None] & hd_ok[None, :],
+                    other=0.0).to(tl.float32)
+        q += tl.sum(x * w[:, None], axis=0)
+        wsum += w
+    q = q / (tl.sum(wsum, axis=0) + 1e-8)
+
+    # 2. the tokens of this split, frame by frame
+    chunk_row = chunk_ptr + layer * sc_l + b * sc_b + h * sc_h + d * sc_d
+    t0 = split * tokens_per_split
+    t1 = tl.minimum(t0 + tokens_per_split, L)
+    scale = lam * norm
+    for f in range(t0 // fsl, (t1 + fsl - 1) // fsl):
+        fa = tl.maximum(f * fsl, t0)
+        fb = tl.minimum(f * fsl + fsl, t1)
+        acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for ta in range(fa, fb, BLOCK_T):
+            t = ta + tl.arange(0, BLOCK_T)
+            t_ok = t < fb
+            k = tl.load(chunk_row[None, :] + t.to(tl.int64)[:, None] * sc_t, mask=t_ok[:, None] & hd_ok[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(k * q[None, :], axis=1)
+        tl.atomic_add(out_ptr + b * F + f, tl.sum(acc, axis=0) * scale)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_table(layers: tuple, layer_weights: tuple, device: torch.device):
+    """Selected layer ids (int64) and weights (float32) on ``device``, copied once per distinct selection."""
+    ids = torch.tensor(layers, dtype=torch.int64)
+    lam = torch.tensor(layer_weights, dtype=torch.float32)
+    if device.type == "cuda":
+        return ids.pin_memory().to(device, non_blocking=True), lam.pin_memory().to(device, non_blocking=True)
+    return ids.to(device), lam.to(device)
+
+
+def _launch_shape(n_programs_per_split: int, L: int, S: int, device: torch.device) -> int:
+    """Number of token splits: enough programs to fill the GPU, but each split at least ~max(S, 256) tokens
+    so that re-reading the text-key slice per split stays cheap next to the chunk keys."""
+    if device.type != "cuda":
+        return max(1, min(2, L))  # interpreter: exercise the multi-split path on tiny shapes
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = math.ceil(target / max(1, n_programs_per_split))
+    return max(1, min(wanted, math.ceil(L / max(S, 256))))
+
+
+def consensus_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch.Tensor, frame_seq_len: int,
+                     layers, layer_weights) -> torch.Tensor:
+    """``[B, F]`` float32 consensus scores (DESIGN.md §4.1) in one Triton launch; arguments already checked.
+
+    ``chunk_k [NL, B, L, H, D]`` and ``text_k [NL, B, S, H, D]`` in any strides, ``weights [S]`` or ``[B, S]``.
+    """
+    _, B, L, H, D = chunk_k.shape
+    S = text_k.shape[2]
+    F = L // frame_seq_len
+    HD = H * D
+    out = torch.zeros(B, F, dtype=torch.float32, device=chunk_k.device)
+    if out.numel() == 0:
+        return out
+    ids, lam = _layer_table(tuple(layers), tuple(layer_weights), chunk_k.device)
+    BLOCK_HD = min(128, triton.next_power_of_2(HD))
+    n_hd = triton.cdiv(HD, BLOCK_HD)
+    splits = _launch_shape(n_hd * B * len(layers), L, S, chunk_k.device)
+    tokens_per_split = triton.cdiv(L, splits)
+    splits = triton.cdiv(L, tokens_per_split)
+    sw_b = weights.stride(0) if weights.dim() == 2 else 0
+    grid = (splits * n_hd, B, len(layers))
+    _consensus_kernel[grid](
+        out, chunk_k, text_k, weights, ids, lam,
+        L, S, HD, D, F, frame_seq_len, tokens_per_split, n_hd,
+        *chunk_k.stride(), *text_k.stride(), sw_b, weights.stride(-1),
+        1.0 / (H * math.sqrt(D) * frame_seq_len),
+        BLOCK_HD=BLOCK_HD, BLOCK_S=32, BLOCK_T=32,
+    )
+    return out
