@@ -6,8 +6,11 @@ from ._backend import BackendUnavailable, available_backends, backend, current_b
 from .consensus import consensus_frame_scores, select_frame
 from .bank_evict import bank_evict_select
 from .pose_topk import pose_topk
+from .drift_gate import DriftGate, GateReason, attention_weighted_drift, patch_importance
 from .kv_ring import KVRing, ring_write
 from .bank_insert import bank_insert
+from .verify import VerifyResult, verify_scales
+from .scale_attention import ScaleLayout, block_masked_attention, scale_allow, scale_layout, skipped_tile_fraction
 
 __version__ = "0.1.0"
 
@@ -15,5 +18,8 @@ __all__ = [
     "BackendUnavailable", "available_backends", "backend", "current_backend", "set_backend",
     "consensus_frame_scores", "select_frame",
     "bank_evict_select", "pose_topk",
+    "patch_importance", "attention_weighted_drift", "DriftGate", "GateReason",
     "KVRing", "ring_write", "bank_insert",
+    "verify_scales", "VerifyResult",
+    "scale_layout", "ScaleLayout", "scale_allow", "block_masked_attention", "skipped_tile_fraction",
 ]

@@ -1,0 +1,341 @@
+"""block_masked_attention, scale_layout, scale_allow, tile classes (DESIGN.md §4.4): every backend against the
+float64 "torch" reference, against SDPA with an independently built dense boolean mask, and against the seed's
+dense −inf bias form; skipping proven by NaN-poisoned keys in skipped tiles."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import streamkern
+from streamkern import scale_attention as sa
+from streamkern.reference import scale_attention as ref
+from streamkern.testing import assert_parity, rel_error
+
+from conftest import backend_params
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+SMALL = (1, 2, 3, 4, 5)  # 55 tokens: scales straddle the 16-row tiles of the interpreter and CPU blocks
+
+
+def _qkv(B, H, Lq, Lk, D, dtype, device, gain=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (Lq, Lk, Lk))
+    return (q * gain).to(device, dtype), (k * gain).to(device, dtype), v.to(device, dtype)
+
+
+def _ids_from_sizes(sizes, device):
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+
+
+def _run(bd, q, k, v, qs, ks, allow, **kw):
+    backend, device = bd
+    return streamkern.block_masked_attention(q, k, v, qs.to(device), ks.to(device), allow.to(device),
+                                             backend=backend, **kw)
+
+
+def _reference(q, k, v, qs, ks, allow, self_attend=False, sm_scale=None):
+    sm = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    return ref.block_masked_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), qs.cpu(), ks.cpu(),
+                                      allow.cpu(), self_attend, sm)
+
+
+def _check(bd, dtype, q, k, v, qs, ks, allow, self_attend=False, sm_scale=None):
+    out = _run(bd, q, k, v, qs, ks, allow, self_attend=self_attend, sm_scale=sm_scale)
+    assert out.dtype == dtype and out.shape == q.shape and out.device.type == bd[1]
+    assert_parity(out, _reference(q, k, v, qs, ks, allow, self_attend, sm_scale), dtype)
+    return out
+
+
+# --- layout and presets ------------------------------------------------------------------------
+
+
+def test_scale_layout_var_256_and_512():
+    lay = streamkern.scale_layout()
+    assert lay.total == 680 and lay.num_scales == 10
+    assert lay.begin[:4] == (0, 1, 5, 14) and lay.end[-2:] == (424, 680)
+    assert torch.equal(lay.scale_of_token, _ids_from_sizes([p * p for p in lay.patch_nums], "cpu"))
+    assert streamkern.scale_layout((1, 2, 3, 4, 6, 9, 13, 18, 24, 32)).total == 2240
+    assert lay.window(7, 3) == slice(155, 680)
+    with pytest.raises(ValueError, match="num_scales"):
+        lay.window(8, 3)
+    with pytest.raises(ValueError, match="patch_nums"):
+        streamkern.scale_layout((1, 0, 2))
+
+
+@pytest.mark.parametrize("preset,rule", [("var", lambda i, j: j <= i), ("strict", lambda i, j: j < i),
+                                         ("full", lambda i, j: True), ("diagonal", lambda i, j: i == j)])
+def test_scale_allow_presets(preset, rule):
+    allow = streamkern.scale_allow(7, preset)
+    want = torch.tensor([[rule(i, j) for j in range(7)] for i in range(7)])
+    assert allow.dtype == torch.bool and torch.equal(allow, want)
+
+
+def test_scale_allow_bad_preset():
+    with pytest.raises(ValueError, match="preset"):
+        streamkern.scale_allow(4, "causal")
+
+
+@pytest.mark.parametrize("self_attend", [False, True], ids=["plain", "self"])
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (7, 13), (64, 32)])
+def test_tile_classes_match_brute_force(block_q, block_k, self_attend):
+    g = torch.Generator().manual_seed(block_q * block_k)
+    sizes = [1, 17, 1, 5, 16, 9, 30]
+    ids = _ids_from_sizes(sizes, "cpu")
+    allow = torch.rand(len(sizes), len(sizes), generator=g) < 0.4
+    mask = ref.dense_mask(ids, ids, allow, self_attend)
+    cls = sa.tile_classes(ids, ids, allow, block_q, block_k, self_attend)
+    for tq in range(cls.shape[0]):
+        for tk in range(cls.shape[1]):
+            tile = mask[tq * block_q:(tq + 1) * block_q, tk * block_k:(tk + 1) * block_k]
+            want = sa.TILE_FULL if tile.all() else sa.TILE_PARTIAL if tile.any() else sa.TILE_SKIP
+            assert cls[tq, tk] == want, (tq, tk)
+    skipped = sa.skipped_tile_fraction(ids, ids, allow, block_q, block_k, self_attend)
+    assert skipped == pytest.approx((cls == sa.TILE_SKIP).float().mean().item())
+
+
+def test_skipped_fraction_var_680():
+    ids = streamkern.scale_layout().scale_of_token
+    frac = streamkern.skipped_tile_fraction(ids, ids, streamkern.scale_allow(10), 64, 64)
+    mask = ref.dense_mask(ids, ids, streamkern.scale_allow(10), False)
+    mask = F.pad(mask, (0, 24, 0, 24)).reshape(11, 64, 11, 64)  # 680 = 10 * 64 + 40
+    assert frac == pytest.approx((~mask.any(3).any(1)).float().mean().item())
+    assert frac == pytest.approx(36 / 121)  # the tiles above the block-causal staircase
+    assert streamkern.skipped_tile_fraction(ids, ids, streamkern.scale_allow(10, "full")) == 0.0
+
+
+# --- parity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("self_attend", [False, True], ids=["plain", "self"])
+@pytest.mark.parametrize("preset", sa.PRESETS)
+@pytest.mark.parametrize("bd", backend_params())
+def test_presets_parity(bd, preset, self_attend, dtype):
+    ids = streamkern.scale_layout(SMALL).scale_of_token
+    q, k, v = _qkv(1, 2, 55, 55, 32, dtype, bd[1])
+    _check(bd, dtype, q, k, v, ids, ids, streamkern.scale_allow(5, preset), self_attend)
+
+
+CASES = [
+    # sizes of the scales, which of them are queries (a window: the last n scales), D, sm_scale, self_attend
+    pytest.param(([1, 17, 1, 5, 16, 9], 6, 64, None, True), id="random-layout-self-D64"),
+    pytest.param(([3, 1, 29, 14, 1], 2, 32, 1.0, False), id="window2-of-5-sm1-D32"),
+    pytest.param(([1, 4, 9, 16], 3, 128, 0.2, False), id="window3-D128"),
+    pytest.param(([7, 1, 1, 11], 4, 16, 1.0, True), id="tiny-scales-self-D16"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("bd", backend_params())
+def test_random_allow_parity(bd, case, dtype):
+    sizes, n_window, D, sm_scale, self_attend = case
+    ids = _ids_from_sizes(sizes, "cpu")
+    qs = ids[sum(sizes[:-n_window]):]
+    allow = torch.rand(len(sizes), len(sizes), generator=torch.Generator().manual_seed(D)) < 0.5
+    q, k, v = _qkv(2, 3, qs.numel(), ids.numel(), D, dtype, bd[1], seed=D)
+    _check(bd, dtype, q, k, v, qs, ids, allow, self_attend, sm_scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bd", backend_params())
+def test_against_sdpa_dense_bool_mask(bd, dtype):
+    sizes = [1, 4, 9, 16, 2]
+    ids = _ids_from_sizes(sizes, "cpu")
+    allow = torch.rand(5, 5, generator=torch.Generator().manual_seed(3)) < 0.5
+    allow |= torch.eye(5, dtype=torch.bool)  # every query has a key: SDPA is then defined everywhere
+    mask = torch.from_numpy(allow.numpy()[ids.numpy()][:, ids.numpy()])
+    q, k, v = _qkv(2, 2, 32, 32, 32, dtype, bd[1], seed=5)
+    want = F.scaled_dot_product_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), attn_mask=mask,
+                                          scale=1.0)
+    assert_parity(_run(bd, q, k, v, ids, ids, allow, sm_scale=1.0), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bd", backend_params())
+def test_against_seed_var_bias(bd, dtype):
+    pns = (1, 2, 3, 4, 5)
+    ids = streamkern.scale_layout(pns).scale_of_token
+    q, k, v = _qkv(1, 2, 55, 55, 32, dtype, bd[1], seed=9)
+    want = ref.seed_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(),
+                              ref.seed_var_bias(pns, dtype=torch.float64), 32 ** -0.5)
+    assert_parity(_run(bd, q, k, v, ids, ids, streamkern.scale_allow(5)), want, dtype)
+
+
+def test_seed_bias_matches_seed_var_bias():
+    pns = (1, 2, 3, 4)
+    ids = streamkern.scale_layout(pns).scale_of_token
+    assert torch.equal(ref.seed_bias(ids, ids, streamkern.scale_allow(4)), ref.seed_var_bias(pns))
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_non_contiguous_inputs(bd):
+    ids = _ids_from_sizes([1, 4, 9, 16, 7], "cpu")
+    L = ids.numel()
+    base = torch.randn(2, L, 3, 80, generator=torch.Generator().manual_seed(1)).to(bd[1])
+    q = base[..., :32].transpose(1, 2)            # VAR's [B, L, H, D] viewed as [B, H, L, D]
+    k = base[..., 40:72].transpose(1, 2)
+    v = base.flip(1)[..., 1:65:2].transpose(1, 2)  # negative token stride, D stride 2
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _check(bd, torch.float32, q, k, v, ids, ids, streamkern.scale_allow(5), True, 0.7)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_rows_with_no_allowed_key_are_zero(bd):
+    ids = _ids_from_sizes([1, 4, 20, 3], "cpu")
+    allow = streamkern.scale_allow(4)
+    allow[2] = False  # the 20 queries of scale 2 see nothing
+    q, k, v = _qkv(1, 2, 28, 28, 32, torch.float32, bd[1])
+    out = _check(bd, torch.float32, q, k, v, ids, ids, allow)
+    assert torch.equal(out[:, :, 5:25].cpu(), torch.zeros(1, 2, 20, 32))
+    assert (out[:, :, 25:].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bd", backend_params())
+def test_large_logits_stay_finite(bd, dtype):
+    ids = _ids_from_sizes([1, 4, 9, 16, 3], "cpu")
+    gain = 30.0 if dtype == torch.float16 else 100.0  # logits ~1e5..1e6: exp overflows without rescaling
+    q, k, v = _qkv(1, 2, 33, 33, 32, dtype, bd[1], gain=gain, seed=2)
+    out = _check(bd, dtype, q, k, v, ids, ids, streamkern.scale_allow(5), sm_scale=1.0)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
+def test_skipped_tiles_never_read(bd):
+    """Keys/values of a scale no query may see sit in whole tiles (64-aligned) and hold NaN: a kernel that
+    computed and masked those tiles would return NaN (NaN·0), one that skips them does not."""
+    ids = _ids_from_sizes([1, 15, 48, 64], "cpu")
+    qs = ids[64:]
+    q, k, v = _qkv(1, 2, 64, 128, 32, torch.float32, bd[1])
+    allow = streamkern.scale_allow(4, "strict")
+    want = _reference(q, k[:, :, :64], v[:, :, :64], qs, ids[:64], allow)
+    k[:, :, 64:] = float("nan")
+    v[:, :, 64:] = float("nan")
+    assert sa.skipped_tile_fraction(qs, ids, allow, 64, 64) == 0.5
+    assert_parity(_run(bd, q, k, v, qs, ids, allow), want, torch.float32)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("Lq,Lk,B", [(0, 9, 1), (5, 0, 1), (5, 5, 0)], ids=["Lq0", "Lk0", "B0"])
+def test_empty(bd, Lq, Lk, B):
+    qs, ks = torch.zeros(Lq, dtype=torch.long), torch.zeros(Lk, dtype=torch.long)
+    q, k, v = _qkv(B, 2, Lq, Lk, 16, torch.float32, bd[1])
+    out = _run(bd, q, k, v, qs, ks, streamkern.scale_allow(1))
+    assert out.shape == (B, 2, Lq, 16) and torch.equal(out.cpu(), torch.zeros(B, 2, Lq, 16))
+
+
+def test_triton_never_syncs(monkeypatch):
+    if "triton" not in streamkern.available_backends("cpu"):
+        pytest.skip("triton cannot run on CPU tensors here")
+    ids = _ids_from_sizes([1, 4, 9, 16], "cpu")
+    q, k, v = _qkv(1, 1, 30, 30, 16, torch.float32, "cpu")
+    want = _reference(q, k, v, ids, ids, streamkern.scale_allow(4))
+    allow = streamkern.scale_allow(4)
+
+    def no_sync(*_):
+        raise AssertionError("host synchronisation on an accelerated path")
+
+    for name in ("item", "__bool__", "tolist", "__int__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    out = streamkern.block_masked_attention(q, k, v, ids, ids, allow, backend="triton")
+    monkeypatch.undo()
+    assert_parity(out, want, torch.float32)
+
+
+def test_triton_bad_ids_attend_nothing_without_debug(monkeypatch):
+    """Without STREAMKERN_DEBUG the GPU path does not read the ids back; an id outside [0, NS) then allows
+    nothing (never an out-of-bounds read). With STREAMKERN_DEBUG=1 it raises like the CPU backends."""
+    if "triton" not in streamkern.available_backends("cpu"):
+        pytest.skip("triton cannot run on CPU tensors here")
+    ids = _ids_from_sizes([1, 4, 9, 16], "cpu")
+    bad = ids.clone()
+    bad[10:14] = 99
+    q, k, v = _qkv(1, 1, 30, 30, 16, torch.float32, "cpu")
+    monkeypatch.setenv("STREAMKERN_DEBUG", "0")
+    out = streamkern.block_masked_attention(q, k, v, bad, ids, streamkern.scale_allow(4), backend="triton")
+    assert torch.equal(out[0, 0, 10:14], torch.zeros(4, 16)) and torch.isfinite(out).all()
+    monkeypatch.setenv("STREAMKERN_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"q_scale: expected values in \[0, 4\)"):
+        streamkern.block_masked_attention(q, k, v, bad, ids, streamkern.scale_allow(4), backend="triton")
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def _good():
+    ids = _ids_from_sizes([1, 4, 9], "cpu")
+    q, k, v = _qkv(1, 2, 14, 14, 16, torch.float32, "cpu")
+    return dict(q=q, k=k, v=v, q_scale=ids, k_scale=ids, allow=streamkern.scale_allow(3))
+
+
+BAD = [
+    pytest.param(lambda a: a.update(q_scale=a["q_scale"] + 1), ValueError, r"q_scale: expected values in \[0, 3\)",
+                 id="q-id-out-of-range"),
+    pytest.param(lambda a: a.update(k_scale=a["k_scale"] - 1), ValueError, r"k_scale: expected values in \[0, 3\)",
+                 id="k-id-negative"),
+    pytest.param(lambda a: a.update(allow=torch.ones(3, 4, dtype=torch.bool)), ValueError, "allow: expected a square",
+                 id="allow-not-square"),
+    pytest.param(lambda a: a.update(allow=streamkern.scale_allow(2)), ValueError, r"q_scale: expected values in \[0, 2\)",
+                 id="allow-too-few-scales"),
+    pytest.param(lambda a: a.update(allow=a["allow"].int()), TypeError, "allow: expected dtype bool", id="allow-int"),
+    pytest.param(lambda a: a.update(q_scale=a["q_scale"].float()), TypeError, "q_scale: expected dtype",
+                 id="ids-float"),
+    pytest.param(lambda a: a.update(q_scale=a["q_scale"][:-1]), ValueError, r"q_scale: expected shape \[14\]",
+                 id="q-ids-short"),
+    pytest.param(lambda a: a.update(k=a["k"][..., :8]), ValueError, r"k: expected shape \[1, 2, \*, 16\]",
+                 id="k-head-dim"),
+    pytest.param(lambda a: a.update(v=a["v"][:, :, :-1]), ValueError, r"v: expected shape \[1, 2, 14, 16\]",
+                 id="v-length"),
+    pytest.param(lambda a: a.update(q=a["q"][0]), ValueError, "q: expected a 4-d tensor", id="q-rank"),
+    pytest.param(lambda a: a.update(v=a["v"].half()), TypeError, "v: expected dtype float32", id="v-dtype"),
+    pytest.param(lambda a: a.update(q=a["q"].double()), TypeError, "q: expected dtype", id="q-float64"),
+    pytest.param(lambda a: a.update(self_attend=True, q=a["q"][:, :, :5], q_scale=a["q_scale"][:5]), ValueError,
+                 "self_attend: expected Lq == Lk", id="self-attend-window"),
+    pytest.param(lambda a: a.update(sm_scale=0.0), ValueError, "sm_scale", id="sm-scale-zero"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("edit,exc,msg", BAD)
+def test_bad_input(backend, edit, exc, msg):
+    if backend not in streamkern.available_backends("cpu"):
+        pytest.skip(f"{backend} not available")
+    args = _good()
+    edit(args)
+    before = {n: t.clone() for n, t in args.items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(exc, match=msg):
+        streamkern.block_masked_attention(**args, backend=backend)
+    assert all(torch.equal(args[n], t) for n, t in before.items())  # inputs are left untouched
+
+
+def test_cuda_backend_reports_why_missing():
+    args = _good()
+    with pytest.raises(streamkern.BackendUnavailable, match="Triton flash kernel is the GPU path"):
+        streamkern.block_masked_attention(**args, backend="cuda")
+
+
+# --- torch.library / torch.compile -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_opcheck(bd):
+    ids = _ids_from_sizes([1, 4, 11], bd[1])
+    q, k, v = _qkv(1, 2, 16, 16, 16, torch.float32, bd[1])
+    allow = streamkern.scale_allow(3, device=bd[1])
+    torch.library.opcheck(sa._attention_op, (q, k, v, ids, ids, allow, True, 0.5, bd[0]))
+
+
+@pytest.mark.parametrize("bd", backend_params(exclude=("triton",)))
+def test_compile_fullgraph(bd):
+    ids = _ids_from_sizes([1, 4, 9, 2], bd[1])
+    allow = streamkern.scale_allow(4, device=bd[1])
+    q, k, v = _qkv(1, 2, 16, 16, 16, torch.float32, bd[1])
+
+    def layer(q, k, v):
+        return streamkern.block_masked_attention(q * 2.0, k, v, ids, ids, allow, sm_scale=1.0, backend=bd[0]) + 1.0
+
+    out = torch.compile(layer, fullgraph=True)(q, k, v)
+    assert_parity(out - 1.0, _reference(q * 2.0, k, v, ids, ids, allow, sm_scale=1.0), torch.float32)
+    assert rel_error(out, layer(q, k, v)) < 1e-6
