@@ -5,7 +5,8 @@ reading a tensor's value on the host (``Tensor.item``, ``bool(t)``, ``int(t)``, 
 ``tolist``, ``numpy``, ``cpu``) is wrapped to count (or, with ``forbid=True``, to raise
 :class:`HostSyncError`). Reads made by ``streamkern._checks`` (the index-range checks DESIGN.md §3 lets the
 ``"torch"`` and ``"cpu"`` backends make on CPU tensors, and GPU backends only under ``STREAMKERN_DEBUG=1``) are
-recorded apart as ``check:<kind>`` and left out of the total. On a CUDA device ``torch.cuda.set_sync_debug_mode("warn")`` is switched on as well and each
+recorded apart as ``check:<kind>`` and left out of the total; reads a pipeline declares with :func:`host_read`
+are counted as ``decision``. On a CUDA device ``torch.cuda.set_sync_debug_mode("warn")`` is switched on as well and each
 synchronising CUDA call it reports is counted too.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ class SyncCount:
     """Host reads seen so far, by kind (``item``, ``__bool__``, ``cuda-sync``...)."""
 
     by_kind: dict[str, int] = field(default_factory=dict)
+    forbid: bool = False
 
     @property
     def total(self) -> int:
@@ -60,8 +62,9 @@ def _from_checks() -> bool:
 @contextlib.contextmanager
 def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
     """Count (or with ``forbid`` refuse) every host read of a tensor value made inside the block."""
-    count = SyncCount()
+    count = SyncCount(forbid=forbid)
     originals = {name: getattr(torch.Tensor, name) for name in _READS}
+    own = {name for name in _READS if name in torch.Tensor.__dict__}
 
     def wrap(name: str, real: Callable) -> Callable:
         def reader(self, *args, **kwargs):
@@ -75,6 +78,7 @@ def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     previous_mode = torch.cuda.get_sync_debug_mode() if cuda else None
     try:
+        _ACTIVE.append(count)
         for name, real in originals.items():
             setattr(torch.Tensor, name, wrap(name, real))
         with warnings.catch_warnings(record=True) as caught:
@@ -89,15 +93,31 @@ def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
             if "synchroniz" not in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     finally:
+        _ACTIVE.pop()
         for name, real in originals.items():
-            setattr(torch.Tensor, name, real)
+            if name in own:
+                setattr(torch.Tensor, name, real)
+            else:
+                delattr(torch.Tensor, name)
         if cuda:
             torch.cuda.set_sync_debug_mode(previous_mode)
 
 
+_ACTIVE: list[SyncCount] = []
+
+
 def host_read(t: torch.Tensor) -> bool:
-    """The one deliberate host read of a decision tensor (``bool``), counted like any other."""
-    return bool(t)
+    """A deliberate host read of a decision tensor (``bool``): counted as ``decision`` (and in the total) even
+    inside ``count_host_syncs(forbid=True)``, which only refuses the reads nobody declared."""
+    if _ACTIVE:
+        _ACTIVE[-1].by_kind["decision"] = _ACTIVE[-1].by_kind.get("decision", 0) + 1
+    if t.device.type == "cuda":
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return torch._C.TensorBase.__bool__(t)
+        finally:
+            torch.cuda.set_sync_debug_mode("error" if _ACTIVE and _ACTIVE[-1].forbid else "warn")
+    return torch._C.TensorBase.__bool__(t)
 
 
 def _sync_device(device: torch.device) -> None:
