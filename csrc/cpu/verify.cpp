@@ -1,0 +1,205 @@
+// Batched scale verification (DESIGN.md §4.4): the op schema and the CPU kernel.
+// Pass 1, parallel over token rows (b, t): CFG combine, online max/sum/argmax over V in float, match bit,
+// provisional token. Pass 2, parallel over b: per-scale ratios, leading accepted run, final tokens outside the
+// first rejected scale. Pass 3 (sample mode), parallel over rows: the rejected rows of the first rejected scale
+// only, residual redraw by inverse CDF (two more reads of those rows).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct Window {
+  std::vector<int64_t> scale_of;  // [T] window-relative scale of each token
+  std::vector<float> ratio;       // [T] CFG ratio of each token's scale (0 without CFG)
+};
+
+Window make_window(at::IntArrayRef offsets, const c10::optional<at::ArrayRef<double>>& cfg) {
+  Window w;
+  for (size_t s = 0; s + 1 < offsets.size(); ++s)
+    for (int64_t t = offsets[s]; t < offsets[s + 1]; ++t) {
+      w.scale_of.push_back(static_cast<int64_t>(s));
+      w.ratio.push_back(cfg.has_value() ? static_cast<float>((*cfg)[s]) : 0.f);
+    }
+  return w;
+}
+
+// One token row: the conditional row, the unconditional row (or null) and the CFG ratio.
+template <typename T> struct Row {
+  const T* cond;
+  const T* uncond;
+  int64_t stride;
+  float w;
+  float at(int64_t v) const {
+    const float c = static_cast<float>(cond[v * stride]);
+    return uncond ? (1.f + w) * c - w * static_cast<float>(uncond[v * stride]) : c;
+  }
+};
+
+struct RowStats {
+  bool bad = false;   // NaN or +inf somewhere, or all -inf
+  float max = -kInf;  // of the logits (greedy) or of logits / temperature (sample)
+  float sum = 0.f;    // Σ exp(z - max) (sample)
+  int64_t arg = -1;   // lowest index of the max (greedy)
+};
+
+template <typename T> RowStats scan_row(const Row<T>& row, int64_t V, bool greedy, float inv_temp) {
+  RowStats st;
+  for (int64_t v = 0; v < V; ++v) {
+    const float x = row.at(v);
+    st.bad |= !(x < kInf);
+    if (greedy) {
+      if (x > st.max) { st.max = x; st.arg = v; }
+    } else {
+      const float z = x * inv_temp;
+      if (z > st.max) {
+        st.sum = st.sum * std::exp(st.max - z) + 1.f;
+        st.max = z;
+      } else if (z > -kInf) {
+        st.sum += std::exp(z - st.max);
+      }
+    }
+  }
+  st.bad |= st.max == -kInf;
+  return st;
+}
+
+// Inverse CDF draw from r = max(0, p - q) (p when Σ r = 0); p(v) = exp(l(v)/temp - max) / sum.
+template <typename T, typename Q>
+int64_t redraw(const Row<T>& row, const Q* q, int64_t qs, int64_t V, float inv_temp, float max, float sum, float u) {
+  auto p = [&](int64_t v) { return std::exp(row.at(v) * inv_temp - max) / sum; };
+  float residual = 0.f;
+  for (int64_t v = 0; v < V; ++v) residual += std::max(0.f, p(v) - static_cast<float>(q[v * qs]));
+  const bool use_p = !(residual > 0.f);
+  float total = 0.f;
+  if (use_p)
+    for (int64_t v = 0; v < V; ++v) total += p(v);
+  const float target = u * (use_p ? total : residual);
+  float cum = 0.f;
+  int64_t last = -1;
+  for (int64_t v = 0; v < V; ++v) {
+    const float w = use_p ? p(v) : std::max(0.f, p(v) - static_cast<float>(q[v * qs]));
+    cum += w;
+    if (w > 0.f) last = v;
+    if (cum > target && w > 0.f) return v;
+  }
+  return last;
+}
+
+template <typename T, typename Q>
+void verify_cpu(at::Tensor& accepted, at::Tensor& match, at::Tensor& ratio, at::Tensor& tokens, at::Tensor& stats,
+                const at::Tensor& logits, const at::Tensor& draft, const c10::optional<at::Tensor>& draft_probs,
+                const c10::optional<at::Tensor>& uniforms, at::IntArrayRef offsets, const Window& win, bool cfg,
+                bool greedy, double threshold, double temperature) {
+  const int64_t B = draft.size(0), T_ = draft.size(1), V = logits.size(2), NS = offsets.size() - 1;
+  const T* lg = logits.data_ptr<T>();
+  const int64_t l0 = logits.stride(0), l1 = logits.stride(1), l2 = logits.stride(2);
+  const int64_t* dr = draft.data_ptr<int64_t>();
+  const int64_t d0 = draft.stride(0), d1 = draft.stride(1);
+  const Q* qp = greedy ? nullptr : draft_probs->data_ptr<Q>();
+  const int64_t q0 = greedy ? 0 : draft_probs->stride(0), q1 = greedy ? 0 : draft_probs->stride(1),
+                q2 = greedy ? 0 : draft_probs->stride(2);
+  const float* un = greedy ? nullptr : uniforms->data_ptr<float>();
+  const int64_t u0 = greedy ? 0 : uniforms->stride(0), u1 = greedy ? 0 : uniforms->stride(1),
+                u2 = greedy ? 0 : uniforms->stride(2);
+  bool* mt = match.data_ptr<bool>();
+  int64_t* tk = tokens.data_ptr<int64_t>();
+  int64_t* acc = accepted.data_ptr<int64_t>();
+  float* rt = ratio.data_ptr<float>();
+  float* st = greedy ? nullptr : stats.data_ptr<float>();
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  auto row_of = [&](int64_t b, int64_t t) {
+    return Row<T>{lg + b * l0 + t * l1, cfg ? lg + (B + b) * l0 + t * l1 : nullptr, l2, win.ratio[t]};
+  };
+
+  at::parallel_for(0, B * T_, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / T_, t = i % T_, x = dr[b * d0 + t * d1];
+      const Row<T> row = row_of(b, t);
+      const RowStats s = scan_row(row, V, greedy, inv_temp);
+      if (greedy) {
+        mt[i] = !s.bad && s.arg == x;
+        tk[i] = s.bad ? -1 : s.arg;
+      } else {
+        const float px = std::exp(row.at(x) * inv_temp - s.max) / s.sum;
+        const float qx = static_cast<float>(qp[b * q0 + t * q1 + x * q2]);
+        mt[i] = !s.bad && qx > 0.f && un[b * u0 + t * u1] * qx < px;
+        tk[i] = mt[i] ? x : -1;
+        st[2 * i] = s.bad ? std::numeric_limits<float>::quiet_NaN() : s.max;
+        st[2 * i + 1] = s.sum;
+      }
+    }
+  });
+
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      int64_t run = 0;
+      bool open = true;
+      for (int64_t s = 0; s < NS; ++s) {
+        int64_t hits = 0;
+        for (int64_t t = offsets[s]; t < offsets[s + 1]; ++t) hits += mt[b * T_ + t];
+        const float r = static_cast<float>(hits) / static_cast<float>(offsets[s + 1] - offsets[s]);
+        rt[b * NS + s] = r;
+        const bool ok = greedy ? r >= threshold : hits == offsets[s + 1] - offsets[s];
+        open = open && ok;
+        run += open;
+      }
+      acc[b] = run;
+      for (int64_t t = 0; t < T_; ++t) {
+        const int64_t s = win.scale_of[t];
+        if (s < run) tk[b * T_ + t] = dr[b * d0 + t * d1];
+        else if (s > run) tk[b * T_ + t] = -1;
+      }
+    }
+  });
+
+  if (greedy) return;
+  at::parallel_for(0, B * T_, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / T_, t = i % T_;
+      if (win.scale_of[t] != acc[b] || mt[i]) continue;
+      const float m = st[2 * i];
+      tk[i] = std::isnan(m) ? -1
+                            : redraw(row_of(b, t), qp + b * q0 + t * q1, q2, V, inv_temp, m, st[2 * i + 1],
+                                     un[b * u0 + t * u1 + u2]);
+    }
+  });
+}
+
+void verify_scales_cpu(at::Tensor& accepted, at::Tensor& match, at::Tensor& ratio, at::Tensor& tokens,
+                       at::Tensor& stats, const at::Tensor& logits, const at::Tensor& draft_tokens,
+                       const c10::optional<at::Tensor>& draft_probs, const c10::optional<at::Tensor>& uniforms,
+                       at::IntArrayRef offsets, c10::optional<at::ArrayRef<double>> cfg, bool greedy,
+                       double threshold, double temperature) {
+  TORCH_CHECK(logits.dim() == 3 && draft_tokens.dim() == 2, "verify_scales_: logits [B or 2B, T, V], draft [B, T]");
+  TORCH_CHECK(offsets.size() >= 2 && offsets.back() == draft_tokens.size(1), "verify_scales_: bad offsets");
+  TORCH_CHECK(greedy || (draft_probs.has_value() && uniforms.has_value()),
+              "verify_scales_: sample mode needs draft_probs and uniforms");
+  TORCH_CHECK(uniforms.has_value() == false || uniforms->scalar_type() == at::kFloat, "verify_scales_: uniforms");
+  const Window win = make_window(offsets, cfg);
+  const at::ScalarType qtype = greedy ? logits.scalar_type() : draft_probs->scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "verify_scales_cpu", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qtype, "verify_scales_cpu_q", [&] {
+      verify_cpu<T, scalar_t>(accepted, match, ratio, tokens, stats, logits, draft_tokens, draft_probs, uniforms,
+                              offsets, win, cfg.has_value(), greedy, threshold, temperature);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
+  m.def("verify_scales_(Tensor(a!) accepted, Tensor(b!) match, Tensor(c!) ratio, Tensor(d!) tokens, "
+        "Tensor(e!) stats, Tensor logits, Tensor draft_tokens, Tensor? draft_probs, Tensor? uniforms, "
+        "int[] offsets, float[]? cfg, bool greedy, float threshold, float temperature) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("verify_scales_", &verify_scales_cpu); }

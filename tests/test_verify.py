@@ -1,0 +1,369 @@
+"""verify_scales (DESIGN.md §4.4): every backend against the float64 "torch" reference and the SDVAR-style eager
+check, losslessness of sample mode (χ² with power), edge cases, bad input, opcheck, torch.compile, no host sync."""
+import itertools
+import types
+
+import pytest
+import torch
+from conftest import backend_params
+
+import streamkern
+from streamkern.reference import verify as ref
+from streamkern.testing import assert_parity
+from streamkern.verify import _verify_op, verify_scales
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def layout(patch_nums):
+    """A stand-in ScaleLayout: ``.begin``, ``.end``, ``.total``, ``.scale_of_token`` of square scales."""
+    end = list(itertools.accumulate(p * p for p in patch_nums))
+    begin = [0] + end[:-1]
+    scale_of = [s for s, p in enumerate(patch_nums) for _ in range(p * p)]
+    return types.SimpleNamespace(begin=begin, end=end, total=end[-1], scale_of_token=scale_of)
+
+
+LAYOUT = layout((1, 2, 3, 4))
+
+
+def window(first, num):
+    return LAYOUT.end[first + num - 1] - LAYOUT.begin[first]
+
+
+def combined(logits, first, num, cfg):
+    offsets = [LAYOUT.begin[s] - LAYOUT.begin[first] for s in range(first, first + num)] + [window(first, num)]
+    return ref.combined_logits(logits, offsets, cfg, torch.float64)
+
+
+def make_case(B, first, num, V, dtype, *, cfg=None, hit=0.8, seed=0, device="cpu", noncontig=False, sample=False):
+    """Random logits (``[2B, T, V]`` with cfg), draft tokens equal to the target's argmax with probability ``hit``,
+    and in sample mode draft probabilities close to the target's softmax with fixed uniforms."""
+    g = torch.Generator().manual_seed(seed)
+    T = window(first, num)
+    rows = 2 * B if cfg is not None else B
+    logits = (2 * torch.randn(rows, T, V + 3 if noncontig else V, generator=g)).to(dtype)
+    if noncontig:
+        logits = logits[..., 1:V + 1]
+    x = combined(logits, first, num, cfg)
+    keep = torch.rand(B, T, generator=g) < hit
+    draft = torch.where(keep, x.argmax(-1), torch.randint(0, V, (B, T), generator=g))
+    kw = dict(cfg=cfg)
+    if sample:
+        q = torch.softmax(x + 0.3 * torch.randn(B, T, V, generator=g, dtype=torch.float64), -1).float()
+        draft = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, T)
+        kw.update(mode="sample", draft_probs=q, uniforms=torch.rand(B, T, 2, generator=g))
+    to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return to(logits), to(draft), {k: to(v) for k, v in kw.items()}
+
+
+def reference(logits, draft, first, num, **kw):
+    """The float64 "torch" reference."""
+    kw = dict(kw)
+    if kw.get("draft_probs") is not None:
+        kw["draft_probs"] = kw["draft_probs"].double()
+    mode = kw.pop("mode", "greedy")
+    offsets = [LAYOUT.begin[s] - LAYOUT.begin[first] for s in range(first, first + num)] + [window(first, num)]
+    return ref.verify_scales(logits.cpu().double(), draft.cpu(), offsets, mode == "greedy", kw.get("threshold", 0.5),
+                             None if kw.get("draft_probs") is None else kw["draft_probs"].cpu(),
+                             None if kw.get("uniforms") is None else kw["uniforms"].cpu(), kw.get("cfg"),
+                             kw.get("temperature", 1.0))
+
+
+def assert_same(res, exp, dtype):
+    accepted, match, ratio, tokens = (t.cpu() for t in res)
+    assert torch.equal(match, exp[1])
+    assert torch.equal(accepted, exp[0])
+    assert torch.equal(tokens, exp[3])
+    assert ratio.dtype == torch.float32
+    assert_parity(ratio, exp[2], dtype, "ratio")
+
+
+SHAPES = [  # (B, first, num, V, cfg)
+    pytest.param(1, 0, 1, 1, None, id="B1-s0-V1"),
+    pytest.param(2, 1, 2, 37, [0.5, 1.25], id="B2-s1x2-V37-cfg"),
+    pytest.param(3, 2, 2, 130, None, id="B3-s2x2-V130"),
+    pytest.param(1, 0, 4, 13, [0.0, 0.5, 1.0, 4.0], id="B1-s0x4-V13-cfg"),
+]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("B,first,num,V,cfg", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bd", backend_params())
+def test_parity(bd, dtype, B, first, num, V, cfg, mode):
+    backend, device = bd
+    logits, draft, kw = make_case(B, first, num, V, dtype, cfg=cfg, device=device, noncontig=V > 1,
+                                  sample=mode == "sample", seed=V + B)
+    res = verify_scales(logits, draft, LAYOUT, first, num, backend=backend, threshold=0.6, **kw)
+    assert_same(res, reference(logits, draft, first, num, threshold=0.6, **kw), dtype)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("bd", backend_params())
+def test_argmax_ties_go_to_lowest_index(bd, mode):
+    backend, device = bd
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 2, (4, 4, 9), generator=g).float()  # many tied maxima, exact under CFG 0.5
+    draft = torch.randint(0, 9, (2, 4), generator=g)
+    first_max = combined(logits, 1, 1, [0.5]).argmax(-1)
+    kw = dict(cfg=[0.5])
+    if mode == "sample":  # temperature → 0: p splits evenly over the tied maxima; redraw from p - q
+        kw.update(mode=mode, temperature=1e-4, draft_probs=torch.full((2, 4, 9), 1 / 9),
+                  uniforms=torch.zeros(2, 4, 2))
+    res = verify_scales(logits.to(device), draft.to(device),
+                        LAYOUT, 1, 1, backend=backend, threshold=1.0, **{k: v.to(device) if isinstance(v, torch.Tensor)
+                                                                          else v for k, v in kw.items()})
+    exp = reference(logits, draft, 1, 1, threshold=1.0, **kw)
+    assert_same(res, exp, torch.float32)
+    if mode == "greedy":
+        rejected = res.accepted.cpu() == 0
+        assert torch.equal(res.tokens.cpu()[rejected], first_max[rejected])
+        assert rejected.any()
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_matches_sdvar_eager_check(B):
+    logits, draft, kw = make_case(B, 0, 4, 50, torch.float32, cfg=[0.0, 0.5, 1.0, 1.5], hit=0.9, seed=11)
+    draft[:, 5:] = combined(logits, 0, 4, kw["cfg"]).argmax(-1)[:, 5:]  # all rows pass scales 2..3 alike
+    res = verify_scales(logits, draft, LAYOUT, 0, 4, threshold=0.5, backend="cpu" if "cpu" in
+                        streamkern.available_backends("cpu") else "torch", **kw)
+    accepted, tokens = ref.sdvar_greedy_check(logits, draft, [0, 1, 5, 14, 30], kw["cfg"], 0.5)
+    if bool((res.accepted == res.accepted[0]).all()):  # the seed verifies the batch as one
+        assert int(res.accepted[0]) == accepted
+        assert torch.equal(res.tokens, tokens)
+    assert B == 1 or not bool((res.ratio[:, 0] >= 0.5).all()) or int(res.accepted.min()) >= 1
+
+
+def lossless_trials(backend, n=200_000, V=8, seed=5):
+    """n independent one-token trials batched as B: target p, draft q, draft token x ~ q."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
+    q = torch.softmax(torch.randn(V, generator=g, dtype=torch.float64) * 1.5, -1)
+    draft = torch.multinomial(q.float(), n, replacement=True, generator=g).reshape(n, 1)
+    uniforms = torch.rand(n, 1, 2, generator=g)
+    logits = p.log().float().reshape(1, 1, V).expand(n, 1, V)
+    res = verify_scales(logits, draft, layout((1,)), 0, 1, mode="sample", draft_probs=q.float().expand(n, 1, V),
+                        uniforms=uniforms, backend=backend)
+    return p, q, draft[:, 0], uniforms[:, 0], res
+
+
+def chi2_pvalue(tokens, p):
+    from scipy.stats import chisquare
+
+    counts = torch.bincount(tokens, minlength=len(p)).double()
+    return chisquare(counts.numpy(), (p * len(tokens)).numpy()).pvalue
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_sample_mode_is_lossless(backend):
+    if backend not in streamkern.available_backends("cpu"):
+        pytest.skip(f"{backend} not built")
+    p, q, draft, u, res = lossless_trials(backend)
+    assert (res.tokens >= 0).all()
+    assert 0.2 < res.match.float().mean() < 0.95  # both branches are exercised
+    assert chi2_pvalue(res.tokens[:, 0], p) > 1e-3
+    # The same trials without the residual redraw (rejected tokens drawn from p itself) are biased: must fail.
+    broken = torch.where(res.match[:, 0], draft, ref.inverse_cdf(p.expand(len(draft), -1), u[:, 1].double()))
+    assert chi2_pvalue(broken, p) < 1e-3
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_edge_cases(bd):
+    backend, device = bd
+    V, T = 11, window(0, 3)
+    logits = torch.randn(3, T, V, generator=torch.Generator().manual_seed(2))
+    amax = logits.argmax(-1)
+    run = lambda draft, **kw: verify_scales(logits.to(device), draft.to(device), LAYOUT, 0, 3,  # noqa: E731
+                                            backend=backend, **kw)
+    # rows with different outcomes: all accepted / scale 1 rejected / scale 0 rejected
+    draft = amax.clone()
+    draft[1, 1:5] = (amax[1, 1:5] + 1) % V
+    draft[2, 0] = (amax[2, 0] + 1) % V
+    res = run(draft, threshold=0.5)
+    assert res.accepted.tolist() == [3, 1, 0]
+    assert torch.equal(res.tokens[0].cpu(), draft[0])
+    assert torch.equal(res.tokens[1].cpu(), torch.cat([draft[1, :1], amax[1, 1:5], torch.full((9,), -1)]))
+    assert torch.equal(res.tokens[2].cpu(), torch.cat([amax[2, :1], torch.full((13,), -1)]))
+    # thresholds 0 (everything passes) and 1 (one miss rejects)
+    draft[0, 7] = (amax[0, 7] + 1) % V
+    assert run(draft, threshold=0.0).accepted.tolist() == [3, 3, 3]
+    assert run(draft, threshold=1.0).accepted.tolist() == [2, 1, 0]
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_sample_edge_cases(bd):
+    backend, device = bd
+    V, T, B = 7, window(0, 3), 2
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(B, T, V, generator=g)
+    q = torch.softmax(logits.double(), -1).float()
+    draft = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, T)
+    u = torch.rand(B, T, 2, generator=g) * 0.99
+    run = lambda **kw: verify_scales(logits.to(device), draft.to(device), LAYOUT, 0, 3, mode="sample",  # noqa: E731
+                                     backend=backend, uniforms=u.to(device), **{k: v.to(device) for k, v in kw.items()})
+    res = run(draft_probs=q)  # p = q: always accept
+    assert res.accepted.tolist() == [3, 3] and bool(res.match.all())
+    q0 = q.clone()  # q(x) = 0 for the draft token of (0, 2) -> rejected there, redrawn in scale 1
+    q0[0, 2, draft[0, 2]] = 0
+    q0[0, 2] /= q0[0, 2].sum()
+    res = run(draft_probs=q0)
+    assert res.accepted.tolist() == [1, 3] and not bool(res.match[0, 2])
+    assert 0 <= int(res.tokens[0, 2]) < V
+    assert (res.tokens[0, 5:] == -1).all()
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_low_temperature_sampling_is_greedy(bd):
+    """temperature → 0 with one-hot draft probabilities = greedy mode with threshold 1 (documented)."""
+    backend, device = bd
+    V, T = 9, window(0, 3)
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, T, V, generator=g)
+    amax = logits.argmax(-1)
+    logits.scatter_add_(-1, amax[..., None], torch.ones(2, T, 1))  # a clear gap to the runner-up
+    draft = amax.clone()
+    draft[1, 3] = (amax[1, 3] + 2) % V
+    one_hot = torch.nn.functional.one_hot(draft, V).float()
+    kw = dict(backend=backend)
+    greedy = verify_scales(logits.to(device), draft.to(device), LAYOUT, 0, 3, threshold=1.0, **kw)
+    sample = verify_scales(logits.to(device), draft.to(device), LAYOUT, 0, 3, mode="sample", temperature=1e-3,
+                           draft_probs=one_hot.to(device), uniforms=torch.rand(2, T, 2, generator=g).to(device), **kw)
+    for a, b in zip(greedy, sample):
+        assert torch.equal(a, b)
+    assert greedy.accepted.tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("bd", backend_params())
+def test_nan_rows_never_match_and_give_minus_one(bd, mode):
+    backend, device = bd
+    logits, draft, kw = make_case(2, 0, 3, 10, torch.float32, hit=1.0, sample=mode == "sample", seed=8)
+    if mode == "sample":
+        kw["draft_probs"] = torch.softmax(logits.double(), -1).float()
+        kw["uniforms"] = kw["uniforms"] * 0.99
+    logits[0, 3, 4] = float("nan")
+    logits[1, 0] = float("-inf")
+    res = verify_scales(logits.to(device), draft.to(device), LAYOUT, 0, 3, backend=backend, threshold=1.0,
+                        **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    assert_same(res, reference(logits, draft, 0, 3, threshold=1.0, **kw), torch.float32)
+    assert not bool(res.match[0, 3]) and not bool(res.match[1, 0])
+    assert res.accepted.tolist() == [1, 0]
+    assert int(res.tokens[0, 3]) == -1 and int(res.tokens[1, 0]) == -1
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_empty_batch(bd):
+    backend, device = bd
+    res = verify_scales(torch.zeros(0, 4, 5, device=device), torch.zeros(0, 4, dtype=torch.long, device=device),
+                        LAYOUT, 1, 1, backend=backend)
+    assert [tuple(t.shape) for t in res] == [(0,), (0, 4), (0, 1), (0, 4)]
+
+
+def test_generator_draws_uniforms():
+    logits, draft, kw = make_case(2, 0, 3, 6, torch.float32, sample=True, seed=9)
+    kw.pop("uniforms")
+    runs = [verify_scales(logits, draft, LAYOUT, 0, 3, backend="torch", generator=torch.Generator().manual_seed(1),
+                          **kw) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+BAD = [  # (mutation, error type, words the message must hold)
+    pytest.param(lambda a: a.update(draft=a["draft"][:, :-1]), ValueError, "T=13", id="wrong-T"),
+    pytest.param(lambda a: a.update(cfg=[1.0]), ValueError, "cfg", id="cfg-length"),
+    pytest.param(lambda a: a.update(logits=a["logits"][:2]), ValueError, "2B", id="cfg-rows"),
+    pytest.param(lambda a: a.update(draft=a["draft"].int()), TypeError, "int64", id="draft-dtype"),
+    pytest.param(lambda a: a.update(logits=a["logits"].double()), TypeError, "float32", id="logits-dtype"),
+    pytest.param(lambda a: a.update(mode="beam"), ValueError, "mode", id="mode"),
+    pytest.param(lambda a: a.update(threshold=1.5), ValueError, "threshold", id="threshold"),
+    pytest.param(lambda a: a.update(temperature=0.0), ValueError, "temperature", id="temperature"),
+    pytest.param(lambda a: a.update(num=9), ValueError, "num_scales", id="num-scales"),
+    pytest.param(lambda a: a.update(draft_probs=None), ValueError, "draft_probs", id="no-draft-probs"),
+    pytest.param(lambda a: a.update(uniforms=a["uniforms"][..., :1]), ValueError, "uniforms", id="uniforms-shape"),
+]
+
+
+def _bad_args():
+    logits, draft, kw = make_case(2, 1, 2, 6, torch.float32, cfg=[1.0, 2.0], sample=True, seed=12)
+    return dict(logits=logits, draft=draft, num=2, **kw)
+
+
+def _call(a, backend):
+    a = dict(a)
+    return verify_scales(a.pop("logits"), a.pop("draft"), LAYOUT, 1, a.pop("num"), backend=backend, **a)
+
+
+@pytest.mark.parametrize("mutate,exc,words", BAD)
+def test_bad_input(mutate, exc, words):
+    a = _bad_args()
+    mutate(a)
+    before = {k: v.clone() for k, v in a.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(exc, match=words):
+        _call(a, "torch")
+    assert all(torch.equal(before[k], a[k]) for k in before)
+
+
+def _value_mutations():
+    def oov(a):
+        a["draft"][1, 2] = 6
+
+    def unnormalised(a):
+        a["draft_probs"][0, 1] *= 1.5
+
+    return [pytest.param(oov, "draft_tokens", id="token-out-of-vocab"),
+            pytest.param(unnormalised, "draft_probs", id="probs-not-summing-to-1")]
+
+
+@pytest.mark.parametrize("mutate,words", _value_mutations())
+@pytest.mark.parametrize("bd", backend_params())
+def test_bad_values(bd, mutate, words, monkeypatch):
+    backend, device = bd
+    if backend in ("triton", "cuda"):
+        monkeypatch.setenv("STREAMKERN_DEBUG", "1")
+    a = _bad_args()
+    mutate(a)
+    a = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    with pytest.raises(ValueError, match=words):
+        _call(a, backend)
+
+
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
+def test_no_host_sync(bd, monkeypatch):
+    backend, device = bd
+    a = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _bad_args().items()}
+    if backend == "cpu":  # "cpu" checks token values on purpose (a CPU read); the kernel itself never reads back
+        monkeypatch.setattr(ref, "check_values", lambda *args: None)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync on an accelerated path")
+
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    res = _call(a, backend)
+    monkeypatch.undo()
+    assert_same(res, reference(**{"logits": a["logits"].cpu(), "draft": a["draft"].cpu(), "first": 1, "num": 2},
+                               **{k: a[k] for k in ("mode", "draft_probs", "uniforms", "cfg")}), torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_opcheck(backend, mode):
+    if backend not in streamkern.available_backends("cpu"):
+        pytest.skip(f"{backend} not built")
+    logits, draft, kw = make_case(2, 1, 2, 6, torch.float32, cfg=[1.0, 2.0], sample=mode == "sample", seed=13)
+    torch.library.opcheck(_verify_op, (logits, draft, [0, 4, 13], mode == "greedy", 0.5, kw.get("draft_probs"),
+                                       kw.get("uniforms"), kw["cfg"], 1.0, backend))
+
+
+def test_torch_compile_fullgraph():
+    backend = "cpu" if "cpu" in streamkern.available_backends("cpu") else "torch"
+    logits, draft, kw = make_case(2, 1, 2, 6, torch.float32, cfg=[1.0, 2.0], sample=True, seed=14)
+
+    def step(logits, draft, q, u):
+        res = streamkern.verify_scales(logits, draft, LAYOUT, 1, 2, mode="sample", draft_probs=q, uniforms=u,
+                                       cfg=[1.0, 2.0], backend=backend)
+        return res.tokens, res.accepted + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    exp = step(logits, draft, kw["draft_probs"], kw["uniforms"])
+    got = compiled(logits, draft, kw["draft_probs"], kw["uniforms"])
+    assert all(torch.equal(a, b) for a, b in zip(got, exp))
