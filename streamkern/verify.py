@@ -10,7 +10,6 @@ result stays on the device: no host sync.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import torch
@@ -98,7 +97,6 @@ def _(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, c
             logits.new_empty(B, len(offsets) - 1, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.int64))
 
 
-@functools.lru_cache(maxsize=256)
 def _window(begin: tuple, end: tuple, first_scale: int, num_scales: int) -> tuple[int, ...]:
     if len(begin) != len(end):
         raise ValueError(f"layout: expected .begin and .end of one length, got {len(begin)} and {len(end)}")
