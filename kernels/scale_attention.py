@@ -2,14 +2,15 @@
 
 Launch structure:
 
-1. A preparatory step on the device (a few tiny torch ops, no host sync): ``tile_classes`` gives each
-   (q tile, k tile) pair a class skip / partial / full from the per-tile scale-presence matrices, then each q tile
-   gets its compacted visit list ``visit [nQ, nK]`` (the k tiles not skipped, in order), their classes and their
-   count ``n_visit [nQ]``. The table depends only on the scale layout, so one serves every (batch, head).
+1. A preparatory kernel, grid ``(nQ,)``, reads only the scale ids and ``allow``: for its q tile it classifies
+   every k tile as skip / partial / full (``tile_classes`` in streamkern.scale_attention is the torch twin the
+   tests compare against) and appends the non-skipped ones to a compacted visit list ``visit [nQ, nK]`` with
+   their classes ``vcls`` and their count ``n_visit [nQ]``. It depends only on the scale layout, so one list
+   serves every (batch, head); nothing is read back to the host.
 2. One kernel, grid ``(nQ, B * heads)``: a program keeps its ``BLOCK_M × D`` queries in registers and walks its
    visit list only, so skipped tiles never load K/V. Per visited tile: ``S = Q·Kᵀ`` (fp32 accumulation, scores in
    log2 units), the element-wise scale mask applied only on partial tiles (key scale ids + a gather from the
-   padded ``allow``), the key-length bound on every tile, then the online softmax update
+   ``allow``; an id outside ``[0, NS)`` allows nothing), the key-length bound on every tile, then the online softmax update
    ``m' = max(m, rowmax S)``, ``l' = l·2^(m−m') + Σ 2^(S−m')``, ``acc' = acc·2^(m−m') + 2^(S−m')·V``. A row that
    has seen no allowed key keeps ``m = −inf`` (its exponent base is taken as 0, so no NaN), and ends with
    ``l = 0`` and output 0.
@@ -21,14 +22,58 @@ import triton
 import triton.language as tl
 
 from streamkern._backend import triton_interpreting
-from streamkern.scale_attention import TILE_PARTIAL, TILE_SKIP, _valid_ids, tile_classes
+from streamkern.scale_attention import TILE_FULL, TILE_PARTIAL
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _scale_ids(IDS, offs, n, stride, NS):
+    """``(ids clamped into [0, NS), valid)``: positions past ``n`` and ids outside ``[0, NS)`` are not valid."""
+    in_range = offs < n
+    ids = tl.load(IDS + offs * stride, mask=in_range, other=0)
+    ok = in_range & (ids >= 0) & (ids < NS)
+    return tl.where(ok, ids, 0), ok
+
+
+@triton.jit
+def _allowed(ALLOW, qs, q_ok, ks, k_ok, sa0, sa1):
+    """``[BLOCK_M, BLOCK_N]`` bool: ``allow[q_scale[i], k_scale[j]]``, False for invalid ids and padding."""
+    a = tl.load(ALLOW + qs[:, None] * sa0 + ks[None, :] * sa1) != 0
+    return a & q_ok[:, None] & k_ok[None, :]
+
+
+@triton.jit
+def _visit_list_kernel(QS, KS, ALLOW, VISIT, VCLS, NVISIT, Lq, Lk, NS, n_ktiles, row_stride, sqs, sks, sa0, sa1,
+                       SELF: tl.constexpr, PARTIAL: tl.constexpr, FULL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per q tile: classify every k tile from the scale ids, append the non-skipped ones
+    (index and class) to this q tile's row of ``VISIT``/``VCLS``, and store their count in ``NVISIT``."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qs, q_ok = _scale_ids(QS, offs_m, Lq, sqs, NS)
+    m_real = offs_m < Lq
+    count = tl.full([], 0, tl.int32)
+    for kt in range(0, n_ktiles):
+        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks, k_ok = _scale_ids(KS, offs_n, Lk, sks, NS)
+        real = m_real[:, None] & (offs_n < Lk)[None, :]
+        ok = _allowed(ALLOW, qs, q_ok, ks, k_ok, sa0, sa1)
+        if SELF:
+            ok = ok | (real & (offs_m[:, None] == offs_n[None, :]))
+        n_ok = tl.sum(tl.sum(ok.to(tl.int32), 1), 0)
+        n_real = tl.sum(tl.sum(real.to(tl.int32), 1), 0)
+        cls = tl.where(n_ok == n_real, FULL, PARTIAL).to(tl.int8)
+        visit = n_ok > 0
+        tl.store(VISIT + pid_m * row_stride + count, kt, mask=visit)
+        tl.store(VCLS + pid_m * row_stride + count, cls, mask=visit)
+        count += visit.to(tl.int32)
+    tl.store(NVISIT + pid_m, count)
+
+
+@triton.jit
 def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
-                            Lq, Lk, H, NS, n_ktiles, qk_scale,
+                            Lq, Lk, H, NS, row_stride, qk_scale, sqs, sks, sa0, sa1,
                             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                             SELF: tl.constexpr, PARTIAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -43,12 +88,12 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    qs = tl.load(QS + offs_m, mask=m_ok, other=NS)
+    qs, q_ok = _scale_ids(QS, offs_m, Lq, sqs, NS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    row = pid_m * n_ktiles
+    row = pid_m * row_stride
     n_visit = tl.load(NVISIT + pid_m)
     for it in range(0, n_visit):
         kt = tl.load(VISIT + row + it)
@@ -59,8 +104,8 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         keep = n_ok[None, :] & (offs_m >= 0)[:, None]
         if tl.load(VCLS + row + it) == PARTIAL:
-            ks = tl.load(KS + offs_n, mask=n_ok, other=NS)
-            ok = tl.load(ALLOW + qs[:, None] * (NS + 1) + ks[None, :]) != 0
+            ks, k_ok = _scale_ids(KS, offs_n, Lk, sks, NS)
+            ok = _allowed(ALLOW, qs, q_ok, ks, k_ok, sa0, sa1)
             if SELF:
                 ok = ok | (offs_m[:, None] == offs_n[None, :])
             keep = keep & ok
@@ -97,39 +142,38 @@ def _dot_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def visit_lists(q_scale, k_scale, allow, block_m, block_n, self_attend):
-    """``(visit [nQ, nK] int32, visit_cls [nQ, nK] int8, n_visit [nQ] int32)``: per q tile, the k tiles to visit
-    (the non-skipped ones first, in increasing order), their classes and how many there are. Device-only."""
-    cls = tile_classes(q_scale, k_scale, allow, block_m, block_n, self_attend)
-    skip = cls == TILE_SKIP
-    order = torch.sort(skip.to(torch.int8), dim=1, stable=True).indices
-    return order.to(torch.int32), cls.gather(1, order), (~skip).sum(1, dtype=torch.int32)
+def visit_lists(q_scale, k_scale, allow, self_attend: bool, block_m: int, block_n: int):
+    """``(visit [nQ, max(nK, 1)] int32, vcls int8, n_visit [nQ] int32)``: for q tile t, ``visit[t, :n_visit[t]]``
+    are the k tiles not skipped, in increasing order, and ``vcls`` their classes (TILE_PARTIAL / TILE_FULL).
+    Entries past ``n_visit[t]`` are never written nor read. One launch, no host sync."""
+    Lq, Lk = q_scale.numel(), k_scale.numel()
+    n_qtiles, n_ktiles = triton.cdiv(Lq, block_m), triton.cdiv(Lk, block_n)
+    visit = torch.empty(n_qtiles, max(n_ktiles, 1), dtype=torch.int32, device=q_scale.device)
+    vcls = torch.empty(n_qtiles, max(n_ktiles, 1), dtype=torch.int8, device=q_scale.device)
+    n_visit = torch.empty(n_qtiles, dtype=torch.int32, device=q_scale.device)
+    allow_u8 = allow.view(torch.uint8)
+    _visit_list_kernel[(n_qtiles,)](
+        q_scale, k_scale, allow_u8, visit, vcls, n_visit, Lq, Lk, allow.shape[0], n_ktiles, visit.stride(0),
+        q_scale.stride(0), k_scale.stride(0), *allow_u8.stride(),
+        SELF=self_attend, PARTIAL=TILE_PARTIAL, FULL=TILE_FULL, BLOCK_M=block_m, BLOCK_N=block_n)
+    return visit, vcls, n_visit
 
 
 def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend: bool, sm_scale: float) -> torch.Tensor:
-    """Host launcher: ``out [B, H, Lq, D]`` in q's dtype (every element written, zeros for rows with no key)."""
+    """Host launcher: ``out [B, H, Lq, D]`` in q's dtype (every element written, zeros for rows with no key).
+    Two launches (visit lists, attention), no host synchronisation; any strides."""
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    ns = allow.shape[0]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_m, block_n, warps, stages = _blocks(Lq, Lk, D)
-    n_qtiles, n_ktiles = triton.cdiv(Lq, block_m), max(triton.cdiv(Lk, block_n), 1)
-    if Lk == 0:
-        visit = torch.zeros(n_qtiles, 1, dtype=torch.int32, device=q.device)
-        vcls, n_visit = visit.to(torch.int8), visit[:, 0]
-    else:
-        visit, vcls, n_visit = visit_lists(q_scale, k_scale, allow, block_m, block_n, self_attend)
-    allow_pad = torch.zeros(ns + 1, ns + 1, dtype=torch.int8, device=q.device)
-    allow_pad[:ns, :ns] = allow
-    qs = _valid_ids(q_scale, ns).to(torch.int32)  # ids outside [0, NS) index the padded all-False row/column
-    ks = _valid_ids(k_scale, ns).to(torch.int32)
-    grid = (n_qtiles, B * H)
+    block_m, block_n, warps, stages = _blocks(Lq, k.shape[2], D)
+    visit, vcls, n_visit = visit_lists(q_scale, k_scale, allow, self_attend, block_m, block_n)
+    allow_u8 = allow.view(torch.uint8)
     dot_dtype = _dot_dtype(q.dtype)
-    _scale_attention_kernel[grid](
-        q, k, v, out, qs, ks, allow_pad, visit, vcls, n_visit,
-        Lq, Lk, H, ns, n_ktiles, sm_scale * LOG2E,
+    _scale_attention_kernel[(visit.shape[0], B * H)](
+        q, k, v, out, q_scale, k_scale, allow_u8, visit, vcls, n_visit,
+        Lq, k.shape[2], H, allow.shape[0], visit.stride(0), sm_scale * LOG2E,
+        q_scale.stride(0), k_scale.stride(0), *allow_u8.stride(),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         SELF=self_attend, PARTIAL=TILE_PARTIAL, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",

@@ -94,6 +94,27 @@ def test_tile_classes_match_brute_force(block_q, block_k, self_attend):
     assert skipped == pytest.approx((cls == sa.TILE_SKIP).float().mean().item())
 
 
+@pytest.mark.parametrize("self_attend", [False, True], ids=["plain", "self"])
+def test_triton_visit_lists_match_tile_classes(self_attend):
+    if "triton" not in streamkern.available_backends("cpu"):
+        pytest.skip("triton cannot run on CPU tensors here")
+    from streamkern.kernels.scale_attention import visit_lists
+
+    sizes = [1, 17, 1, 5, 16, 9, 30]
+    ids = _ids_from_sizes(sizes, "cpu")
+    qs = torch.stack([ids[20:], ids[20:]], 1).int()[:, 0]  # int32 ids, a strided view
+    allow = (torch.rand(7, 7, generator=torch.Generator().manual_seed(4)) < 0.4).T  # non-contiguous allow
+    cls = sa.tile_classes(qs, ids, allow, 16, 32, False)
+    if self_attend:
+        qs, cls = ids, sa.tile_classes(ids, ids, allow, 16, 32, True)
+    visit, vcls, n_visit = visit_lists(qs, ids, allow, self_attend, 16, 32)
+    for t in range(cls.shape[0]):
+        want = torch.nonzero(cls[t]).flatten()
+        n = int(n_visit[t])
+        assert n == want.numel() and torch.equal(visit[t, :n].long(), want), t
+        assert torch.equal(vcls[t, :n], cls[t, want])
+
+
 def test_skipped_fraction_var_680():
     ids = streamkern.scale_layout().scale_of_token
     frac = streamkern.skipped_tile_fraction(ids, ids, streamkern.scale_allow(10), 64, 64)
