@@ -1,0 +1,312 @@
+"""Dilated attention-weighted drift gate (seed 002; DESIGN.md §4.3).
+
+* :func:`patch_importance` — the action→vision attention of layers ``[start, end)`` as a normalised ``[B, gh, gw]``
+  map, reading only the ``action_tokens × num_vision_tokens`` block of each ``[S, S]`` map.
+* :func:`attention_weighted_drift` — ``drift[b] = Σ_ij mean_c|avgpool(image) − prev_small| · dilate(upsample(imp))``
+  and the pooled image, in one launch.
+* :class:`DriftGate` — the seed's ProAttentionGate with every output a device tensor and no host sync.
+
+Formulas: ``streamkern/reference/drift_gate.py``.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Sequence
+
+import torch
+
+from . import _checks as check
+from ._backend import OpBackends
+from .reference import drift_gate as ref
+
+IMAGE_DTYPES = check.FLOATS + (torch.uint8,)
+
+
+class GateReason(enum.IntEnum):
+    """Why :meth:`DriftGate.should_recompute` decided as it did (the ``reason`` tensor holds these codes)."""
+
+    REUSE = 0
+    STATE = 1
+    VISION = 2
+    FIRST = 3
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+
+def _ext_importance(attn, layer_range, num_vision_tokens, action_tokens, grid):
+    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensor's device."""
+    out = torch.empty(attn.shape[1], *grid, dtype=torch.float32, device=attn.device)
+    torch.ops.streamkern_C.drift_patch_importance_(out, attn, layer_range[0], layer_range[1], num_vision_tokens,
+                                                  action_tokens)
+    return out
+
+
+def _triton_importance(attn, layer_range, num_vision_tokens, action_tokens, grid):
+    from streamkern.kernels.drift_gate import patch_importance
+
+    return patch_importance(attn, layer_range, num_vision_tokens, action_tokens, grid)
+
+
+def _alloc_drift(image, pool):
+    B, C, H, W = image.shape
+    drift = torch.empty(B, dtype=torch.float32, device=image.device)
+    small = torch.empty(B, C, H // pool, W // pool, dtype=ref.small_dtype(image), device=image.device)
+    return drift, small
+
+
+def _ext_drift(image, prev_small, prev_importance, pool, dilation):
+    drift, small = _alloc_drift(image, pool)
+    torch.ops.streamkern_C.drift_weighted_drift_(drift, small, image, prev_small, prev_importance, pool, dilation)
+    return drift, small
+
+
+def _triton_drift(image, prev_small, prev_importance, pool, dilation):
+    from streamkern.kernels.drift_gate import weighted_drift
+
+    drift, small = _alloc_drift(image, pool)
+    weighted_drift(drift, small, image, prev_small, prev_importance, pool, dilation)
+    return drift, small
+
+
+IMPORTANCE_BACKENDS = OpBackends("patch_importance", {
+    "torch": ref.patch_importance, "cpu": _ext_importance, "triton": _triton_importance, "cuda": _ext_importance,
+})
+DRIFT_BACKENDS = OpBackends("attention_weighted_drift", {
+    "torch": ref.attention_weighted_drift, "cpu": _ext_drift, "triton": _triton_drift, "cuda": _ext_drift,
+})
+
+
+@torch.library.custom_op("streamkern::patch_importance", mutates_args=())
+def _importance_op(attn: torch.Tensor, layer_range: list[int], num_vision_tokens: int, action_tokens: int,
+                   grid: list[int], backend: str) -> torch.Tensor:
+    return IMPORTANCE_BACKENDS(backend)(attn, tuple(layer_range), num_vision_tokens, action_tokens, tuple(grid))
+
+
+@_importance_op.register_fake
+def _(attn, layer_range, num_vision_tokens, action_tokens, grid, backend):
+    return attn.new_empty(attn.shape[1], *grid, dtype=torch.float32)
+
+
+@torch.library.custom_op("streamkern::attention_weighted_drift", mutates_args=())
+def _drift_op(image: torch.Tensor, prev_small: torch.Tensor, prev_importance: torch.Tensor, pool: int,
+              dilation: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return DRIFT_BACKENDS(backend)(image, prev_small, prev_importance, pool, dilation)
+
+
+@_drift_op.register_fake
+def _(image, prev_small, prev_importance, pool, dilation, backend):
+    B, C, H, W = image.shape
+    return (image.new_empty(B, dtype=torch.float32),
+            image.new_empty(B, C, H // pool, W // pool, dtype=ref.small_dtype(image)))
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def _check_importance(attn, layer_range, num_vision_tokens, action_tokens, grid):
+    check.tensor("attn", attn, ndim=5, dtypes=check.FLOATS)
+    NL, _, heads, S, S2 = attn.shape
+    if S != S2 or heads < 1:
+        raise ValueError(f"attn: expected shape [NLayers, B, heads >= 1, S, S], got {list(attn.shape)}")
+    start, end = check.int_tuple("layer_range", layer_range, length=2, low=0, high=NL)
+    if start >= end:
+        raise ValueError(f"layer_range: expected 0 <= start < end <= NLayers={NL}, got ({start}, {end})")
+    grid = check.int_tuple("grid", grid, length=2, low=1)
+    check.integer("num_vision_tokens", num_vision_tokens, low=1, high=S)
+    if grid[0] * grid[1] != num_vision_tokens:
+        raise ValueError(f"grid: expected gh * gw == num_vision_tokens={num_vision_tokens}, got {grid}")
+    check.integer("action_tokens", action_tokens, low=1, high=S)
+    return [start, end], list(grid)
+
+
+def _check_dilation(dilation) -> int:
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1 or dilation % 2 == 0:
+        raise ValueError(f"dilation: expected an odd positive int (1, 3, 5, ...), got {dilation!r}")
+    return dilation
+
+
+def _check_image(image, pool) -> None:
+    B, C, H, W = image.shape
+    check.integer("pool", pool, low=1)
+    if C < 1 or H < pool or W < pool or H % pool or W % pool:
+        raise ValueError(f"image: expected [B, C >= 1, H, W] with H and W positive multiples of pool={pool}, "
+                         f"got {list(image.shape)}")
+
+
+def _check_drift(image, prev_small, prev_importance, pool, dilation):
+    check.tensor("image", image, ndim=4, dtypes=IMAGE_DTYPES)
+    check.tensor("prev_small", prev_small, ndim=4, dtypes=check.FLOATS)
+    check.tensor("prev_importance", prev_importance, ndim=3, dtypes=check.FLOATS)
+    check.same_device(image=image, prev_small=prev_small, prev_importance=prev_importance)
+    _check_image(image, pool)
+    _check_dilation(dilation)
+    B, C, H, W = image.shape
+    check.shape("prev_small", prev_small, (B, C, H // pool, W // pool), ("B", "C", "H/pool", "W/pool"))
+    check.shape("prev_importance", prev_importance, (B, None, None), ("B", "gh", "gw"))
+    if prev_importance.shape[1] < 1 or prev_importance.shape[2] < 1:
+        raise ValueError(f"prev_importance: expected a grid of at least 1x1, got {list(prev_importance.shape)}")
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def patch_importance(attn: torch.Tensor, layer_range: Sequence[int] = (14, 18), num_vision_tokens: int = 256,
+                     action_tokens: int = 50, grid: Sequence[int] = (16, 16), *,
+                     backend: str | None = None) -> torch.Tensor:
+    """Importance of each vision patch for the action queries, as a normalised 2-D map.
+
+    Args:
+        attn: ``[NLayers, B, heads, S, S]`` attention probabilities (fp32/fp16/bf16, any strides).
+        layer_range: ``(start, end)``, the layers averaged.
+        num_vision_tokens: V, the first V key columns (one camera's patches); ``V == gh * gw``.
+        action_tokens: A, the last A query rows.
+        grid: ``(gh, gw)``.
+
+    Returns:
+        ``[B, gh, gw]`` float32: ``m / (Σ m + 1e-8)`` with ``m[v]`` the mean of ``attn[l, b, h, S-A+q, v]`` over
+        ``l ∈ [start, end)``, heads and ``q < A``. Only that ``(end-start) × heads × A × V`` slice is read.
+    """
+    layer_range, grid = _check_importance(attn, layer_range, num_vision_tokens, action_tokens, grid)
+    name = IMPORTANCE_BACKENDS.resolve(backend, attn.device)
+    return _importance_op(attn, layer_range, num_vision_tokens, action_tokens, grid, name)
+
+
+def attention_weighted_drift(image: torch.Tensor, prev_small: torch.Tensor, prev_importance: torch.Tensor,
+                             pool: int = 8, dilation: int = 5, *,
+                             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention-weighted pixel drift of ``image`` against the previous pooled frame, and the new pooled frame.
+
+    Args:
+        image: ``[B, C, H, W]`` fp32/fp16/bf16, or uint8 read as value / 255; H and W multiples of ``pool``.
+        prev_small: ``[B, C, H/pool, W/pool]`` the previous call's ``small`` (float32 for uint8 images, else the
+            image's dtype).
+        prev_importance: ``[B, gh, gw]`` any grid size (e.g. :func:`patch_importance`'s output).
+            The kernels read ``prev_small`` in small's dtype and ``prev_importance`` in float32: other float
+            dtypes are converted first (one copy each; :class:`DriftGate` always passes matching ones).
+        pool: the average-pooling factor; dilation: the odd max-pool window of the dilation.
+
+    Returns:
+        ``drift [B]`` float32, ``Σ_ij mean_c|small − prev_small| · a`` with
+        ``a = max_pool2d(interpolate(prev_importance, (h, w), bilinear, align_corners=False), dilation, 1,
+        dilation // 2)``; and ``small = avg_pool2d(image, pool)`` ``[B, C, h, w]``. The difference is taken from
+        the float32 pooled values (before ``small`` is rounded to its dtype). NaN in the image gives a NaN drift.
+        Accelerated backends do all of it in one launch.
+    """
+    _check_drift(image, prev_small, prev_importance, pool, dilation)
+    name = DRIFT_BACKENDS.resolve(backend, image.device)
+    prev_small = prev_small.to(ref.small_dtype(image))
+    prev_importance = prev_importance.float()
+    return _drift_op(image, prev_small, prev_importance, pool, dilation, name)
+
+
+class DriftGate:
+    """Frame-level KV reuse gate of a VLA policy: seed 002's ProAttentionGate on device tensors.
+
+    ``should_recompute(image, state)`` decides, in order:
+
+    1. state guard — after an ``update``, ``s = max|state − prev_state|``; ``s > state_threshold`` → recompute,
+       reason ``STATE``, drift ``s``;
+    2. no previous frame → recompute, reason ``FIRST``, drift 100.0;
+    3. ``d = mean_b attention_weighted_drift(image, prev_small, prev_importance)``; ``d > drift_threshold`` →
+       recompute, reason ``VISION``, else reuse, reason ``REUSE``; drift ``d``.
+
+    Thresholds compare as the seed's Python floats do (in float64). Departure from the seed, on purpose: a NaN
+    state difference or drift (a NaN in the image or the state) counts as exceeding its threshold, so a broken
+    frame is recomputed rather than silently reused (the seed's ``NaN > t`` is False and would reuse).
+
+    Images ``[B, C, H, W]`` (several cameras: stack them along B, the drift is averaged over them); the state is any
+    shape, fixed across steps. Outputs are 0-d device tensors ``(recompute bool, reason int64, drift float32)``;
+    with the ``"cpu"``, ``"triton"`` and ``"cuda"`` backends nothing is read back to the host and the image work is
+    one launch. ``update`` reuses the pooled image that ``should_recompute`` computed for the same image tensor.
+    """
+
+    def __init__(self, drift_threshold: float = 0.5, state_threshold: float = 0.05, dilation: int = 5, pool: int = 8,
+                 layer_range: Sequence[int] = (14, 18), num_vision_tokens: int = 256, action_tokens: int = 50,
+                 grid: Sequence[int] = (16, 16), backend: str | None = None):
+        self.drift_threshold = check.number("drift_threshold", drift_threshold)
+        self.state_threshold = check.number("state_threshold", state_threshold)
+        self.dilation = _check_dilation(dilation)
+        self.pool = check.integer("pool", pool, low=1)
+        self.layer_range = check.int_tuple("layer_range", layer_range, length=2, low=0)
+        self.num_vision_tokens = check.integer("num_vision_tokens", num_vision_tokens, low=1)
+        self.action_tokens = check.integer("action_tokens", action_tokens, low=1)
+        self.grid = check.int_tuple("grid", grid, length=2, low=1)
+        self.backend = backend
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous frame, attention, state and KV cache (a new episode)."""
+        self.prev_small: torch.Tensor | None = None
+        self.prev_importance: torch.Tensor | None = None
+        self.prev_state: torch.Tensor | None = None
+        self.prev_kv: Any = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None   # (image, its small) from should_recompute
+
+    def cached_kv(self) -> Any:
+        """The KV cache stored by the last :meth:`update`."""
+        return self.prev_kv
+
+    def _check_frame(self, image: torch.Tensor, state: torch.Tensor) -> None:
+        check.tensor("image", image, ndim=4, dtypes=IMAGE_DTYPES)
+        check.tensor("state", state)
+        check.same_device(image=image, state=state)
+        if self.prev_small is not None and image.shape != self.image_shape:
+            raise ValueError(f"image: expected shape {list(self.image_shape)} as in earlier steps, "
+                             f"got {list(image.shape)}")
+        if not state.is_floating_point() or state.numel() == 0:
+            raise ValueError(f"state: expected a non-empty floating-point tensor, got {state.dtype} "
+                             f"of shape {list(state.shape)}")
+        if self.prev_state is not None:
+            check.shape("state", state, tuple(self.prev_state.shape))
+            check.same_device(prev_state=self.prev_state, state=state)
+
+    def should_recompute(self, image: torch.Tensor, state: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(recompute [] bool, reason [] int64, drift [] float32)`` on the image's device (see the class doc)."""
+        self._check_frame(image, state)
+        dev = image.device
+        if self.prev_small is None:
+            vision_run = torch.ones((), dtype=torch.bool, device=dev)
+            vision_reason = torch.full((), int(GateReason.FIRST), dtype=torch.int64, device=dev)
+            vision_drift = torch.full((), 100.0, dtype=torch.float32, device=dev)
+            self._pending = None
+        else:
+            drift, small = attention_weighted_drift(image, self.prev_small, self.prev_importance, self.pool,
+                                                    self.dilation, backend=self.backend)
+            self._pending = (image, small)
+            vision_drift = drift.mean()
+            vision_run = ~(vision_drift.double() <= self.drift_threshold)
+            vision_reason = torch.where(vision_run, int(GateReason.VISION), int(GateReason.REUSE))
+        if self.prev_state is None:
+            return vision_run, vision_reason, vision_drift
+        s = (state - self.prev_state).abs().amax()
+        state_run = ~(s.double() <= self.state_threshold)
+        return (state_run | vision_run, torch.where(state_run, int(GateReason.STATE), vision_reason),
+                torch.where(state_run, s.float(), vision_drift))
+
+    def update(self, image: torch.Tensor, attention: torch.Tensor, state: torch.Tensor, kv_cache: Any) -> None:
+        """Store the frame after a full pass: its pooled image (from :meth:`should_recompute` when it saw this
+        same image tensor, else pooled here), the patch importance of ``attention``, the state and the KV cache."""
+        self._check_frame(image, state)
+        check.tensor("attention", attention, ndim=5, dtypes=check.FLOATS)
+        check.same_device(image=image, attention=attention)
+        if image.shape[0] != attention.shape[1]:
+            raise ValueError(f"attention: expected batch B={image.shape[0]} (the image's) in dim 1, "
+                             f"got shape {list(attention.shape)}")
+        importance = patch_importance(attention, self.layer_range, self.num_vision_tokens, self.action_tokens,
+                                      self.grid, backend=self.backend)
+        if self._pending is not None and self._pending[0] is image:
+            small = self._pending[1]
+        else:
+            _check_image(image, self.pool)
+            small = ref.pooled(image, self.pool).to(ref.small_dtype(image))
+        self.prev_small, self.prev_importance = small, importance
+        self.prev_state = state.clone()
+        self.prev_kv = kv_cache
+        self._pending = None
+
+    @property
+    def image_shape(self) -> torch.Size:
+        B, C, h, w = self.prev_small.shape
+        return torch.Size((B, C, h * self.pool, w * self.pool))
