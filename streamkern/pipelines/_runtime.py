@@ -3,7 +3,7 @@
 Host syncs are counted on the CPU by construction: inside :func:`count_host_syncs` every Python-level way of
 reading a tensor's value on the host (``Tensor.item``, ``bool(t)``, ``int(t)``, ``float(t)``, ``operator.index``,
 ``tolist``, ``numpy``, ``cpu``) is wrapped to count (or, with ``forbid=True``, to raise
-:class:`HostSyncError`). Reads made by ``streamkern._checks`` (the index-range checks DESIGN.md §3 lets the
+:class:`HostSyncError`). Reads made by ``streamkern._checks`` and the ops' ``check_values`` (the value checks DESIGN.md §3 lets the
 ``"torch"`` and ``"cpu"`` backends make on CPU tensors, and GPU backends only under ``STREAMKERN_DEBUG=1``) are
 recorded apart as ``check:<kind>`` and left out of the total; reads a pipeline declares with :func:`host_read`
 are counted as ``decision``. On a CUDA device ``torch.cuda.set_sync_debug_mode("warn")`` is switched on as well and each
@@ -54,9 +54,21 @@ class SyncCount:
 _CHECKS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_checks.py")
 
 
+_VALUE_CHECKS = ("check_values",)   # the ops' value checks outside _checks.py (reference/verify.py)
+
+
 def _from_checks() -> bool:
-    """Whether the tensor read in progress was made by ``streamkern/_checks.py`` (two frames up)."""
-    return os.path.abspath(sys._getframe(2).f_code.co_filename) == _CHECKS_FILE
+    """Whether the tensor read in progress was made by a value check of an op: ``streamkern/_checks.py`` or
+    a function of :data:`_VALUE_CHECKS` (looked up two to four frames up)."""
+    frame = sys._getframe(2)
+    for _ in range(3):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name in _VALUE_CHECKS or os.path.abspath(code.co_filename) == _CHECKS_FILE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
@@ -106,18 +118,18 @@ def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
 _ACTIVE: list[SyncCount] = []
 
 
-def host_read(t: torch.Tensor) -> bool:
-    """A deliberate host read of a decision tensor (``bool``): counted as ``decision`` (and in the total) even
-    inside ``count_host_syncs(forbid=True)``, which only refuses the reads nobody declared."""
+def host_read(t: torch.Tensor):
+    """A deliberate host read of a 0-d decision tensor (``t.item()``): counted as ``decision`` (and in the
+    total) even inside ``count_host_syncs(forbid=True)``, which only refuses the reads nobody declared."""
     if _ACTIVE:
         _ACTIVE[-1].by_kind["decision"] = _ACTIVE[-1].by_kind.get("decision", 0) + 1
-    if t.device.type == "cuda":
-        torch.cuda.set_sync_debug_mode(0)
-        try:
-            return torch._C.TensorBase.__bool__(t)
-        finally:
-            torch.cuda.set_sync_debug_mode("error" if _ACTIVE and _ACTIVE[-1].forbid else "warn")
-    return torch._C.TensorBase.__bool__(t)
+    if t.device.type != "cuda":
+        return torch._C.TensorBase.item(t)
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        return torch._C.TensorBase.item(t)
+    finally:
+        torch.cuda.set_sync_debug_mode("error" if _ACTIVE and _ACTIVE[-1].forbid else "warn")
 
 
 def _sync_device(device: torch.device) -> None:
