@@ -2,10 +2,14 @@
 
 Each takes ``backend=``: ``"torch"`` runs the source pipeline's own eager code (the baseline); any other backend
 runs the same pipeline on streamkern's ops with that backend. ``eager=False`` with ``backend="torch"`` runs the
-op-based path on the ops' eager references.
+op-based path on the ops' eager references. ``run(...)`` returns a :class:`PipelineRun` (outputs, per-step
+latency, host syncs per step).
 """
 from ._runtime import HostSyncError, PipelineRun, count_host_syncs
+from .gated_policy import GatedPolicy
 from .memory_bank import MemoryBank
+from .speculative_var import SpeculativeVAR
 from .streaming import StreamingGenerator
 
-__all__ = ["MemoryBank", "StreamingGenerator", "PipelineRun", "HostSyncError", "count_host_syncs"]
+__all__ = ["MemoryBank", "StreamingGenerator", "GatedPolicy", "SpeculativeVAR", "PipelineRun", "HostSyncError",
+           "count_host_syncs"]

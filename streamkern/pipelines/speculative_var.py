@@ -139,11 +139,11 @@ class SpeculativeVAR:
         logits = self.model(tokens, labels, s + 1, self._attend(), depth)
         return self._pick(guided(logits, self.model.begin[s], self.model.end[s], self.cfg_t[s]), gen)
 
-    def plain(self, labels, gen):
-        """Plain target decoding, one target call per scale: ``tokens [B, L]``."""
+    def plain(self, labels, gen, depth=None):
+        """Plain decoding, one call per scale: ``tokens [B, L]`` (the target; the draft with ``depth``)."""
         tokens = torch.full((labels.shape[0], self.model.end[-1]), -1, dtype=torch.int64, device=self.device)
         for s in range(len(self.model.patch_nums)):
-            tokens[:, self.model.begin[s]:self.model.end[s]] = self._scale(tokens, labels, s, gen)[0]
+            tokens[:, self.model.begin[s]:self.model.end[s]] = self._scale(tokens, labels, s, gen, depth)[0]
         return tokens
 
     # --- verification -------------------------------------------------------------------------------------------

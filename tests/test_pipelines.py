@@ -1,0 +1,199 @@
+"""The reference pipelines: every accelerated backend reproduces the eager source pipeline over a streamed run,
+without host syncs in its hot loop; SpeculativeVAR's sample mode is distributed as plain target sampling."""
+import math
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from conftest import backend_params
+from streamkern.pipelines import (GatedPolicy, HostSyncError, MemoryBank, SpeculativeVAR, StreamingGenerator,
+                                  count_host_syncs)
+from streamkern.pipelines._runtime import host_read
+from streamkern.pipelines.speculative_var import guided
+from streamkern.testing import assert_parity
+
+# (backend, device, eager): the op path on the ops' "torch" references, then every accelerated backend.
+PATHS = [pytest.param(("torch", "cpu"), id="ops-torch-cpu")] + backend_params(exclude=("torch",))
+ACCEL = backend_params(exclude=("torch",))
+
+
+def _pair(cls, backend_device, run_args, **kw):
+    backend, device = backend_device
+    eager = cls(backend="torch", device=device, **kw).run(*run_args)
+    accel = cls(backend=backend, eager=False, device=device, **kw).run(*run_args)
+    return eager, accel
+
+
+# --- host-sync counter -------------------------------------------------------------------------------------------
+
+
+def test_sync_counter_sees_every_host_read_and_forbid_raises():
+    t = torch.ones(3)
+    with count_host_syncs() as count:
+        t.sum().item()
+        bool(t[0])
+        int(t[1])
+        t.tolist()
+        host_read(t[2] > 0)
+    assert count.by_kind == {"item": 1, "__bool__": 1, "__int__": 1, "tolist": 1, "decision": 1}
+    assert count.total == 5
+    with pytest.raises(HostSyncError, match="item"):
+        with count_host_syncs(forbid=True):
+            t.sum().item()
+    with count_host_syncs(forbid=True) as count:
+        assert host_read(t[0] > 0) is True
+    assert count.total == 1
+    assert "item" not in torch.Tensor.__dict__ and "__bool__" not in torch.Tensor.__dict__
+
+
+# --- MemoryBank --------------------------------------------------------------------------------------------------
+
+
+def _bank_by_frame(bank):
+    """``{frame id of row 0: (k, v) of that frame}`` for comparing banks whose slot orders differ."""
+    k, v = bank.kv()
+    if bank.eager:
+        ids = [bank.frame_archive[f].frame_id[0] for f in bank.frame_active_memory]
+    else:
+        ids = bank.frame_ids[:bank.count, 0].tolist()
+    fsl = bank.frame_seq_len
+    return {int(i): (k[:, :, n * fsl:(n + 1) * fsl], v[:, :, n * fsl:(n + 1) * fsl]) for n, i in enumerate(ids)}
+
+
+@pytest.mark.parametrize("backend_device", PATHS)
+def test_memory_bank_fills_evicts_and_matches_the_seed(backend_device):
+    backend, device = backend_device
+    NL, B, H, D, fsl, M, E = 4, 2, 2, 8, 5, 3, 5
+    banks = [MemoryBank(NL, B, H, D, fsl, M, E, device=device, backend="torch"),
+             MemoryBank(NL, B, H, D, fsl, M, E, device=device, backend=backend, eager=False)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(10):
+        F = 2 + step % 2
+        chunk_k, chunk_v = (torch.randn(NL, B, F * fsl, H, D, generator=g).to(device) for _ in range(2))
+        text_k = torch.randn(NL, B, 7, H, D, generator=g).to(device)
+        weights = torch.rand(7, generator=g).to(device)
+        entities = [step % E] if step % 3 else []
+        for bank in banks:
+            bank.insert(chunk_k, chunk_v, text_k, weights, entities, first_frame_id=10 * step)
+    eager, accel = (_bank_by_frame(b) for b in banks)
+    assert banks[1].count == M and sorted(eager) == sorted(accel)
+    assert torch.equal(banks[0].held_frames(), banks[1].held_frames())
+    for fid in eager:
+        assert torch.equal(eager[fid][0].cpu(), accel[fid][0].cpu()) and torch.equal(eager[fid][1].cpu(),
+                                                                                       accel[fid][1].cpu())
+
+
+# --- StreamingGenerator ------------------------------------------------------------------------------------------
+
+# window of 6 frames = 2 blocks, 1 sink frame, bank of 3: 12 blocks wrap the ring 5 times and evict 8 bank frames.
+SMALL_STREAM = dict(num_layers=3, heads=2, head_dim=8, frame_seq_len=4, window_frames=6, sink_frames=1,
+                    bank_size=3, text_len=8, text_dim=16, switch_every=3, steps=1)
+
+
+@pytest.mark.parametrize("backend_device", PATHS)
+def test_streaming_generator_matches_eager_over_a_long_stream(backend_device):
+    eager, accel = _pair(StreamingGenerator, backend_device, (12,), **SMALL_STREAM)
+    assert accel.outputs["frames"].shape == (12, 1, 12, 16)
+    assert_parity(accel.outputs["frames"], eager.outputs["frames"], torch.float32, "frames")
+    assert torch.equal(accel.outputs["bank_frames"], eager.outputs["bank_frames"])
+    assert accel.info["bank_count"] == 3 and len(eager.info["windows"]) == 3
+    assert eager.info["windows"][0] != eager.info["windows"][1]      # near and far prompts get different windows
+
+
+@pytest.mark.parametrize("backend_device", ACCEL)
+def test_streaming_generator_accelerated_loop_never_syncs(backend_device):
+    backend, device = backend_device
+    run = StreamingGenerator(backend=backend, device=device, **SMALL_STREAM).run(9, forbid_syncs=True)
+    assert run.step_syncs == [0] * 9
+
+
+def test_streaming_generator_eager_baseline_syncs_are_counted():
+    run = StreamingGenerator(**SMALL_STREAM).run(9)
+    assert run.step_syncs[0] == 0 and sum(run.step_syncs) >= 6    # argmax().item() per evicted chunk, switches
+
+
+# --- GatedPolicy -------------------------------------------------------------------------------------------------
+
+SMALL_POLICY = dict(num_layers=18, heads=1, head_dim=16, text_tokens=2, denoise_steps=1)
+
+
+@pytest.mark.parametrize("backend_device", PATHS)
+def test_gated_policy_matches_the_seed_gate(backend_device):
+    eager, accel = _pair(GatedPolicy, backend_device, (12,), **SMALL_POLICY)
+    assert torch.equal(accel.outputs["reasons"], eager.outputs["reasons"])
+    assert set(eager.outputs["reasons"].tolist()) == {0, 1, 2, 3}    # reuse, state, vision, first all happen
+    assert_parity(accel.outputs["actions"], eager.outputs["actions"], torch.float32, "actions")
+    assert_parity(accel.outputs["drift"], eager.outputs["drift"], torch.float32, "drift")
+    assert 0 < accel.info["reuse_rate"] < 1
+
+
+@pytest.mark.parametrize("backend_device", ACCEL)
+def test_gated_policy_reads_only_its_decision(backend_device):
+    backend, device = backend_device
+    run = GatedPolicy(backend=backend, device=device, **SMALL_POLICY).run(6, forbid_syncs=True)
+    assert run.step_syncs == [1] * 6
+
+
+# --- SpeculativeVAR ----------------------------------------------------------------------------------------------
+
+SMALL_VAR = dict(patch_nums=(1, 2, 3, 4, 5), vocab=16, depth=3, draft_depth=1, gamma=2)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("backend_device", PATHS)
+def test_speculative_var_matches_eager(backend_device, mode):
+    eager, accel = _pair(SpeculativeVAR, backend_device, (3,), mode=mode, batch=2, **SMALL_VAR)
+    assert torch.equal(accel.outputs["tokens"], eager.outputs["tokens"])
+    assert (accel.outputs["tokens"] >= 0).all()
+    assert accel.info == eager.info and accel.info["target_calls_per_image"] < 5
+
+
+@pytest.mark.parametrize("backend_device", ACCEL)
+def test_speculative_var_reads_one_count_per_round(backend_device):
+    backend, device = backend_device
+    run = SpeculativeVAR(backend=backend, device=device, mode="sample", **SMALL_VAR).run(2, forbid_syncs=True)
+    assert sum(run.step_syncs) == 2 * run.info["target_calls_per_image"]
+
+
+def _exact_joint(sv, label):
+    """Target probability of every image of layout (1, 2): ``[V] x [V]^4`` flattened to ``[V^5]``."""
+    m, V = sv.model, sv.model.vocab
+    labels = torch.full((V,), label)
+    tokens = torch.full((V, m.end[-1]), -1)
+    tokens[:, 0] = torch.arange(V)
+    p0 = torch.softmax(guided(m(tokens[:1], labels[:1], 1, sv._attend()), 0, 1, sv.cfg_t[0]), -1)[0, 0]
+    p1 = torch.softmax(guided(m(tokens, labels, 2, sv._attend()), 1, 5, sv.cfg_t[1]), -1)   # [V, 4, V]
+    joint = p0.double()
+    for i in range(4):
+        joint = (joint.reshape(V, -1, 1) * p1[:, i].double().reshape(V, 1, V)).reshape(V, -1)
+    return joint.reshape(-1)
+
+
+def _chi2_pvalue(tokens, probs, V):
+    codes = (tokens * V ** torch.arange(tokens.shape[1] - 1, -1, -1)).sum(-1)
+    observed = torch.bincount(codes, minlength=V ** tokens.shape[1]).double()
+    expected = probs * len(codes)
+    big = expected >= 5
+    obs = torch.cat([observed[big], observed[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    stat = ((obs - exp) ** 2 / exp).sum().item()
+    return chi2.sf(stat, len(obs) - 1)
+
+
+@pytest.mark.parametrize("backend_device", PATHS)
+def test_speculative_var_sample_mode_is_distributed_as_the_target(backend_device):
+    backend, device = backend_device
+    n, V = 6000, 3
+    sv = SpeculativeVAR(backend=backend, eager=False, device=device, mode="sample", patch_nums=(1, 2), vocab=V,
+                        depth=2, draft_depth=1, gamma=2, batch=n, seed=3)
+    with torch.no_grad():
+        probs = _exact_joint(sv, label=0)
+        gen = torch.Generator().manual_seed(11)
+        stats = {"draft_calls": 0, "target_calls": 0}
+        spec = sv.generate(torch.zeros(n, dtype=torch.int64, device=device), gen, stats).cpu()
+        draft_only = sv.plain(torch.zeros(n, dtype=torch.int64, device=device), gen, depth=sv.draft_depth).cpu()
+    assert stats["target_calls"] >= 1 and (spec >= 0).all()
+    assert _chi2_pvalue(spec, probs, V) > 1e-3
+    assert _chi2_pvalue(draft_only, probs, V) < 1e-6      # the test tells the draft's distribution apart
+    assert math.isclose(probs.sum().item(), 1.0, rel_tol=1e-6)
