@@ -13,7 +13,7 @@ import torch
 
 from .harness import Report
 
-BENCHES = ["consensus"]
+BENCHES = ["consensus", "verify"]
 
 
 def main(argv: list[str] | None = None) -> Report:
