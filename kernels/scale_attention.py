@@ -8,11 +8,11 @@ Launch structure:
    their classes ``vcls`` and their count ``n_visit [nQ]``. It depends only on the scale layout, so one list
    serves every (batch, head); nothing is read back to the host.
 2. One kernel, grid ``(nQ, B * heads)``: a program keeps its ``BLOCK_M × D`` queries in registers and walks its
-   visit list only, so skipped tiles never load K/V. Per visited tile: ``S = Q·Kᵀ`` (fp32 accumulation, scores in
-   log2 units), the element-wise scale mask applied only on partial tiles (key scale ids + a gather from the
-   ``allow``; an id outside ``[0, NS)`` allows nothing), the key-length bound on every tile, then the online softmax update
-   ``m' = max(m, rowmax S)``, ``l' = l·2^(m−m') + Σ 2^(S−m')``, ``acc' = acc·2^(m−m') + 2^(S−m')·V``. A row that
-   has seen no allowed key keeps ``m = −inf`` (its exponent base is taken as 0, so no NaN), and ends with
+   visit list only, so skipped tiles never load K/V. Per visited tile: ``S = Q·Kᵀ`` (fp32 accumulation, scores
+   in log2 units), the element-wise scale mask applied only on partial tiles (key scale ids + a gather from
+   ``allow``; an id outside ``[0, NS)`` allows nothing), the key-length bound on every tile, then the online
+   softmax update ``m' = max(m, rowmax S)``, ``l' = l·2^(m−m') + Σ 2^(S−m')``, ``acc' = acc·2^(m−m') + 2^(S−m')·V``.
+   A row that has seen no allowed key keeps ``m = −inf`` (its exponent base is taken as 0, so no NaN), and ends with
    ``l = 0`` and output 0.
 """
 from __future__ import annotations

@@ -298,8 +298,8 @@ BAD = [
                  id="k-id-negative"),
     pytest.param(lambda a: a.update(allow=torch.ones(3, 4, dtype=torch.bool)), ValueError, "allow: expected a square",
                  id="allow-not-square"),
-    pytest.param(lambda a: a.update(allow=streamkern.scale_allow(2)), ValueError, r"q_scale: expected values in \[0, 2\)",
-                 id="allow-too-few-scales"),
+    pytest.param(lambda a: a.update(allow=streamkern.scale_allow(2)), ValueError,
+                 r"q_scale: expected values in \[0, 2\)", id="allow-too-few-scales"),
     pytest.param(lambda a: a.update(allow=a["allow"].int()), TypeError, "allow: expected dtype bool", id="allow-int"),
     pytest.param(lambda a: a.update(q_scale=a["q_scale"].float()), TypeError, "q_scale: expected dtype",
                  id="ids-float"),
@@ -348,7 +348,7 @@ def test_opcheck(bd):
     torch.library.opcheck(sa._attention_op, (q, k, v, ids, ids, allow, True, 0.5, bd[0]))
 
 
-@pytest.mark.parametrize("bd", backend_params(exclude=("triton",)))
+@pytest.mark.parametrize("bd", backend_params())
 def test_compile_fullgraph(bd):
     ids = _ids_from_sizes([1, 4, 9, 2], bd[1])
     allow = streamkern.scale_allow(4, device=bd[1])
@@ -357,6 +357,7 @@ def test_compile_fullgraph(bd):
     def layer(q, k, v):
         return streamkern.block_masked_attention(q * 2.0, k, v, ids, ids, allow, sm_scale=1.0, backend=bd[0]) + 1.0
 
-    out = torch.compile(layer, fullgraph=True)(q, k, v)
+    # aot_eager traces the op through its fake implementation (inductor's own allocations trip the poison fixture)
+    out = torch.compile(layer, fullgraph=True, backend="aot_eager")(q, k, v)
     assert_parity(out - 1.0, _reference(q * 2.0, k, v, ids, ids, allow, sm_scale=1.0), torch.float32)
     assert rel_error(out, layer(q, k, v)) < 1e-6

@@ -1,0 +1,178 @@
+// Scale-block-masked attention on the CPU (streamkern.block_masked_attention, backend "cpu"; DESIGN.md §4.4).
+//
+// Query i attends key j when allow[q_scale[i], k_scale[j]] (or i == j with self_attend). The (Lq, Lk) plane is cut
+// into kBlockQ x kBlockK blocks; each block pair is classified once from the scale ids present in its two token
+// ranges: skip (no pair allowed: K/V never touched), full (every pair allowed: no element mask) or partial.
+// at::parallel_for runs over (batch, head, q block); a task converts its queries to float once, then for each
+// visited k block converts K/V to float, forms the scores and folds them into a per-row online softmax
+// (running max m, sum l, accumulator acc, all float). Rows with no allowed key end with l = 0 and output 0.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlockQ = 32;
+constexpr int64_t kBlockK = 64;
+enum BlockClass : int8_t { kSkip = 0, kPartial = 1, kFull = 2 };
+
+// Rows of `ids` per block -> flags [n_blocks, ns]: 1 where the block holds a token of that scale.
+std::vector<uint8_t> presence(const int64_t* ids, int64_t n, int64_t block, int64_t ns) {
+  const int64_t n_blocks = (n + block - 1) / block;
+  std::vector<uint8_t> flags(n_blocks * ns, 0);
+  for (int64_t i = 0; i < n; ++i) flags[(i / block) * ns + ids[i]] = 1;
+  return flags;
+}
+
+// Class of every (q block, k block) pair, row-major [nq, nk].
+std::vector<int8_t> classify(const int64_t* qs, int64_t Lq, const int64_t* ks, int64_t Lk, const bool* allow,
+                             int64_t ns, bool self_attend) {
+  const int64_t nq = (Lq + kBlockQ - 1) / kBlockQ, nk = (Lk + kBlockK - 1) / kBlockK;
+  const auto pq = presence(qs, Lq, kBlockQ, ns), pk = presence(ks, Lk, kBlockK, ns);
+  std::vector<int8_t> cls(nq * nk);
+  for (int64_t tq = 0; tq < nq; ++tq) {
+    for (int64_t tk = 0; tk < nk; ++tk) {
+      bool any = false, all = true;
+      for (int64_t a = 0; a < ns; ++a) {
+        if (!pq[tq * ns + a]) continue;
+        for (int64_t b = 0; b < ns; ++b) {
+          if (!pk[tk * ns + b]) continue;
+          if (allow[a * ns + b]) any = true; else all = false;
+        }
+      }
+      const bool overlap = tq * kBlockQ < (tk + 1) * kBlockK && tk * kBlockK < (tq + 1) * kBlockQ;
+      any = any || (self_attend && overlap);
+      cls[tq * nk + tk] = any ? (all ? kFull : kPartial) : kSkip;
+    }
+  }
+  return cls;
+}
+
+// dst[r, d] = float(src[r * s_row + d * s_d]) for r < rows, d < D (a block of rows, packed).
+template <typename scalar_t>
+void load_rows(const scalar_t* src, int64_t rows, int64_t s_row, int64_t s_d, int64_t D, float* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<float>(src[r * s_row + d * s_d]);
+}
+
+// Dot product with eight independent partial sums, so the compiler can vectorise it.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[d + j] * b[d + j];
+  float sum = 0.f;
+  for (; d < n; ++d) sum += a[d] * b[d];
+  for (int j = 0; j < 8; ++j) sum += part[j];
+  return sum;
+}
+
+template <typename scalar_t>
+void attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const int64_t* qs, const int64_t* ks, const bool* allow, int64_t ns, bool self_attend,
+                      float sm_scale) {
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  const int64_t nq = (Lq + kBlockQ - 1) / kBlockQ, nk = (Lk + kBlockK - 1) / kBlockK;
+  const auto cls = classify(qs, Lq, ks, Lk, allow, ns, self_attend);
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, B * H * nq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qb(kBlockQ * D), kb(kBlockK * D), vb(kBlockK * D), acc(kBlockQ * D), s(kBlockK);
+    std::vector<float> m(kBlockQ), l(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tq = task % nq, h = (task / nq) % H, b = task / (nq * H);
+      const int64_t q0 = tq * kBlockQ, rows = std::min(kBlockQ, Lq - q0);
+      load_rows(qp + b * q.stride(0) + h * q.stride(1) + q0 * q.stride(2), rows, q.stride(2), q.stride(3), D,
+                qb.data());
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t tk = 0; tk < nk; ++tk) {
+        const int8_t c = cls[tq * nk + tk];
+        if (c == kSkip) continue;
+        const int64_t k0 = tk * kBlockK, cols = std::min(kBlockK, Lk - k0);
+        load_rows(kp + b * k.stride(0) + h * k.stride(1) + k0 * k.stride(2), cols, k.stride(2), k.stride(3), D,
+                  kb.data());
+        load_rows(vp + b * v.stride(0) + h * v.stride(1) + k0 * v.stride(2), cols, v.stride(2), v.stride(3), D,
+                  vb.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          float row_max = neg_inf;
+          for (int64_t j = 0; j < cols; ++j) {
+            const bool keep = c == kFull || allow[qs[q0 + r] * ns + ks[k0 + j]] || (self_attend && q0 + r == k0 + j);
+            s[j] = keep ? sm_scale * dot(&qb[r * D], &kb[j * D], D) : neg_inf;
+            row_max = std::max(row_max, s[j]);
+          }
+          const float m_new = std::max(m[r], row_max);
+          if (m_new == neg_inf) continue;  // nothing allowed in this row yet
+          const float alpha = std::exp(m[r] - m_new);
+          float* a = &acc[r * D];
+          for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+          float sum = 0.f;
+          for (int64_t j = 0; j < cols; ++j) {
+            if (s[j] == neg_inf) continue;
+            const float p = std::exp(s[j] - m_new);
+            sum += p;
+            const float* vr = &vb[j * D];
+            for (int64_t d = 0; d < D; ++d) a[d] += p * vr[d];
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+        }
+      }
+      scalar_t* o = op + b * out.stride(0) + h * out.stride(1) + q0 * out.stride(2);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int64_t d = 0; d < D; ++d)
+          o[r * out.stride(2) + d * out.stride(3)] = static_cast<scalar_t>(acc[r * D + d] * inv);
+      }
+    }
+  });
+}
+
+void block_masked_attention_cpu(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& q_scale, const at::Tensor& k_scale, const at::Tensor& allow,
+                                bool self_attend, double sm_scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_masked_attention_: q, k, v must be 4-d");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "block_masked_attention_: q [B, H, Lq, D] and k, v [B, H, Lk, D] do not match");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "block_masked_attention_: out must match q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "block_masked_attention_: q, k, v must share one dtype");
+  TORCH_CHECK(allow.dim() == 2 && allow.size(0) == allow.size(1) && allow.scalar_type() == at::kBool,
+              "block_masked_attention_: allow must be a square bool matrix");
+  TORCH_CHECK(q_scale.numel() == q.size(2) && k_scale.numel() == k.size(2),
+              "block_masked_attention_: q_scale/k_scale must hold one id per query/key");
+  TORCH_CHECK(!self_attend || q.size(2) == k.size(2), "block_masked_attention_: self_attend needs Lq == Lk");
+  const int64_t ns = allow.size(0);
+  const auto qs = q_scale.to(at::kLong).contiguous(), ks = k_scale.to(at::kLong).contiguous();
+  const auto allow_c = allow.contiguous();
+  for (const auto* ids : {&qs, &ks})
+    TORCH_CHECK(ids->numel() == 0 || (ids->min().item<int64_t>() >= 0 && ids->max().item<int64_t>() < ns),
+                "block_masked_attention_: scale ids must lie in [0, ", ns, ")");
+  if (out.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_masked_attention_cpu", [&] {
+    attention_kernel<scalar_t>(out, q, k, v, qs.const_data_ptr<int64_t>(), ks.const_data_ptr<int64_t>(),
+                               allow_c.const_data_ptr<bool>(), ns, self_attend, static_cast<float>(sm_scale));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
+  m.def("block_masked_attention_(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor q_scale, Tensor k_scale, "
+        "Tensor allow, bool self_attend, float sm_scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("block_masked_attention_", &block_masked_attention_cpu); }
