@@ -35,9 +35,9 @@ def _window_constants(offsets, cfg, device):
 
 @triton.jit
 def _logit(cond_ptr, uncond_ptr, offs, stride_v, mask, w, HAS_CFG: tl.constexpr):
-    x = tl.load(cond_ptr + offs * stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.load(cond_ptr + offs * stride_v, mask=mask, other=0.0).to(tl.float32)
     if HAS_CFG:
-        u = tl.load(uncond_ptr + offs * stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+        u = tl.load(uncond_ptr + offs * stride_v, mask=mask, other=0.0).to(tl.float32)
         x = (1.0 + w) * x - w * u
     return tl.where(mask, x, float("-inf"))
 

@@ -1,13 +1,11 @@
 """verify_scales (DESIGN.md §4.4): every backend against the float64 "torch" reference and the SDVAR-style eager
 check, losslessness of sample mode (χ² with power), edge cases, bad input, opcheck, torch.compile, no host sync."""
-import itertools
-import types
-
 import pytest
 import torch
 from conftest import backend_params
 
 import streamkern
+from streamkern import scale_layout
 from streamkern.reference import verify as ref
 from streamkern.testing import assert_parity
 from streamkern.verify import _verify_op, verify_scales
@@ -15,15 +13,7 @@ from streamkern.verify import _verify_op, verify_scales
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def layout(patch_nums):
-    """A stand-in ScaleLayout: ``.begin``, ``.end``, ``.total``, ``.scale_of_token`` of square scales."""
-    end = list(itertools.accumulate(p * p for p in patch_nums))
-    begin = [0] + end[:-1]
-    scale_of = [s for s, p in enumerate(patch_nums) for _ in range(p * p)]
-    return types.SimpleNamespace(begin=begin, end=end, total=end[-1], scale_of_token=scale_of)
-
-
-LAYOUT = layout((1, 2, 3, 4))
+LAYOUT = scale_layout((1, 2, 3, 4))
 
 
 def window(first, num):
@@ -78,24 +68,77 @@ def assert_same(res, exp, dtype):
     assert_parity(ratio, exp[2], dtype, "ratio")
 
 
-SHAPES = [  # (B, first, num, V, cfg)
-    pytest.param(1, 0, 1, 1, None, id="B1-s0-V1"),
-    pytest.param(2, 1, 2, 37, [0.5, 1.25], id="B2-s1x2-V37-cfg"),
-    pytest.param(3, 2, 2, 130, None, id="B3-s2x2-V130"),
-    pytest.param(1, 0, 4, 13, [0.0, 0.5, 1.0, 4.0], id="B1-s0x4-V13-cfg"),
+SHAPES = [  # (B, first, num, V, cfg, non-contiguous logits)
+    pytest.param(1, 0, 1, 1, None, False, id="B1-s0-V1"),
+    pytest.param(2, 1, 2, 37, [0.5, 1.25], True, id="B2-s1x2-V37-cfg-strided"),
+    pytest.param(3, 2, 2, 128, None, False, id="B3-s2x2-V128"),
+    pytest.param(2, 2, 2, 64, [1.0, 3.0], False, id="B2-s2x2-V64-cfg"),
+    pytest.param(1, 0, 4, 13, [0.0, 0.5, 1.0, 4.0], True, id="B1-s0x4-V13-cfg-strided"),
 ]
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
-@pytest.mark.parametrize("B,first,num,V,cfg", SHAPES)
+@pytest.mark.parametrize("B,first,num,V,cfg,strided", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bd", backend_params())
-def test_parity(bd, dtype, B, first, num, V, cfg, mode):
+def test_parity(bd, dtype, B, first, num, V, cfg, strided, mode):
     backend, device = bd
-    logits, draft, kw = make_case(B, first, num, V, dtype, cfg=cfg, device=device, noncontig=V > 1,
+    logits, draft, kw = make_case(B, first, num, V, dtype, cfg=cfg, device=device, noncontig=strided,
                                   sample=mode == "sample", seed=V + B)
     res = verify_scales(logits, draft, LAYOUT, first, num, backend=backend, threshold=0.6, **kw)
     assert_same(res, reference(logits, draft, first, num, threshold=0.6, **kw), dtype)
+
+
+GPU_SHAPES = [  # (B, patch_nums, first, num, V, cfg): the CUDA launcher's warp-, 256- and 1024-thread row groups
+    pytest.param(12, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 8, 2, 4096, True, id="warp-rows-V4096-cfg"),
+    pytest.param(2, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 8, 2, 4099, True, id="block256-V4099-cfg"),
+    pytest.param(3, (1, 1, 1, 1, 1), 0, 5, 40000, False, id="block1024-V40000-chain"),
+]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("B,patch_nums,first,num,V,cfg", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch", ("triton", "cpu"), ("cpu", "cpu"))))
+def test_parity_gpu_shapes(bd, dtype, B, patch_nums, first, num, V, cfg, mode):
+    """VAR / LLM-sized rows on the GPU backends (too slow for the Triton interpreter)."""
+    backend, device = bd
+    lay = scale_layout(patch_nums)
+    T = lay.end[first + num - 1] - lay.begin[first]
+    g = torch.Generator().manual_seed(V)
+    ratios = [1.25, 1.5] if cfg else None  # exact in float32: fp16 ties stay ties after the combine
+    logits = torch.randn(2 * B if cfg else B, T, V, generator=g).to(dtype)
+    offsets = [lay.begin[s] - lay.begin[first] for s in range(first, first + num)] + [T]
+    x = ref.combined_logits(logits, offsets, ratios, torch.float64)
+    draft = torch.where(torch.rand(B, T, generator=g) < 0.9, x.argmax(-1), torch.randint(0, V, (B, T), generator=g))
+    kw = dict(cfg=ratios, threshold=0.8)
+    if mode == "sample":
+        q = torch.softmax(x + 0.1 * torch.randn(B, T, V, generator=g, dtype=torch.float64), -1).float()
+        kw.update(mode=mode, draft_probs=q, uniforms=torch.rand(B, T, 2, generator=g))
+    res = verify_scales(logits.to(device), draft.to(device), lay, first, num, backend=backend,
+                        **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    mode = kw.pop("mode", "greedy")
+    exp = ref.verify_scales(logits.double(), draft, offsets, mode == "greedy", 0.8,
+                            None if mode == "greedy" else kw["draft_probs"].double(), kw.get("uniforms"), ratios, 1.0)
+    if mode == "sample":  # float32 CDFs over thousands of entries: a draw may sit on a bucket edge
+        res = res._replace(tokens=snap_to_reference_draws(res.tokens.cpu(), exp[3], x, kw["draft_probs"],
+                                                          kw["uniforms"][..., 1]))
+    assert_same(res, exp, dtype)
+
+
+def snap_to_reference_draws(tokens, expected, x, q, u, rel=1e-5):
+    """``tokens`` with each redrawn token that differs from the float64 reference replaced by the reference's,
+    provided the float64 CDF puts the draw ``u · Σ r`` within ``rel · Σ r`` of the edge between the two buckets
+    (rounding, not a wrong draw); any other difference is left for the caller's equality check."""
+    tokens = tokens.clone()
+    p = torch.softmax(x, -1)
+    for b, t in (tokens != expected).nonzero().tolist():
+        r = (p[b, t] - q[b, t].double()).clamp_min(0)
+        cdf = (r if r.sum() > 0 else p[b, t]).cumsum(-1)
+        draw, lo = float(u[b, t]) * float(cdf[-1]), min(int(tokens[b, t]), int(expected[b, t]))
+        if 0 <= lo and abs(float(cdf[lo]) - draw) <= rel * float(cdf[-1]):
+            tokens[b, t] = expected[b, t]
+    return tokens
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
@@ -142,7 +185,7 @@ def lossless_trials(backend, n=200_000, V=8, seed=5):
     draft = torch.multinomial(q.float(), n, replacement=True, generator=g).reshape(n, 1)
     uniforms = torch.rand(n, 1, 2, generator=g)
     logits = p.log().float().reshape(1, 1, V).expand(n, 1, V)
-    res = verify_scales(logits, draft, layout((1,)), 0, 1, mode="sample", draft_probs=q.float().expand(n, 1, V),
+    res = verify_scales(logits, draft, scale_layout((1,)), 0, 1, mode="sample", draft_probs=q.float().expand(n, 1, V),
                         uniforms=uniforms, backend=backend)
     return p, q, draft[:, 0], uniforms[:, 0], res
 

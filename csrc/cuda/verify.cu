@@ -217,7 +217,7 @@ template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G
   const int s = scale_of(p, t);
   if (s != p.accepted[b] || p.match[row_id]) return;  // uniform over the group
   const float m = p.stats[2 * row_id], sum = p.stats[2 * row_id + 1];
-  if (m != m) {
+  if (isnan(m)) {
     if (lane == 0) p.tokens[row_id] = -1;
     return;
   }
