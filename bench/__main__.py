@@ -13,7 +13,7 @@ import torch
 
 from .harness import Report
 
-BENCHES = ["consensus", "verify"]
+BENCHES = ["consensus", "verify", "scale_attention"]
 
 
 def main(argv: list[str] | None = None) -> Report:

@@ -225,15 +225,16 @@ def test_large_logits_stay_finite(bd, dtype):
 
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
 def test_skipped_tiles_never_read(bd):
-    """Keys/values of a scale no query may see sit in whole tiles (64-aligned) and hold NaN: a kernel that
-    computed and masked those tiles would return NaN (NaN·0), one that skips them does not."""
-    ids = _ids_from_sizes([1, 15, 48, 64], "cpu")
-    qs = ids[64:]
-    q, k, v = _qkv(1, 2, 64, 128, 32, torch.float32, bd[1])
-    allow = streamkern.scale_allow(4, "strict")
-    want = _reference(q, k[:, :, :64], v[:, :, :64], qs, ids[:64], allow)
-    k[:, :, 64:] = float("nan")
-    v[:, :, 64:] = float("nan")
+    """Keys/values of a scale no query may see fill whole tiles (128-aligned, the largest block of any backend)
+    and hold NaN: a kernel that computed and masked those tiles would return NaN (NaN·0), one that skips them
+    does not."""
+    ids = _ids_from_sizes([1, 15, 48, 64, 128], "cpu")
+    qs = ids[128:]
+    q, k, v = _qkv(1, 2, 128, 256, 32, torch.float32, bd[1])
+    allow = streamkern.scale_allow(5, "strict")
+    want = _reference(q, k[:, :, :128], v[:, :, :128], qs, ids[:128], allow)
+    k[:, :, 128:] = float("nan")
+    v[:, :, 128:] = float("nan")
     assert sa.skipped_tile_fraction(qs, ids, allow, 64, 64) == 0.5
     assert_parity(_run(bd, q, k, v, qs, ids, allow), want, torch.float32)
 

@@ -3,9 +3,10 @@
 // Query i attends key j when allow[q_scale[i], k_scale[j]] (or i == j with self_attend). The (Lq, Lk) plane is cut
 // into kBlockQ x kBlockK blocks; each block pair is classified once from the scale ids present in its two token
 // ranges: skip (no pair allowed: K/V never touched), full (every pair allowed: no element mask) or partial.
-// at::parallel_for runs over (batch, head, q block); a task converts its queries to float once, then for each
-// visited k block converts K/V to float, forms the scores and folds them into a per-row online softmax
-// (running max m, sum l, accumulator acc, all float). Rows with no allowed key end with l = 0 and output 0.
+// at::parallel_for runs over (batch, head, q block). Per visited block pair: S = (sm_scale·Q)·Kᵀ and acc += P·V
+// are float GEMMs (ATen mm on float copies of the blocks), the mask (partial blocks only) and the per-row online
+// softmax (running max m, sum l, rescaled accumulator, all float) sit between them, exp vectorised by ATen.
+// Rows with no allowed key end with l = 0 and output 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,8 +20,8 @@
 
 namespace {
 
-constexpr int64_t kBlockQ = 32;
-constexpr int64_t kBlockK = 64;
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
 enum BlockClass : int8_t { kSkip = 0, kPartial = 1, kFull = 2 };
 
 // Rows of `ids` per block -> flags [n_blocks, ns]: 1 where the block holds a token of that scale.
@@ -55,23 +56,43 @@ std::vector<int8_t> classify(const int64_t* qs, int64_t Lq, const int64_t* ks, i
   return cls;
 }
 
-// dst[r, d] = float(src[r * s_row + d * s_d]) for r < rows, d < D (a block of rows, packed).
+// dst[r, d] = float(src[r * s_row + d * s_d]) * scale for r < rows, d < D (a block of rows, packed).
 template <typename scalar_t>
-void load_rows(const scalar_t* src, int64_t rows, int64_t s_row, int64_t s_d, int64_t D, float* dst) {
+void load_rows(const scalar_t* src, int64_t rows, int64_t s_row, int64_t s_d, int64_t D, float scale, float* dst) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<float>(src[r * s_row + d * s_d]);
+    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<float>(src[r * s_row + d * s_d]) * scale;
 }
 
-// Dot product with eight independent partial sums, so the compiler can vectorise it.
-inline float dot(const float* a, const float* b, int64_t n) {
-  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[d + j] * b[d + j];
-  float sum = 0.f;
-  for (; d < n; ++d) sum += a[d] * b[d];
-  for (int j = 0; j < 8; ++j) sum += part[j];
-  return sum;
+// One visited block pair: masks the scores S [rows, cols] (partial blocks only), folds them into the running
+// max m and sum l of each row, rescales the accumulator rows, and leaves P = exp(S - m') in S.
+void online_softmax_block(float* S, int64_t rows, int64_t cols, int64_t q0, int64_t k0, bool partial,
+                          const int64_t* qs, const int64_t* ks, const bool* allow, int64_t ns, bool self_attend,
+                          float* m, float* l, float* acc, int64_t D, const at::Tensor& S_view) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> alpha(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = S + r * cols;
+    if (partial) {
+      const bool* arow = allow + qs[q0 + r] * ns;
+      for (int64_t j = 0; j < cols; ++j)
+        if (!(arow[ks[k0 + j]] || (self_attend && q0 + r == k0 + j))) sr[j] = neg_inf;
+    }
+    float row_max = neg_inf;
+    for (int64_t j = 0; j < cols; ++j) row_max = std::max(row_max, sr[j]);
+    const float m_new = std::max(m[r], row_max);
+    const float base = m_new == neg_inf ? 0.f : m_new;  // a row with nothing allowed yet stays all zero
+    alpha[r] = std::exp(m[r] - base);
+    m[r] = m_new;
+    for (int64_t j = 0; j < cols; ++j) sr[j] -= base;
+  }
+  S_view.exp_();  // vectorised by ATen; exp(-inf) = 0 for masked keys
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* sr = S + r * cols;
+    float sum = 0.f;
+    for (int64_t j = 0; j < cols; ++j) sum += sr[j];
+    l[r] = l[r] * alpha[r] + sum;
+    for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha[r];
+  }
 }
 
 template <typename scalar_t>
@@ -85,50 +106,39 @@ void attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
 
+  // Tasks are (b, h, q block) with the q block fastest: a thread converts the K/V of a head to float once for
+  // the run of q blocks it gets from that head, then each block pair is two small float GEMMs (ATen mm).
   at::parallel_for(0, B * H * nq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qb(kBlockQ * D), kb(kBlockK * D), vb(kBlockK * D), acc(kBlockQ * D), s(kBlockK);
-    std::vector<float> m(kBlockQ), l(kBlockQ);
+    std::vector<float> kf(std::max<int64_t>(Lk, 1) * D), vf(std::max<int64_t>(Lk, 1) * D);
+    std::vector<float> qf(kBlockQ * D), acc(kBlockQ * D), s(kBlockQ * kBlockK), m(kBlockQ), l(kBlockQ);
+    const at::Tensor K = at::from_blob(kf.data(), {Lk, D}, f32), V = at::from_blob(vf.data(), {Lk, D}, f32);
+    int64_t loaded = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t tq = task % nq, h = (task / nq) % H, b = task / (nq * H);
+      const int64_t tq = task % nq, bh = task / nq, h = bh % H, b = bh / H;
+      if (bh != loaded) {
+        load_rows(kp + b * k.stride(0) + h * k.stride(1), Lk, k.stride(2), k.stride(3), D, 1.f, kf.data());
+        load_rows(vp + b * v.stride(0) + h * v.stride(1), Lk, v.stride(2), v.stride(3), D, 1.f, vf.data());
+        loaded = bh;
+      }
       const int64_t q0 = tq * kBlockQ, rows = std::min(kBlockQ, Lq - q0);
       load_rows(qp + b * q.stride(0) + h * q.stride(1) + q0 * q.stride(2), rows, q.stride(2), q.stride(3), D,
-                qb.data());
+                sm_scale, qf.data());
+      const at::Tensor Q = at::from_blob(qf.data(), {rows, D}, f32);
+      at::Tensor Acc = at::from_blob(acc.data(), {rows, D}, f32);
       std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t tk = 0; tk < nk; ++tk) {
         const int8_t c = cls[tq * nk + tk];
         if (c == kSkip) continue;
         const int64_t k0 = tk * kBlockK, cols = std::min(kBlockK, Lk - k0);
-        load_rows(kp + b * k.stride(0) + h * k.stride(1) + k0 * k.stride(2), cols, k.stride(2), k.stride(3), D,
-                  kb.data());
-        load_rows(vp + b * v.stride(0) + h * v.stride(1) + k0 * v.stride(2), cols, v.stride(2), v.stride(3), D,
-                  vb.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          float row_max = neg_inf;
-          for (int64_t j = 0; j < cols; ++j) {
-            const bool keep = c == kFull || allow[qs[q0 + r] * ns + ks[k0 + j]] || (self_attend && q0 + r == k0 + j);
-            s[j] = keep ? sm_scale * dot(&qb[r * D], &kb[j * D], D) : neg_inf;
-            row_max = std::max(row_max, s[j]);
-          }
-          const float m_new = std::max(m[r], row_max);
-          if (m_new == neg_inf) continue;  // nothing allowed in this row yet
-          const float alpha = std::exp(m[r] - m_new);
-          float* a = &acc[r * D];
-          for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
-          float sum = 0.f;
-          for (int64_t j = 0; j < cols; ++j) {
-            if (s[j] == neg_inf) continue;
-            const float p = std::exp(s[j] - m_new);
-            sum += p;
-            const float* vr = &vb[j * D];
-            for (int64_t d = 0; d < D; ++d) a[d] += p * vr[d];
-          }
-          l[r] = l[r] * alpha + sum;
-          m[r] = m_new;
-        }
+        at::Tensor S = at::from_blob(s.data(), {rows, cols}, f32);
+        at::mm_out(S, Q, K.narrow(0, k0, cols).t());
+        online_softmax_block(s.data(), rows, cols, q0, k0, c == kPartial, qs, ks, allow, ns, self_attend, m.data(),
+                             l.data(), acc.data(), D, S);
+        Acc.addmm_(S, V.narrow(0, k0, cols));
       }
       scalar_t* o = op + b * out.stride(0) + h * out.stride(1) + q0 * out.stride(2);
       for (int64_t r = 0; r < rows; ++r) {
