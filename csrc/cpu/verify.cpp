@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -50,22 +51,65 @@ struct RowStats {
   int64_t arg = -1;   // lowest index of the max (greedy)
 };
 
+constexpr int64_t kChunk = 256;
+constexpr int kLanes = 8;
+
+// buf[j] = l(v0 + j) · scale for j < n (the CFG combine, contiguous rows in a loop the compiler vectorises).
+template <typename T> void load_chunk(const Row<T>& row, int64_t v0, int64_t n, float scale, float* buf) {
+  if (row.stride != 1) {
+    for (int64_t j = 0; j < n; ++j) buf[j] = row.at(v0 + j) * scale;
+  } else if (row.uncond) {
+    const T* c = row.cond + v0;
+    const T* u = row.uncond + v0;
+    for (int64_t j = 0; j < n; ++j)
+      buf[j] = ((1.f + row.w) * static_cast<float>(c[j]) - row.w * static_cast<float>(u[j])) * scale;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(row.cond[v0 + j]) * scale;
+  }
+}
+
+// Max of buf[0, n) in kLanes independent lanes, and whether any entry is NaN or +inf.
+std::pair<float, bool> chunk_max(const float* buf, int64_t n) {
+  float m[kLanes];
+  int ok[kLanes];
+  for (int l = 0; l < kLanes; ++l) m[l] = -kInf, ok[l] = 1;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      m[l] = buf[j + l] > m[l] ? buf[j + l] : m[l];
+      ok[l] &= buf[j + l] < kInf;
+    }
+  for (; j < n; ++j) {
+    m[0] = buf[j] > m[0] ? buf[j] : m[0];
+    ok[0] &= buf[j] < kInf;
+  }
+  bool bad = false;
+  for (int l = 0; l < kLanes; ++l) m[0] = std::max(m[0], m[l]), bad |= !ok[l];
+  return {m[0], bad};
+}
+
 template <typename T> RowStats scan_row(const Row<T>& row, int64_t V, bool greedy, float inv_temp) {
   RowStats st;
-  for (int64_t v = 0; v < V; ++v) {
-    const float x = row.at(v);
-    st.bad |= !(x < kInf);
-    if (greedy) {
-      if (x > st.max) { st.max = x; st.arg = v; }
-    } else {
-      const float z = x * inv_temp;
-      if (z > st.max) {
-        st.sum = st.sum * std::exp(st.max - z) + 1.f;
-        st.max = z;
-      } else if (z > -kInf) {
-        st.sum += std::exp(z - st.max);
-      }
+  float buf[kChunk];
+  for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - v0);
+    load_chunk(row, v0, n, greedy ? 1.f : inv_temp, buf);
+    const auto [cm, bad] = chunk_max(buf, n);
+    st.bad |= bad;
+    if (!(cm > st.max)) {
+      if (greedy || !(st.max > -kInf)) continue;
+    } else if (greedy) {  // the first index of the new maximum (lowest index on ties)
+      int64_t j = 0;
+      while (buf[j] != cm) ++j;
+      st.max = cm;
+      st.arg = v0 + j;
+      continue;
     }
+    const float m = std::max(st.max, cm);
+    float s = 0.f;
+    for (int64_t j = 0; j < n; ++j) s += std::exp(buf[j] - m);
+    st.sum = (st.max > -kInf ? st.sum * std::exp(st.max - m) : 0.f) + s;
+    st.max = m;
   }
   st.bad |= st.max == -kInf;
   return st;
