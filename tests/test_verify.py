@@ -99,6 +99,7 @@ GPU_SHAPES = [  # (B, patch_nums, first, num, V, cfg): the CUDA launcher's warp-
     pytest.param(2, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 8, 2, 4099, True, id="block256-V4099-cfg"),
     pytest.param(3, (1, 1, 1, 1, 1), 0, 5, 40000, False, id="block1024-V40000-chain"),
 ]
+TILED = pytest.param(1, (1, 1, 2), 2, 1, 9000, True, id="V9000-three-tiles-cfg")  # several V tiles per row
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
@@ -107,11 +108,23 @@ GPU_SHAPES = [  # (B, patch_nums, first, num, V, cfg): the CUDA launcher's warp-
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch", ("triton", "cpu"), ("cpu", "cpu"))))
 def test_parity_gpu_shapes(bd, dtype, B, patch_nums, first, num, V, cfg, mode):
     """VAR / LLM-sized rows on the GPU backends (too slow for the Triton interpreter)."""
+    check_large_rows(bd, dtype, B, patch_nums, first, num, V, cfg, mode)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("B,patch_nums,first,num,V,cfg", [TILED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
+def test_parity_multi_tile_rows(bd, dtype, B, patch_nums, first, num, V, cfg, mode):
+    check_large_rows(bd, dtype, B, patch_nums, first, num, V, cfg, mode)
+
+
+def check_large_rows(bd, dtype, B, patch_nums, first, num, V, cfg, mode):
     backend, device = bd
     lay = scale_layout(patch_nums)
     T = lay.end[first + num - 1] - lay.begin[first]
     g = torch.Generator().manual_seed(V)
-    ratios = [1.25, 1.5] if cfg else None  # exact in float32: fp16 ties stay ties after the combine
+    ratios = [1.25, 1.5][:num] if cfg else None  # exact in float32: fp16 ties stay ties after the combine
     logits = torch.randn(2 * B if cfg else B, T, V, generator=g).to(dtype)
     offsets = [lay.begin[s] - lay.begin[first] for s in range(first, first + num)] + [T]
     x = ref.combined_logits(logits, offsets, ratios, torch.float64)
