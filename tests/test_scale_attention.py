@@ -1,7 +1,10 @@
 """block_masked_attention, scale_layout, scale_allow, tile classes (DESIGN.md §4.4): every backend against the
 float64 "torch" reference, against SDPA with an independently built dense boolean mask, and against the seed's
 dense −inf bias form; skipping proven by NaN-poisoned keys in skipped tiles."""
-import numpy as np
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,8 @@ from conftest import backend_params
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-SMALL = (1, 2, 3, 4, 5)  # 55 tokens: scales straddle the 16-row tiles of the interpreter and CPU blocks
+ALL = backend_params(exclude=("cuda",))  # no "cuda" backend: Triton is the GPU path (see test_cuda_backend_...)
+SMALL = (1, 2, 3, 4, 5)  # 55 tokens: scales straddle the interpreter's 16-token tiles
 
 
 def _qkv(B, H, Lq, Lk, D, dtype, device, gain=1.0, seed=0):
@@ -131,7 +135,7 @@ def test_skipped_fraction_var_680():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("self_attend", [False, True], ids=["plain", "self"])
 @pytest.mark.parametrize("preset", sa.PRESETS)
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_presets_parity(bd, preset, self_attend, dtype):
     ids = streamkern.scale_layout(SMALL).scale_of_token
     q, k, v = _qkv(1, 2, 55, 55, 32, dtype, bd[1])
@@ -149,7 +153,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_random_allow_parity(bd, case, dtype):
     sizes, n_window, D, sm_scale, self_attend = case
     ids = _ids_from_sizes(sizes, "cpu")
@@ -160,7 +164,7 @@ def test_random_allow_parity(bd, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_against_sdpa_dense_bool_mask(bd, dtype):
     sizes = [1, 4, 9, 16, 2]
     ids = _ids_from_sizes(sizes, "cpu")
@@ -174,7 +178,7 @@ def test_against_sdpa_dense_bool_mask(bd, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_against_seed_var_bias(bd, dtype):
     pns = (1, 2, 3, 4, 5)
     ids = streamkern.scale_layout(pns).scale_of_token
@@ -190,7 +194,7 @@ def test_seed_bias_matches_seed_var_bias():
     assert torch.equal(ref.seed_bias(ids, ids, streamkern.scale_allow(4)), ref.seed_var_bias(pns))
 
 
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_non_contiguous_inputs(bd):
     ids = _ids_from_sizes([1, 4, 9, 16, 7], "cpu")
     L = ids.numel()
@@ -202,7 +206,7 @@ def test_non_contiguous_inputs(bd):
     _check(bd, torch.float32, q, k, v, ids, ids, streamkern.scale_allow(5), True, 0.7)
 
 
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_rows_with_no_allowed_key_are_zero(bd):
     ids = _ids_from_sizes([1, 4, 20, 3], "cpu")
     allow = streamkern.scale_allow(4)
@@ -214,7 +218,7 @@ def test_rows_with_no_allowed_key_are_zero(bd):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_large_logits_stay_finite(bd, dtype):
     ids = _ids_from_sizes([1, 4, 9, 16, 3], "cpu")
     gain = 30.0 if dtype == torch.float16 else 100.0  # logits ~1e5..1e6: exp overflows without rescaling
@@ -223,7 +227,7 @@ def test_large_logits_stay_finite(bd, dtype):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cuda")))
 def test_skipped_tiles_never_read(bd):
     """Keys/values of a scale no query may see fill whole tiles (128-aligned, the largest block of any backend)
     and hold NaN: a kernel that computed and masked those tiles would return NaN (NaN·0), one that skips them
@@ -239,7 +243,7 @@ def test_skipped_tiles_never_read(bd):
     assert_parity(_run(bd, q, k, v, qs, ids, allow), want, torch.float32)
 
 
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 @pytest.mark.parametrize("Lq,Lk,B", [(0, 9, 1), (5, 0, 1), (5, 5, 0)], ids=["Lq0", "Lk0", "B0"])
 def test_empty(bd, Lq, Lk, B):
     qs, ks = torch.zeros(Lq, dtype=torch.long), torch.zeros(Lk, dtype=torch.long)
@@ -264,6 +268,42 @@ def test_triton_never_syncs(monkeypatch):
     out = streamkern.block_masked_attention(q, k, v, ids, ids, allow, backend="triton")
     monkeypatch.undo()
     assert_parity(out, want, torch.float32)
+
+
+def _compile_sm90(dtype, D, self_attend):
+    """Compile both Triton kernels for sm_90 (ptxas, no device needed); run with TRITON_INTERPRET=0."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from streamkern.kernels import scale_attention as kern
+
+    pointers = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O=f"*{dtype}", QS="*i64", KS="*i32", ALLOW="*u8",
+                    VISIT="*i32", VCLS="*i8", NVISIT="*i32", qk_scale="fp32")
+    dot = {"bf16": triton.language.bfloat16, "fp32": triton.language.float32}[dtype]
+    consts = dict(SELF=self_attend, PARTIAL=sa.TILE_PARTIAL, FULL=sa.TILE_FULL, D=D,
+                  BLOCK_D=triton.next_power_of_2(D), BLOCK_M=128, BLOCK_N=64, DOT_DTYPE=dot,
+                  PRECISION="ieee" if dtype == "fp32" else "tf32")
+    for fn, warps in ((kern._scale_attention_kernel, 8), (kern._visit_list_kernel, 4)):
+        sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={n: consts[n] for n in fn.arg_names if n in consts})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        assert compiled.asm.get("cubin"), fn.__name__
+    print("cubin ok")
+
+
+@pytest.mark.parametrize("dtype,D,self_attend", [("bf16", 80, True)], ids=["bf16-D80-self"])
+def test_triton_kernels_compile_for_sm90(dtype, D, self_attend):
+    """The interpreter never lowers the kernels: compile them for sm_90 in a process without it."""
+    pytest.importorskip("triton")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); from test_scale_attention import _compile_sm90; "
+            f"_compile_sm90({dtype!r}, {D}, {self_attend})")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr:
+        pytest.skip("no ptxas on this machine")
+    assert res.returncode == 0 and "cubin ok" in res.stdout, res.stderr[-3000:]
 
 
 def test_triton_bad_ids_attend_nothing_without_debug(monkeypatch):
@@ -341,7 +381,7 @@ def test_cuda_backend_reports_why_missing():
 # --- torch.library / torch.compile -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_opcheck(bd):
     ids = _ids_from_sizes([1, 4, 11], bd[1])
     q, k, v = _qkv(1, 2, 16, 16, 16, torch.float32, bd[1])
@@ -349,7 +389,7 @@ def test_opcheck(bd):
     torch.library.opcheck(sa._attention_op, (q, k, v, ids, ids, allow, True, 0.5, bd[0]))
 
 
-@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("bd", ALL)
 def test_compile_fullgraph(bd):
     ids = _ids_from_sizes([1, 4, 9, 2], bd[1])
     allow = streamkern.scale_allow(4, device=bd[1])
