@@ -4,7 +4,8 @@ VAR cases: V = 4096, fp32 logits ``[2B, T, V]`` (CFG doubles the batch, guidance
 the last 2/3/4 scales of patch_nums 1..16 (T = 425/525/589), B = 1/8/16, greedy mode (SDVAR) and sample mode.
 LLM-like cases: V = 32,000 and 128,000, T = 5 single-token "scales" (chain speculative decoding), B = 64, no CFG.
 Implementations: the SDVAR-style eager check with host syncs (greedy baseline), ``torch.compile`` of it, the
-``"torch"`` reference (the eager baseline of sample mode) and each streamkern backend. Bytes count the logits read
+``"torch"`` reference (the eager baseline of sample mode), each streamkern backend, and on GPU FlashInfer's
+chain_speculative_sampling for the LLM sample cases where it is installed. Bytes count the logits read
 once (the floor of the op's traffic); ``extra`` records the shape and mode.
 """
 from __future__ import annotations
@@ -55,6 +56,26 @@ def _case(report, case, B, layout, first, num, V, cfg, mode):
         report.add(OP, case, "torch", ours("torch"), sets, **common)
     for name in report.backends(BACKENDS):
         report.add(OP, case, name, ours(name), sets, baseline="torch" if sample else "eager-seed", **common)
+    if sample and not cfg and report.device.type == "cuda":
+        report.add(OP, case, "flashinfer", _flashinfer(), sets, baseline="torch", **common)
+
+
+def _flashinfer():
+    """FlashInfer's chain_speculative_sampling where it is installed (a failed row saying why otherwise). It takes
+    target probabilities with one extra bonus slot, so the softmax of the target logits is part of its time."""
+    try:
+        from flashinfer.sampling import chain_speculative_sampling
+    except ImportError as exc:
+        err = exc
+
+        def missing(*_):
+            raise RuntimeError(f"flashinfer is not installed: {err}")
+        return missing
+
+    def fn(lg, d, q, u):
+        target = torch.softmax(torch.cat([lg, lg[:, -1:]], 1), -1)
+        return chain_speculative_sampling(q, d, target)
+    return fn
 
 
 def run(report) -> None:
