@@ -24,7 +24,7 @@ def randn(shape, seed: int, device, dtype=torch.float32) -> torch.Tensor:
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding ``[..., dim]`` of integer positions."""
-    freqs = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-9.2103 / dim))
+    freqs = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) * (-9.2103 / dim))
     ang = positions.float()[..., None] * freqs
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 

@@ -104,8 +104,10 @@ class MemoryBank:
         victim = op("bank_evict_select")(self.scores, self.entity_mask, self.valid, backend=self.backend)
         op("bank_insert")(self.k, self.v, chunk_k, chunk_v, best, victim, self.frame_seq_len, backend=self.backend)
         slot = victim.reshape(1)
+        ids = torch.arange(self.num_entities, device=self.valid.device)
         mask = torch.zeros(1, self.num_entities, dtype=torch.bool, device=self.valid.device)
-        mask[0, list(entities)] = True
+        for e in entities:    # built on the device from host ints: no host-to-device copy
+            mask |= ids == e
         self.scores.index_copy_(0, slot, score)
         self.entity_mask.index_copy_(0, slot, mask)
         self.valid.index_fill_(0, slot, True)

