@@ -6,7 +6,9 @@ in sample mode (lossless speculative sampling: the kept and redrawn tokens follo
 The formulas are in ``streamkern/reference/verify.py``. The accelerated backends read each logits row once
 (CFG combined on the fly, online max/sum/argmax), then a tiny per-batch-row pass finds the first rejected scale,
 and, in sample mode only, the rejected rows of that scale are read again for the residual redraw. Every
-result stays on the device: no host sync.
+result stays on the device: no host sync. ``"cpu"``: ``csrc/cpu/verify.cpp`` (at::parallel_for over rows, chunked
+float scan). ``"triton"``: ``kernels/verify.py`` (one program per row, V tiles of up to 4096). ``"cuda"``:
+``csrc/cuda/verify.cu`` (a warp per row for many small-vocabulary rows, a 256/1024-thread block per row otherwise).
 """
 from __future__ import annotations
 
