@@ -26,10 +26,13 @@ def _window_constants(offsets, cfg, device):
     if key not in _CONSTANTS:
         sizes = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
         scale_of = [s for s, n in enumerate(sizes) for _ in range(n)]
-        _CONSTANTS[key] = (torch.tensor(offsets, dtype=torch.int32, device=device),
-                           torch.tensor(scale_of, dtype=torch.int32, device=device),
-                           torch.tensor(cfg if cfg is not None else [0.0] * len(sizes), dtype=torch.float32,
-                                        device=device))
+        pinned = device.type == "cuda"  # pinned host memory + non_blocking: the copy never waits on the stream
+
+        def put(values, dtype):
+            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
+
+        _CONSTANTS[key] = (put(offsets, torch.int32), put(scale_of, torch.int32),
+                           put(cfg if cfg is not None else [0.0] * len(sizes), torch.float32))
     return _CONSTANTS[key]
 
 
