@@ -125,6 +125,7 @@ template <typename T, int G, typename F>
 __device__ __forceinline__ void for_each_logit(const VerifyParams& p, const Row<T>& row, int lane, F&& f) {
   if (p.logits_vec16) {
     constexpr int K = kVec<T>;
+#pragma unroll 4
     for (int64_t i = lane; i < p.V / K; i += G) {
       const Vec16<T> c = Vec16<T>::load(row.cond + i * K);
       Vec16<T> u = c;
