@@ -25,7 +25,7 @@ SCALE_IDS = (torch.int64, torch.int32)
 TILE_SKIP, TILE_PARTIAL, TILE_FULL = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ScaleLayout:
     """Token offsets of the scales of a next-scale model: scale s holds tokens ``[begin[s], end[s])``,
     ``patch_nums[s]²`` of them; ``scale_of_token [total]`` int64 is each token's scale id."""
@@ -65,11 +65,10 @@ def scale_allow(num_scales: int, preset: str = "var", *, device=None) -> torch.T
     check.integer("num_scales", num_scales, low=1)
     i = torch.arange(num_scales, device=device)[:, None]
     j = torch.arange(num_scales, device=device)[None, :]
-    masks = {"var": lambda: j <= i, "strict": lambda: j < i, "full": lambda: (i >= 0) | (j >= 0),
-             "diagonal": lambda: j == i}
-    if preset not in masks:
+    if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {PRESETS}, got {preset!r}")
-    return masks[preset]()
+    full = torch.ones(num_scales, num_scales, dtype=torch.bool, device=device)
+    return {"var": j <= i, "strict": j < i, "full": full, "diagonal": j == i}[preset]
 
 
 def _valid_ids(ids: torch.Tensor, num_scales: int) -> torch.Tensor:
