@@ -208,3 +208,12 @@ def test_speculative_var_sample_mode_is_distributed_as_the_target(backend_device
     assert _chi2_pvalue(spec, probs, V) > 1e-3
     assert _chi2_pvalue(draft_only, probs, V) < 1e-6      # the test tells the draft's distribution apart
     assert math.isclose(probs.sum().item(), 1.0, rel_tol=1e-6)
+
+
+def test_a_missing_op_is_named_never_replaced_by_eager_code(monkeypatch):
+    import streamkern
+
+    monkeypatch.delattr(streamkern, "KVRing")
+    with pytest.raises(NotImplementedError, match="streamkern.KVRing"):
+        StreamingGenerator(backend="cpu", **SMALL_STREAM).run(1)
+    assert StreamingGenerator(**SMALL_STREAM).run(1).outputs["frames"].shape[0] == 1   # eager needs no op

@@ -83,7 +83,8 @@ def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
             kind = f"check:{name}" if _from_checks() else name
             if forbid and kind == name:
                 raise HostSyncError(f"host sync: Tensor.{name} called on the accelerated hot loop")
-            count.by_kind[kind] = count.by_kind.get(kind, 0) + 1
+            if not self.is_cuda:    # a CUDA tensor's read is counted once, by the sync debug mode
+                count.by_kind[kind] = count.by_kind.get(kind, 0) + 1
             return real(self, *args, **kwargs)
         return reader
 
@@ -125,11 +126,12 @@ def host_read(t: torch.Tensor):
         _ACTIVE[-1].by_kind["decision"] = _ACTIVE[-1].by_kind.get("decision", 0) + 1
     if t.device.type != "cuda":
         return torch._C.TensorBase.item(t)
+    mode = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode(0)
     try:
         return torch._C.TensorBase.item(t)
     finally:
-        torch.cuda.set_sync_debug_mode("error" if _ACTIVE and _ACTIVE[-1].forbid else "warn")
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def _sync_device(device: torch.device) -> None:
