@@ -170,15 +170,15 @@ def test_speculative_var_reads_one_count_per_round(backend_device):
 def _exact_joint(sv, label):
     """Target probability of every image of layout (1, 2): ``[V] x [V]^4`` flattened to ``[V^5]``."""
     m, V = sv.model, sv.model.vocab
-    labels = torch.full((V,), label)
-    tokens = torch.full((V, m.end[-1]), -1)
-    tokens[:, 0] = torch.arange(V)
+    labels = torch.full((V,), label, device=sv.device)
+    tokens = torch.full((V, m.end[-1]), -1, device=sv.device)
+    tokens[:, 0] = torch.arange(V, device=sv.device)
     p0 = torch.softmax(guided(m(tokens[:1], labels[:1], 1, sv._attend()), 0, 1, sv.cfg_t[0]), -1)[0, 0]
     p1 = torch.softmax(guided(m(tokens, labels, 2, sv._attend()), 1, 5, sv.cfg_t[1]), -1)   # [V, 4, V]
     joint = p0.double()
     for i in range(4):
         joint = (joint.reshape(V, -1, 1) * p1[:, i].double().reshape(V, 1, V)).reshape(V, -1)
-    return joint.reshape(-1)
+    return joint.reshape(-1).cpu()
 
 
 def _chi2_pvalue(tokens, probs, V):
