@@ -102,11 +102,12 @@ SMALL_STREAM = dict(num_layers=3, heads=2, head_dim=8, frame_seq_len=4, window_f
                     bank_size=3, text_len=8, text_dim=16, switch_every=3, steps=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("backend_device", PATHS)
-def test_streaming_generator_matches_eager_over_a_long_stream(backend_device):
-    eager, accel = _pair(StreamingGenerator, backend_device, (12,), **SMALL_STREAM)
-    assert accel.outputs["frames"].shape == (12, 1, 12, 16)
-    assert_parity(accel.outputs["frames"], eager.outputs["frames"], torch.float32, "frames")
+def test_streaming_generator_matches_eager_over_a_long_stream(backend_device, dtype):
+    eager, accel = _pair(StreamingGenerator, backend_device, (12,), dtype=dtype, **SMALL_STREAM)
+    assert accel.outputs["frames"].shape == (12, 1, 12, 16) and accel.outputs["frames"].dtype == dtype
+    assert_parity(accel.outputs["frames"], eager.outputs["frames"], dtype, "frames")
     assert torch.equal(accel.outputs["bank_frames"], eager.outputs["bank_frames"])
     assert accel.info["bank_count"] == 3 and len(eager.info["windows"]) == 3
     assert eager.info["windows"][0] != eager.info["windows"][1]      # near and far prompts get different windows
