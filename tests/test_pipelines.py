@@ -204,9 +204,11 @@ def test_speculative_var_sample_mode_is_distributed_as_the_target(backend_device
         gen = torch.Generator(device).manual_seed(11)
         stats = {"draft_calls": 0, "target_calls": 0}
         spec = sv.generate(torch.zeros(n, dtype=torch.int64, device=device), gen, stats).cpu()
+        plain = sv.plain(torch.zeros(n, dtype=torch.int64, device=device), gen).cpu()
         draft_only = sv.plain(torch.zeros(n, dtype=torch.int64, device=device), gen, depth=sv.draft_depth).cpu()
     assert stats["target_calls"] >= 1 and (spec >= 0).all()
     assert _chi2_pvalue(spec, probs, V) > 1e-3
+    assert _chi2_pvalue(plain, probs, V) > 1e-3           # plain target sampling, the same test
     assert _chi2_pvalue(draft_only, probs, V) < 1e-6      # the test tells the draft's distribution apart
     assert math.isclose(probs.sum().item(), 1.0, rel_tol=1e-6)
 
