@@ -220,3 +220,23 @@ def test_a_missing_op_is_named_never_replaced_by_eager_code(monkeypatch):
     with pytest.raises(NotImplementedError, match="streamkern.KVRing"):
         StreamingGenerator(backend="cpu", **SMALL_STREAM).run(1)
     assert StreamingGenerator(**SMALL_STREAM).run(1).outputs["frames"].shape[0] == 1   # eager needs no op
+
+
+@pytest.mark.parametrize("backend_device", VAR_PATHS)
+def test_speculative_var_sample_mode_one_image_at_a_time_is_distributed_as_the_target(backend_device):
+    """Batch 1, so rounds that keep both drafted scales happen (a big batch almost always stops at its first
+    rejected row): the accepted-then-next-scale path is lossless too."""
+    backend, device = backend_device
+    n, V = 1000, 2
+    sv = SpeculativeVAR(backend=backend, eager=False, device=device, mode="sample", patch_nums=(1, 2), vocab=V,
+                        depth=2, draft_depth=1, gamma=2, batch=1, seed=3)
+    with torch.no_grad():
+        probs = _exact_joint(sv, label=0)
+        gen = torch.Generator(device).manual_seed(5)
+        stats = {"draft_calls": 0, "target_calls": 0}
+        labels = torch.zeros(1, dtype=torch.int64, device=device)
+        spec = torch.cat([sv.generate(labels, gen, stats) for _ in range(n)]).cpu()
+        draft_only = sv.plain(torch.zeros(n, dtype=torch.int64, device=device), gen, depth=sv.draft_depth).cpu()
+    assert n < stats["target_calls"] < 2 * n       # both one-round and two-round images occurred
+    assert _chi2_pvalue(spec, probs, V) > 1e-3
+    assert _chi2_pvalue(draft_only, probs, V) < 1e-6
