@@ -28,6 +28,12 @@ from ._tiny import Block, randn, seeded
 REASON_NAMES = {0: "reuse", 1: "state drift", 2: "vision drift", 3: "first frame"}
 
 
+def _attention_with_map(q, k, v):
+    """Softmax attention on ``[B, T, H, D]`` tensors that also returns its map ``[B, H, Tq, Tk]``."""
+    p = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]), dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), p
+
+
 class TinyPolicy(nn.Module):
     """Random-weight pi0-like policy over the seed's shapes (224×224 image, 16×16 patches, 50 action tokens)."""
 
@@ -52,9 +58,9 @@ class TinyPolicy(nn.Module):
         ks, vs, maps = [], [], []
         for block in self.blocks:
             def attend(q, k, v):
-                p = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim), dim=-1)
+                out, p = _attention_with_map(q, k, v)
                 maps.append(p)
-                return torch.einsum("bhqk,bkhd->bqhd", p, v)
+                return out
             x, k, v = block(x, attend)
             ks.append(k)
             vs.append(v)
@@ -70,11 +76,10 @@ class TinyPolicy(nn.Module):
             maps.clear()
             for layer, block in enumerate(self.blocks):
                 def attend(q, k, v, layer=layer):
-                    keys, vals = torch.cat([pk[layer], k], dim=1), torch.cat([pv[layer], v], dim=1)
-                    p = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, keys) / math.sqrt(self.head_dim), -1)
+                    out, p = _attention_with_map(q, torch.cat([pk[layer], k], dim=1), torch.cat([pv[layer], v], 1))
                     if keep_maps:
                         maps.append(p)
-                    return torch.einsum("bhqk,bkhd->bqhd", p, vals)
+                    return out
                 x, _, _ = block(x, attend)
             actions = actions - self.action_out(x[:, 1:]) / self.denoise_steps
         return actions, maps
