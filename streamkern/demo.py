@@ -4,7 +4,8 @@ For each pipeline (``StreamingGenerator``, ``GatedPolicy``, ``SpeculativeVAR`` g
 baseline (``backend="torch"``, the source pipeline's own code) and then the same streamed run on streamkern's ops
 with every accelerated backend available on the device, and prints one table: outputs identical (tokens/indices
 equal and tensors within the parity metric of DESIGN.md §3) with the largest relative error, median latency per
-step (best of ``--repeats`` rounds), speed-up over eager, host syncs per step. The table is also written as JSON and a PNG chart under ``--out``.
+step (best of ``--repeats`` rounds), speed-up over eager, host syncs per step. The table is also written as JSON
+and a PNG chart under ``--out``.
 
 Triton runs on CPU tensors only through its interpreter, far too slow for a demo: ``--triton`` adds it anyway.
 ``--reference-ops`` adds the op path on the ops' own ``"torch"`` references (the structure without the kernels).

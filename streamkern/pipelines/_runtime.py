@@ -2,12 +2,12 @@
 
 Host syncs are counted on the CPU by construction: inside :func:`count_host_syncs` every Python-level way of
 reading a tensor's value on the host (``Tensor.item``, ``bool(t)``, ``int(t)``, ``float(t)``, ``operator.index``,
-``tolist``, ``numpy``, ``cpu``) is wrapped to count (or, with ``forbid=True``, to raise
-:class:`HostSyncError`). Reads made by ``streamkern._checks`` and the ops' ``check_values`` (the value checks DESIGN.md §3 lets the
+``tolist``, ``numpy``, ``cpu``) is wrapped to count (or, with ``forbid=True``, to raise :class:`HostSyncError`).
+Reads made by ``streamkern._checks`` and the ops' ``check_values`` (the value checks DESIGN.md §3 lets the
 ``"torch"`` and ``"cpu"`` backends make on CPU tensors, and GPU backends only under ``STREAMKERN_DEBUG=1``) are
 recorded apart as ``check:<kind>`` and left out of the total; reads a pipeline declares with :func:`host_read`
-are counted as ``decision``. On a CUDA device ``torch.cuda.set_sync_debug_mode("warn")`` is switched on as well and each
-synchronising CUDA call it reports is counted too.
+are counted as ``decision``. On a CUDA device ``torch.cuda.set_sync_debug_mode("warn")`` (``"error"`` with
+``forbid``) is switched on as well and each synchronising CUDA call it reports is counted instead.
 """
 from __future__ import annotations
 
