@@ -1,0 +1,157 @@
+// Drift gate (DESIGN.md §4.3): the op schemas and the CPU kernels.
+//
+// drift_weighted_drift_: one parallel pass over the rows of the pooled grid. Task (b, y) pools the `pool` image rows
+// of grid row y for every channel, writes small[b, :, y, :], and accumulates
+// Σ_x mean_c|small − prev_small| · dilated_weight(y, x) into partial[b, y]; drift[b] then sums the partials in row
+// order (deterministic). drift_patch_importance_: tasks (b, chunk of key columns) sum the A action rows of every
+// selected layer and head for their columns, then each batch row is normalised by its sum + 1e-8.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "streamkern/drift_gate_math.h"
+#include "streamkern/torch_utils.h"
+
+namespace streamkern {
+namespace {
+
+template <typename T, typename S>
+void weighted_drift_kernel(at::Tensor& drift, at::Tensor& small, const at::Tensor& image, const at::Tensor& prev_small,
+                           const at::Tensor& importance, int64_t pool, int64_t dilation, float scale) {
+  const int64_t B = image.size(0), C = image.size(1), h = small.size(2), w = small.size(3);
+  const T* img = image.data_ptr<T>();
+  const S* prev = prev_small.data_ptr<S>();
+  S* out = small.data_ptr<S>();
+  const float* imp = importance.data_ptr<float>();
+  const int64_t si0 = image.stride(0), si1 = image.stride(1), si2 = image.stride(2), si3 = image.stride(3);
+  const int64_t sp0 = prev_small.stride(0), sp1 = prev_small.stride(1), sp2 = prev_small.stride(2),
+                sp3 = prev_small.stride(3);
+  const int gh = static_cast<int>(importance.size(1)), gw = static_cast<int>(importance.size(2));
+  const float inv = scale / static_cast<float>(pool * pool);
+  std::vector<float> partial(B * h);
+  at::parallel_for(0, B * h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(w);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / h, y = task % h;
+      const ImportanceMap map{imp + b * importance.stride(0), importance.stride(1), importance.stride(2), gh, gw};
+      std::fill(row.begin(), row.end(), 0.f);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* src = img + b * si0 + c * si1 + y * pool * si2;
+        for (int64_t x = 0; x < w; ++x) {
+          float acc = 0.f;
+          for (int64_t r = 0; r < pool; ++r)
+            for (int64_t s = 0; s < pool; ++s) acc += static_cast<float>(src[r * si2 + (x * pool + s) * si3]);
+          const float v = acc * inv;
+          out[((b * C + c) * h + y) * w + x] = static_cast<S>(v);
+          row[x] += std::abs(v - static_cast<float>(prev[b * sp0 + c * sp1 + y * sp2 + x * sp3]));
+        }
+      }
+      float sum = 0.f;
+      for (int64_t x = 0; x < w; ++x)
+        sum += row[x] / static_cast<float>(C) *
+               dilated_weight(map, static_cast<int>(h), static_cast<int>(w), static_cast<int>(y), static_cast<int>(x),
+                              static_cast<int>(dilation));
+      partial[task] = sum;
+    }
+  });
+  float* d = drift.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float sum = 0.f;
+    for (int64_t y = 0; y < h; ++y) sum += partial[b * h + y];
+    d[b] = sum;
+  }
+}
+
+void weighted_drift_cpu(at::Tensor drift, at::Tensor small, const at::Tensor& image, const at::Tensor& prev_small,
+                        const at::Tensor& importance, int64_t pool, int64_t dilation) {
+  TORCH_CHECK(image.dim() == 4 && pool >= 1 && image.size(2) % pool == 0 && image.size(3) % pool == 0,
+              "drift_weighted_drift_: image must be [B, C, H, W] with H, W multiples of pool");
+  TORCH_CHECK(small.is_contiguous() && drift.is_contiguous() && drift.scalar_type() == at::kFloat,
+              "drift_weighted_drift_: outputs must be contiguous, drift float32");
+  TORCH_CHECK(prev_small.sizes() == small.sizes() && prev_small.scalar_type() == small.scalar_type(),
+              "drift_weighted_drift_: prev_small must match small");
+  TORCH_CHECK(importance.dim() == 3 && importance.size(0) == image.size(0) && importance.scalar_type() == at::kFloat,
+              "drift_weighted_drift_: importance must be float32 [B, gh, gw]");
+  TORCH_CHECK(dilation >= 1 && dilation % 2 == 1, "drift_weighted_drift_: dilation must be odd and positive");
+  if (image.size(0) == 0) return;
+  switch (image.scalar_type()) {
+    case at::kFloat:
+      return weighted_drift_kernel<float, float>(drift, small, image, prev_small, importance, pool, dilation, 1.f);
+    case at::kHalf:
+      return weighted_drift_kernel<at::Half, at::Half>(drift, small, image, prev_small, importance, pool, dilation,
+                                                       1.f);
+    case at::kBFloat16:
+      return weighted_drift_kernel<at::BFloat16, at::BFloat16>(drift, small, image, prev_small, importance, pool,
+                                                               dilation, 1.f);
+    case at::kByte:
+      return weighted_drift_kernel<uint8_t, float>(drift, small, image, prev_small, importance, pool, dilation,
+                                                   1.f / 255.f);
+    default: TORCH_CHECK(false, "drift_weighted_drift_: unsupported image dtype ", image.scalar_type());
+  }
+}
+
+constexpr int64_t kColumnChunk = 64;
+
+template <typename T>
+void patch_importance_kernel(at::Tensor& out, const at::Tensor& attn, int64_t start, int64_t end, int64_t V,
+                             int64_t A) {
+  const int64_t B = attn.size(1), H = attn.size(2), S = attn.size(3);
+  const int64_t s0 = attn.stride(0), s1 = attn.stride(1), s2 = attn.stride(2), s3 = attn.stride(3),
+                s4 = attn.stride(4);
+  const T* a = attn.data_ptr<T>();
+  float* o = out.data_ptr<float>();
+  const int64_t chunks = (V + kColumnChunk - 1) / kColumnChunk;
+  const float inv = 1.f / static_cast<float>((end - start) * H * A);
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t stop) {
+    float acc[kColumnChunk];
+    for (int64_t task = begin; task < stop; ++task) {
+      const int64_t b = task / chunks, v0 = (task % chunks) * kColumnChunk;
+      const int64_t n = std::min(kColumnChunk, V - v0);
+      std::fill(acc, acc + n, 0.f);
+      for (int64_t l = start; l < end; ++l)
+        for (int64_t hd = 0; hd < H; ++hd)
+          for (int64_t q = S - A; q < S; ++q) {
+            const T* row = a + l * s0 + b * s1 + hd * s2 + q * s3 + v0 * s4;
+            for (int64_t v = 0; v < n; ++v) acc[v] += static_cast<float>(row[v * s4]);
+          }
+      for (int64_t v = 0; v < n; ++v) o[b * V + v0 + v] = acc[v] * inv;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    float sum = 0.f;
+    for (int64_t v = 0; v < V; ++v) sum += o[b * V + v];
+    const float denom = sum + 1e-8f;
+    for (int64_t v = 0; v < V; ++v) o[b * V + v] /= denom;
+  }
+}
+
+void patch_importance_cpu(at::Tensor out, const at::Tensor& attn, int64_t start, int64_t end, int64_t V, int64_t A) {
+  TORCH_CHECK(attn.dim() == 5 && attn.size(3) == attn.size(4), "drift_patch_importance_: attn must be [NL, B, H, S, S]");
+  TORCH_CHECK(0 <= start && start < end && end <= attn.size(0) && 1 <= V && V <= attn.size(4) && 1 <= A &&
+                  A <= attn.size(3),
+              "drift_patch_importance_: layer range, V or A out of bounds");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == attn.size(1) * V,
+              "drift_patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
+  switch (attn.scalar_type()) {
+    case at::kFloat: return patch_importance_kernel<float>(out, attn, start, end, V, A);
+    case at::kHalf: return patch_importance_kernel<at::Half>(out, attn, start, end, V, A);
+    case at::kBFloat16: return patch_importance_kernel<at::BFloat16>(out, attn, start, end, V, A);
+    default: TORCH_CHECK(false, "drift_patch_importance_: unsupported attn dtype ", attn.scalar_type());
+  }
+}
+
+}  // namespace
+}  // namespace streamkern
+
+TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
+  m.def("drift_weighted_drift_(Tensor(a!) drift, Tensor(b!) small, Tensor image, Tensor prev_small, "
+        "Tensor importance, int pool, int dilation) -> ()");
+  m.def("drift_patch_importance_(Tensor(a!) out, Tensor attn, int layer_start, int layer_end, int num_vision_tokens, "
+        "int action_tokens) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) {
+  m.impl("drift_weighted_drift_", &streamkern::weighted_drift_cpu);
+  m.impl("drift_patch_importance_", &streamkern::patch_importance_cpu);
+}
