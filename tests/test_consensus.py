@@ -17,6 +17,12 @@ CASES = [
     pytest.param((3, 3, 2, 5, 1, 1, 64, (2, 0), (1.0, -0.5), True), id="B3-F2-fsl5-S1-H1-D64-wBS"),
     pytest.param((2, 2, 1, 13, 9, 2, 128, (1, 1, 0), (0.5, 0.25, 1.0), False), id="B2-F1-fsl13-D128-dup"),
     pytest.param((5, 1, 4, 3, 33, 3, 24, (4, 1), (0.7, 0.3), True), id="B1-F4-fsl3-S33-D24-wBS"),
+    pytest.param((2, 1, 37, 1, 4, 1, 16, (1,), (1.0,), False), id="B1-F37-fsl1-D16"),
+]
+# GPU only (too slow for the interpreter): several token splits and unrolled steps per frame, frames split mid-way.
+GPU_CASES = [
+    pytest.param((3, 2, 3, 397, 64, 4, 64, (2, 0, 1), (0.2, 0.3, 0.5), True), id="B2-F3-fsl397-S64-H4-D64"),
+    pytest.param((30, 1, 3, 1560, 512, 12, 128, (0, 15, 29), (0.2, 0.3, 0.5), False), id="seed-12x128"),
 ]
 
 
@@ -53,6 +59,14 @@ def test_parity_with_reference_and_seed_form(bd, dtype, case):
     assert_parity(out, ref.seed_quadratic_scores(c, t, w, *args[3:]), dtype, "vs seed quadratic form")
 
 
+@pytest.mark.parametrize("case", GPU_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bd", backend_params(exclude=[(b, "cpu") for b in ("torch", "cpu", "triton")]))
+def test_parity_large_on_gpu(bd, dtype, case):
+    args = _inputs(case, dtype, bd[1])
+    assert_parity(_run(bd, args), _reference64(*args), dtype, "vs float64 reference")
+
+
 def test_reference_forms_agree():
     """The two float64 formulations of the seed and the "torch" backend coincide (sanity of the references)."""
     for case in CASES:
@@ -70,19 +84,25 @@ def _strided(x: torch.Tensor, how: str) -> torch.Tensor:
         return big[:, :, 1:, :, ::2]
     if how == "permuted":  # storage ordered [NL, H, D, B, T]
         return x.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+    if how == "offset":  # contiguous strides, storage starting one element past a 16-byte boundary
+        buf = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)
+        view = buf[1:].view(x.shape)
+        view.copy_(x)
+        return view
     if how == "heads":  # storage ordered [NL, B, T, D, H]: unit stride across heads, not within
         return x.transpose(3, 4).contiguous().transpose(3, 4)
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["slice", "permuted", "heads"])
+@pytest.mark.parametrize("how", ["slice", "permuted", "heads", "offset"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bd", backend_params())
 def test_non_contiguous_inputs(bd, dtype, how):
     chunk, text, w, fsl, layers, lw = _inputs(CASES[0].values[0], dtype, bd[1], seed=1)
     nc_chunk, nc_text = _strided(chunk, how), _strided(text, how)
     w_nc = torch.stack([w, w], -1)[:, 0]  # stride 2
-    assert not nc_chunk.is_contiguous() and not nc_text.is_contiguous() and not w_nc.is_contiguous()
+    assert how == "offset" or not (nc_chunk.is_contiguous() or nc_text.is_contiguous())
+    assert not w_nc.is_contiguous() and torch.equal(nc_chunk, chunk) and torch.equal(nc_text, text)
     out = _run(bd, (nc_chunk, nc_text, w_nc, fsl, layers, lw))
     assert_parity(out, _reference64(chunk, text, w, fsl, layers, lw), dtype)
 
