@@ -9,6 +9,7 @@ and a PNG chart under ``--out``.
 
 Triton runs on CPU tensors only through its interpreter, far too slow for a demo: ``--triton`` adds it anyway.
 ``--reference-ops`` adds the op path on the ops' own ``"torch"`` references (the structure without the kernels).
+On CUDA an ``auto`` row runs every op on its fastest GPU backend (a backend an op lacks fails its row, by name).
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ def backends_for(device: torch.device, triton: bool, reference_ops: bool) -> lis
             continue
         if not why_not(name, device):
             chosen.append((name, name))
+    if device.type == "cuda":   # each op's fastest GPU backend (block_masked_attention has Triton only)
+        chosen.append(("auto", "auto"))
     return chosen
 
 
