@@ -1,0 +1,82 @@
+// Torch glue of the drift gate CUDA kernels: fills the parameter structs from tensors and launches on the current
+// stream. The patch-importance workspace comes from the caching allocator (no sync).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "drift_gate.cuh"
+#include "streamkern/torch_utils.h"
+
+namespace streamkern {
+namespace {
+
+void weighted_drift_cuda(at::Tensor drift, at::Tensor small, const at::Tensor& image, const at::Tensor& prev_small,
+                         const at::Tensor& importance, int64_t pool, int64_t dilation) {
+  TORCH_CHECK(image.dim() == 4 && pool >= 1 && image.size(2) % pool == 0 && image.size(3) % pool == 0,
+              "drift_weighted_drift_: image must be [B, C, H, W] with H, W multiples of pool");
+  TORCH_CHECK(small.is_contiguous() && drift.is_contiguous() && drift.scalar_type() == at::kFloat,
+              "drift_weighted_drift_: outputs must be contiguous, drift float32");
+  TORCH_CHECK(prev_small.sizes() == small.sizes() && prev_small.scalar_type() == small.scalar_type(),
+              "drift_weighted_drift_: prev_small must match small");
+  TORCH_CHECK(importance.dim() == 3 && importance.size(0) == image.size(0) && importance.scalar_type() == at::kFloat,
+              "drift_weighted_drift_: importance must be float32 [B, gh, gw]");
+  TORCH_CHECK(dilation >= 1 && dilation % 2 == 1, "drift_weighted_drift_: dilation must be odd and positive");
+  const c10::cuda::CUDAGuard guard(image.device());
+  WeightedDriftParams p{};
+  p.drift = drift.data_ptr<float>();
+  p.small = small.data_ptr();
+  p.image = image.data_ptr();
+  p.prev_small = prev_small.data_ptr();
+  p.importance = importance.data_ptr<float>();
+  p.B = image.size(0);
+  p.C = image.size(1);
+  p.h = small.size(2);
+  p.w = small.size(3);
+  for (int i = 0; i < 4; ++i) {
+    p.si[i] = image.stride(i);
+    p.sp[i] = prev_small.stride(i);
+  }
+  for (int i = 0; i < 3; ++i) p.simp[i] = importance.stride(i);
+  p.gh = static_cast<int>(importance.size(1));
+  p.gw = static_cast<int>(importance.size(2));
+  p.pool = static_cast<int>(pool);
+  p.dilation = static_cast<int>(dilation);
+  STREAMKERN_CHECK_LAUNCH(weighted_drift_launch(p, dtype_of(image), at::cuda::getCurrentCUDAStream()));
+}
+
+void patch_importance_cuda(at::Tensor out, const at::Tensor& attn, int64_t start, int64_t end, int64_t V, int64_t A) {
+  TORCH_CHECK(attn.dim() == 5 && attn.size(3) == attn.size(4), "drift_patch_importance_: attn must be [NL, B, H, S, S]");
+  TORCH_CHECK(0 <= start && start < end && end <= attn.size(0) && 1 <= V && V <= attn.size(4) && 1 <= A &&
+                  A <= attn.size(3),
+              "drift_patch_importance_: layer range, V or A out of bounds");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == attn.size(1) * V,
+              "drift_patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
+  const c10::cuda::CUDAGuard guard(attn.device());
+  PatchImportanceParams p{};
+  p.B = attn.size(1);
+  p.H = attn.size(2);
+  p.S = attn.size(3);
+  p.V = V;
+  p.A = A;
+  p.start = start;
+  p.end = end;
+  const int64_t rows = (end - start) * p.H * A;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.splits = std::max<int64_t>(1, std::min<int64_t>(rows / 8, 2 * sms / std::max<int64_t>(p.B, 1)));
+  for (int i = 0; i < 5; ++i) p.s[i] = attn.stride(i);
+  at::Tensor workspace = at::empty({p.B, p.splits, V}, attn.options().dtype(at::kFloat));
+  p.out = out.data_ptr<float>();
+  p.workspace = workspace.data_ptr<float>();
+  p.attn = attn.data_ptr();
+  STREAMKERN_CHECK_LAUNCH(patch_importance_launch(p, dtype_of(attn), at::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+}  // namespace streamkern
+
+TORCH_LIBRARY_IMPL(streamkern_C, CUDA, m) {
+  m.impl("drift_weighted_drift_", &streamkern::weighted_drift_cuda);
+  m.impl("drift_patch_importance_", &streamkern::patch_importance_cuda);
+}
