@@ -18,15 +18,27 @@ PATHS = [pytest.param(("torch", "cpu"), id="ops-torch-cpu")] + backend_params(ex
 ACCEL = backend_params(exclude=("torch",))
 
 
-def _without_interpreter(params):
-    """Whole decoding runs are far too slow for Triton's CPU interpreter (its ops have their own parity tests
-    there); they run on triton-cuda."""
-    why = "Triton interpreter too slow for whole SpeculativeVAR decodes; covered by triton-cuda on a GPU"
-    return [pytest.param(*p.values, id=p.id, marks=[pytest.mark.skip(reason=why)]) if p.id == "triton-cpu" else p
-            for p in params]
+def _var_params(params):
+    """SpeculativeVAR's matrix: whole decodes are far too slow for Triton's CPU interpreter (its ops have their
+    own parity tests there; triton-cuda runs these on a GPU); block_masked_attention has no "cuda" backend by design,
+    so on a GPU the pipeline also runs with "auto" (each op's fastest GPU backend)."""
+    from streamkern.scale_attention import BACKENDS as ATTENTION
+
+    slow = "Triton interpreter too slow for whole SpeculativeVAR decodes; covered by triton-cuda on a GPU"
+    out = []
+    for p in params:
+        backend = p.values[0][0]
+        if p.id == "triton-cpu":
+            p = pytest.param(*p.values, id=p.id, marks=[pytest.mark.skip(reason=slow)])
+        elif backend not in ATTENTION.impls:
+            why = f"block_masked_attention has no {backend!r} backend: {(ATTENTION.missing or {}).get(backend)}"
+            p = pytest.param(*p.values, id=p.id, marks=[pytest.mark.skip(reason=why)])
+        out.append(p)
+    gpu = [] if torch.cuda.is_available() else [pytest.mark.skip(reason="no CUDA device on this machine")]
+    return out + [pytest.param(("auto", "cuda"), id="auto-cuda", marks=gpu)]
 
 
-VAR_PATHS, VAR_ACCEL = _without_interpreter(PATHS), _without_interpreter(ACCEL)
+VAR_PATHS, VAR_ACCEL = _var_params(PATHS), _var_params(ACCEL)
 
 
 def _pair(cls, backend_device, run_args, **kw):
