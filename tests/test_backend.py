@@ -1,0 +1,136 @@
+"""Backend registry and dispatch (DESIGN.md §2), exercised through consensus_frame_scores and OpBackends."""
+import pytest
+import torch
+
+import streamkern
+from streamkern import _backend
+from streamkern.consensus import BACKENDS as CONSENSUS
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def clean_default(monkeypatch):
+    """Each test starts with no default set and no STREAMKERN_BACKEND."""
+    monkeypatch.delenv("STREAMKERN_BACKEND", raising=False)
+    streamkern.set_backend(None)
+    yield
+    streamkern.set_backend(None)
+
+
+def _tiny():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 1, 4, 1, 8, generator=g), torch.randn(2, 1, 3, 1, 8, generator=g), torch.rand(3), 2,
+            (1,), (1.0,))
+
+
+def _fake_impls(monkeypatch):
+    """Replace the consensus implementations with recorders, so a test sees which backend ran."""
+    calls = []
+    impls = {name: (lambda *a, _n=name: calls.append(_n) or torch.zeros(1, 2)) for name in CONSENSUS.impls}
+    monkeypatch.setattr(streamkern.consensus, "BACKENDS", _backend.OpBackends(CONSENSUS.op, impls))
+    return calls
+
+
+def test_available_backends():
+    names = streamkern.available_backends()
+    assert names[0] == "torch" and set(names) <= set(_backend.BACKENDS)
+    assert ("cpu" in names) == (_backend._extension()[0] is not None)
+    assert ("cuda" in streamkern.available_backends("cpu")) is False
+    if torch.cuda.is_available():
+        assert "triton" in streamkern.available_backends("cuda")
+    assert "triton" in streamkern.available_backends("cpu") or not _backend.triton_interpreting()
+
+
+def test_default_is_auto_and_set_backend_round_trips():
+    assert streamkern.current_backend() == "auto"
+    streamkern.set_backend("torch")
+    assert streamkern.current_backend() == "torch"
+    streamkern.set_backend("auto")
+    assert streamkern.current_backend() == "auto"
+    streamkern.set_backend(None)
+    assert streamkern.current_backend() == "auto"
+
+
+def test_context_manager_nests_and_restores():
+    streamkern.set_backend("torch")
+    with streamkern.backend("cpu"):
+        assert streamkern.current_backend() == "cpu"
+        with streamkern.backend("triton"):
+            assert streamkern.current_backend() == "triton"
+        assert streamkern.current_backend() == "cpu"
+    assert streamkern.current_backend() == "torch"
+    with pytest.raises(KeyError):
+        with streamkern.backend("torch"):
+            raise KeyError("propagates")
+    assert streamkern.current_backend() == "torch"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("STREAMKERN_BACKEND", "torch")
+    assert streamkern.current_backend() == "torch"
+    with streamkern.backend("cpu"):  # an explicit default wins over the environment
+        assert streamkern.current_backend() == "cpu"
+    monkeypatch.setenv("STREAMKERN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="backend: expected one of .* got 'fast'"):
+        streamkern.current_backend()
+
+
+def test_dispatch_precedence(monkeypatch):
+    """Explicit argument > backend()/set_backend > STREAMKERN_BACKEND > auto, seen by the op itself."""
+    calls = _fake_impls(monkeypatch)
+    args = _tiny()
+    monkeypatch.setattr(_backend, "why_not", lambda name, device: "")  # every backend "runs" here
+    streamkern.consensus_frame_scores(*args)
+    monkeypatch.setenv("STREAMKERN_BACKEND", "triton")
+    streamkern.consensus_frame_scores(*args)
+    with streamkern.backend("cuda"):
+        streamkern.consensus_frame_scores(*args)
+        streamkern.consensus_frame_scores(*args, backend="torch")
+    assert calls == ["cpu", "triton", "cuda", "torch"]
+
+
+def test_auto_picks_cpu_extension_else_torch(monkeypatch):
+    expected = "cpu" if "cpu" in streamkern.available_backends("cpu") else "torch"
+    assert CONSENSUS.resolve("auto", CPU) == expected
+    assert CONSENSUS.resolve(None, CPU) == expected
+    monkeypatch.setattr(_backend, "_extension", lambda: (None, "the C++ extension streamkern._C is not built (test)"))
+    assert CONSENSUS.resolve("auto", CPU) == "torch"
+    with pytest.raises(streamkern.BackendUnavailable) as info:
+        CONSENSUS.resolve("cpu", CPU)
+    assert "backend 'cpu' cannot run" in str(info.value)
+    assert "\n  cpu     the C++ extension streamkern._C is not built (test)" in str(info.value)
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    with pytest.raises(streamkern.BackendUnavailable) as info:
+        streamkern.consensus_frame_scores(*_tiny(), backend="cuda")
+    msg = str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    assert "consensus_frame_scores: backend 'cuda' cannot run on cpu tensors" in msg
+    assert "CUDA" in msg and "torch   ok" in msg
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not _backend._triton():
+        with pytest.raises(streamkern.BackendUnavailable, match="TRITON_INTERPRET=1"):
+            streamkern.consensus_frame_scores(*_tiny(), backend="triton")
+    with streamkern.backend("cuda"), pytest.raises(streamkern.BackendUnavailable):
+        streamkern.consensus_frame_scores(*_tiny())  # the default is honoured, never a silent fallback
+
+
+def test_missing_implementation_is_reported():
+    table = _backend.OpBackends("demo_op", {"torch": lambda: None}, missing={"cpu": "no CPU kernel yet (test)"})
+    with pytest.raises(streamkern.BackendUnavailable, match="demo_op has no 'cpu' backend: no CPU kernel yet"):
+        table.resolve("cpu", CPU)
+    assert table.resolve("auto", CPU) == "torch"
+
+
+@pytest.mark.parametrize("bad", ["fast", "CPU", "", "gpu"])
+def test_invalid_backend_name(bad):
+    with pytest.raises(ValueError, match=f"backend: expected one of .* got {bad!r}"):
+        streamkern.set_backend(bad)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        with streamkern.backend(bad):
+            pass
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        streamkern.consensus_frame_scores(*_tiny(), backend=bad)
+    assert streamkern.current_backend() == "auto"
