@@ -27,7 +27,7 @@ def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
                       sc_l, sc_b, sc_t, sc_h, sc_d,
                       st_l, st_b, st_s, st_h, st_d,
                       sw_b, sw_s, norm,
-                      BLOCK_HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+                      FLAT: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
     pid = tl.program_id(0)
     split = pid // n_hd_blocks
     hd_block = pid % n_hd_blocks
@@ -38,11 +38,17 @@ def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
 
     hd = hd_block * BLOCK_HD + tl.arange(0, BLOCK_HD)
     hd_ok = hd < HD
-    h = (hd // D).to(tl.int64)
-    d = (hd % D).to(tl.int64)
+    if FLAT:  # both tensors hold each [H, D] row as H·D contiguous elements: contiguous (vector) loads
+        text_off = hd.to(tl.int64)
+        chunk_off = hd.to(tl.int64)
+    else:
+        h = (hd // D).to(tl.int64)
+        d = (hd % D).to(tl.int64)
+        text_off = h * st_h + d * st_d
+        chunk_off = h * sc_h + d * sc_d
 
     # 1. the q slice, float32
-    text_row = text_ptr + layer * st_l + b * st_b + h * st_h + d * st_d
+    text_row = text_ptr + layer * st_l + b * st_b + text_off
     q = tl.zeros([BLOCK_HD], dtype=tl.float32)
     wsum = tl.zeros([BLOCK_S], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
@@ -56,7 +62,7 @@ def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
     q = q / (tl.sum(wsum, axis=0) + 1e-8)
 
     # 2. the tokens of this split, frame by frame
-    chunk_row = chunk_ptr + layer * sc_l + b * sc_b + h * sc_h + d * sc_d
+    chunk_row = chunk_ptr + layer * sc_l + b * sc_b + chunk_off
     t0 = split * tokens_per_split
     t1 = tl.minimum(t0 + tokens_per_split, L)
     scale = lam * norm
@@ -83,14 +89,19 @@ def _layer_table(layers: tuple, layer_weights: tuple, device: torch.device):
     return ids.to(device), lam.to(device)
 
 
-def _launch_shape(n_programs_per_split: int, L: int, S: int, device: torch.device) -> int:
-    """Number of token splits: enough programs to fill the GPU, but each split at least ~max(S, 256) tokens
-    so that re-reading the text-key slice per split stays cheap next to the chunk keys."""
+def _splits(n_programs_per_split: int, L: int, S: int, device: torch.device) -> int:
+    """Number of token splits: enough programs to fill the GPU, but each split at least ~2·S tokens (and 256)
+    so that re-reading the text-key slice per split stays well under the chunk-key reads."""
     if device.type != "cuda":
         return max(1, min(2, L))  # interpreter: exercise the multi-split path on tiny shapes
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     wanted = math.ceil(target / max(1, n_programs_per_split))
-    return max(1, min(wanted, math.ceil(L / max(S, 256))))
+    return max(1, min(wanted, L // max(2 * S, 256)))
+
+
+def _flat(x: torch.Tensor) -> bool:
+    """Each ``[H, D]`` row of ``x [NL, B, T, H, D]`` is one contiguous run of H·D elements."""
+    return x.stride(4) == 1 and (x.stride(3) == x.shape[4] or x.shape[3] == 1)
 
 
 def consensus_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch.Tensor, frame_seq_len: int,
@@ -104,12 +115,12 @@ def consensus_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch
     F = L // frame_seq_len
     HD = H * D
     out = torch.zeros(B, F, dtype=torch.float32, device=chunk_k.device)
-    if out.numel() == 0:
+    if out.numel() == 0 or HD == 0:
         return out
     ids, lam = _layer_table(tuple(layers), tuple(layer_weights), chunk_k.device)
-    BLOCK_HD = min(128, triton.next_power_of_2(HD))
+    BLOCK_HD = min(64, triton.next_power_of_2(HD))
     n_hd = triton.cdiv(HD, BLOCK_HD)
-    splits = _launch_shape(n_hd * B * len(layers), L, S, chunk_k.device)
+    splits = _splits(n_hd * B * len(layers), L, S, chunk_k.device)
     tokens_per_split = triton.cdiv(L, splits)
     splits = triton.cdiv(L, tokens_per_split)
     sw_b = weights.stride(0) if weights.dim() == 2 else 0
@@ -119,6 +130,6 @@ def consensus_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch
         L, S, HD, D, F, frame_seq_len, tokens_per_split, n_hd,
         *chunk_k.stride(), *text_k.stride(), sw_b, weights.stride(-1),
         1.0 / (H * math.sqrt(D) * frame_seq_len),
-        BLOCK_HD=BLOCK_HD, BLOCK_S=32, BLOCK_T=32,
+        FLAT=_flat(chunk_k) and _flat(text_k), BLOCK_HD=BLOCK_HD, BLOCK_S=32, BLOCK_T=32,
     )
     return out
