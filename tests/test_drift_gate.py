@@ -162,13 +162,14 @@ def test_drift_nan_image_and_empty_batch(bd):
 
 
 def _trajectory(steps, B, H, W, seed, device="cpu"):
-    """Random steps: images drifting by a small, medium or large amount, states that sometimes jump."""
+    """Random steps: a scene plus small, medium or large noise (bounded values, so fp32 pooling rounding stays far
+    below the differences), states that sometimes jump."""
     g = torch.Generator().manual_seed(seed)
-    image = torch.rand(B, 3, H, W, generator=g)
+    scene = torch.rand(B, 3, H, W, generator=g)
     state = torch.zeros(B, 7)
     for _ in range(steps):
-        scale = (0.01, 0.4, 3.0)[int(torch.randint(0, 3, (), generator=g))]
-        image = image + scale * torch.randn(image.shape, generator=g)
+        scale = (0.05, 0.5, 3.0)[int(torch.randint(0, 3, (), generator=g))]
+        image = scene + scale * torch.randn(scene.shape, generator=g)
         jump = 0.3 if torch.rand((), generator=g) < 0.2 else 0.02
         state = state + jump * (2 * torch.rand(state.shape, generator=g) - 1)
         yield image.to(device), state.to(device)
@@ -240,8 +241,8 @@ def test_gate_first_frame_state_guard_and_nan(bd):
     assert gate.cached_kv() == "kv0"
     at = state.clone()
     at[0, 2] = 0.25                                          # exactly the threshold: no state trigger
-    run, why, d = gate.should_recompute(image, at)
-    assert (bool(run), int(why), float(d)) == (False, sk.GateReason.REUSE, 0.0)
+    run, why, d = gate.should_recompute(image, at)        # same image: drift 0 up to the pooling's rounding
+    assert (bool(run), int(why)) == (False, sk.GateReason.REUSE) and abs(float(d)) < 1e-6
     above = state.clone()
     above[0, 1] = -0.3
     run, why, d = gate.should_recompute(image, above)
