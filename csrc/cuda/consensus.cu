@@ -140,7 +140,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t0 = split * tokens_per_split;
   const int64_t t1 = t0 + tokens_per_split < p.L ? t0 + tokens_per_split : p.L;
   float acc = 0.f;
-  int64_t frame = -1;  // the frame `acc` belongs to
+  int64_t frame = -1;     // the frame `acc` belongs to
+  int64_t t_frame = 0;    // the frame of this group's latest token, valid below t_frame_end
+  int64_t t_frame_end = 0;  // (no division per token: a group's tokens only increase)
   for (int64_t base = t0; base < t1; base += kGroups * kUnroll) {
     float x[kUnroll][V];
 #pragma unroll
@@ -158,7 +160,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t t = base + u * kGroups + group;
       const bool valid = t < t1;
-      const int64_t f = valid ? t / p.frame_seq_len : frame;
+      if (valid && t >= t_frame_end) {
+        t_frame = t / p.frame_seq_len;
+        t_frame_end = (t_frame + 1) * p.frame_seq_len;
+      }
+      const int64_t f = valid ? t_frame : frame;
       if (__any_sync(kFull, frame >= 0 && f != frame)) {
         const float r = group_sum(acc);
         if (lane == 0 && frame >= 0) atomicAdd(out + frame, r * scale);
