@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "streamkern/drift_gate_math.h"
@@ -31,7 +33,7 @@ void weighted_drift_kernel(at::Tensor& drift, at::Tensor& small, const at::Tenso
   const float inv = scale / static_cast<float>(pool * pool);
   std::vector<float> partial(B * h);
   at::parallel_for(0, B * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(w);
+    std::vector<float> row(w), colmax(w);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / h, y = task % h;
       const ImportanceMap map{imp + b * importance.stride(0), importance.stride(1), importance.stride(2), gh, gw};
@@ -40,18 +42,34 @@ void weighted_drift_kernel(at::Tensor& drift, at::Tensor& small, const at::Tenso
         const T* src = img + b * si0 + c * si1 + y * pool * si2;
         for (int64_t x = 0; x < w; ++x) {
           float acc = 0.f;
-          for (int64_t r = 0; r < pool; ++r)
-            for (int64_t s = 0; s < pool; ++s) acc += static_cast<float>(src[r * si2 + (x * pool + s) * si3]);
+          for (int64_t r = 0; r < pool; ++r) {
+            const T* line = src + r * si2 + x * pool * si3;
+            if (si3 == 1) {
+              for (int64_t s = 0; s < pool; ++s) acc += static_cast<float>(line[s]);
+            } else {
+              for (int64_t s = 0; s < pool; ++s) acc += static_cast<float>(line[s * si3]);
+            }
+          }
           const float v = acc * inv;
           out[((b * C + c) * h + y) * w + x] = static_cast<S>(v);
           row[x] += std::abs(v - static_cast<float>(prev[b * sp0 + c * sp1 + y * sp2 + x * sp3]));
         }
       }
+      // The max-pool window is separable: the max over the window's rows of the up-sampled map, per column, then
+      // the max of that over the window's columns (NaN propagates through both maxima as in PyTorch).
+      const int64_t r = dilation / 2, y0 = std::max<int64_t>(0, y - r), y1 = std::min<int64_t>(h - 1, y + r);
+      for (int64_t x = 0; x < w; ++x) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t yy = y0; yy <= y1; ++yy) m = nan_max(m, upsampled(map, int(h), int(w), int(yy), int(x)));
+        colmax[x] = m;
+      }
       float sum = 0.f;
-      for (int64_t x = 0; x < w; ++x)
-        sum += row[x] / static_cast<float>(C) *
-               dilated_weight(map, static_cast<int>(h), static_cast<int>(w), static_cast<int>(y), static_cast<int>(x),
-                              static_cast<int>(dilation));
+      for (int64_t x = 0; x < w; ++x) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t xx = std::max<int64_t>(0, x - r); xx <= std::min<int64_t>(w - 1, x + r); ++xx)
+          m = nan_max(m, colmax[xx]);
+        sum += row[x] / static_cast<float>(C) * m;
+      }
       partial[task] = sum;
     }
   });

@@ -30,6 +30,17 @@ __device__ float block_sum(float v, float* scratch) {
   return v;
 }
 
+constexpr int64_t kStagedCells = 4096;
+
+// max over the (2r+1)² window of the staged up-sampled map, in-range taps only.
+__device__ float staged_dilated(const float* up, int64_t h, int64_t w, int64_t y, int64_t x, int r) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t yy = y - r < 0 ? 0 : y - r; yy <= (y + r >= h ? h - 1 : y + r); ++yy)
+    for (int64_t xx = x - r < 0 ? 0 : x - r; xx <= (x + r >= w ? w - 1 : x + r); ++xx)
+      best = nan_max(best, up[yy * w + xx]);
+  return best;
+}
+
 template <typename T, typename S>
 __global__ void __launch_bounds__(kThreads) weighted_drift_kernel(WeightedDriftParams p, float scale) {
   __shared__ float scratch[32];
@@ -39,6 +50,16 @@ __global__ void __launch_bounds__(kThreads) weighted_drift_kernel(WeightedDriftP
   S* out = static_cast<S*>(p.small) + b * p.C * p.h * p.w;
   const ImportanceMap map{p.importance + b * p.simp[0], p.simp[1], p.simp[2], p.gh, p.gw};
   const float inv = scale / static_cast<float>(p.pool * p.pool);
+  // Up-sampled map staged in shared memory when it fits (the 28×28 grid of a 224² image does), so each cell's
+  // dilation is d² shared loads; larger grids recompute the bilinear taps per window position.
+  __shared__ float up[kStagedCells];
+  const bool staged = p.h * p.w <= kStagedCells;
+  if (staged) {
+    for (int64_t e = threadIdx.x; e < p.h * p.w; e += blockDim.x)
+      up[e] = upsampled(map, static_cast<int>(p.h), static_cast<int>(p.w), static_cast<int>(e / p.w),
+                        static_cast<int>(e % p.w));
+    __syncthreads();
+  }
   float total = 0.f;
   for (int64_t e = threadIdx.x; e < p.h * p.w; e += blockDim.x) {
     const int64_t y = e / p.w, x = e % p.w;
@@ -52,9 +73,11 @@ __global__ void __launch_bounds__(kThreads) weighted_drift_kernel(WeightedDriftP
       out[c * p.h * p.w + e] = from_float<S>(v);
       diff += fabsf(v - to_float(prev[c * p.sp[1] + y * p.sp[2] + x * p.sp[3]]));
     }
-    total += diff / static_cast<float>(p.C) *
-             dilated_weight(map, static_cast<int>(p.h), static_cast<int>(p.w), static_cast<int>(y),
-                            static_cast<int>(x), p.dilation);
+    const float weight =
+        staged ? staged_dilated(up, p.h, p.w, y, x, p.dilation / 2)
+               : dilated_weight(map, static_cast<int>(p.h), static_cast<int>(p.w), static_cast<int>(y),
+                                static_cast<int>(x), p.dilation);
+    total += diff / static_cast<float>(p.C) * weight;
   }
   total = block_sum(total, scratch);
   if (threadIdx.x == 0) p.drift[b] = total;

@@ -47,6 +47,9 @@ STREAMKERN_HD float upsampled(const ImportanceMap& m, int h, int w, int y, int x
          ty.l1 * (tx.l0 * r1[tx.i0 * m.s_w] + tx.l1 * r1[tx.i1 * m.s_w]);
 }
 
+// max(a, b) that returns NaN when either is NaN (PyTorch's max pooling keeps a NaN once it has seen one).
+STREAMKERN_HD float nan_max(float a, float b) { return (b > a || b != b || a != a) ? (a != a ? a : b) : a; }
+
 // max_pool2d(upsampled, dilation, stride=1, padding=dilation/2)[y, x]; out-of-range taps are skipped (-inf padding),
 // NaN propagates as in PyTorch's max pooling.
 STREAMKERN_HD float dilated_weight(const ImportanceMap& m, int h, int w, int y, int x, int dilation) {
@@ -56,9 +59,7 @@ STREAMKERN_HD float dilated_weight(const ImportanceMap& m, int h, int w, int y, 
   float best = -std::numeric_limits<float>::infinity();
   for (int yy = y0; yy <= y1; ++yy)
     for (int xx = x0; xx <= x1; ++xx) {
-      const float v = upsampled(m, h, w, yy, xx);
-      if (v > best || v != v) best = v;
-      if (best != best) return best;
+      best = nan_max(best, upsampled(m, h, w, yy, xx));
     }
   return best;
 }
