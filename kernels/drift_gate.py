@@ -12,6 +12,7 @@ rows of its share into ``workspace[b, split, :]``; a second launch (grid ``B``) 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -19,12 +20,10 @@ import triton.language as tl
 
 @triton.jit
 def _weighted_drift_kernel(drift_ptr, small_ptr, img_ptr, prev_ptr, imp_ptr, C, h, w, gh, gw,
-                           si0, si1, si2, si3, sp0, sp1, sp2, sp3, sq0, sq1, sq2, inv,
+                           si0, si1, si2, si3, sp0, sp1, sp2, sp3, sq0, sq1, sq2, inv, scale_y, scale_x,
                            POOL: tl.constexpr, DIL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_PP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     hw = h * w
-    scale_y = gh.to(tl.float32) / h.to(tl.float32)
-    scale_x = gw.to(tl.float32) / w.to(tl.float32)
     k = tl.arange(0, BLOCK_PP)
     r = k // POOL
     s = k % POOL
@@ -71,6 +70,11 @@ def _weighted_drift_kernel(drift_ptr, small_ptr, img_ptr, prev_ptr, imp_ptr, C, 
     tl.store(drift_ptr + b, tl.sum(total, axis=0))
 
 
+def _f32_ratio(a: int, b: int) -> float:
+    """``float(a) / float(b)`` rounded as float32 arithmetic rounds it (PyTorch's bilinear source scale)."""
+    return float(np.float32(a) / np.float32(b))
+
+
 def weighted_drift(drift: torch.Tensor, small: torch.Tensor, image: torch.Tensor, prev_small: torch.Tensor,
                    importance: torch.Tensor, pool: int, dilation: int) -> None:
     """Fill ``drift [B]`` and contiguous ``small [B, C, h, w]`` (see the module doc); one launch."""
@@ -84,6 +88,7 @@ def weighted_drift(drift: torch.Tensor, small: torch.Tensor, image: torch.Tensor
     _weighted_drift_kernel[(B,)](
         drift, small, image, prev_small, importance, C, h, w, importance.shape[1], importance.shape[2],
         *image.stride(), *prev_small.stride(), *importance.stride(), scale / (pool * pool),
+        _f32_ratio(importance.shape[1], h), _f32_ratio(importance.shape[2], w),
         POOL=pool, DIL=dilation, BLOCK=block, BLOCK_PP=block_pp)
 
 
