@@ -84,6 +84,7 @@ DRIFT_CASES = [  # (B, C, H, W, pool, dilation, grid)
     pytest.param((3, 1, 32, 16, 16, 1, (1, 1)), id="B3-C1-32x16-p16-d1-g1x1"),
     pytest.param((1, 2, 28, 20, 4, 7, (3, 6)), id="B1-C2-28x20-p4-d7-g3x6"),
     pytest.param((1, 3, 8, 8, 8, 7, (2, 2)), id="B1-8x8-p8-d7-1cell"),
+    pytest.param((1, 1, 72, 72, 1, 3, (16, 16)), id="B1-C1-72x72-p1-d3-5184cells"),  # over CUDA's staged 4096
 ]
 
 
