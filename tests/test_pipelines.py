@@ -144,7 +144,7 @@ SMALL_POLICY = dict(num_layers=18, heads=1, head_dim=16, text_tokens=2, denoise_
 
 @pytest.mark.parametrize("backend_device", PATHS)
 def test_gated_policy_matches_the_seed_gate(backend_device):
-    eager, accel = _pair(GatedPolicy, backend_device, (12,), **SMALL_POLICY)
+    eager, accel = _pair(GatedPolicy, backend_device, (8,), **SMALL_POLICY)
     assert torch.equal(accel.outputs["reasons"], eager.outputs["reasons"])
     assert set(eager.outputs["reasons"].tolist()) == {0, 1, 2, 3}    # reuse, state, vision, first all happen
     assert_parity(accel.outputs["actions"], eager.outputs["actions"], torch.float32, "actions")
@@ -155,8 +155,8 @@ def test_gated_policy_matches_the_seed_gate(backend_device):
 @pytest.mark.parametrize("backend_device", ACCEL)
 def test_gated_policy_reads_only_its_decision(backend_device):
     backend, device = backend_device
-    run = GatedPolicy(backend=backend, device=device, **SMALL_POLICY).run(6, forbid_syncs=True)
-    assert run.step_syncs == [1] * 6
+    run = GatedPolicy(backend=backend, device=device, **SMALL_POLICY).run(3, forbid_syncs=True)
+    assert run.step_syncs == [1] * 3
 
 
 # --- SpeculativeVAR ----------------------------------------------------------------------------------------------
