@@ -117,6 +117,8 @@ SMALL_STREAM = dict(num_layers=3, heads=2, head_dim=8, frame_seq_len=4, window_f
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("backend_device", PATHS)
 def test_streaming_generator_matches_eager_over_a_long_stream(backend_device, dtype):
+    if backend_device == ("triton", "cpu") and dtype != torch.float32:
+        pytest.skip("Triton interpreter: fp32 only here (the ops' own tests cover every dtype)")
     eager, accel = _pair(StreamingGenerator, backend_device, (12,), dtype=dtype, **SMALL_STREAM)
     assert accel.outputs["frames"].shape == (12, 1, 12, 16) and accel.outputs["frames"].dtype == dtype
     assert_parity(accel.outputs["frames"], eager.outputs["frames"], dtype, "frames")
