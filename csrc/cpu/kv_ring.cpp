@@ -42,20 +42,26 @@ void token_copy_cpu(const TokenCopyParams& p, int64_t element_size) {
   });
 }
 
-namespace {
-
-void ring_write_cpu(at::Tensor cache_k, at::Tensor cache_v, const at::Tensor& k_new, const at::Tensor& v_new,
-                    int64_t start, int64_t sink) {
+TokenCopyParams ring_write_params(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k_new,
+                                  const at::Tensor& v_new, int64_t start, int64_t sink) {
+  TORCH_CHECK_VALUE(cache_k.dim() == 5 && k_new.dim() == 5, "cache_k, k_new: expected 5-d tensors");
   const int64_t S = cache_k.size(2);
   TORCH_CHECK_VALUE(0 <= sink && sink < S, "sink: expected an int in [0, ", S - 1, "], got ", sink);
   TORCH_CHECK_VALUE(0 <= start && start < S, "start: expected an int in [0, ", S - 1, "], got ", start);
-  TORCH_CHECK_VALUE(k_new.dim() == 5 && k_new.size(2) <= S - sink, "k_new: expected at most window=", S - sink,
-                    " new tokens");
+  TORCH_CHECK_VALUE(k_new.size(2) <= S - sink, "k_new: expected at most window=", S - sink, " new tokens, got ",
+                    k_new.size(2));
   TokenCopyParams p = token_copy_params(cache_k, cache_v, k_new, v_new, k_new.size(2));
   p.dst_base.offset = start;
   p.wrap_at = S;
   p.wrap_by = S - sink;
-  token_copy_cpu(p, cache_k.element_size());
+  return p;
+}
+
+namespace {
+
+void ring_write_cpu(at::Tensor cache_k, at::Tensor cache_v, const at::Tensor& k_new, const at::Tensor& v_new,
+                    int64_t start, int64_t sink) {
+  token_copy_cpu(ring_write_params(cache_k, cache_v, k_new, v_new, start, sink), cache_k.element_size());
 }
 
 }  // namespace

@@ -16,6 +16,9 @@ inline TokenCopyParams token_copy_params(at::Tensor& dst_k, at::Tensor& dst_v, c
   TORCH_CHECK(dst_k.scalar_type() == src_k.scalar_type() && dst_v.scalar_type() == src_v.scalar_type() &&
                   dst_k.scalar_type() == dst_v.scalar_type(),
               "streamkern: token copy expects one dtype");
+  TORCH_CHECK(dst_v.device() == dst_k.device() && src_k.device() == dst_k.device() &&
+                  src_v.device() == dst_k.device(),
+              "streamkern: token copy expects all tensors on one device");
   TokenCopyParams p;
   p.NL = dst_k.size(0);
   p.B = dst_k.size(1);
@@ -51,6 +54,10 @@ inline TokenBase token_index(const at::Tensor& index, int64_t batch, int64_t lim
   tb.scale = scale;
   return tb;
 }
+
+// The parameters of ring_write_ (defined in csrc/cpu/kv_ring.cpp, used by its CPU op and CUDA binding).
+TokenCopyParams ring_write_params(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k_new,
+                                  const at::Tensor& v_new, int64_t start, int64_t sink);
 
 // The parameters of bank_insert_ (defined in csrc/cpu/bank_insert.cpp, used by its CPU op and CUDA binding).
 TokenCopyParams bank_insert_params(at::Tensor& bank_k, at::Tensor& bank_v, const at::Tensor& chunk_k,
