@@ -1,0 +1,261 @@
+"""KVRing / ring_write: the random-append property test against the source pipelines' cat-and-slice caches,
+parity of ring_write with the float64 torch reference, odd shapes and strides, bad inputs, opcheck, compile, syncs."""
+import random
+
+import pytest
+import torch
+from conftest import backend_params
+
+import streamkern
+from streamkern.reference import kv_ring as ref
+from streamkern.testing import assert_parity
+
+STEPS = {"torch": 10_000, "cpu": 10_000, "triton": 300, "cuda": 3_000}
+CONFIGS = [(sink, window, dtype) for sink, window in ((0, 5), (1, 7), (7, 11)) for dtype in (torch.float32,
+                                                                                         torch.bfloat16)]
+
+
+def _attention64(q, k, v):
+    """softmax(q·kᵀ/√D)·v over the token dim in float64; q [B, H, D], k/v [NL, B, N, H, D] -> [NL, B, H, D]."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = torch.einsum("bhd,lbnhd->lbhn", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("lbhn,lbnhd->lbhd", s.softmax(-1), v)
+
+
+def _ring_attention(q, ring):
+    """Attention over the ring's valid slots, in physical slot order, float32."""
+    valid = ring.positions >= 0
+    k, v = ring.k[:, :, valid].float(), ring.v[:, :, valid].float()
+    s = torch.einsum("bhd,lbnhd->lbhn", q.float(), k) * q.shape[-1] ** -0.5
+    return torch.einsum("lbhn,lbnhd->lbhd", s.softmax(-1), v)
+
+
+def _new_tokens(T, dtype, device, gen):
+    """Random [NL=2, B=1, T, H=2, D=4] keys/values; every other draw a non-contiguous view."""
+    if torch.randint(2, (1,), generator=gen).item():
+        return torch.randn(2, 1, T, 4, 2, generator=gen).to(device, dtype).transpose(3, 4)
+    return torch.randn(2, 1, T, 2, 4, generator=gen).to(device, dtype)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_random_appends_match_reference_caches(bd):
+    """STEPS[backend] appends in all, spread over sinks 0/1/7, prime windows, fp32/bf16; each config wraps many
+    times. After every append: the (position, k, v) of the valid slots equal the reference cache bit for bit,
+    attention of random queries agrees (parity metric), and slots not written are bit-identical."""
+    backend, device = bd
+    gen = torch.Generator().manual_seed(3)
+    rng = random.Random(3)
+    rings = [(streamkern.KVRing(2, 1, 2, 4, window, sink, dtype, device, backend=backend),
+              (ref.CatCache if i % 2 else ref.ShiftCache)(2, 1, 2, 4, window, sink, dtype, device))
+             for i, (sink, window, dtype) in enumerate(CONFIGS)]
+    for step in range(STEPS[backend]):
+        ring, cache = rings[step % len(rings)]
+        T = rng.randint(1, ring.window)
+        k_new, v_new = _new_tokens(T, ring.k.dtype, device, gen), _new_tokens(T, ring.k.dtype, device, gen)
+        before_k, before_v, before_pos = ring.k.clone(), ring.v.clone(), ring.positions.clone()
+        ring.append(k_new, v_new)
+        cache.append(k_new, v_new)
+        ck, cv, cpos = cache.valid()
+        valid = ring.positions >= 0
+        order = ring.positions[valid].argsort()
+        slots = valid.nonzero().squeeze(1)[order]
+        assert ring.length == ck.shape[2] == slots.numel(), f"step {step}"
+        assert torch.equal(ring.positions[slots], cpos), f"step {step}: positions"
+        assert torch.equal(ring.k[:, :, slots], ck) and torch.equal(ring.v[:, :, slots], cv), f"step {step}"
+        written = torch.zeros_like(valid)
+        for slot, _, n in ref.ring_slices(ring.slot_of(ring.count - T), T, ring.size, ring.sink):
+            written[slot:slot + n] = True
+        kept = ~written
+        assert torch.equal(ring.k[:, :, kept], before_k[:, :, kept]), f"step {step}: untouched k slots changed"
+        assert torch.equal(ring.v[:, :, kept], before_v[:, :, kept]), f"step {step}: untouched v slots changed"
+        assert torch.equal(ring.positions[kept], before_pos[kept])
+        if step % 7 == 0:
+            q = torch.randn(1, 2, 4, generator=gen).to(device)
+            assert_parity(_ring_attention(q, ring), _attention64(q, ck, cv), ring.k.dtype, f"attention, step {step}")
+    for ring, cache in rings:
+        assert ring.count > 10 * ring.size  # every config wrapped many times
+        ok, ov = ring.ordered()
+        assert torch.equal(ok, cache.valid()[0]) and torch.equal(ov, cache.valid()[1])
+
+
+def test_reference_caches_agree():
+    gen = torch.Generator().manual_seed(0)
+    shift = ref.ShiftCache(3, 2, 2, 3, 6, 2, torch.float32)
+    cat = ref.CatCache(3, 2, 2, 3, 6, 2, torch.float32)
+    for T in (1, 6, 3, 4, 2, 5, 6, 1, 1):
+        k, v = torch.randn(3, 2, T, 2, 3, generator=gen), torch.randn(3, 2, T, 2, 3, generator=gen)
+        shift.append(k, v)
+        cat.append(k, v)
+        for a, b in zip(shift.valid(), cat.valid()):
+            assert torch.equal(a, b)
+
+
+# ---- ring_write against the float64 reference -----------------------------------------------------------------
+
+CASES = [  # NL, B, sink, window, H, D, T, start
+    pytest.param((1, 1, 0, 1, 1, 1, 1, 0), id="all-ones"),
+    pytest.param((3, 2, 2, 7, 3, 5, 4, 7), id="wrap-NL3-B2-H3-D5"),
+    pytest.param((2, 3, 0, 13, 2, 7, 13, 5), id="T=window-wrap-D7"),
+    pytest.param((2, 1, 5, 11, 1, 8, 3, 1), id="sink-phase-D8"),
+    pytest.param((1, 2, 3, 5, 4, 16, 2, 3), id="start-at-sink-D16"),
+    pytest.param((2, 1, 1, 3, 2, 4, 0, 2), id="empty-T0"),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _case(case, dtype, device, how="contiguous"):
+    NL, B, sink, window, H, D, T, start = case
+    gen = torch.Generator().manual_seed(sum(case))
+    S = sink + window
+    if how == "strided-cache":  # storage [B, NL, S+2, H, D], viewed as [NL, B, S, H, D]
+        base = torch.randn(B, NL, S + 2, H, D, generator=gen).to(device, dtype)
+        cache_k = base.transpose(0, 1)[:, :, 1:S + 1]
+        cache_v = torch.randn(B, NL, S + 2, H, D, generator=gen).to(device, dtype).transpose(0, 1)[:, :, 1:S + 1]
+    else:
+        cache_k = torch.randn(NL, B, S, H, D, generator=gen).to(device, dtype)
+        cache_v = torch.randn(NL, B, S, H, D, generator=gen).to(device, dtype)
+    if how == "contiguous":
+        k_new = torch.randn(NL, B, T, H, D, generator=gen).to(device, dtype)
+        v_new = torch.randn(NL, B, T, H, D, generator=gen).to(device, dtype)
+    else:  # k_new permuted, v_new every other token of a longer tensor
+        k_new = torch.randn(D, T, B, NL, H, generator=gen).to(device, dtype).permute(3, 2, 1, 4, 0)
+        v_new = torch.randn(NL, B, 2 * T, H, D, generator=gen).to(device, dtype)[:, :, ::2]
+    return cache_k, cache_v, k_new, v_new, start, sink
+
+
+def _check_against_reference64(bd, cache_k, cache_v, k_new, v_new, start, sink):
+    want_k, want_v = cache_k.double(), cache_v.double()
+    ref.ring_write(want_k, want_v, k_new.double(), v_new.double(), start, sink)  # the "torch" backend in float64
+    streamkern.ring_write(cache_k, cache_v, k_new, v_new, start, sink=sink, backend=bd[0])
+    assert torch.equal(cache_k.double(), want_k) and torch.equal(cache_v.double(), want_v)
+    assert_parity(cache_k, want_k, cache_k.dtype, "cache_k")
+    assert_parity(cache_v, want_v, cache_v.dtype, "cache_v")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bd", backend_params())
+def test_ring_write_parity(bd, dtype, case):
+    _check_against_reference64(bd, *_case(case, dtype, bd[1]))
+
+
+@pytest.mark.parametrize("how", ["strided-new", "strided-cache"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bd", backend_params())
+def test_ring_write_non_contiguous(bd, dtype, how):
+    _check_against_reference64(bd, *_case(CASES[1].values[0], dtype, bd[1], how))
+
+
+def test_ring_slots_follow_the_formula():
+    ring = streamkern.KVRing(1, 1, 1, 1, window=4, sink=2, dtype=torch.float32, backend="torch")
+    for T in (3, 2, 4):  # tokens 0..8
+        ring.append(torch.zeros(1, 1, T, 1, 1), torch.zeros(1, 1, T, 1, 1))
+    # slots 0, 1: sinks; token n >= 2 in slot 2 + (n - 2) % 4, the last writer wins -> 6, 7, 8, 5
+    assert ring.positions.tolist() == [0, 1, 6, 7, 8, 5]
+    assert ring.length == 6
+    ring.reset()
+    assert ring.length == 0 and ring.positions.tolist() == [-1] * 6
+    assert ring.ordered()[0].shape == (1, 1, 0, 1, 1)
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------------
+
+def _good():
+    return (torch.zeros(2, 1, 6, 2, 4), torch.zeros(2, 1, 6, 2, 4), torch.ones(2, 1, 3, 2, 4),
+            torch.ones(2, 1, 3, 2, 4), 1)
+
+
+BAD = [
+    pytest.param(lambda a: (a[0][0],) + a[1:], {}, ValueError, "cache_k: expected a 5-d", id="cache-rank"),
+    pytest.param(lambda a: a[:2] + (a[2].half(),) + a[3:], {}, TypeError, "k_new: expected dtype", id="dtype"),
+    pytest.param(lambda a: a[:3] + (a[3][:, :, :2],) + a[4:], {}, ValueError, "v_new: expected shape", id="v-shape"),
+    pytest.param(lambda a: (a[0][:, :, :5],) + a[1:], {}, ValueError, "cache_v: expected shape", id="cache-shape"),
+    pytest.param(lambda a: a[:2] + (a[2][:, :, :, :1],) + a[3:], {}, ValueError, "k_new: expected shape",
+                 id="heads"),
+    pytest.param(lambda a: a[:4] + (6,), {}, ValueError, "start: expected an int in \\[0, 5\\]", id="start-high"),
+    pytest.param(lambda a: a[:4] + (-1,), {}, ValueError, "start", id="start-negative"),
+    pytest.param(lambda a: a[:4] + (1.0,), {}, TypeError, "start: expected an int", id="start-float"),
+    pytest.param(lambda a: a, {"sink": 6}, ValueError, "sink: expected an int in \\[0, 5\\]", id="sink"),
+    pytest.param(lambda a: a, {"sink": 4}, ValueError, "k_new: expected at most window=2", id="T>window"),
+    pytest.param(lambda a: (torch.zeros(2, 1, 6, 4, 2).transpose(3, 4),) + a[1:], {}, ValueError,
+                 "cache_k: expected the last two dims", id="cache-rows-strided"),
+    pytest.param(lambda a: (a[0].numpy(),) + a[1:], {}, TypeError, "cache_k: expected a torch.Tensor", id="numpy"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("bad, kwargs, exc, msg", BAD)
+def test_bad_inputs_raise_before_writing(backend, bad, kwargs, exc, msg):
+    args = bad(_good())
+    snapshot = [a.clone() for a in args[:2] if isinstance(a, torch.Tensor)]
+    with pytest.raises(exc, match=msg):
+        streamkern.ring_write(*args, backend=backend, **kwargs)
+    for a, s in zip([a for a in args[:2] if isinstance(a, torch.Tensor)], snapshot):
+        assert torch.equal(a, s)
+
+
+def test_kvring_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="window: expected an int in \\[1"):
+        streamkern.KVRing(1, 1, 1, 1, window=0)
+    with pytest.raises(TypeError, match="dtype"):
+        streamkern.KVRing(1, 1, 1, 1, window=2, dtype=torch.int32)
+    ring = streamkern.KVRing(1, 1, 1, 2, window=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="k_new: expected 1 <= T <= window=2"):
+        ring.append(torch.zeros(1, 1, 0, 1, 2), torch.zeros(1, 1, 0, 1, 2))
+    with pytest.raises(ValueError, match="k_new: expected at most window=2"):
+        ring.append(torch.zeros(1, 1, 3, 1, 2), torch.zeros(1, 1, 3, 1, 2))
+    assert ring.count == 0 and ring.positions.tolist() == [-1, -1]
+
+
+def test_extension_op_rejects_direct_misuse():
+    if "cpu" not in streamkern.available_backends("cpu"):
+        pytest.skip("extension not built")
+    a = _good()
+    with pytest.raises(ValueError, match="start"):
+        torch.ops.streamkern_C.ring_write_(a[0], a[1], a[2], a[3], 9, 0)
+    assert not a[0].any()
+
+
+# ---- torch.library integration and host syncs -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_opcheck(bd):
+    ck, cv, kn, vn, start, sink = _case(CASES[1].values[0], torch.float32, bd[1])
+    torch.library.opcheck(torch.ops.streamkern.ring_write.default, (ck, cv, kn, vn, start, sink, bd[0]))
+
+
+def test_torch_compile_fullgraph():
+    backend = "cpu" if "cpu" in streamkern.available_backends("cpu") else "torch"
+
+    def step(ck, cv, kn, vn):
+        streamkern.ring_write(ck, cv, kn * 2.0, vn, 7, sink=2, backend=backend)
+        return ck.sum(2)
+
+    args = _case(CASES[1].values[0], torch.float32, "cpu")[:4]
+    want = [a.clone() for a in args]
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    ref.ring_write(want[0], want[1], want[2] * 2.0, want[3], 7, 2)
+    assert torch.equal(args[0], want[0]) and torch.equal(args[1], want[1])
+    assert_parity(out, want[0].double().sum(2), torch.float32)
+
+
+_SYNCS = ("item", "__bool__", "__int__", "__float__", "tolist", "cpu")
+
+
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
+def test_append_never_syncs(bd, monkeypatch):
+    ring = streamkern.KVRing(2, 1, 2, 4, window=5, sink=1, dtype=torch.bfloat16, device=bd[1], backend=bd[0])
+    new = torch.randn(2, 1, 4, 2, 4, dtype=torch.bfloat16, device=bd[1])
+    ring.append(new, new)  # warm-up: compilation may read host values
+
+    def boom(*_a, **_k):
+        raise AssertionError("host sync on an accelerated path")
+
+    with monkeypatch.context() as m:
+        for name in _SYNCS:
+            m.setattr(torch.Tensor, name, boom)
+        for _ in range(3):
+            ring.append(new, new)
+        k, _ = ring.ordered()
+    assert ring.count == 16 and k.shape[2] == 6
+    assert torch.equal(k[:, :, 1:], torch.cat([new[:, :, 3:], new], dim=2)[:, :, -5:])
