@@ -1,0 +1,57 @@
+// bank_evict_select (DESIGN.md §4.2, seed 000 §2.3): the op schema and its CPU kernel.
+//
+//   coverage[e] = Σ_i mask[i, e];  redundant[i] = no entity e of slot i has coverage[e] < 2
+//   out = argmin_i evict_key(valid[i], redundant[i], scores[i], i)     (rank_keys.h: the whole rule in one key)
+//
+// Plain loops over M <= 64 slots and E <= 256 entities: two passes over the mask, any strides.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "streamkern/rank_keys.h"
+
+namespace streamkern {
+namespace {
+
+void bank_evict_select_cpu(at::Tensor out, const at::Tensor& scores, const at::Tensor& entity_mask,
+                           const at::Tensor& valid) {
+  TORCH_CHECK(scores.dim() == 1 && entity_mask.dim() == 2 && valid.dim() == 1 && out.dim() == 0,
+              "bank_evict_select_: expected scores [M], entity_mask [M, E], valid [M], out []");
+  const int64_t M = scores.size(0), E = entity_mask.size(1);
+  TORCH_CHECK(M >= 1 && M <= 64 && entity_mask.size(0) == M && valid.size(0) == M,
+              "bank_evict_select_: expected 1 <= M <= 64 slots in every argument");
+  TORCH_CHECK(entity_mask.scalar_type() == at::kBool && valid.scalar_type() == at::kBool &&
+              out.scalar_type() == at::kLong, "bank_evict_select_: expected bool mask/valid and int64 out");
+  const bool* mask = entity_mask.data_ptr<bool>();
+  const bool* ok = valid.data_ptr<bool>();
+  const int64_t m0 = entity_mask.stride(0), m1 = entity_mask.stride(1), sv = valid.stride(0);
+  const int64_t ss = scores.stride(0);
+
+  std::vector<int32_t> coverage(E, 0);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t e = 0; e < E; ++e) coverage[e] += mask[i * m0 + e * m1];
+
+  uint64_t best = ~uint64_t{0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "bank_evict_select_cpu", [&] {
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M; ++i) {
+      bool redundant = true;
+      for (int64_t e = 0; e < E && redundant; ++e) redundant = !(mask[i * m0 + e * m1] && coverage[e] < 2);
+      const uint64_t key = evict_key(ok[i * sv], redundant, static_cast<float>(s[i * ss]), static_cast<int>(i));
+      best = key < best ? key : best;
+    }
+  });
+  out.data_ptr<int64_t>()[0] = evict_slot(best);
+}
+
+}  // namespace
+}  // namespace streamkern
+
+TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
+  m.def("bank_evict_select_(Tensor(a!) out, Tensor scores, Tensor entity_mask, Tensor valid) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("bank_evict_select_", &streamkern::bank_evict_select_cpu); }

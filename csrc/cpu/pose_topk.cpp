@@ -1,0 +1,66 @@
+// pose_topk (DESIGN.md §4.2, seed 004): the op schema and its CPU kernel.
+//
+//   sim[i] = exp(-‖poses[i, :3] − current[:3]‖₂ / scale)    (float64, rounded to float: rank_keys.h)
+//   the k smallest pose_key(valid[i], sim[i], i) by a partial sort: descending sim, ties to the lowest index,
+//   NaN below numbers, invalid last -> idx -1 / sim 0.
+//
+// One pass over the first three columns of poses (any strides, fp32/fp16/bf16 read natively), then
+// std::partial_sort of N packed keys.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "streamkern/rank_keys.h"
+
+namespace streamkern {
+namespace {
+
+void pose_topk_cpu(at::Tensor idx, at::Tensor sim, const at::Tensor& poses, const at::Tensor& valid,
+                   const at::Tensor& current, double scale) {
+  TORCH_CHECK(poses.dim() == 2 && poses.size(1) >= 3 && valid.dim() == 1 && current.dim() == 1 &&
+              current.size(0) == poses.size(1) && valid.size(0) == poses.size(0),
+              "pose_topk_: expected poses [N, P >= 3], valid [N], current [P]");
+  const int64_t N = poses.size(0), k = idx.numel();
+  TORCH_CHECK(N < (int64_t{1} << kPoseIndexBits) && k <= N && sim.numel() == k, "pose_topk_: expected k <= N < 65536");
+  TORCH_CHECK(poses.scalar_type() == current.scalar_type() && valid.scalar_type() == at::kBool &&
+              idx.scalar_type() == at::kLong && sim.scalar_type() == at::kFloat,
+              "pose_topk_: expected poses/current of one dtype, bool valid, int64 idx, float32 sim");
+  const bool* ok = valid.data_ptr<bool>();
+  const int64_t p0 = poses.stride(0), p1 = poses.stride(1), sc = current.stride(0), sv = valid.stride(0);
+
+  std::vector<float> sims(N);
+  std::vector<uint64_t> keys(N);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, poses.scalar_type(), "pose_topk_cpu", [&] {
+    const scalar_t* p = poses.data_ptr<scalar_t>();
+    const scalar_t* c = current.data_ptr<scalar_t>();
+    const double cx = static_cast<double>(c[0]), cy = static_cast<double>(c[sc]), cz = static_cast<double>(c[2 * sc]);
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t* row = p + i * p0;
+      sims[i] = pose_similarity(static_cast<double>(row[0]) - cx, static_cast<double>(row[p1]) - cy,
+                                static_cast<double>(row[2 * p1]) - cz, scale);
+      keys[i] = pose_key(ok[i * sv], sims[i], static_cast<int>(i));
+    }
+  });
+  std::partial_sort(keys.begin(), keys.begin() + k, keys.end());
+  int64_t* out_idx = idx.data_ptr<int64_t>();
+  float* out_sim = sim.data_ptr<float>();
+  const int64_t si = idx.stride(0), ssim = sim.stride(0);
+  for (int64_t r = 0; r < k; ++r) {
+    const bool chosen = pose_key_chosen(keys[r]);
+    out_idx[r * si] = chosen ? pose_key_index(keys[r]) : -1;
+    out_sim[r * ssim] = chosen ? sims[pose_key_index(keys[r])] : 0.0f;
+  }
+}
+
+}  // namespace
+}  // namespace streamkern
+
+TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
+  m.def("pose_topk_(Tensor(a!) idx, Tensor(b!) sim, Tensor poses, Tensor valid, Tensor current, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("pose_topk_", &streamkern::pose_topk_cpu); }
