@@ -41,6 +41,25 @@ def ring_write(cache_k, cache_v, k_new, v_new, start: int, sink: int) -> None:
         cache_v[:, :, slot:slot + n] = v_new[:, :, tok:tok + n]
 
 
+def shift_write(cache_k, cache_v, k_new, v_new, filled: int, sink: int) -> int:
+    """Self-Forcing's cache update on caches holding ``filled`` tokens in slots ``[0, filled)``: if the ``T`` new
+    tokens do not fit, shift the newest non-sink tokens left by ``filled + T - S`` (clone and copy, layer by layer),
+    then write the new tokens after them. Returns the new fill."""
+    S, T = cache_k.shape[2], k_new.shape[2]
+    evict = max(0, filled + T - S)
+    if evict:
+        keep = filled - evict - sink
+        src, dst = slice(sink + evict, sink + evict + keep), slice(sink, sink + keep)
+        for layer in range(cache_k.shape[0]):
+            cache_k[layer, :, dst] = cache_k[layer, :, src].clone()
+            cache_v[layer, :, dst] = cache_v[layer, :, src].clone()
+    end = filled - evict + T
+    for layer in range(cache_k.shape[0]):
+        cache_k[layer, :, end - T:end] = k_new[layer]
+        cache_v[layer, :, end - T:end] = v_new[layer]
+    return end
+
+
 class ShiftCache:
     """Self-Forcing / Matrix-Game rolling cache: ``filled`` tokens in logical order in slots ``[0, filled)``;
     when ``filled + T > S`` the oldest ``filled + T - S`` non-sink tokens are evicted by shifting the rest
@@ -58,16 +77,9 @@ class ShiftCache:
         evict = max(0, self.filled + T - self.size)
         if evict:
             keep = self.filled - evict - self.sink
-            src = slice(self.sink + evict, self.sink + evict + keep)
-            dst = slice(self.sink, self.sink + keep)
-            for layer in range(self.k.shape[0]):
-                self.k[layer, :, dst] = self.k[layer, :, src].clone()
-                self.v[layer, :, dst] = self.v[layer, :, src].clone()
+            src, dst = slice(self.sink + evict, self.sink + evict + keep), slice(self.sink, self.sink + keep)
             self.pos[dst] = self.pos[src].clone()
-        end = self.filled - evict + T
-        for layer in range(self.k.shape[0]):
-            self.k[layer, :, end - T:end] = k_new[layer]
-            self.v[layer, :, end - T:end] = v_new[layer]
+        end = shift_write(self.k, self.v, k_new, v_new, self.filled, self.sink)
         self.pos[end - T:end] = torch.arange(self.count, self.count + T, device=self.pos.device)
         self.filled, self.count = end, self.count + T
 
