@@ -2,7 +2,7 @@
 # One GPU session (run by the device tool from the repo root; results land in $OUT):
 #   bash bench/gpu_session.sh [build] [test] [sanitize] [bench]      (default: all four, in that order)
 # build:    the CUDA extension against the machine's torch/triton (no internet: --no-build-isolation --no-deps)
-# test:     the whole pytest suite with the GPU visible (CUDA and Triton parity on CUDA tensors), JUnit XML
+# test:     every test case on CUDA tensors (-k cuda: CUDA and Triton parity; the CPU tier runs in CI), JUnit XML
 # sanitize: compute-sanitizer memcheck over every CUDA-backend test, with torch's caching allocator off so that
 #           an out-of-bounds access leaves its own allocation
 # bench:    python -m streamkern.bench on the GPU, JSON + PNG under $OUT
@@ -26,7 +26,7 @@ for stage in $stages; do
       ;;
     test)
       log test
-      timeout 300 python3 -m pytest -q -x --timeout=120 -p no:cacheprovider tests --junitxml="$OUT/junit.xml" \
+      timeout 300 python3 -m pytest -q --timeout=120 -p no:cacheprovider tests -k "cuda" --junitxml="$OUT/junit.xml" \
         >"$OUT/test.log" 2>&1; rc=$?
       tail -25 "$OUT/test.log"; [ $rc -eq 0 ] || status=1
       ;;
