@@ -68,13 +68,14 @@ def test_against_reference(bd, dtype, N, P, k, ties):
 
 @pytest.mark.parametrize("bd", backend_params())
 def test_largest_buffer(bd):
-    """N = 4096 (the limit), every k from a full sort to 1, a third of the entries invalid."""
+    """N = 4096 (the limit), k from a full sort to 1 (Triton interpreter: the full sort only, ~12 s a call),
+    a third of the entries invalid."""
     b, d = bd
     gen = torch.Generator().manual_seed(1)
     poses = _poses(MAX_ENTRIES, 5, gen, ties=True).float()
     valid = torch.rand(MAX_ENTRIES, generator=gen) < 0.66
     current = torch.zeros(5)
-    for k in (MAX_ENTRIES, 8, 1):
+    for k in (MAX_ENTRIES,) if b == "triton" and d == "cpu" else (MAX_ENTRIES, 8, 1):
         want_idx, want_sim = ref.pose_topk(poses.double(), valid, current.double(), k, 10.0)
         _check(streamkern.pose_topk(poses.to(d), valid.to(d), current.to(d), k, backend=b), want_idx, want_sim,
                torch.float32)
