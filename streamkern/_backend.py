@@ -12,8 +12,7 @@ implements (an :class:`OpBackends` table); :func:`resolve` picks one for the op'
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
@@ -28,7 +27,9 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
 
 
-_default: contextvars.ContextVar[str | None] = contextvars.ContextVar("streamkern_backend", default=None)
+# The default set in code, process-wide. A plain module global rather than a ContextVar: torch.compile traces
+# reads of it and guards on its value, so compiled code recompiles when the default changes.
+_default: dict[str, str | None] = {"name": None}
 
 
 def _check_name(name: str, allow_auto: bool = True) -> str:
@@ -40,22 +41,23 @@ def _check_name(name: str, allow_auto: bool = True) -> str:
 
 def set_backend(name: str | None) -> None:
     """Set the process-wide default backend (``None`` or ``"auto"`` restores automatic choice)."""
-    _default.set(None if name is None else _check_name(name))
+    _default["name"] = None if name is None else _check_name(name)
 
 
 @contextlib.contextmanager
 def backend(name: str | None) -> Iterator[None]:
     """Use ``name`` as the default backend inside the ``with`` block."""
-    token = _default.set(None if name is None else _check_name(name))
+    previous = _default["name"]
+    _default["name"] = None if name is None else _check_name(name)
     try:
         yield
     finally:
-        _default.reset(token)
+        _default["name"] = previous
 
 
 def current_backend() -> str:
     """The default in force: context / set_backend, else ``STREAMKERN_BACKEND``, else ``"auto"``."""
-    name = _default.get()
+    name = _default["name"]
     if name is None:
         name = os.environ.get("STREAMKERN_BACKEND", "").strip() or "auto"
         _check_name(name)
@@ -65,22 +67,22 @@ def current_backend() -> str:
 # --- what is installed -------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _extension() -> tuple[object | None, str]:
+def _probe_extension() -> tuple[bool, bool, str]:
+    """(loaded, built with CUDA, why not loaded)."""
     try:
-        from streamkern import _C  # noqa: F401  (loading it registers torch.ops.streamkern_C)
+        from streamkern import _C  # loading it registers torch.ops.streamkern_C
     except ImportError as exc:
-        return None, f"the C++ extension streamkern._C is not built ({exc}); run `pip install -e .`"
-    return _C, ""
+        return False, False, f"the C++ extension streamkern._C is not built ({exc}); run `pip install -e .`"
+    return True, bool(_C.cuda_built()), ""
 
 
-@functools.lru_cache(maxsize=None)
-def _triton() -> str:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    return ""
+def _probe_triton() -> str:
+    return "" if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+# Probed once at import and kept as plain values, so that torch.compile traces dispatch without graph breaks.
+_EXTENSION = _probe_extension()
+_TRITON_MISSING = _probe_triton()
 
 
 def triton_interpreting() -> bool:
@@ -92,23 +94,23 @@ def why_not(name: str, device: torch.device) -> str:
     if name == "torch":
         return ""
     if name == "cpu":
-        ext, why = _extension()
-        if ext is None:
+        loaded, _, why = _EXTENSION
+        if not loaded:
             return why
         return "" if device.type == "cpu" else f"runs on CPU tensors only, got {device.type} tensors"
     if name == "triton":
-        if _triton():
-            return _triton()
+        if _TRITON_MISSING:
+            return _TRITON_MISSING
         if device.type == "cuda":
             return ""
         if device.type == "cpu" and triton_interpreting():
             return ""
         return f"runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got {device.type} tensors"
     if name == "cuda":
-        ext, why = _extension()
-        if ext is None:
+        loaded, cuda_built, why = _EXTENSION
+        if not loaded:
             return why
-        if not ext.cuda_built():
+        if not cuda_built:
             return "streamkern._C was built without CUDA (torch is a CPU build or nvcc was missing)"
         if device.type != "cuda":
             return f"runs on CUDA tensors only, got {device.type} tensors"

@@ -35,7 +35,7 @@ def _fake_impls(monkeypatch):
 def test_available_backends():
     names = streamkern.available_backends()
     assert names[0] == "torch" and set(names) <= set(_backend.BACKENDS)
-    assert ("cpu" in names) == (_backend._extension()[0] is not None)
+    assert ("cpu" in names) == (_backend._EXTENSION[0])
     assert ("cuda" in streamkern.available_backends("cpu")) is False
     if torch.cuda.is_available():
         assert "triton" in streamkern.available_backends("cuda")
@@ -94,7 +94,7 @@ def test_auto_picks_cpu_extension_else_torch(monkeypatch):
     expected = "cpu" if "cpu" in streamkern.available_backends("cpu") else "torch"
     assert CONSENSUS.resolve("auto", CPU) == expected
     assert CONSENSUS.resolve(None, CPU) == expected
-    monkeypatch.setattr(_backend, "_extension", lambda: (None, "the C++ extension streamkern._C is not built (test)"))
+    monkeypatch.setattr(_backend, "_EXTENSION", (False, False, "the C++ extension streamkern._C is not built (test)"))
     assert CONSENSUS.resolve("auto", CPU) == "torch"
     with pytest.raises(streamkern.BackendUnavailable) as info:
         CONSENSUS.resolve("cpu", CPU)
@@ -110,7 +110,7 @@ def test_unavailable_backend_says_why(monkeypatch):
     assert "consensus_frame_scores: backend 'cuda' cannot run on cpu tensors" in msg
     assert "CUDA" in msg and "torch   ok" in msg
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    if not _backend._triton():
+    if not _backend._TRITON_MISSING:
         with pytest.raises(streamkern.BackendUnavailable, match="TRITON_INTERPRET=1"):
             streamkern.consensus_frame_scores(*_tiny(), backend="triton")
     with streamkern.backend("cuda"), pytest.raises(streamkern.BackendUnavailable):
@@ -134,3 +134,17 @@ def test_invalid_backend_name(bad):
     with pytest.raises(ValueError, match="backend: expected one of"):
         streamkern.consensus_frame_scores(*_tiny(), backend=bad)
     assert streamkern.current_backend() == "auto"
+
+
+def test_compiled_code_follows_the_default_backend():
+    """torch.compile traces the default-backend lookup (no graph break) and recompiles when the default changes."""
+    chunk_k, text_k, weights, fsl, layers, lams = _tiny()
+    f = torch.compile(lambda a, b, c: streamkern.consensus_frame_scores(a, b, c, fsl, layers, lams), fullgraph=True,
+                      backend="aot_eager")
+    ref = streamkern.consensus_frame_scores(chunk_k, text_k, weights, fsl, layers, lams, backend="torch")
+    torch.testing.assert_close(f(chunk_k, text_k, weights), ref)
+    with streamkern.backend("torch"):
+        torch.testing.assert_close(f(chunk_k, text_k, weights), ref)
+    # Inside a fullgraph trace dynamo re-raises our BackendUnavailable wrapped in its own exception type.
+    with streamkern.backend("cuda"), pytest.raises(Exception, match="backend 'cuda' cannot run on cpu tensors"):
+        f(chunk_k, text_k, weights)
