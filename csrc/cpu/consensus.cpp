@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+#include "streamkern/op_checks.h"
 
 namespace streamkern {
 namespace {
@@ -201,24 +202,7 @@ void consensus_cpu(at::Tensor& out, const at::Tensor& chunk_k, const at::Tensor&
 void consensus_scores_cpu(at::Tensor out, const at::Tensor& chunk_k, const at::Tensor& text_k,
                           const at::Tensor& entity_weights, int64_t frame_seq_len, at::IntArrayRef layers,
                           at::ArrayRef<double> layer_weights) {
-  TORCH_CHECK(chunk_k.dim() == 5 && text_k.dim() == 5, "consensus_scores_: chunk_k and text_k must be 5-d");
-  TORCH_CHECK(chunk_k.scalar_type() == text_k.scalar_type(), "consensus_scores_: chunk_k/text_k dtype mismatch");
-  const int64_t NL = chunk_k.size(0), B = chunk_k.size(1), L = chunk_k.size(2);
-  TORCH_CHECK(text_k.size(0) == NL && text_k.size(1) == B && text_k.size(3) == chunk_k.size(3) &&
-                  text_k.size(4) == chunk_k.size(4),
-              "consensus_scores_: text_k ", text_k.sizes(), " does not match chunk_k ", chunk_k.sizes());
-  const int64_t S = text_k.size(2);
-  TORCH_CHECK(entity_weights.dim() == 1 ? entity_weights.size(0) == S
-                                        : entity_weights.dim() == 2 && entity_weights.size(0) == B &&
-                                              entity_weights.size(1) == S,
-              "consensus_scores_: entity_weights must be [S] or [B, S], got ", entity_weights.sizes());
-  TORCH_CHECK(frame_seq_len >= 1 && L % frame_seq_len == 0, "consensus_scores_: frame_seq_len must divide L");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == B &&
-                  out.size(1) == L / frame_seq_len,
-              "consensus_scores_: out must be a contiguous float32 [B, F] tensor");
-  TORCH_CHECK(!layers.empty() && layers.size() == layer_weights.size(),
-              "consensus_scores_: layers and layer_weights must be non-empty and of equal length");
-  for (const int64_t l : layers) TORCH_CHECK(l >= 0 && l < NL, "consensus_scores_: layer ", l, " out of range");
+  check_consensus_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
   if (out.numel() == 0) return;
   const std::vector<int64_t> ls(layers.begin(), layers.end());
   const std::vector<double> lw(layer_weights.begin(), layer_weights.end());

@@ -14,6 +14,7 @@
 
 #include "streamkern/drift_gate_math.h"
 #include "streamkern/torch_utils.h"
+#include "streamkern/op_checks.h"
 
 namespace streamkern {
 namespace {
@@ -83,15 +84,7 @@ void weighted_drift_kernel(at::Tensor& drift, at::Tensor& small, const at::Tenso
 
 void weighted_drift_cpu(at::Tensor drift, at::Tensor small, const at::Tensor& image, const at::Tensor& prev_small,
                         const at::Tensor& importance, int64_t pool, int64_t dilation) {
-  TORCH_CHECK(image.dim() == 4 && pool >= 1 && image.size(2) % pool == 0 && image.size(3) % pool == 0,
-              "drift_weighted_drift_: image must be [B, C, H, W] with H, W multiples of pool");
-  TORCH_CHECK(small.is_contiguous() && drift.is_contiguous() && drift.scalar_type() == at::kFloat,
-              "drift_weighted_drift_: outputs must be contiguous, drift float32");
-  TORCH_CHECK(prev_small.sizes() == small.sizes() && prev_small.scalar_type() == small.scalar_type(),
-              "drift_weighted_drift_: prev_small must match small");
-  TORCH_CHECK(importance.dim() == 3 && importance.size(0) == image.size(0) && importance.scalar_type() == at::kFloat,
-              "drift_weighted_drift_: importance must be float32 [B, gh, gw]");
-  TORCH_CHECK(dilation >= 1 && dilation % 2 == 1, "drift_weighted_drift_: dilation must be odd and positive");
+  check_weighted_drift_args(drift, small, image, prev_small, importance, pool, dilation);
   if (image.size(0) == 0) return;
   switch (image.scalar_type()) {
     case at::kFloat:
