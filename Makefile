@@ -13,7 +13,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch>=2.4,<=2.13.0" || $(PY) -m pip install -q "torch>=2.4"
 	$(PY) -m pip install -q "triton>=3.2" "pytest>=7" "numpy>=1.24" "scipy>=1.10" "matplotlib>=3.6" "tqdm>=4" ninja setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	STREAMKERN_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 # Incremental rebuild of streamkern._C in place (ninja recompiles only changed sources).

@@ -5,6 +5,8 @@
   built when torch is a CUDA build and nvcc is found, for sm_89 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` says
   otherwise. ``STREAMKERN_NO_CUDA=1`` forces a CPU-only extension.
 * ``kernels/`` (Triton) is installed as ``streamkern.kernels``; ``bench/`` as ``streamkern.bench``.
+* ``STREAMKERN_NO_EXT=1`` installs the Python package without compiling ``streamkern._C`` (the Makefile does
+  this, then builds the extension once, in place and incrementally, with ``setup.py build_ext --inplace``).
 """
 import glob
 import os
@@ -42,6 +44,6 @@ setup(
     packages=["streamkern", "streamkern.reference", "streamkern.pipelines", "streamkern.kernels",
               "streamkern.bench"],
     package_dir={"streamkern": "streamkern", "streamkern.kernels": "kernels", "streamkern.bench": "bench"},
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("STREAMKERN_NO_EXT", "0") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
