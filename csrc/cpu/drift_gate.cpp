@@ -138,12 +138,7 @@ void patch_importance_kernel(at::Tensor& out, const at::Tensor& attn, int64_t st
 }
 
 void patch_importance_cpu(at::Tensor out, const at::Tensor& attn, int64_t start, int64_t end, int64_t V, int64_t A) {
-  TORCH_CHECK(attn.dim() == 5 && attn.size(3) == attn.size(4), "drift_patch_importance_: attn must be [NL, B, H, S, S]");
-  TORCH_CHECK(0 <= start && start < end && end <= attn.size(0) && 1 <= V && V <= attn.size(4) && 1 <= A &&
-                  A <= attn.size(3),
-              "drift_patch_importance_: layer range, V or A out of bounds");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == attn.size(1) * V,
-              "drift_patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
+  check_patch_importance_args(out, attn, start, end, V, A);
   switch (attn.scalar_type()) {
     case at::kFloat: return patch_importance_kernel<float>(out, attn, start, end, V, A);
     case at::kHalf: return patch_importance_kernel<at::Half>(out, attn, start, end, V, A);

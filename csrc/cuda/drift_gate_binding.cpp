@@ -40,12 +40,7 @@ void weighted_drift_cuda(at::Tensor drift, at::Tensor small, const at::Tensor& i
 }
 
 void patch_importance_cuda(at::Tensor out, const at::Tensor& attn, int64_t start, int64_t end, int64_t V, int64_t A) {
-  TORCH_CHECK(attn.dim() == 5 && attn.size(3) == attn.size(4), "drift_patch_importance_: attn must be [NL, B, H, S, S]");
-  TORCH_CHECK(0 <= start && start < end && end <= attn.size(0) && 1 <= V && V <= attn.size(4) && 1 <= A &&
-                  A <= attn.size(3),
-              "drift_patch_importance_: layer range, V or A out of bounds");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == attn.size(1) * V,
-              "drift_patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
+  check_patch_importance_args(out, attn, start, end, V, A);
   const c10::cuda::CUDAGuard guard(attn.device());
   PatchImportanceParams p{};
   p.B = attn.size(1);

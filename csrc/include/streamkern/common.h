@@ -2,6 +2,13 @@
 #pragma once
 #include <cstdint>
 
+// Marks helpers compiled for both host and device (plain inline in host-only translation units).
+#if defined(__CUDACC__)
+#define STREAMKERN_HD __host__ __device__ __forceinline__
+#else
+#define STREAMKERN_HD inline
+#endif
+
 namespace streamkern {
 
 // Element type of a tensor argument, passed from the torch binding to a torch-free launcher.

@@ -44,4 +44,14 @@ inline void check_weighted_drift_args(const at::Tensor& drift, const at::Tensor&
   TORCH_CHECK(dilation >= 1 && dilation % 2 == 1, "drift_weighted_drift_: dilation must be odd and positive");
 }
 
+inline void check_patch_importance_args(const at::Tensor& out, const at::Tensor& attn, int64_t start, int64_t end,
+                                        int64_t V, int64_t A) {
+  TORCH_CHECK(attn.dim() == 5 && attn.size(3) == attn.size(4), "drift_patch_importance_: attn must be [NL, B, H, S, S]");
+  TORCH_CHECK(0 <= start && start < end && end <= attn.size(0) && 1 <= V && V <= attn.size(4) && 1 <= A &&
+                  A <= attn.size(3),
+              "drift_patch_importance_: layer range, V or A out of bounds");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == attn.size(1) * V,
+              "drift_patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
+}
+
 }  // namespace streamkern

@@ -2,15 +2,10 @@
 // is the smallest key, so one integer min (or an ascending sort) applies the whole rule, ties included (the
 // index sits in the low bits). Host and device code (torch-free).
 #pragma once
+#include "streamkern/common.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-
-#if defined(__CUDACC__)
-#define STREAMKERN_HD __host__ __device__ __forceinline__
-#else
-#define STREAMKERN_HD inline
-#endif
 
 namespace streamkern {
 

@@ -7,13 +7,9 @@
 // where base(b) is either a constant `offset` or `index[b * stride] * scale` read from a device tensor; a row whose
 // index is outside [0, limit) is skipped (never read or written out of bounds).
 #pragma once
+#include "streamkern/common.h"
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define STREAMKERN_HD __host__ __device__ __forceinline__
-#else
-#define STREAMKERN_HD inline
-#endif
 
 namespace streamkern {
 
