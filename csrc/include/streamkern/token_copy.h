@@ -10,7 +10,6 @@
 #include "streamkern/common.h"
 #include <cstdint>
 
-
 namespace streamkern {
 
 struct TokenBase {
