@@ -61,3 +61,14 @@ def backend_params(exclude=()):
                 marks.append(pytest.mark.skip(reason=f"{b} on {d}: {why}"))
         params.append(pytest.param((b, d), id=f"{b}-{d}", marks=marks))
     return params
+
+
+def assert_raises_untouched(fn, args, exc, match):
+    """``fn(*args)`` raises ``exc`` whose message matches ``match``, and every tensor argument is left as it was
+    (meta tensors hold no values and are skipped)."""
+    before = [a.clone() if isinstance(a, torch.Tensor) and a.device.type != "meta" else None for a in args]
+    with pytest.raises(exc, match=match):
+        fn(*args)
+    for a, b in zip(args, before):
+        if b is not None:
+            assert torch.equal(a, b), "inputs must be left untouched"
