@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -136,7 +136,7 @@ class OpBackends:
 
     op: str
     impls: Mapping[str, Callable]
-    missing: Mapping[str, str] = None  # backend -> why this op has no such implementation
+    missing: Mapping[str, str] = field(default_factory=dict)  # backend -> why this op has no such implementation
 
     def resolve(self, requested: str | None, device: torch.device) -> str:
         name = _check_name(requested) if requested is not None else current_backend()
@@ -146,7 +146,7 @@ class OpBackends:
                     return cand
             return "torch"
         if name not in self.impls:
-            why = (self.missing or {}).get(name, "not implemented")
+            why = self.missing.get(name, "not implemented")
             raise BackendUnavailable(self._report(name, device, {name: f"{self.op} has no {name!r} backend: {why}"}))
         reason = why_not(name, device)
         if reason:
@@ -157,7 +157,7 @@ class OpBackends:
         lines = [f"streamkern.{self.op}: backend {name!r} cannot run on {device.type} tensors here."]
         for b in BACKENDS:
             why = first.get(b) or (
-                f"no {b!r} implementation: {(self.missing or {}).get(b, 'not implemented')}"
+                f"no {b!r} implementation: {self.missing.get(b, 'not implemented')}"
                 if b not in self.impls else why_not(b, device)
             )
             lines.append(f"  {b:7s} {'ok' if not why else why}")

@@ -6,6 +6,7 @@ their checks before allocating or writing anything.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import torch
@@ -16,8 +17,6 @@ INDEX = (torch.int64,)
 
 def debug_enabled() -> bool:
     """``STREAMKERN_DEBUG=1``: GPU backends also check values held in tensors (this synchronises)."""
-    import os
-
     return os.environ.get("STREAMKERN_DEBUG", "0") == "1"
 
 
