@@ -20,10 +20,13 @@ $(VENV)/.ready: pyproject.toml
 ext: $(VENV)/.ready
 	$(LOCK) $(PY) setup.py -q build_ext --inplace
 
-# Torch-free compile of the CUDA kernels for sm_89 and sm_90 (nvcc, no GPU needed); skipped without nvcc.
-cuda-check:
-	@if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then \
-	  $(LOCK) sh -c 'cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER=$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc) >/dev/null && cmake --build build/cmake -j 2'; \
+# Torch-free compile of the CUDA kernels for sm_89 and sm_90 (nvcc, no GPU needed), then a compile check of their
+# torch bindings against torch's headers; skipped without nvcc.
+NVCC := $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+cuda-check: $(VENV)/.ready
+	@if [ -n "$(NVCC)" ]; then \
+	  $(LOCK) sh -c 'cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER=$(NVCC) >/dev/null && cmake --build build/cmake -j 2' && \
+	  tools/binding_check.sh $(PY) $(NVCC); \
 	else echo "cuda-check: nvcc not found, CUDA compile check skipped"; fi
 
 test: ext cuda-check
