@@ -1,5 +1,9 @@
-"""The parity metric of DESIGN.md §3, shared by the tests, the benchmarks and the demo."""
+"""The parity metric of DESIGN.md §3 and a kernel-launch counter, shared by the tests, the benchmarks and the
+demo."""
 from __future__ import annotations
+
+import contextlib
+from typing import Callable
 
 import torch
 
@@ -28,3 +32,71 @@ def assert_parity(out: torch.Tensor, ref: torch.Tensor, input_dtype: torch.dtype
     tol = TOLERANCE[input_dtype]
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.0e} ({input_dtype})"
     return err
+
+
+# Operators that allocate, alias or only forward to other operators: never a kernel of their own.
+_NO_KERNEL = frozenset({
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+    "aten::as_strided", "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::alias", "aten::detach",
+    "aten::lift_fresh", "aten::t", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::slice",
+    "aten::select", "aten::permute", "aten::transpose", "aten::flatten", "aten::unflatten", "aten::resize_",
+    "aten::scalar_tensor", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::result_type",
+})
+
+
+def _launches(event) -> int:
+    if event.name.startswith("triton::"):
+        return 1
+    inner = sum(_launches(child) for child in event.cpu_children)
+    if inner or event.name in _NO_KERNEL or "::" not in event.name:
+        return inner
+    return 1
+
+
+@contextlib.contextmanager
+def _triton_launches_recorded():
+    """Wrap every Triton launch in a ``triton::<kernel>`` profiler range (the interpreter's own tensor work inside
+    it is then not counted)."""
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:
+        yield
+        return
+    original = KernelInterface.__getitem__
+
+    def getitem(self, grid):
+        launch = original(self, grid)
+        name = getattr(self, "__name__", None) or self.fn.__name__
+
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(f"triton::{name}"):
+                return launch(*args, **kwargs)
+        return run
+
+    KernelInterface.__getitem__ = getitem
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", **kwargs) -> int:
+    """Kernel launches made by one call ``fn(*args, **kwargs)``.
+
+    On CUDA: the device activities the profiler records (kernels, memsets, copies). On CPU: the operator calls
+    that do work (the innermost ATen and extension operators, not allocations, views or operators that only
+    forward to others) plus Triton launches (under the interpreter). The CPU count stands for what the same
+    code launches on a GPU; a scalar conversion inside an operator can make it differ by one."""
+    device = torch.device(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with _triton_launches_recorded(), torch.profiler.profile(activities=activities) as prof:
+        fn(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    return sum(_launches(e) for e in events if e.cpu_parent is None)
