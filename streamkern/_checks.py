@@ -20,8 +20,13 @@ def debug_enabled() -> bool:
     return os.environ.get("STREAMKERN_DEBUG", "0") == "1"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``."""
+    return str(dtype).replace("torch.", "")
+
+
 def _dt(dtypes: Iterable[torch.dtype]) -> str:
-    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+    return "/".join(dtype_name(d) for d in dtypes)
 
 
 def tensor(name: str, t, *, ndim: int | Sequence[int] | None = None, dtypes: Sequence[torch.dtype] | None = None,
@@ -35,7 +40,7 @@ def tensor(name: str, t, *, ndim: int | Sequence[int] | None = None, dtypes: Seq
             want = " or ".join(str(r) for r in ranks)
             raise ValueError(f"{name}: expected a {want}-d tensor, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name}: expected dtype {_dt(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name}: expected dtype {_dt(dtypes)}, got {dtype_name(t.dtype)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
     return t
@@ -65,8 +70,7 @@ def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     dt = items[0][1].dtype
     for k, v in items[1:]:
         if v.dtype != dt:
-            raise TypeError(f"{k}: expected dtype {str(dt).replace('torch.', '')} like {items[0][0]}, "
-                            f"got {str(v.dtype).replace('torch.', '')}")
+            raise TypeError(f"{k}: expected dtype {dtype_name(dt)} like {items[0][0]}, got {dtype_name(v.dtype)}")
     return dt
 
 

@@ -25,10 +25,10 @@ IMAGE_DTYPES = check.FLOATS + (torch.uint8,)
 class GateReason(enum.IntEnum):
     """Why :meth:`DriftGate.should_recompute` decided as it did (the ``reason`` tensor holds these codes)."""
 
-    REUSE = 0
-    STATE = 1
-    VISION = 2
-    FIRST = 3
+    REUSE = ref.REUSE
+    STATE = ref.STATE
+    VISION = ref.VISION
+    FIRST = ref.FIRST
 
 
 # --- backends ----------------------------------------------------------------------------------
@@ -69,11 +69,43 @@ def _triton_drift(image, prev_small, prev_importance, pool, dilation):
     return drift, small
 
 
+def _alloc_gate(image, pool):
+    dev = image.device
+    B, C, H, W = image.shape
+    return (torch.empty((), dtype=torch.bool, device=dev), torch.empty((), dtype=torch.int64, device=dev),
+            torch.empty((), dtype=torch.float32, device=dev),
+            torch.empty(B, C, H // pool, W // pool, dtype=ref.small_dtype(image), device=dev))
+
+
+def _torch_gate(image, prev_small, prev_importance, state, prev_state, counter, pool, dilation, drift_threshold,
+                state_threshold):
+    return ref.gate_step(image, prev_small, prev_importance, state, prev_state, pool, dilation, drift_threshold,
+                         state_threshold)
+
+
+def _ext_gate(image, prev_small, prev_importance, state, prev_state, counter, *config):
+    out = _alloc_gate(image, config[0])
+    torch.ops.streamkern_C.drift_gate_step_(*out, counter, image, prev_small, prev_importance, state, prev_state,
+                                            *config)
+    return out
+
+
+def _triton_gate(image, prev_small, prev_importance, state, prev_state, counter, *config):
+    from streamkern.kernels.drift_gate import gate_step
+
+    out = _alloc_gate(image, config[0])
+    gate_step(*out, counter, image, prev_small, prev_importance, state, prev_state, *config)
+    return out
+
+
 IMPORTANCE_BACKENDS = OpBackends("patch_importance", {
     "torch": ref.patch_importance, "cpu": _ext_importance, "triton": _triton_importance, "cuda": _ext_importance,
 })
 DRIFT_BACKENDS = OpBackends("attention_weighted_drift", {
     "torch": ref.attention_weighted_drift, "cpu": _ext_drift, "triton": _triton_drift, "cuda": _ext_drift,
+})
+GATE_BACKENDS = OpBackends("DriftGate.should_recompute", {
+    "torch": _torch_gate, "cpu": _ext_gate, "triton": _triton_gate, "cuda": _ext_gate,
 })
 
 
@@ -98,6 +130,24 @@ def _drift_op(image: torch.Tensor, prev_small: torch.Tensor, prev_importance: to
 def _(image, prev_small, prev_importance, pool, dilation, backend):
     B, C, H, W = image.shape
     return (image.new_empty(B, dtype=torch.float32),
+            image.new_empty(B, C, H // pool, W // pool, dtype=ref.small_dtype(image)))
+
+
+@torch.library.custom_op("streamkern::drift_gate_step", mutates_args=("counter",))
+def _gate_op(image: torch.Tensor, prev_small: torch.Tensor | None, prev_importance: torch.Tensor | None,
+             state: torch.Tensor, prev_state: torch.Tensor | None, counter: torch.Tensor, pool: int, dilation: int,
+             drift_threshold: float, state_threshold: float,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(GATE_BACKENDS(backend)(image, prev_small, prev_importance, state, prev_state, counter, pool,
+                                        dilation, drift_threshold, state_threshold))
+
+
+@_gate_op.register_fake
+def _(image, prev_small, prev_importance, state, prev_state, counter, pool, dilation, drift_threshold,
+      state_threshold, backend):
+    B, C, H, W = image.shape
+    return (image.new_empty((), dtype=torch.bool), image.new_empty((), dtype=torch.int64),
+            image.new_empty((), dtype=torch.float32),
             image.new_empty(B, C, H // pool, W // pool, dtype=ref.small_dtype(image)))
 
 
@@ -146,6 +196,12 @@ def _check_drift(image, prev_small, prev_importance, pool, dilation):
     check.shape("prev_importance", prev_importance, (B, None, None), ("B", "gh", "gw"))
     if prev_importance.shape[1] < 1 or prev_importance.shape[2] < 1:
         raise ValueError(f"prev_importance: expected a grid of at least 1x1, got {list(prev_importance.shape)}")
+
+
+def _state_rows(state: torch.Tensor) -> torch.Tensor:
+    """``state`` as ``[R, K]`` (the kernels take two strides): a view, unless a >2-d state's strides cannot be
+    merged, which costs one copy."""
+    return state.reshape(1, -1) if state.dim() <= 1 else state.reshape(-1, state.shape[-1])
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -215,10 +271,13 @@ class DriftGate:
     state difference or drift (a NaN in the image or the state) counts as exceeding its threshold, so a broken
     frame is recomputed rather than silently reused (the seed's ``NaN > t`` is False and would reuse).
 
-    Images ``[B, C, H, W]`` (several cameras: stack them along B, the drift is averaged over them); the state is any
-    shape, fixed across steps. Outputs are 0-d device tensors ``(recompute bool, reason int64, drift float32)``;
-    with the ``"cpu"``, ``"triton"`` and ``"cuda"`` backends nothing is read back to the host and the image work is
-    one launch. ``update`` reuses the pooled image that ``should_recompute`` computed for the same image tensor.
+    Images ``[B >= 1, C, H, W]`` (several cameras: stack them along B, the drift is averaged over them), shape and
+    dtype fixed across steps; the state is any floating shape and dtype (float64 included), fixed across steps.
+    Outputs are 0-d device tensors ``(recompute bool, reason int64, drift float32)``. With the ``"cpu"``,
+    ``"triton"`` and ``"cuda"`` backends ``should_recompute`` is one kernel launch (pooling, drift, state guard,
+    batch mean and decision; the very first call also zero-fills a 4-byte arrival counter) and reads nothing back
+    to the host. A gate serves one stream at a time. ``update`` reuses the pooled image that ``should_recompute``
+    computed for the same image tensor, so it pools nothing itself.
     """
 
     def __init__(self, drift_threshold: float = 0.5, state_threshold: float = 0.05, dilation: int = 5, pool: int = 8,
@@ -242,6 +301,7 @@ class DriftGate:
         self.prev_state: torch.Tensor | None = None
         self.prev_kv: Any = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None   # (image, its small) from should_recompute
+        self._counter: torch.Tensor | None = None   # the fused kernels' arrival counter, 0 between launches
 
     def cached_kv(self) -> Any:
         """The KV cache stored by the last :meth:`update`."""
@@ -251,39 +311,38 @@ class DriftGate:
         check.tensor("image", image, ndim=4, dtypes=IMAGE_DTYPES)
         check.tensor("state", state)
         check.same_device(image=image, state=state)
-        if self.prev_small is not None and image.shape != self.image_shape:
-            raise ValueError(f"image: expected shape {list(self.image_shape)} as in earlier steps, "
-                             f"got {list(image.shape)}")
+        _check_image(image, self.pool)
+        if image.shape[0] == 0:
+            raise ValueError(f"image: expected at least one camera (B >= 1), got shape {list(image.shape)}")
+        if self.prev_small is not None:
+            if image.shape != self.image_shape:
+                raise ValueError(f"image: expected shape {list(self.image_shape)} as in earlier steps, "
+                                 f"got {list(image.shape)}")
+            if ref.small_dtype(image) != self.prev_small.dtype:
+                raise TypeError(f"image: expected a dtype that pools to {check.dtype_name(self.prev_small.dtype)} "
+                                f"as in earlier steps, got {check.dtype_name(image.dtype)}")
+            check.same_device(prev_small=self.prev_small, image=image)
         if not state.is_floating_point() or state.numel() == 0:
             raise ValueError(f"state: expected a non-empty floating-point tensor, got {state.dtype} "
                              f"of shape {list(state.shape)}")
         if self.prev_state is not None:
             check.shape("state", state, tuple(self.prev_state.shape))
+            check.same_dtype(prev_state=self.prev_state, state=state)
             check.same_device(prev_state=self.prev_state, state=state)
 
     def should_recompute(self, image: torch.Tensor, state: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(recompute [] bool, reason [] int64, drift [] float32)`` on the image's device (see the class doc)."""
         self._check_frame(image, state)
-        dev = image.device
-        if self.prev_small is None:
-            vision_run = torch.ones((), dtype=torch.bool, device=dev)
-            vision_reason = torch.full((), int(GateReason.FIRST), dtype=torch.int64, device=dev)
-            vision_drift = torch.full((), 100.0, dtype=torch.float32, device=dev)
-            self._pending = None
-        else:
-            drift, small = attention_weighted_drift(image, self.prev_small, self.prev_importance, self.pool,
-                                                    self.dilation, backend=self.backend)
-            self._pending = (image, small)
-            vision_drift = drift.mean()
-            vision_run = ~(vision_drift.double() <= self.drift_threshold)
-            vision_reason = torch.where(vision_run, int(GateReason.VISION), int(GateReason.REUSE))
-        if self.prev_state is None:
-            return vision_run, vision_reason, vision_drift
-        s = (state - self.prev_state).abs().amax()
-        state_run = ~(s.double() <= self.state_threshold)
-        return (state_run | vision_run, torch.where(state_run, int(GateReason.STATE), vision_reason),
-                torch.where(state_run, s.float(), vision_drift))
+        name = GATE_BACKENDS.resolve(self.backend, image.device)
+        if self._counter is None or self._counter.device != image.device:
+            self._counter = torch.zeros(1, dtype=torch.int32, device=image.device)
+        prev_state = None if self.prev_state is None else self.prev_state.view(_state_rows(state).shape)
+        run, reason, drift, small = _gate_op(image, self.prev_small, self.prev_importance, _state_rows(state),
+                                             prev_state, self._counter, self.pool, self.dilation,
+                                             float(self.drift_threshold), float(self.state_threshold), name)
+        self._pending = (image, small)
+        return run, reason, drift
 
     def update(self, image: torch.Tensor, attention: torch.Tensor, state: torch.Tensor, kv_cache: Any) -> None:
         """Store the frame after a full pass: its pooled image (from :meth:`should_recompute` when it saw this
@@ -299,10 +358,9 @@ class DriftGate:
         if self._pending is not None and self._pending[0] is image:
             small = self._pending[1]
         else:
-            _check_image(image, self.pool)
             small = ref.pooled(image, self.pool).to(ref.small_dtype(image))
         self.prev_small, self.prev_importance = small, importance
-        self.prev_state = state.clone()
+        self.prev_state = state.clone(memory_format=torch.contiguous_format)
         self.prev_kv = kv_cache
         self._pending = None
 

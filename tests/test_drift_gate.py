@@ -6,7 +6,7 @@ import torch
 import streamkern as sk
 from conftest import backend_params
 from streamkern.reference import drift_gate as ref
-from streamkern.testing import assert_parity
+from streamkern.testing import assert_parity, count_launches
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.uint8: "u8"}
@@ -221,13 +221,65 @@ def test_gate_trajectory_matches_seed(bd):
     assert reasons == {0, 1, 2, 3}, f"trajectory must exercise every reason, got {reasons}"
 
 
+@pytest.mark.parametrize("pool,dilation", [pytest.param(8, 3, id="p8-d3-1tile"),
+                                           pytest.param(2, 5, id="p2-d5-480cells-2tiles")])
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cpu", "cuda")))
-def test_gate_trajectory_triton(bd):
-    """Triton: 20 steps at 48×40 images against the torch backend."""
+def test_gate_trajectory_triton(bd, pool, dilation):
+    """Triton: 12 steps at 48×40 images against the torch backend; pool 2 spreads each camera over two programs,
+    so the last-program hand-off of the decision is exercised."""
     b, dev = bd
-    kw = dict(pool=8, dilation=3)
+    kw = dict(pool=pool, dilation=dilation)
     gates = [sk.DriftGate(1.0, 0.23, backend="torch", **kw), sk.DriftGate(1.0, 0.23, backend=b, **kw)]
-    _assert_same_log(_run_gates(gates, 20, 2, 48, 40, dev))
+    log = _run_gates(gates, 12, 2, 48, 40, dev)
+    _assert_same_log(log)
+    assert {row[0][1] for row in log} >= {1, 3} and int(gates[1]._counter[0]) == 0
+
+
+def _int_view(dtype):
+    return {8: torch.int64, 4: torch.int32, 2: torch.int16}[dtype.itemsize]
+
+
+def _layout(layout, values, dtype, dev):
+    """A state holding ``values`` (6 of them, or 1 for "0d") in the given memory layout."""
+    if layout == "0d":
+        return values[0].to(dev, dtype).reshape(())
+    if layout == "contig":
+        return values.reshape(2, 3).to(dev, dtype)
+    if layout == "column-slice":                        # [2, 3] view into a [2, 5] observation
+        out = torch.zeros(2, 5, dtype=dtype, device=dev)[:, 1:4]
+        return out.copy_(values.reshape(2, 3))
+    out = torch.zeros(3, 1, 2, dtype=dtype, device=dev).permute(2, 0, 1)   # [2, 3, 1], strides that cannot merge
+    return out.copy_(values.reshape(2, 3, 1))
+
+
+@pytest.mark.parametrize("layout", ["contig", "column-slice", "permuted-3d", "0d"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["f64", "f32", "f16", "bf16"])
+@pytest.mark.parametrize("bd", backend_params())
+def test_gate_state_guard_at_threshold(bd, dtype, layout):
+    """The state guard in every floating dtype and layout, at the threshold 0.05 (not representable in any of
+    them): the state's own rounding of the difference and the seed's float64 comparison decide, as in
+    ``torch.max(torch.abs(state - prev_state)).item() > 0.05``; a NaN in the state recomputes."""
+    b, dev = bd
+    gate = sk.DriftGate(drift_threshold=1e9, state_threshold=0.05, pool=4, dilation=1, backend=b)
+    image = torch.rand(1, 1, 4, 8, device=dev)
+    n = 1 if layout == "0d" else 6
+    prev_values = torch.linspace(0.125, 0.75, n, dtype=torch.float64)
+    prev = _layout(layout, prev_values, dtype, dev)
+    gate.update(image, _attention(18, 1, 1, 310, device=dev), prev, None)
+    near = torch.tensor(0.05, dtype=dtype)
+    bits = near.view(_int_view(dtype))
+    for step in (near, (bits + 1).view(dtype), (bits - 1).view(dtype), torch.tensor(float("nan"), dtype=dtype)):
+        values = prev_values.clone()
+        values[-1] = prev_values[-1].to(dtype) + step.double()
+        state = _layout(layout, values, dtype, dev)
+        want = torch.max(torch.abs(state.cpu() - prev.cpu())).item()
+        run, why, d = gate.should_recompute(image, state)
+        if want > 0.05 or want != want:
+            assert (bool(run), int(why)) == (True, sk.GateReason.STATE), (step, want)
+            assert float(d) == pytest.approx(want, nan_ok=True) and d.dtype == torch.float32
+        else:
+            assert (bool(run), int(why)) == (False, sk.GateReason.REUSE), (step, want)
 
 
 @pytest.mark.parametrize("bd", backend_params())
@@ -288,6 +340,24 @@ def test_gate_uint8_cameras(bd):
     importance = ref.patch_importance(attn.double(), (14, 18), 256, 50, (16, 16))
     want, _ = ref.attention_weighted_drift(frames[1].double() / 255, gate.prev_small.double(), importance, 8, 3)
     assert_parity(drift, want.mean(), torch.uint8)
+
+
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
+def test_gate_is_one_launch(bd, monkeypatch):
+    """Accelerated backends: should_recompute is one kernel launch, whichever way it decides (the first call also
+    zero-fills the gate's arrival counter); the seed's eager gate, counted the same way, is many."""
+    b, dev = bd
+    monkeypatch.undo()                                       # poisoned allocations would count as fills
+    gate = sk.DriftGate(backend=b, pool=8, dilation=3)
+    image, state = torch.rand(2, 3, 16, 24, device=dev), torch.zeros(2, 5, device=dev)
+    assert count_launches(gate.should_recompute, image, state, device=dev) == 2
+    gate.update(image, _attention(18, 2, 1, 310, device=dev), state, None)
+    for args in ((image, state), (image + 0.5, state), (image, state + 1.0)):
+        assert count_launches(gate.should_recompute, *args, device=dev) == 1
+    assert int(gate._counter[0]) == 0
+    seed = ref.ProAttentionGate()
+    seed.update(torch.rand(1, 3, 224, 224), _attention(18, 1, 1, 310), torch.zeros(5), None)
+    assert count_launches(seed.should_recompute, torch.rand(1, 3, 224, 224), torch.zeros(5)) >= 10
 
 
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
@@ -361,6 +431,14 @@ def test_bad_gate_inputs_write_nothing():
         gate.update(image, attn, torch.zeros(2, 6), "new")
     with pytest.raises(ValueError, match=r"image: expected .* multiples of pool=8"):
         sk.DriftGate(pool=8, backend="torch").update(torch.rand(2, 3, 12, 16), attn, state, None)
+    with pytest.raises(ValueError, match=r"image: expected .* multiples of pool=8"):
+        sk.DriftGate(pool=8, backend="torch").should_recompute(torch.rand(2, 3, 12, 16), state)
+    with pytest.raises(ValueError, match=r"image: expected at least one camera \(B >= 1\)"):
+        sk.DriftGate(pool=8, backend="torch").should_recompute(torch.rand(0, 3, 16, 16), state)
+    with pytest.raises(TypeError, match=r"image: expected a dtype that pools to float32 as in earlier steps"):
+        gate.should_recompute(image.half(), state)
+    with pytest.raises(TypeError, match=r"state.*float64"):
+        gate.should_recompute(image, state.double())
     assert gate.cached_kv() == "kv"
     for got, want in zip((gate.prev_small, gate.prev_importance, gate.prev_state), before):
         assert torch.equal(got, want)
@@ -376,6 +454,13 @@ def test_opcheck(bd):
 
     args = _drift_inputs((2, 3, 16, 24, 8, 3, (3, 2)), torch.float32, dev, True)
     torch.library.opcheck(_drift_op, args + (b,))
+    from streamkern.drift_gate import _gate_op
+
+    image, prev_small, imp, pool, dil = args
+    state, counter = torch.rand(2, 5, device=dev, dtype=torch.float64)[:, 1:], torch.zeros(1, dtype=torch.int32,
+                                                                                            device=dev)
+    for frame, prev_state in (((None, None), None), ((prev_small, imp), state.contiguous() + 0.01)):
+        torch.library.opcheck(_gate_op, (image, *frame, state, prev_state, counter, pool, dil, 0.5, 0.05, b))
     torch.library.opcheck(_importance_op, (_attention(4, 2, 2, 9, device=dev, strided=True), [1, 3], 4, 3, [2, 2], b))
 
 

@@ -3,8 +3,10 @@
 // drift_weighted_drift_: one parallel pass over the rows of the pooled grid. Task (b, y) pools the `pool` image rows
 // of grid row y for every channel, writes small[b, :, y, :], and accumulates
 // Σ_x mean_c|small − prev_small| · dilated_weight(y, x) into partial[b, y]; drift[b] then sums the partials in row
-// order (deterministic). drift_patch_importance_: tasks (b, chunk of key columns) sum the A action rows of every
+// order (deterministic). drift_gate_step_: the same pass, then the whole decision of DriftGate.should_recompute
+// (state guard, batch mean, thresholds) in one op call. drift_patch_importance_: tasks (b, chunk of key columns) sum the A action rows of every
 // selected layer and head for their columns, then each batch row is normalised by its sum + 1e-8.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,25 +21,20 @@
 namespace streamkern {
 namespace {
 
+// Pools `image` into `small` and, when `prev_small` is given, writes drift[b] for every batch row.
 template <typename T, typename S>
-void weighted_drift_kernel(at::Tensor& drift, at::Tensor& small, const at::Tensor& image, const at::Tensor& prev_small,
-                           const at::Tensor& importance, int64_t pool, int64_t dilation, float scale) {
+void pool_and_drift(float* drift, at::Tensor& small, const at::Tensor& image, const at::Tensor* prev_small,
+                    const at::Tensor* importance, int64_t pool, int64_t dilation, float scale) {
   const int64_t B = image.size(0), C = image.size(1), h = small.size(2), w = small.size(3);
   const T* img = image.data_ptr<T>();
-  const S* prev = prev_small.data_ptr<S>();
   S* out = small.data_ptr<S>();
-  const float* imp = importance.data_ptr<float>();
   const int64_t si0 = image.stride(0), si1 = image.stride(1), si2 = image.stride(2), si3 = image.stride(3);
-  const int64_t sp0 = prev_small.stride(0), sp1 = prev_small.stride(1), sp2 = prev_small.stride(2),
-                sp3 = prev_small.stride(3);
-  const int gh = static_cast<int>(importance.size(1)), gw = static_cast<int>(importance.size(2));
   const float inv = scale / static_cast<float>(pool * pool);
   std::vector<float> partial(B * h);
   at::parallel_for(0, B * h, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(w), colmax(w);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / h, y = task % h;
-      const ImportanceMap map{imp + b * importance.stride(0), importance.stride(1), importance.stride(2), gh, gw};
       std::fill(row.begin(), row.end(), 0.f);
       for (int64_t c = 0; c < C; ++c) {
         const T* src = img + b * si0 + c * si1 + y * pool * si2;
@@ -53,9 +50,17 @@ void weighted_drift_kernel(at::Tensor& drift, at::Tensor& small, const at::Tenso
           }
           const float v = acc * inv;
           out[((b * C + c) * h + y) * w + x] = static_cast<S>(v);
-          row[x] += std::abs(v - static_cast<float>(prev[b * sp0 + c * sp1 + y * sp2 + x * sp3]));
+          if (prev_small != nullptr) {
+            const S prev = prev_small->data_ptr<S>()[b * prev_small->stride(0) + c * prev_small->stride(1) +
+                                                     y * prev_small->stride(2) + x * prev_small->stride(3)];
+            row[x] += std::abs(v - static_cast<float>(prev));
+          }
         }
       }
+      if (prev_small == nullptr) continue;
+      const ImportanceMap map{importance->data_ptr<float>() + b * importance->stride(0), importance->stride(1),
+                              importance->stride(2), static_cast<int>(importance->size(1)),
+                              static_cast<int>(importance->size(2))};
       // The max-pool window is separable: the max over the window's rows of the up-sampled map, per column, then
       // the max of that over the window's columns (NaN propagates through both maxima as in PyTorch).
       const int64_t r = dilation / 2, y0 = std::max<int64_t>(0, y - r), y1 = std::min<int64_t>(h - 1, y + r);
@@ -74,11 +79,30 @@ void weighted_drift_kernel(at::Tensor& drift, at::Tensor& small, const at::Tenso
       partial[task] = sum;
     }
   });
-  float* d = drift.data_ptr<float>();
+  if (prev_small == nullptr) return;
   for (int64_t b = 0; b < B; ++b) {
     float sum = 0.f;
     for (int64_t y = 0; y < h; ++y) sum += partial[b * h + y];
-    d[b] = sum;
+    drift[b] = sum;
+  }
+}
+
+// pool_and_drift on the image dtype: float32/float16/bfloat16 (small in the same dtype) or uint8 (small float32).
+void pool_and_drift_dispatch(const char* op, float* drift, at::Tensor& small, const at::Tensor& image,
+                             const at::Tensor* prev_small, const at::Tensor* importance, int64_t pool,
+                             int64_t dilation) {
+  switch (image.scalar_type()) {
+    case at::kFloat:
+      return pool_and_drift<float, float>(drift, small, image, prev_small, importance, pool, dilation, 1.f);
+    case at::kHalf:
+      return pool_and_drift<at::Half, at::Half>(drift, small, image, prev_small, importance, pool, dilation, 1.f);
+    case at::kBFloat16:
+      return pool_and_drift<at::BFloat16, at::BFloat16>(drift, small, image, prev_small, importance, pool, dilation,
+                                                         1.f);
+    case at::kByte:
+      return pool_and_drift<uint8_t, float>(drift, small, image, prev_small, importance, pool, dilation,
+                                            1.f / 255.f);
+    default: TORCH_CHECK(false, op, ": unsupported image dtype ", image.scalar_type());
   }
 }
 
@@ -86,20 +110,50 @@ void weighted_drift_cpu(at::Tensor drift, at::Tensor small, const at::Tensor& im
                         const at::Tensor& importance, int64_t pool, int64_t dilation) {
   check_weighted_drift_args(drift, small, image, prev_small, importance, pool, dilation);
   if (image.size(0) == 0) return;
-  switch (image.scalar_type()) {
-    case at::kFloat:
-      return weighted_drift_kernel<float, float>(drift, small, image, prev_small, importance, pool, dilation, 1.f);
-    case at::kHalf:
-      return weighted_drift_kernel<at::Half, at::Half>(drift, small, image, prev_small, importance, pool, dilation,
-                                                       1.f);
-    case at::kBFloat16:
-      return weighted_drift_kernel<at::BFloat16, at::BFloat16>(drift, small, image, prev_small, importance, pool,
-                                                               dilation, 1.f);
-    case at::kByte:
-      return weighted_drift_kernel<uint8_t, float>(drift, small, image, prev_small, importance, pool, dilation,
-                                                   1.f / 255.f);
-    default: TORCH_CHECK(false, "drift_weighted_drift_: unsupported image dtype ", image.scalar_type());
+  pool_and_drift_dispatch("drift_weighted_drift_", drift.data_ptr<float>(), small, image, &prev_small, &importance,
+                          pool, dilation);
+}
+
+// max over the elements of |state − prev_state|, each difference rounded to T as PyTorch rounds it (the double
+// difference of two T values rounds to T exactly like T's own subtraction), NaN if any is NaN.
+template <typename T>
+double state_max_diff(const at::Tensor& state, const at::Tensor& prev_state) {
+  const int64_t R = state.size(0), K = state.size(1), s0 = state.stride(0), s1 = state.stride(1);
+  const T* cur = state.data_ptr<T>();
+  const T* prev = prev_state.data_ptr<T>();
+  double best = -std::numeric_limits<double>::infinity();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < K; ++k) {
+      const double d = static_cast<double>(static_cast<T>(static_cast<double>(cur[r * s0 + k * s1]) -
+                                                          static_cast<double>(prev[r * K + k])));
+      best = nan_max(best, std::abs(d));
+    }
+  return best;
+}
+
+void gate_step_cpu(at::Tensor recompute, at::Tensor reason, at::Tensor drift, at::Tensor small, at::Tensor counter,
+                   const at::Tensor& image, const std::optional<at::Tensor>& prev_small,
+                   const std::optional<at::Tensor>& importance, const at::Tensor& state,
+                   const std::optional<at::Tensor>& prev_state, int64_t pool, int64_t dilation,
+                   double drift_threshold, double state_threshold) {
+  check_gate_step_args(recompute, reason, drift, small, counter, image, prev_small, importance, state, prev_state,
+                       pool, dilation);
+  const int64_t B = image.size(0);
+  std::vector<float> drifts(B);
+  pool_and_drift_dispatch("drift_gate_step_", drifts.data(), small, image, prev_small ? &*prev_small : nullptr,
+                          importance ? &*importance : nullptr, pool, dilation);
+  float sum = 0.f;
+  for (const float d : drifts) sum += d;
+  double state_diff = 0.0;
+  if (prev_state.has_value()) {
+    state_diff = AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, state.scalar_type(), "drift_gate_step_",
+                                                 [&] { return state_max_diff<scalar_t>(state, *prev_state); });
   }
+  const GateOutcome g = gate_decision(prev_small.has_value(), sum / static_cast<float>(B), drift_threshold,
+                                      prev_state.has_value(), state_diff, state_threshold);
+  *recompute.data_ptr<bool>() = g.recompute;
+  *reason.data_ptr<int64_t>() = g.reason;
+  *drift.data_ptr<float>() = g.drift;
 }
 
 constexpr int64_t kColumnChunk = 64;
@@ -153,11 +207,15 @@ void patch_importance_cpu(at::Tensor out, const at::Tensor& attn, int64_t start,
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
   m.def("drift_weighted_drift_(Tensor(a!) drift, Tensor(b!) small, Tensor image, Tensor prev_small, "
         "Tensor importance, int pool, int dilation) -> ()");
+  m.def("drift_gate_step_(Tensor(a!) recompute, Tensor(b!) reason, Tensor(c!) drift, Tensor(d!) small, "
+        "Tensor(e!) counter, Tensor image, Tensor? prev_small, Tensor? importance, Tensor state, Tensor? prev_state, "
+        "int pool, int dilation, float drift_threshold, float state_threshold) -> ()");
   m.def("drift_patch_importance_(Tensor(a!) out, Tensor attn, int layer_start, int layer_end, int num_vision_tokens, "
         "int action_tokens) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) {
   m.impl("drift_weighted_drift_", &streamkern::weighted_drift_cpu);
+  m.impl("drift_gate_step_", &streamkern::gate_step_cpu);
   m.impl("drift_patch_importance_", &streamkern::patch_importance_cpu);
 }

@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 
+# GateReason codes (streamkern.GateReason).
+REUSE, STATE, VISION, FIRST = 0, 1, 2, 3
+
+
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -62,6 +66,31 @@ def attention_weighted_drift(image, prev_small, prev_importance, pool, dilation)
     if acc == torch.float64:
         return drift, small
     return drift.float(), small.to(small_dtype(image))
+
+
+def gate_step(image, prev_small, prev_importance, state, prev_state, pool, dilation, drift_threshold,
+              state_threshold):
+    """The ``"torch"`` backend of ``DriftGate.should_recompute``: ``(recompute, reason, drift, small)``.
+
+    State guard ``s = max|state − prev_state|`` (in the state's dtype) first: ``s > state_threshold`` → STATE, drift
+    ``s``; no previous frame → FIRST, drift 100; else the batch mean of :func:`attention_weighted_drift` against
+    ``drift_threshold`` → VISION or REUSE. Thresholds compare in float64; a NaN exceeds every threshold."""
+    dev = image.device
+    if prev_small is None:
+        small = pooled(image, pool).to(small_dtype(image)).contiguous()
+        run = torch.ones((), dtype=torch.bool, device=dev)
+        reason = torch.full((), FIRST, dtype=torch.int64, device=dev)
+        drift = torch.full((), 100.0, dtype=torch.float32, device=dev)
+    else:
+        drifts, small = attention_weighted_drift(image, prev_small, prev_importance, pool, dilation)
+        drift = drifts.mean()
+        run = ~(drift.double() <= drift_threshold)
+        reason = torch.where(run, VISION, REUSE)
+    if prev_state is None:
+        return run, reason, drift, small
+    s = (state - prev_state).abs().amax()
+    state_run = ~(s.double() <= state_threshold)
+    return state_run | run, torch.where(state_run, STATE, reason), torch.where(state_run, s.float(), drift), small
 
 
 class ProAttentionGate:
@@ -150,9 +179,9 @@ class ProAttentionGate:
         self.prev_kv_cache = None
 
 
-SEED_REASONS = {"State Drift": 1, "Vision Drift": 2, "First Frame": 3}
+SEED_REASONS = {"State Drift": STATE, "Vision Drift": VISION, "First Frame": FIRST}
 
 
 def seed_reason_code(should_run: bool, reason: str) -> int:
-    """The ``GateReason`` code of a seed (should_run, reason string) pair: a reused frame is REUSE = 0."""
-    return SEED_REASONS[reason.split(":")[0]] if should_run else 0
+    """The ``GateReason`` code of a seed (should_run, reason string) pair: a reused frame is REUSE."""
+    return SEED_REASONS[reason.split(":")[0]] if should_run else REUSE

@@ -4,11 +4,7 @@
 #include <cstdint>
 #include <limits>
 
-#ifdef __CUDACC__
-#define STREAMKERN_HD __host__ __device__ __forceinline__
-#else
-#define STREAMKERN_HD inline
-#endif
+#include "streamkern/common.h"
 
 namespace streamkern {
 
@@ -47,8 +43,9 @@ STREAMKERN_HD float upsampled(const ImportanceMap& m, int h, int w, int y, int x
          ty.l1 * (tx.l0 * r1[tx.i0 * m.s_w] + tx.l1 * r1[tx.i1 * m.s_w]);
 }
 
-// max(a, b) that returns NaN when either is NaN (PyTorch's max pooling keeps a NaN once it has seen one).
-STREAMKERN_HD float nan_max(float a, float b) { return (b > a || b != b || a != a) ? (a != a ? a : b) : a; }
+// max(a, b) that returns NaN when either is NaN (PyTorch's max pooling and amax keep a NaN once they have seen one).
+template <typename F>
+STREAMKERN_HD F nan_max(F a, F b) { return (b > a || b != b || a != a) ? (a != a ? a : b) : a; }
 
 // max_pool2d(upsampled, dilation, stride=1, padding=dilation/2)[y, x]; out-of-range taps are skipped (-inf padding),
 // NaN propagates as in PyTorch's max pooling.
@@ -62,6 +59,26 @@ STREAMKERN_HD float dilated_weight(const ImportanceMap& m, int h, int w, int y, 
       best = nan_max(best, upsampled(m, h, w, yy, xx));
     }
   return best;
+}
+
+// GateReason codes (streamkern.GateReason).
+enum GateReasonCode : int64_t { kReasonReuse = 0, kReasonState = 1, kReasonVision = 2, kReasonFirst = 3 };
+
+struct GateOutcome {
+  bool recompute;
+  int64_t reason;
+  float drift;
+};
+
+// DriftGate.should_recompute's decision from the state guard's max |Δstate| and the batch-mean drift; thresholds
+// compare in double as the seed's Python floats do, and a NaN exceeds any threshold.
+STREAMKERN_HD GateOutcome gate_decision(bool has_prev_frame, float mean_drift, double drift_threshold,
+                                        bool has_prev_state, double state_diff, double state_threshold) {
+  if (has_prev_state && !(state_diff <= state_threshold))
+    return {true, kReasonState, static_cast<float>(state_diff)};
+  if (!has_prev_frame) return {true, kReasonFirst, 100.f};
+  const bool run = !(static_cast<double>(mean_drift) <= drift_threshold);
+  return {run, run ? kReasonVision : kReasonReuse, mean_drift};
 }
 
 }  // namespace streamkern

@@ -16,6 +16,7 @@ inline DType dtype_of(const at::Tensor& t) {
     case at::kBFloat16: return DType::kBFloat16;
     case at::kByte: return DType::kUInt8;
     case at::kLong: return DType::kInt64;
+    case at::kDouble: return DType::kFloat64;
     default: TORCH_CHECK(false, "streamkern: unsupported dtype ", t.scalar_type());
   }
 }
