@@ -1,7 +1,8 @@
 // Drift gate (DESIGN.md §4.3): the op schemas and the CPU kernels.
 //
 // drift_weighted_drift_: one parallel pass over the rows of the pooled grid. Task (b, y) pools the `pool` image rows
-// of grid row y for every channel, writes small[b, :, y, :], and accumulates
+// of grid row y for every channel (column sums over the rows, then over `pool` columns), writes small[b, :, y, :],
+// and accumulates
 // Σ_x mean_c|small − prev_small| · dilated_weight(y, x) into partial[b, y]; drift[b] then sums the partials in row
 // order (deterministic). drift_gate_step_: the same pass, then the whole decision of DriftGate.should_recompute
 // (state guard, batch mean, thresholds) in one op call. drift_patch_importance_: tasks (b, chunk of key columns) sum the A action rows of every
@@ -30,34 +31,36 @@ void pool_and_drift(float* drift, at::Tensor& small, const at::Tensor& image, co
   S* out = small.data_ptr<S>();
   const int64_t si0 = image.stride(0), si1 = image.stride(1), si2 = image.stride(2), si3 = image.stride(3);
   const float inv = scale / static_cast<float>(pool * pool);
+  const S* prev = prev_small == nullptr ? nullptr : prev_small->data_ptr<S>();
+  const int64_t sp0 = prev ? prev_small->stride(0) : 0, sp1 = prev ? prev_small->stride(1) : 0,
+                sp2 = prev ? prev_small->stride(2) : 0, sp3 = prev ? prev_small->stride(3) : 0;
   std::vector<float> partial(B * h);
   at::parallel_for(0, B * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(w), colmax(w);
+    // Column sums of the `pool` image rows first (contiguous, vectorisable), then sums of `pool` columns.
+    std::vector<float> row(w), colmax(w), colsum(w * pool);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / h, y = task % h;
       std::fill(row.begin(), row.end(), 0.f);
       for (int64_t c = 0; c < C; ++c) {
-        const T* src = img + b * si0 + c * si1 + y * pool * si2;
-        for (int64_t x = 0; x < w; ++x) {
-          float acc = 0.f;
-          for (int64_t r = 0; r < pool; ++r) {
-            const T* line = src + r * si2 + x * pool * si3;
-            if (si3 == 1) {
-              for (int64_t s = 0; s < pool; ++s) acc += static_cast<float>(line[s]);
-            } else {
-              for (int64_t s = 0; s < pool; ++s) acc += static_cast<float>(line[s * si3]);
-            }
-          }
-          const float v = acc * inv;
-          out[((b * C + c) * h + y) * w + x] = static_cast<S>(v);
-          if (prev_small != nullptr) {
-            const S prev = prev_small->data_ptr<S>()[b * prev_small->stride(0) + c * prev_small->stride(1) +
-                                                     y * prev_small->stride(2) + x * prev_small->stride(3)];
-            row[x] += std::abs(v - static_cast<float>(prev));
+        std::fill(colsum.begin(), colsum.end(), 0.f);
+        for (int64_t r = 0; r < pool; ++r) {
+          const T* line = img + b * si0 + c * si1 + (y * pool + r) * si2;
+          if (si3 == 1) {
+            for (int64_t X = 0; X < w * pool; ++X) colsum[X] += static_cast<float>(line[X]);
+          } else {
+            for (int64_t X = 0; X < w * pool; ++X) colsum[X] += static_cast<float>(line[X * si3]);
           }
         }
+        for (int64_t x = 0; x < w; ++x) {
+          float acc = 0.f;
+          for (int64_t s = 0; s < pool; ++s) acc += colsum[x * pool + s];
+          const float v = acc * inv;
+          out[((b * C + c) * h + y) * w + x] = static_cast<S>(v);
+          if (prev != nullptr)
+            row[x] += std::abs(v - static_cast<float>(prev[b * sp0 + c * sp1 + y * sp2 + x * sp3]));
+        }
       }
-      if (prev_small == nullptr) continue;
+      if (prev == nullptr) continue;
       const ImportanceMap map{importance->data_ptr<float>() + b * importance->stride(0), importance->stride(1),
                               importance->stride(2), static_cast<int>(importance->size(1)),
                               static_cast<int>(importance->size(2))};
@@ -79,7 +82,7 @@ void pool_and_drift(float* drift, at::Tensor& small, const at::Tensor& image, co
       partial[task] = sum;
     }
   });
-  if (prev_small == nullptr) return;
+  if (prev == nullptr) return;
   for (int64_t b = 0; b < B; ++b) {
     float sum = 0.f;
     for (int64_t y = 0; y < h; ++y) sum += partial[b * h + y];
