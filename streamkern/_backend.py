@@ -165,3 +165,15 @@ class OpBackends:
 
     def __call__(self, name: str) -> Callable:
         return self.impls[name]
+
+    def run(self, custom_op: Callable, name: str, *args):
+        """``custom_op(*args, name)``, the ``torch.library`` op that wraps this table, or backend ``name`` called
+        directly when nothing needs the wrapper: no torch.compile trace, no dispatch mode, no tensor subclass and
+        no input that requires grad. Both run the same implementation; the wrapper's Python machinery costs tens
+        of microseconds of host time per call (more than a small kernel), so plain eager calls skip it."""
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or any(type(t) is not torch.Tensor for t in tensors)
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+            return custom_op(*args, name)
+        return self.impls[name](*args)

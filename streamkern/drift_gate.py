@@ -337,10 +337,11 @@ class DriftGate:
         name = GATE_BACKENDS.resolve(self.backend, image.device)
         if self._counter is None or self._counter.device != image.device:
             self._counter = torch.zeros(1, dtype=torch.int32, device=image.device)
-        prev_state = None if self.prev_state is None else self.prev_state.view(_state_rows(state).shape)
-        run, reason, drift, small = _gate_op(image, self.prev_small, self.prev_importance, _state_rows(state),
-                                             prev_state, self._counter, self.pool, self.dilation,
-                                             float(self.drift_threshold), float(self.state_threshold), name)
+        rows = _state_rows(state)
+        prev_state = None if self.prev_state is None else self.prev_state.view(rows.shape)
+        run, reason, drift, small = GATE_BACKENDS.run(
+            _gate_op, name, image, self.prev_small, self.prev_importance, rows, prev_state, self._counter, self.pool,
+            self.dilation, float(self.drift_threshold), float(self.state_threshold))
         self._pending = (image, small)
         return run, reason, drift
 

@@ -148,3 +148,29 @@ def test_compiled_code_follows_the_default_backend():
     # Inside a fullgraph trace dynamo re-raises our BackendUnavailable wrapped in its own exception type.
     with streamkern.backend("cuda"), pytest.raises(Exception, match="backend 'cuda' cannot run on cpu tensors"):
         f(chunk_k, text_k, weights)
+
+
+def test_run_skips_the_custom_op_wrapper_only_in_plain_eager():
+    """OpBackends.run: the implementation directly in plain eager; the custom op under a dispatch mode, for inputs
+    that require grad and while torch.compile traces (where the wrapper's fake kernel is needed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+    table = _backend.OpBackends("probe", {"torch": lambda x: calls.append("impl") or x + 1})
+
+    def custom_op(x, name):
+        calls.append(f"op:{name}")
+        return x + 1
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    assert torch.equal(table.run(custom_op, "torch", torch.zeros(2)), torch.ones(2)) and calls == ["impl"]
+    calls.clear()
+    table.run(custom_op, "torch", torch.zeros(2, requires_grad=True))
+    with Passthrough():
+        table.run(custom_op, "torch", torch.zeros(2))
+    torch._dynamo.reset()
+    torch.compile(lambda x: table.run(custom_op, "torch", x), backend="eager", fullgraph=True)(torch.zeros(2))
+    assert calls == ["op:torch"] * 3
