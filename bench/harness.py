@@ -5,6 +5,8 @@ each timed on its own (CUDA events on GPU, ``perf_counter_ns`` on CPU), cycling 
 that on a GPU the working set exceeds L2; the median is reported with the 10th/90th percentiles and the raw times.
 Bandwidth: achieved bytes/s counts the bytes an op must move (each input read once, each output written once) and is
 compared with a device-to-device copy measured in the same run (bytes read + bytes written).
+Launches and syncs: one more call is profiled for its kernel launches (``streamkern.testing.count_launches``: exact
+device activities on CUDA, the working operators on CPU) and, on CUDA, counted for host synchronisations.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from streamkern._backend import BACKENDS, OpBackends, why_not
+from streamkern.testing import count_launches
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Row:
     speedup: float | None = None
     vs_compile: float | None = None
     syncs_per_call: int | None = None
+    launches_per_call: int | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
     raw_ms: list = field(default_factory=list)
@@ -182,6 +186,7 @@ class Report:
                                max_reps=max_reps or (1000 if self.device.type == "cuda" else 200),
                                budget_s=self.budget_s)
             row.syncs_per_call = count_syncs(fn, inputs[0], self.device)
+            row.launches_per_call = count_launches(fn, *inputs[0], device=self.device)
         except Exception as exc:  # an impl that fails is recorded with its error, never dropped
             row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             row.extra["traceback"] = traceback.format_exc(limit=3)[-2000:]
@@ -214,11 +219,11 @@ class Report:
             return f"{r.op:28s} {r.case:26s} {r.impl:16s} FAILED {r.error[:60]}"
         return (f"{r.op:28s} {r.case:26s} {r.impl:16s} {f(r.median_ms, '10.4f')} ms {f(r.gb_per_s, '8.1f')} GB/s "
                 f"{f(r.pct_copy_bw, '6.1f')} %bw {f(r.speedup, '8.2f')}x eager {f(r.vs_compile, '7.2f')}x compile "
-                f"{f(r.syncs_per_call, '>3')} syncs")
+                f"{f(r.syncs_per_call, '>3')} syncs {f(r.launches_per_call, '>4')} launches")
 
     def table(self) -> str:
         head = (f"{'op':28s} {'case':26s} {'impl':16s} {'median':>13s} {'achieved':>13s} {'of copy':>9s} "
-                f"{'vs eager':>15s} {'vs compile':>17s} syncs")
+                f"{'vs eager':>15s} {'vs compile':>17s} syncs launches")
         bw = f"copy bandwidth measured in this run: {self.copy_bw / 1e9:.1f} GB/s on {self.info['name']}"
         return "\n".join([bw, head] + [self._line(r) for r in self.rows])
 

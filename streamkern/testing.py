@@ -3,6 +3,8 @@ demo."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from typing import Callable
 
 import torch
@@ -80,6 +82,19 @@ def _triton_launches_recorded():
         KernelInterface.__getitem__ = original
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", **kwargs) -> int:
     """Kernel launches made by one call ``fn(*args, **kwargs)``.
 
@@ -92,10 +107,17 @@ def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", **kw
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
-    with _triton_launches_recorded(), torch.profiler.profile(activities=activities) as prof:
-        fn(*args, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    prof = torch.profiler.profile(activities=activities)
+    with _triton_launches_recorded():
+        with _stderr_silenced():                      # the profiler's start/stop log lines
+            prof.__enter__()
+        try:
+            fn(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            with _stderr_silenced():
+                prof.__exit__(None, None, None)
     events = prof.events()
     if device.type == "cuda":
         return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
