@@ -375,8 +375,14 @@ def test_gate_never_syncs(bd, monkeypatch):
     for name in ("item", "__bool__", "__int__", "__float__", "tolist", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     new = image + 0.5
-    out = gate.should_recompute(new, state)
-    gate.update(new, attn, state, None)
+    if dev == "cuda":                                        # and CUDA itself raises on any implicit sync
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = gate.should_recompute(new, state)
+        gate.update(new, attn, state, None)
+    finally:
+        if dev == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     monkeypatch.undo()
     assert (bool(out[0]), int(out[1])) in {(True, 2), (False, 0)} and torch.isfinite(out[2])
 
