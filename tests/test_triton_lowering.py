@@ -1,0 +1,356 @@
+"""Every Triton kernel of streamkern lowers to sm_90 and sm_89 cubin, on a machine without a GPU.
+
+How: the ``"triton"`` backend of every public op runs once on small inputs (under the interpreter here) and every
+launch is recorded as a specialisation: the kernel, a Triton signature built from the actual arguments (tensors
+``*<dtype>``; ints ``i32``/``i64``, with ``1`` made the constexpr ``1`` and multiples of 16 and 16-byte aligned
+pointers given the divisibility hint, as Triton's JIT specialises them; floats ``fp32``; bools ``i1``), the
+constexpr values and ``num_warps``/``num_stages``. One subprocess without ``TRITON_INTERPRET`` (so ``triton.jit``
+gives real JITFunctions) compiles each distinct specialisation with ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)`` and ``GPUTarget("cuda", 89, 32)`` into an empty cache, and checks the kernel's shared
+memory against the per-block limit of the arch (227 KiB on sm_90, 99 KiB on sm_89). The scale-attention launcher
+is recorded with its GPU tiles and dot dtypes (64×64 and 128×64 tiles, bf16/fp16 dots), not the interpreter's.
+
+What it proves: each recorded specialisation lowers through Triton's passes and ptxas to a cubin for both
+targets: no Triton-to-PTX type errors, no op the backend cannot lower for that arch, no layout or shared-memory
+allocation that fails, no shared-memory overflow (found at compile time instead of at the first launch); and
+every kernel launched from the host (a ``triton.jit`` function no other kernel calls) is launched by the calls
+below. What it does not prove: runtime correctness on a GPU (results, races, the drift gate's last-block hand-off),
+speed or occupancy, or specialisations not recorded here (other dtypes, shapes that pick other block sizes).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+import triton.language as tl  # noqa: E402
+from triton.runtime.jit import KernelInterface  # noqa: E402
+
+import streamkern as sk  # noqa: E402
+import streamkern.kernels as kernels_pkg  # noqa: E402
+from streamkern._backend import triton_interpreting  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"sm90": 90, "sm89": 89}
+DEVICE = "cpu" if triton_interpreting() else "cuda"
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                  torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+                  torch.bool: "i1"}
+_TL_DTYPES = ("float16", "bfloat16", "float32", "float64", "int1", "int8", "int16", "int32", "int64", "uint8")
+
+
+# --- the kernels: every triton.jit function of streamkern.kernels that no other kernel calls ---------------------
+
+
+def _entry_kernels() -> list[tuple[str, str]]:
+    """``(module, kernel)`` of each kernel launched from the host, found by reading the kernels package."""
+    sources = {}
+    for info in pkgutil.iter_modules(kernels_pkg.__path__):
+        module = importlib.import_module(f"{kernels_pkg.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, KernelInterface) and obj.fn.__module__ == module.__name__:
+                sources[(module.__name__, name)] = inspect.getsource(obj.fn)
+    called = {name for (_, name) in sources for (_, other), src in sources.items()
+              if other != name and re.search(rf"\b{name}\s*\(", src)}
+    return sorted(key for key in sources if key[1] not in called)
+
+
+ENTRY_KERNELS = _entry_kernels()
+
+
+# --- recording the launches --------------------------------------------------------------------------------------
+
+
+def _is_constexpr(param: inspect.Parameter) -> bool:
+    a = param.annotation
+    return a is tl.constexpr or (isinstance(a, str) and "constexpr" in a)
+
+
+def _constexpr_value(value):
+    if isinstance(value, tl.dtype):
+        return {"dtype": next(f"tl.{n}" for n in _TL_DTYPES if getattr(tl, n) == value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"constexpr value {value!r} cannot be passed to the compiler process")
+
+
+def _spec(kernel: KernelInterface, args: tuple, kwargs: dict) -> dict:
+    """The specialisation of one launch (see the module doc), JSON-ready."""
+    params = inspect.signature(kernel.fn).parameters
+    bound = dict(zip(params, args))
+    bound.update((k, v) for k, v in kwargs.items() if k in params)
+    signature, constexprs, divisible = {}, {}, []
+    for name, param in params.items():
+        value = bound[name] if name in bound else param.default
+        if _is_constexpr(param) or value is None or (type(value) is int and value == 1):
+            signature[name] = "constexpr"
+            constexprs[name] = _constexpr_value(value)
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                divisible.append(name)
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            if value % 16 == 0:
+                divisible.append(name)
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {name}={value!r} has no Triton type here")
+    options = {k: v for k, v in kwargs.items() if k not in params}
+    return dict(module=kernel.fn.__module__, kernel=kernel.fn.__name__, signature=signature, constexprs=constexprs,
+                divisible=divisible, options=options)
+
+
+@contextlib.contextmanager
+def _launches_recorded(specs: dict):
+    """Record the specialisation of every Triton launch into ``specs`` (keyed by its JSON: identical ones once)."""
+    original = KernelInterface.__getitem__
+
+    def getitem(self, grid):
+        launch = original(self, grid)
+
+        def run(*args, **kwargs):
+            spec = _spec(self, args, kwargs)
+            specs.setdefault(json.dumps(spec, sort_keys=True), spec)
+            return launch(*args, **kwargs)
+        return run
+
+    KernelInterface.__getitem__ = getitem
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+# --- one small call of the "triton" backend of every public op ---------------------------------------------------
+
+FLOATS = (torch.float32, torch.bfloat16)
+TRITON = dict(backend="triton")
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+def _mask(*shape, seed=0):
+    return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < 0.5).to(DEVICE)
+
+
+def _consensus(dtype):
+    chunk, text, w = _randn(3, 2, 8, 2, 4, dtype=dtype), _randn(3, 2, 5, 2, 4, dtype=dtype), _randn(5).abs()
+    sk.consensus_frame_scores(chunk, text, w, 4, (0, 2), (0.5, 0.5), **TRITON)
+    strided = _randn(3, 2, 8, 4, 2, dtype=dtype).transpose(3, 4)          # [H, D] rows not flat
+    sk.consensus_frame_scores(strided, text, w[None].expand(2, 5), 4, (1,), (1.0,), **TRITON)
+
+
+def _bank_evict(dtype):
+    sk.bank_evict_select(_randn(5, dtype=dtype), _mask(5, 7), _mask(5, seed=1), **TRITON)
+
+
+def _pose_topk(dtype):
+    sk.pose_topk(_randn(9, 4, dtype=dtype), _mask(9), _randn(4, dtype=dtype, seed=1), 3, **TRITON)
+
+
+def _image(dtype, seed=0):
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(seed),
+                             dtype=torch.uint8).to(DEVICE)
+    return _randn(2, 3, 16, 16, dtype=dtype, seed=seed).abs()
+
+
+def _drift_gate(image_dtype, state_dtype, attn_dtype):
+    """``should_recompute`` on a first frame, ``update`` (patch_importance), ``should_recompute`` again (drift and
+    state guard)."""
+    gate = sk.DriftGate(pool=4, dilation=3, layer_range=(0, 2), num_vision_tokens=16, action_tokens=2, grid=(4, 4),
+                        **TRITON)
+    state = _randn(3, 7, dtype=state_dtype)
+    image = _image(image_dtype)
+    gate.should_recompute(image, state)
+    gate.update(image, _randn(2, 2, 2, 18, 18, dtype=attn_dtype).softmax(-1), state, None)
+    gate.should_recompute(_image(image_dtype, seed=1), state + 0.01)
+
+
+def _drift(dtype):
+    """attention_weighted_drift (patch_importance runs in the drift gate's ``update``)."""
+    small = _image(dtype, seed=1)[..., ::4, ::4].to(torch.float32 if dtype == torch.uint8 else dtype)
+    sk.attention_weighted_drift(_image(dtype), small, _randn(2, 3, 5).abs(), 4, 3, **TRITON)
+
+
+def _kv_ring(dtype):
+    ring = sk.KVRing(2, 1, 2, 4, window=4, sink=1, dtype=dtype, device=DEVICE, backend="triton")
+    for seed in range(2):                                                   # the second append wraps
+        ring.append(_randn(2, 1, 3, 2, 4, dtype=dtype, seed=seed), _randn(2, 1, 3, 2, 4, dtype=dtype, seed=9))
+
+
+def _bank_insert(dtype):
+    bank = [_randn(2, 2, 6, 2, 4, dtype=dtype, seed=s) for s in (0, 1)]
+    chunk = [_randn(2, 2, 4, 2, 4, dtype=dtype, seed=s) for s in (2, 3)]
+    frame = torch.tensor([1, 0], device=DEVICE)
+    sk.bank_insert(*bank, *chunk, frame, torch.tensor(2, device=DEVICE), 2, **TRITON)
+
+
+def _verify(dtype):
+    layout = sk.scale_layout((1, 2, 3))
+    B, T, V = 2, layout.total, 37
+    draft = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    probs = _randn(B, T, V, seed=1).softmax(-1).to(dtype)
+    for cfg in (None, [1.0, 2.0, 0.5]):
+        logits = _randn(2 * B if cfg else B, T, V, dtype=dtype)
+        sk.verify_scales(logits, draft, layout, 0, 3, mode="greedy", cfg=cfg, **TRITON)
+        sk.verify_scales(logits, draft, layout, 0, 3, mode="sample", draft_probs=probs, cfg=cfg, temperature=0.7,
+                         generator=torch.Generator(DEVICE).manual_seed(2), **TRITON)
+
+
+def _attention(dtype):
+    """Lq 40 (64×64 tiles) and 512 with D = 16 (128×64 tiles), with and without self-attention, int64/int32 ids."""
+    allow = sk.scale_allow(4, "var", device=DEVICE)
+    for L, self_attend, id_dtype in ((40, False, torch.int64), (512, True, torch.int32)):
+        q, k, v = (_randn(1, 2, L, 16, dtype=dtype, seed=s) for s in range(3))
+        ids = (torch.arange(L) * 4 // L).to(DEVICE, id_dtype)
+        sk.block_masked_attention(q, k, v, ids, ids, allow, self_attend=self_attend, **TRITON)
+
+
+def _gpu_tiles():
+    """Make the scale-attention launcher pick the tiles and dot dtypes it picks on a GPU (the interpreter runs them
+    too; the values it computes are not looked at here)."""
+    return mock.patch.object(importlib.import_module("streamkern.kernels.scale_attention"), "triton_interpreting",
+                             lambda: False)
+
+
+def _run_every_op():
+    for dtype in FLOATS:
+        _consensus(dtype)
+        _bank_evict(dtype)
+        _pose_topk(dtype)
+        _drift(dtype)
+        _kv_ring(dtype)
+        _bank_insert(dtype)
+        _verify(dtype)
+    _drift(torch.uint8)
+    _drift_gate(torch.float32, torch.float32, torch.float32)
+    _drift_gate(torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    _drift_gate(torch.uint8, torch.float64, torch.float32)
+    with _gpu_tiles():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            _attention(dtype)
+
+
+# --- compiling in a process where triton.jit gives JITFunctions ------------------------------------------------
+
+_CHILD = r"""
+import importlib, json, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+SHARED_LIMIT = {90: 227 * 1024, 89: 99 * 1024}      # bytes of shared memory one block may use
+
+
+def value(v):
+    return getattr(tl, v["dtype"][3:]) if isinstance(v, dict) else v
+
+
+request = json.load(sys.stdin)
+for i, spec in enumerate(request["specs"]):
+    fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    index = {name: (fn.arg_names.index(name),) for name in spec["signature"]}
+    constexprs = {index[n]: value(v) for n, v in spec["constexprs"].items()}
+    attrs = {index[n]: [["tt.divisibility", 16]] for n in spec["divisible"]}
+    for arch in request["archs"]:
+        try:
+            out = triton.compile(ASTSource(fn, spec["signature"], constexprs=constexprs, attrs=attrs),
+                                 target=GPUTarget("cuda", arch, 32), options=spec["options"])
+            error = None
+            if "cubin" not in out.asm:
+                error = "no cubin produced"
+            elif out.metadata.shared > SHARED_LIMIT[arch]:
+                error = f"needs {out.metadata.shared} bytes of shared memory, sm_{arch} allows {SHARED_LIMIT[arch]}"
+        except Exception as e:  # the compiler's message is the test's failure message
+            error = f"{type(e).__name__}: {e}"
+        print(json.dumps({"spec": i, "arch": arch, "error": error}), flush=True)
+"""
+
+
+def _why_no_compiler() -> str:
+    """Why the NVIDIA backend cannot compile here ("" when it can)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except Exception as e:  # noqa: BLE001 - any import failure means no NVIDIA backend
+        return f"triton's NVIDIA backend cannot be imported: {e}"
+    try:
+        for arch in TARGETS.values():
+            get_ptxas(arch).path
+    except RuntimeError as e:
+        return f"ptxas is missing: {e}"
+    return ""
+
+
+def _describe(spec: dict) -> str:
+    pointers = ",".join(t for t in spec["signature"].values() if t.startswith("*"))
+    constexprs = ", ".join(f"{k}={v['dtype'] if isinstance(v, dict) else v}" for k, v in spec["constexprs"].items())
+    options = ", ".join(f"{k}={v}" for k, v in spec["options"].items())
+    return f"{spec['kernel']}({pointers}; {constexprs}{'; ' + options if options else ''})"
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    """``[(spec, {arch: error or None})]`` for every distinct specialisation launched by the calls above."""
+    why = _why_no_compiler()
+    if why:
+        pytest.skip(why)
+    recorded: dict = {}
+    with _launches_recorded(recorded):
+        _run_every_op()
+    specs = list(recorded.values())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # compile for real, never a cache hit
+    request = json.dumps({"specs": specs, "archs": list(TARGETS.values())})
+    proc = subprocess.run([sys.executable, "-c", _CHILD], input=request, capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+    results = [{} for _ in specs]
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            results[r["spec"]][r["arch"]] = r["error"]
+    died = f"the compiler process exited with status {proc.returncode} first:\n{proc.stderr[-4000:]}"
+    for r in results:
+        for arch in TARGETS.values():
+            r.setdefault(arch, died)
+    return list(zip(specs, results))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=list(TARGETS))
+@pytest.mark.parametrize("module,kernel", [pytest.param(m, k, id=f"{m.rsplit('.', 1)[1]}.{k}")
+                                          for m, k in ENTRY_KERNELS])
+def test_kernel_lowers(lowered, module, kernel, target):
+    """Every recorded specialisation of the kernel compiles to a cubin for the target."""
+    mine = [(spec, result[TARGETS[target]]) for spec, result in lowered
+            if (spec["module"], spec["kernel"]) == (module, kernel)]
+    assert mine, f"no launch of {module}.{kernel} recorded: add a call of its op to _run_every_op"
+    failures = [f"{_describe(spec)}:\n{error}" for spec, error in mine if error]
+    if failures:
+        pytest.fail(f"{len(failures)} of {len(mine)} specialisations of {kernel} do not lower for {target}:\n\n"
+                    + "\n\n".join(failures), pytrace=False)
+
+
+def test_every_launch_is_an_entry_kernel(lowered):
+    """The kernels found by reading the package are the ones launched (none launched that is also called as a
+    helper, so each test above sees every launch)."""
+    launched = {(spec["module"], spec["kernel"]) for spec, _ in lowered}
+    assert launched <= set(ENTRY_KERNELS), sorted(launched - set(ENTRY_KERNELS))
