@@ -81,4 +81,4 @@ def bank_evict_select(scores: torch.Tensor, entity_mask: torch.Tensor, valid: to
     """
     _check(scores, entity_mask, valid)
     name = BACKENDS.resolve(backend, scores.device)
-    return _bank_evict_op(scores, entity_mask, valid, name)
+    return BACKENDS.run(_bank_evict_op, name, scores, entity_mask, valid)

@@ -97,4 +97,4 @@ def bank_insert(bank_k: torch.Tensor, bank_v: torch.Tensor, chunk_k: torch.Tenso
     """
     _check(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len)
     name = BACKENDS.resolve(backend, bank_k.device)
-    _bank_insert_op(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len, name)
+    BACKENDS.run(_bank_insert_op, name, bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len)

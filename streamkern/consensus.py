@@ -88,7 +88,7 @@ def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_w
     """
     layers, layer_weights = _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
     name = BACKENDS.resolve(backend, chunk_k.device)
-    return _consensus_op(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights, name)
+    return BACKENDS.run(_consensus_op, name, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
 
 
 def select_frame(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor, frame_seq_len: int,

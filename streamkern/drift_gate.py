@@ -225,7 +225,7 @@ def patch_importance(attn: torch.Tensor, layer_range: Sequence[int] = (14, 18), 
     """
     layer_range, grid = _check_importance(attn, layer_range, num_vision_tokens, action_tokens, grid)
     name = IMPORTANCE_BACKENDS.resolve(backend, attn.device)
-    return _importance_op(attn, layer_range, num_vision_tokens, action_tokens, grid, name)
+    return IMPORTANCE_BACKENDS.run(_importance_op, name, attn, layer_range, num_vision_tokens, action_tokens, grid)
 
 
 def attention_weighted_drift(image: torch.Tensor, prev_small: torch.Tensor, prev_importance: torch.Tensor,
@@ -253,7 +253,7 @@ def attention_weighted_drift(image: torch.Tensor, prev_small: torch.Tensor, prev
     name = DRIFT_BACKENDS.resolve(backend, image.device)
     prev_small = prev_small.to(ref.small_dtype(image))
     prev_importance = prev_importance.float()
-    return _drift_op(image, prev_small, prev_importance, pool, dilation, name)
+    return DRIFT_BACKENDS.run(_drift_op, name, image, prev_small, prev_importance, pool, dilation)
 
 
 class DriftGate:

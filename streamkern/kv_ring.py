@@ -77,7 +77,7 @@ def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor
     """
     _check(cache_k, cache_v, k_new, v_new, start, sink)
     name = BACKENDS.resolve(backend, cache_k.device)
-    _ring_write_op(cache_k, cache_v, k_new, v_new, start, sink, name)
+    BACKENDS.run(_ring_write_op, name, cache_k, cache_v, k_new, v_new, start, sink)
 
 
 class KVRing:

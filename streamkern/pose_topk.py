@@ -83,4 +83,4 @@ def pose_topk(poses: torch.Tensor, valid: torch.Tensor, current: torch.Tensor, k
     """
     scale = _check(poses, valid, current, k, scale)
     name = BACKENDS.resolve(backend, poses.device)
-    return _pose_topk_op(poses, valid, current, k, scale, name)
+    return BACKENDS.run(_pose_topk_op, name, poses, valid, current, k, scale)

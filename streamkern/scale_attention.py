@@ -212,4 +212,4 @@ def block_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     """
     sm_scale = _check(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
     name = BACKENDS.resolve(backend, q.device)
-    return _attention_op(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale, name)
+    return BACKENDS.run(_attention_op, name, q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
