@@ -124,14 +124,16 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
              mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _blocks(Lq: int, Lk: int, D: int) -> tuple[int, int, int, int]:
+def _blocks(Lq: int, Lk: int, D: int, itemsize: int) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: small tiles for the interpreter (tests), 64×64 on GPU
-    (128 query rows when the head dim is small and the sequence long enough to keep every SM busy)."""
+    (128 query rows when the head dim is small and the sequence long enough to keep every SM busy). K/V rows over
+    256 bytes (fp32 with a head dim over 64) take 32-key tiles: 64 would need 112 KiB of shared memory with two
+    pipeline stages, over the 99 KiB a block may use on sm_89 (tests/test_triton_lowering.py checks this)."""
     if triton_interpreting():
         return 16, 16, 1, 1
     if D <= 64 and Lq >= 512:
         return 128, 64, 8, 2
-    return 64, 64, 4, 2
+    return 64, 32 if triton.next_power_of_2(D) * itemsize > 256 else 64, 4, 2
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -166,7 +168,7 @@ def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend: bool, 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_m, block_n, warps, stages = _blocks(Lq, k.shape[2], D)
+    block_m, block_n, warps, stages = _blocks(Lq, k.shape[2], D, q.element_size())
     visit, vcls, n_visit = visit_lists(q_scale, k_scale, allow, self_attend, block_m, block_n)
     allow_u8 = allow.view(torch.uint8)
     dot_dtype = _dot_dtype(q.dtype)

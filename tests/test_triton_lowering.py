@@ -217,10 +217,11 @@ def _verify(dtype):
 
 
 def _attention(dtype):
-    """Lq 40 (64×64 tiles) and 512 with D = 16 (128×64 tiles), with and without self-attention, int64/int32 ids."""
+    """Lq 40 with D 16 (64×64 tiles) and 512 with D 80 (128×64 tiles, head dim padded to 128), without and with
+    self-attention, int64/int32 ids."""
     allow = sk.scale_allow(4, "var", device=DEVICE)
-    for L, self_attend, id_dtype in ((40, False, torch.int64), (512, True, torch.int32)):
-        q, k, v = (_randn(1, 2, L, 16, dtype=dtype, seed=s) for s in range(3))
+    for L, D, self_attend, id_dtype in ((40, 16, False, torch.int64), (512, 80, True, torch.int32)):
+        q, k, v = (_randn(1, 2, L, D, dtype=dtype, seed=s) for s in range(3))
         ids = (torch.arange(L) * 4 // L).to(DEVICE, id_dtype)
         sk.block_masked_attention(q, k, v, ids, ids, allow, self_attend=self_attend, **TRITON)
 
