@@ -199,5 +199,5 @@ def verify_scales(target_logits: torch.Tensor, draft_tokens: torch.Tensor, layou
         draft_probs = uniforms = None
     elif uniforms is None:
         uniforms = torch.rand(*draft_tokens.shape, 2, generator=generator, device=target_logits.device)
-    return VerifyResult(*_verify_op(target_logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms,
-                                    cfg, temperature, name))
+    return VerifyResult(*BACKENDS.run(_verify_op, name, target_logits, draft_tokens, offsets, greedy, threshold,
+                                      draft_probs, uniforms, cfg, temperature))
