@@ -56,9 +56,10 @@ def _launches(event) -> int:
 
 
 @contextlib.contextmanager
-def _triton_launches_recorded():
-    """Wrap every Triton launch in a ``triton::<kernel>`` profiler range (the interpreter's own tensor work inside
-    it is then not counted)."""
+def triton_launches_wrapped(wrap: Callable):
+    """While active, every Triton launch ``kernel[grid](*args, **kwargs)`` runs as
+    ``wrap(kernel, launch, args, kwargs)``, where ``launch(*args, **kwargs)`` is the launch itself (nothing happens
+    without triton)."""
     try:
         from triton.runtime.jit import KernelInterface
     except ImportError:
@@ -68,18 +69,21 @@ def _triton_launches_recorded():
 
     def getitem(self, grid):
         launch = original(self, grid)
-        name = getattr(self, "__name__", None) or self.fn.__name__
-
-        def run(*args, **kwargs):
-            with torch.profiler.record_function(f"triton::{name}"):
-                return launch(*args, **kwargs)
-        return run
+        return lambda *args, **kwargs: wrap(self, launch, args, kwargs)
 
     KernelInterface.__getitem__ = getitem
     try:
         yield
     finally:
         KernelInterface.__getitem__ = original
+
+
+def _in_profiler_range(kernel, launch, args, kwargs):
+    """A Triton launch inside a ``triton::<kernel>`` profiler range (the interpreter's own tensor work inside it is
+    then not counted)."""
+    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+    with torch.profiler.record_function(f"triton::{name}"):
+        return launch(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -108,7 +112,7 @@ def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", **kw
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
     prof = torch.profiler.profile(activities=activities)
-    with _triton_launches_recorded():
+    with triton_launches_wrapped(_in_profiler_range):
         with _stderr_silenced():                      # the profiler's start/stop log lines
             prof.__enter__()
         try:

@@ -19,7 +19,6 @@ speed or occupancy, or specialisations not recorded here (other dtypes, shapes t
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import json
@@ -41,6 +40,7 @@ from triton.runtime.jit import KernelInterface  # noqa: E402
 import streamkern as sk  # noqa: E402
 import streamkern.kernels as kernels_pkg  # noqa: E402
 from streamkern._backend import triton_interpreting  # noqa: E402
+from streamkern.testing import triton_launches_wrapped  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"sm90": 90, "sm89": 89}
@@ -116,25 +116,14 @@ def _spec(kernel: KernelInterface, args: tuple, kwargs: dict) -> dict:
                 divisible=divisible, options=options)
 
 
-@contextlib.contextmanager
 def _launches_recorded(specs: dict):
     """Record the specialisation of every Triton launch into ``specs`` (keyed by its JSON: identical ones once)."""
-    original = KernelInterface.__getitem__
+    def record(kernel, launch, args, kwargs):
+        spec = _spec(kernel, args, kwargs)
+        specs.setdefault(json.dumps(spec, sort_keys=True), spec)
+        return launch(*args, **kwargs)
 
-    def getitem(self, grid):
-        launch = original(self, grid)
-
-        def run(*args, **kwargs):
-            spec = _spec(self, args, kwargs)
-            specs.setdefault(json.dumps(spec, sort_keys=True), spec)
-            return launch(*args, **kwargs)
-        return run
-
-    KernelInterface.__getitem__ = getitem
-    try:
-        yield
-    finally:
-        KernelInterface.__getitem__ = original
+    return triton_launches_wrapped(record)
 
 
 # --- one small call of the "triton" backend of every public op ---------------------------------------------------
