@@ -216,21 +216,39 @@ __global__ void __launch_bounds__(kThreads) importance_finish_kernel(PatchImport
   for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) p.out[b * p.V + v] /= denom;
 }
 
+struct WeightedDriftKernel {
+  template <typename T, typename S>
+  static void launch(dim3 grid, cudaStream_t stream, const WeightedDriftParams& p, float scale) {
+    weighted_drift_kernel<T, S><<<grid, kThreads, 0, stream>>>(p, scale);
+  }
+};
+
+struct DriftGateKernel {
+  template <typename T, typename S>
+  static void launch(dim3 grid, cudaStream_t stream, const DriftGateParams& p, float scale) {
+    drift_gate_kernel<T, S><<<grid, kThreads, 0, stream>>>(p, scale);
+  }
+};
+
+// K::launch<T, S> for the image dtype: float32/float16/bfloat16 images pool into their own type, uint8 frames into
+// float32 with values scaled by 1/255.
+template <typename K, typename Params>
+LaunchStatus launch_on_image_dtype(DType image_dtype, dim3 grid, cudaStream_t stream, const Params& p) {
+  switch (image_dtype) {
+    case DType::kFloat32: K::template launch<float, float>(grid, stream, p, 1.f); break;
+    case DType::kFloat16: K::template launch<__half, __half>(grid, stream, p, 1.f); break;
+    case DType::kBFloat16: K::template launch<__nv_bfloat16, __nv_bfloat16>(grid, stream, p, 1.f); break;
+    case DType::kUInt8: K::template launch<uint8_t, float>(grid, stream, p, 1.f / 255.f); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 LaunchStatus weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, cudaStream_t stream) {
   if (p.B == 0) return 0;
-  const dim3 grid(static_cast<unsigned>(p.B));
-  switch (image_dtype) {
-    case DType::kFloat32: weighted_drift_kernel<float, float><<<grid, kThreads, 0, stream>>>(p, 1.f); break;
-    case DType::kFloat16: weighted_drift_kernel<__half, __half><<<grid, kThreads, 0, stream>>>(p, 1.f); break;
-    case DType::kBFloat16:
-      weighted_drift_kernel<__nv_bfloat16, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, 1.f);
-      break;
-    case DType::kUInt8: weighted_drift_kernel<uint8_t, float><<<grid, kThreads, 0, stream>>>(p, 1.f / 255.f); break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_on_image_dtype<WeightedDriftKernel>(image_dtype, dim3(static_cast<unsigned>(p.B)), stream, p);
 }
 
 int drift_gate_splits(int64_t h, int64_t w) {
@@ -240,16 +258,7 @@ int drift_gate_splits(int64_t h, int64_t w) {
 
 LaunchStatus drift_gate_launch(const DriftGateParams& p, DType image_dtype, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.frame.B));
-  switch (image_dtype) {
-    case DType::kFloat32: drift_gate_kernel<float, float><<<grid, kThreads, 0, stream>>>(p, 1.f); break;
-    case DType::kFloat16: drift_gate_kernel<__half, __half><<<grid, kThreads, 0, stream>>>(p, 1.f); break;
-    case DType::kBFloat16:
-      drift_gate_kernel<__nv_bfloat16, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, 1.f);
-      break;
-    case DType::kUInt8: drift_gate_kernel<uint8_t, float><<<grid, kThreads, 0, stream>>>(p, 1.f / 255.f); break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_on_image_dtype<DriftGateKernel>(image_dtype, grid, stream, p);
 }
 
 LaunchStatus patch_importance_launch(const PatchImportanceParams& p, DType attn_dtype, cudaStream_t stream) {
