@@ -236,6 +236,37 @@ def test_gate_trajectory_triton(bd, pool, dilation):
     assert {row[0][1] for row in log} >= {1, 3} and int(gates[1]._counter[0]) == 0
 
 
+@pytest.mark.parametrize("shape", [pytest.param((3, 3, 20, 28, 4, 3), id="B3-20x28-p4-d3"),
+                                   pytest.param((1, 1, 8, 8, 8, 1), id="B1-C1-8x8-p8-1cell")])
+@pytest.mark.parametrize("dtype", FLOATS + (torch.uint8,), ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
+def test_gate_step_parity(bd, shape, dtype, strided):
+    """The fused gate on odd shapes, every image dtype and channels-last images: the first frame's decision and
+    pooled frame against the "torch" gate, then a drifted frame's decision against the "torch" gate and its drift
+    against the float64 formula applied to the gate's own stored frame and importance (so that the rounding of the
+    stored frame, which Triton's interpreter truncates for bf16, is not counted twice)."""
+    b, dev = bd
+    B, C, H, W, pool, dil = shape
+    state = torch.zeros(B, 5, device=dev)
+    attn = _attention(18, B, 2, 310, device=dev, strided=True)
+    gates = [sk.DriftGate(1e-6, 0.1, pool=pool, dilation=dil, backend=name) for name in ("torch", b)]
+    first, second = (_image(B, C, H, W, dtype, dev, seed, strided) for seed in (1, 2))
+    for image in (first, second):
+        (want_run, want_why, _), (run, why, d) = (g.should_recompute(image, state) for g in gates)
+        assert (bool(run), int(why)) == (bool(want_run), int(want_why)) and d.dtype == torch.float32
+        assert_parity(gates[1]._pending[1], gates[0]._pending[1], dtype, "small")
+        if image is first:
+            assert (int(why), float(d)) == (sk.GateReason.FIRST, 100.0)
+            for g in gates:
+                g.update(image, attn, state, None)
+    pixels = second.double() / 255 if dtype == torch.uint8 else second.double()
+    want, _ = ref.attention_weighted_drift(pixels, gates[1].prev_small.double(), gates[1].prev_importance.double(),
+                                           pool, dil)
+    assert int(why) == sk.GateReason.VISION
+    assert_parity(d, want.mean(), dtype, "drift")
+
+
 def _int_view(dtype):
     return {8: torch.int64, 4: torch.int32, 2: torch.int16}[dtype.itemsize]
 
