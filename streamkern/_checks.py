@@ -185,17 +185,15 @@ def _extent(t: torch.Tensor) -> tuple[object, int, int]:
 
 def no_internal_overlap(name: str, t: torch.Tensor) -> None:
     """Two elements of ``t`` never share memory (so writing ``t`` is well defined): ValueError naming ``name``
-    otherwise, e.g. for a cache ``expand``ed with stride 0. Decided from strides alone where possible (torch's
-    ``_debug_has_internal_overlap``, then the sorted-stride test), else exactly from the runs."""
-    if t.numel() <= 1:
-        return
-    status = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes (a stride-0 dim), 2: too hard for torch
-    if status == 0:
-        return
-    overlap = status == 1
-    if not overlap:
+    otherwise, e.g. for a cache ``expand``ed with stride 0. Decided from sizes and strides alone where possible
+    (a stride-0 dim overlaps, as torch's ``_debug_has_internal_overlap`` says; strides that each exceed the extent
+    of all smaller ones do not), else exactly from the runs. Plain Python on sizes and strides, so torch.compile
+    traces it; only the exact fallback, for exotic ``as_strided`` layouts, is skipped while tracing."""
+    dims = _layout(t, drop_broadcast=False)
+    overlap = t.numel() > 1 and any(s == 0 for _, s in dims)
+    if not overlap and t.numel() > 1:
         span = 0
-        for n, s in _layout(t, drop_broadcast=False):  # each stride beyond the extent of all smaller ones: no
+        for n, s in dims:
             if s <= span:
                 break
             span += (n - 1) * s
