@@ -18,8 +18,15 @@ def _torch(pool_k, pool_v, k_mean, k_new, v_new, pages):
     ref.frame_write(pool_k, pool_v, k_mean, k_new, v_new, pages)
 
 
-BACKENDS = OpBackends("frame_write", {"torch": _torch}, missing={
-    "triton": "the Triton kernel (kernels/frame_write.py) has not landed yet",
+def _triton(pool_k, pool_v, k_mean, k_new, v_new, pages):
+    from streamkern.kernels.frame_write import frame_write as launch
+
+    if check.debug_enabled():
+        ref.check_values(pages, pool_k.shape[2])
+    launch(pool_k, pool_v, k_mean, k_new, v_new, pages)
+
+
+BACKENDS = OpBackends("frame_write", {"torch": _torch, "triton": _triton}, missing={
     "cpu": "the C++ kernel (csrc/cpu/frame_write.cpp) has not been merged yet",
     "cuda": "the CUDA kernel (csrc/cuda/frame_write.cu) has not been merged yet",
 })
