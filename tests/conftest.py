@@ -46,14 +46,17 @@ BACKEND_DEVICES = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
                    ("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
 
 
-def backend_params(exclude=()):
-    """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run."""
+def backend_params(exclude=(), op=None):
+    """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run (or,
+    given ``op``, an op's ``OpBackends`` table, where the op has no such backend)."""
     params = []
     for b, d in BACKEND_DEVICES:
         if (b, d) in exclude or b in exclude:
             continue
         marks = []
-        if d == "cuda" and not torch.cuda.is_available():
+        if op is not None and b not in op.impls:
+            marks.append(pytest.mark.skip(reason=f"{op.op} has no {b!r} backend: {op.missing.get(b, '')}"))
+        elif d == "cuda" and not torch.cuda.is_available():
             marks.append(pytest.mark.skip(reason="no CUDA device on this machine"))
         else:
             why = why_not(b, torch.device(d))
