@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import streamkern
-from streamkern.bank_evict import MAX_ENTITIES, MAX_SLOTS, _bank_evict_op
+from streamkern.bank_evict import MAX_ENTITIES, MAX_SLOTS, bank_evict_select_op
 from streamkern.reference import bank_evict as ref
 
 from conftest import assert_raises_untouched, backend_params
@@ -198,8 +198,8 @@ def test_opcheck(bd):
     args = (torch.tensor([0.3, 0.1, 0.2], device=d), torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.bool,
                                                                     device=d),
             torch.ones(3, dtype=torch.bool, device=d), b)
-    torch.library.opcheck(_bank_evict_op, args, test_utils=("test_schema", "test_faketensor",
-                                                            "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(bank_evict_select_op.custom_op, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("bd", backend_params(exclude=("triton",)))
