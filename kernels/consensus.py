@@ -104,8 +104,8 @@ def _flat(x: torch.Tensor) -> bool:
     return x.stride(4) == 1 and (x.stride(3) == x.shape[4] or x.shape[3] == 1)
 
 
-def consensus_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch.Tensor, frame_seq_len: int,
-                     layers, layer_weights) -> torch.Tensor:
+def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch.Tensor, frame_seq_len: int,
+                           layers, layer_weights) -> torch.Tensor:
     """``[B, F]`` float32 consensus scores (DESIGN.md §4.1) in one Triton launch; arguments already checked.
 
     ``chunk_k [NL, B, L, H, D]`` and ``text_k [NL, B, S, H, D]`` in any strides, ``weights [S]`` or ``[B, S]``.

@@ -37,7 +37,8 @@ def _check(scores, entity_mask, valid):
     check.shape("valid", valid, (M,), ("M",))
 
 
-_extension = Kernel(lambda out, *args: torch.ops.streamkern_C.bank_evict_select_(out, *args), out=True)
+def _extension(out, *args):
+    torch.ops.streamkern_C.bank_evict_select_(out, *args)
 
 
 def _triton(scores, entity_mask, valid):
@@ -46,9 +47,10 @@ def _triton(scores, entity_mask, valid):
     return bank_evict_select(scores, entity_mask, valid)
 
 
+_EXTENSION = Kernel(_extension, out=True)
 bank_evict_select_op = define_op(
     "bank_evict_select", "(Tensor scores, Tensor entity_mask, Tensor valid) -> Tensor",
-    {"torch": ref.bank_evict_select, "cpu": _extension, "triton": _triton, "cuda": _extension},
+    {"torch": ref.bank_evict_select, "cpu": _EXTENSION, "triton": _triton, "cuda": _EXTENSION},
     check=_check, alloc=lambda scores, entity_mask, valid: torch.empty((), dtype=torch.int64, device=scores.device))
 
 

@@ -12,41 +12,11 @@ from typing import Sequence
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import consensus as ref
 
 DEFAULT_LAYERS = (0, 15, 29)
 DEFAULT_LAYER_WEIGHTS = (0.2, 0.3, 0.5)
-
-
-def _extension(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    out = torch.empty(chunk_k.shape[1], chunk_k.shape[2] // frame_seq_len, dtype=torch.float32,
-                      device=chunk_k.device)
-    torch.ops.streamkern_C.consensus_scores_(out, chunk_k, text_k, weights, frame_seq_len, layers, layer_weights)
-    return out
-
-
-def _triton(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights):
-    from streamkern.kernels.consensus import consensus_scores
-
-    return consensus_scores(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights)
-
-
-BACKENDS = OpBackends("consensus_frame_scores", {
-    "torch": ref.consensus_frame_scores, "cpu": _extension, "triton": _triton, "cuda": _extension,
-})
-
-
-@torch.library.custom_op("streamkern::consensus_frame_scores", mutates_args=())
-def _consensus_op(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor, frame_seq_len: int,
-                  layers: list[int], layer_weights: list[float], backend: str) -> torch.Tensor:
-    return BACKENDS(backend)(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
-
-
-@_consensus_op.register_fake
-def _(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights, backend):
-    return chunk_k.new_empty(chunk_k.shape[1], chunk_k.shape[2] // frame_seq_len, dtype=torch.float32)
 
 
 def _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights):
@@ -66,7 +36,30 @@ def _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights
     if not layers:
         raise ValueError("layers: expected at least one layer index, got ()")
     layer_weights = check.float_tuple("layer_weights", layer_weights, length=len(layers))
-    return list(layers), list(layer_weights)
+    return chunk_k, text_k, entity_weights, frame_seq_len, list(layers), list(layer_weights)
+
+
+def _alloc(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights):
+    return torch.empty(chunk_k.shape[1], chunk_k.shape[2] // frame_seq_len, dtype=torch.float32,
+                       device=chunk_k.device)
+
+
+def _extension(out, *args):
+    torch.ops.streamkern_C.consensus_frame_scores_(out, *args)
+
+
+def _triton(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights):
+    from streamkern.kernels.consensus import consensus_frame_scores
+
+    return consensus_frame_scores(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
+
+
+_EXTENSION = Kernel(_extension, out=True)
+consensus_frame_scores_op = define_op(
+    "consensus_frame_scores", "(Tensor chunk_k, Tensor text_k, Tensor entity_weights, int frame_seq_len, "
+    "int[] layers, float[] layer_weights) -> Tensor",
+    {"torch": ref.consensus_frame_scores, "cpu": _EXTENSION, "triton": _triton, "cuda": _EXTENSION},
+    check=_check, alloc=_alloc)
 
 
 def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor,
@@ -86,9 +79,8 @@ def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_w
     Returns:
         ``[B, F]`` float32 scores.
     """
-    layers, layer_weights = _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
-    name = BACKENDS.resolve(backend, chunk_k.device)
-    return BACKENDS.run(_consensus_op, name, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
+    return consensus_frame_scores_op(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights,
+                                     backend=backend)
 
 
 def select_frame(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor, frame_seq_len: int,

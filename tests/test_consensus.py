@@ -220,9 +220,9 @@ def test_extension_op_rejects_direct_misuse():
     out = torch.zeros(2, 2)
     args = (g["chunk_k"], g["text_k"], g["entity_weights"], 3)
     with pytest.raises(RuntimeError, match="layer 3 out of range"):
-        torch.ops.streamkern_C.consensus_scores_(out, *args, [3], [1.0])
+        torch.ops.streamkern_C.consensus_frame_scores_(out, *args, [3], [1.0])
     with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 \[B, F\]"):
-        torch.ops.streamkern_C.consensus_scores_(torch.zeros(2, 3), *args, [0], [1.0])
+        torch.ops.streamkern_C.consensus_frame_scores_(torch.zeros(2, 3), *args, [0], [1.0])
     assert torch.equal(out, torch.zeros(2, 2))
 
 

@@ -342,12 +342,22 @@ def test_cuda_backend_reports_why_missing():
 # --- torch.library / torch.compile -----------------------------------------------------------
 
 
+def test_triton_declares_its_head_dim_limit():
+    if "triton" not in streamkern.available_backends("cpu"):
+        pytest.skip("triton cannot run on CPU tensors here")
+    D = sa.MAX_TRITON_HEAD_DIM + 1
+    q = torch.randn(1, 1, 3, D)
+    ids = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(streamkern.BackendUnavailable, match=f"takes head dims D <= {D - 1}.*got D={D}"):
+        streamkern.block_masked_attention(q, q, q, ids, ids, sa.scale_allow(1), backend="triton")
+
+
 @pytest.mark.parametrize("bd", ALL)
 def test_opcheck(bd):
     ids = _ids_from_sizes([1, 4, 11], bd[1])
     q, k, v = _qkv(1, 2, 16, 16, 16, torch.float32, bd[1])
     allow = streamkern.scale_allow(3, device=bd[1])
-    torch.library.opcheck(sa._attention_op, (q, k, v, ids, ids, allow, True, 0.5, bd[0]))
+    torch.library.opcheck(sa.block_masked_attention_op.custom_op, (q, k, v, ids, ids, allow, True, 0.5, bd[0]))
 
 
 @pytest.mark.parametrize("bd", ALL)

@@ -22,7 +22,8 @@ import math
 import torch
 from torch import nn
 
-from ._runtime import PipelineRun, op, timed_step
+from ..kv_ring import KVRing
+from ._runtime import PipelineRun, timed_step
 from ._tiny import Block, randn, sdpa, seeded, sinusoid
 from .memory_bank import MemoryBank
 
@@ -116,7 +117,7 @@ class _RingCache:
     """The accelerated cache: ``streamkern.KVRing`` plus host-side counts (no reads of device values)."""
 
     def __init__(self, nl, b, h, d, sink, window, dtype, device, backend):
-        self.ring = op("KVRing")(nl, b, h, d, window, sink=sink, dtype=dtype, device=device, backend=backend)
+        self.ring = KVRing(nl, b, h, d, window, sink=sink, dtype=dtype, device=device, backend=backend)
         self.sink, self.window, self.n_sink, self.n_total_win = sink, window, 0, 0
 
     def _live(self, e: int) -> list[tuple[int, int]]:
