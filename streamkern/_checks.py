@@ -54,24 +54,26 @@ def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: Sequ
         raise ValueError(f"{name}: expected shape [{want}]{dims}, got {list(t.shape)}")
 
 
+def _same(what: str, error: type, tensors: dict):
+    """The ``what`` (``device`` / ``dtype``) shared by every tensor that is not None; ``error`` names the first
+    tensor that differs from the first one."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first = getattr(items[0][1], what)
+    for k, v in items[1:]:
+        if getattr(v, what) != first:
+            show = dtype_name if what == "dtype" else str
+            raise error(f"{k}: expected {what} {show(first)} like {items[0][0]}, got {show(getattr(v, what))}")
+    return first
+
+
 def same_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors live on one device; returns it."""
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dev = items[0][1].device
-    for k, v in items[1:]:
-        if v.device != dev:
-            raise ValueError(f"{k}: expected a tensor on {dev} like {items[0][0]}, got one on {v.device}")
-    return dev
+    return _same("device", ValueError, tensors)
 
 
 def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     """All tensors share one dtype; returns it."""
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dt = items[0][1].dtype
-    for k, v in items[1:]:
-        if v.dtype != dt:
-            raise TypeError(f"{k}: expected dtype {dtype_name(dt)} like {items[0][0]}, got {dtype_name(v.dtype)}")
-    return dt
+    return _same("dtype", TypeError, tensors)
 
 
 def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
