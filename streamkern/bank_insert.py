@@ -74,6 +74,11 @@ def _check(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len):
         if length % frame_seq_len or length == 0:
             raise ValueError(f"frame_seq_len: expected a divisor of {name}'s token count {length} (dim 2, "
                              f"at least one frame), got {frame_seq_len}")
+    check.no_internal_overlap("bank_k", bank_k)
+    check.no_internal_overlap("bank_v", bank_v)
+    check.no_overlap("bank_k", bank_k, bank_v=bank_v, chunk_k=chunk_k, chunk_v=chunk_v, frame_idx=frame_idx,
+                     slot=slot)
+    check.no_overlap("bank_v", bank_v, chunk_k=chunk_k, chunk_v=chunk_v, frame_idx=frame_idx, slot=slot)
 
 
 def bank_insert(bank_k: torch.Tensor, bank_v: torch.Tensor, chunk_k: torch.Tensor, chunk_v: torch.Tensor,
@@ -90,6 +95,8 @@ def bank_insert(bank_k: torch.Tensor, bank_v: torch.Tensor, chunk_k: torch.Tenso
         frame_seq_len: tokens per frame; divides both token counts.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 
+    The banks must not overlap themselves nor each other, and no input may share memory with a bank:
+    ``ValueError`` naming the argument, nothing written.
     Out-of-range indices: the ``"torch"`` and ``"cpu"`` backends raise ``ValueError`` naming ``frame_idx``/``slot``
     before anything is written. The GPU backends (``"triton"``, ``"cuda"``) do the same with ``STREAMKERN_DEBUG=1``
     (this synchronises); otherwise they skip the batch rows whose frame or slot index is out of range (nothing is

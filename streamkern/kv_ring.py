@@ -56,6 +56,10 @@ def _check(cache_k, cache_v, k_new, v_new, start, sink):
     window = S - sink
     if k_new.shape[2] > window:
         raise ValueError(f"k_new: expected at most window={window} new tokens (dim 2), got {k_new.shape[2]}")
+    check.no_internal_overlap("cache_k", cache_k)
+    check.no_internal_overlap("cache_v", cache_v)
+    check.no_overlap("cache_k", cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new)
+    check.no_overlap("cache_v", cache_v, k_new=k_new, v_new=v_new)
 
 
 def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -67,6 +71,9 @@ def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor
             over ``NL, B, S`` but each token's ``[H, D]`` block contiguous (``stride(-1) == 1``,
             ``stride(-2) == D``).
         k_new, v_new: ``[NL, B, T, H, D]``, ``0 <= T <= window``, same dtype, any strides.
+
+    The caches must not overlap themselves (no ``expand``ed dims) nor each other, and no new token may share
+    memory with a cache (e.g. ``k_new = cache_k[:, :, 0:3]``): ``ValueError`` naming the argument, nothing written.
         start: host int in ``[0, S)``, the slot of the first new token. New token ``i`` goes to slot
             ``start + i`` while that is ``< S``, else to ``start + i - window``: consecutive slots, wrapping
             from the end of the cache back to slot ``sink`` (the sink slots ``[0, sink)`` are never wrapped into).

@@ -6,7 +6,8 @@ similarities rank below every number; see ``streamkern/reference/pose_topk.py`` 
 sim in float64 and ranks its float32 rounding. The accelerated backends are one launch of one program (a sort
 of N packed keys on chip) instead of the seed's per-frame Python loop.
 
-Limit: ``N <= 4096`` entries (one program sorts them all on chip); more raise ``ValueError`` on every backend.
+Limit: ``N <= 4096`` entries and ``k <= 4096`` (one program sorts them all on chip); more raise ``ValueError`` on
+every backend. ``k > N`` is allowed (DESIGN.md §4.2): rows past the valid entries are padding.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _check(poses, valid, current, k, scale):
         raise ValueError(f"poses: expected at most {MAX_ENTRIES} entries (one program sorts them on chip), got N={N}")
     check.shape("valid", valid, (N,), ("N",))
     check.shape("current", current, (P,), ("P",))
-    check.integer("k", k, low=0, high=N)
+    check.integer("k", k, low=0, high=MAX_ENTRIES)
     return check.number("scale", scale, low=0.0, open_low=True)
 
 
@@ -74,7 +75,7 @@ def pose_topk(poses: torch.Tensor, valid: torch.Tensor, current: torch.Tensor, k
         poses: ``[N, P]`` fp32/fp16/bf16 poses (``P >= 3``; x, y, z first), any strides, ``N <= 4096``.
         valid: ``[N]`` bool, which entries hold a frame (invalid ones are never chosen).
         current: ``[P]`` the current pose, same dtype as ``poses``.
-        k: how many to return, ``0 <= k <= N``.
+        k: how many to return, ``0 <= k <= 4096``; k may exceed N (a buffer still filling): the tail is padding.
         scale: positive distance scale of ``sim = exp(-dist / scale)``.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 

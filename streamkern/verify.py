@@ -121,7 +121,11 @@ def _cfg_list(cfg, num_scales):
             raise ValueError(f"cfg: expected a 1-d CPU tensor or a sequence of numbers (host-side ratios), "
                              f"got shape {tuple(cfg.shape)} on {cfg.device}")
         cfg = cfg.tolist()
-    return list(check.float_tuple("cfg", cfg, length=num_scales))
+    cfg = list(check.float_tuple("cfg", cfg, length=num_scales))
+    for s, t in enumerate(cfg):
+        if not 0.0 <= t < float("inf"):
+            raise ValueError(f"cfg[{s}]: expected a finite guidance ratio >= 0, got {t}")
+    return cfg
 
 
 def _check(target_logits, draft_tokens, layout, first_scale, num_scales, mode, threshold, draft_probs, uniforms,
@@ -146,7 +150,8 @@ def _check(target_logits, draft_tokens, layout, first_scale, num_scales, mode, t
     if V < 1:
         raise ValueError(f"target_logits: expected a vocabulary of at least 1, got V={V}")
     threshold = check.number("threshold", threshold, low=0.0, high=1.0)
-    temperature = check.number("temperature", temperature, low=0.0, open_low=True)
+    temperature = check.number("temperature", temperature, low=0.0, high=float(torch.finfo(torch.float64).max),
+                               open_low=True)
     if mode == "sample":
         if draft_probs is None:
             raise ValueError("draft_probs: expected a [B, T, V] tensor in sample mode, got None")
@@ -182,11 +187,16 @@ def verify_scales(target_logits: torch.Tensor, draft_tokens: torch.Tensor, layou
         draft_probs: ``[B, T, V]`` probabilities (rows sum to 1; checked by "torch"/"cpu" and with
             ``STREAMKERN_DEBUG=1``), sample mode only.
         uniforms: ``[B, T, 2]`` float32 in ``[0, 1)``; drawn with ``generator`` on the device when None.
-        cfg: ``[num_scales]`` guidance ratios t (a sequence or a CPU tensor: host-side hyper-parameters).
+        cfg: ``[num_scales]`` guidance ratios t, finite and ``>= 0`` (a sequence or a CPU tensor: host-side
+            hyper-parameters).
+        temperature: finite, ``> 0``.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"`` or None for the current default.
 
-    A row whose combined logits hold a NaN or +inf, or are all −inf, is invalid: it never matches, and where the
-    rules ask for its target or redrawn token, that token is −1 (visible on the device, no sync needed).
+    A row whose combined logits (divided by ``temperature`` in sample mode) hold a NaN or +inf, or are all −inf,
+    is invalid: it never matches, and where the rules ask for its target or redrawn token, that token is −1
+    (visible on the device, no sync needed). ``B = 0`` returns empty results; ``V = 1`` is a one-word vocabulary;
+    ``T`` is never 0 (every scale holds at least one token). Unchecked draft probabilities (GPU backends without
+    ``STREAMKERN_DEBUG=1``) follow the IEEE rules of ``streamkern/reference/verify.py`` on every backend.
 
     Returns:
         :class:`VerifyResult` ``(accepted [B] int64, match [B, T] bool, ratio [B, NS] float32, tokens [B, T] int64)``.

@@ -45,7 +45,7 @@ def _check(got, want_idx, want_sim, dtype):
 
 
 SHAPES = [pytest.param(N, P, k, id=f"N{N}-P{P}-k{k}") for N, P, k in
-          [(1, 3, 1), (7, 5, 3), (50, 5, 8), (61, 4, 61), (129, 3, 17), (1000, 5, 8)]]
+          [(1, 3, 1), (7, 5, 3), (50, 5, 8), (61, 4, 61), (129, 3, 17), (1000, 5, 8), (5, 3, 8), (1, 4, 17)]]
 
 
 @pytest.mark.parametrize("bd", backend_params())
@@ -116,6 +116,31 @@ def test_padding_and_empty(bd):
     assert idx.shape == (0,) and sim.shape == (0,) and idx.dtype == torch.int64
 
 
+K_OVER_N = [  # N, valid, k: issue 11 item 4 -- k may exceed N (seed 004's buffer still filling asks for k = 8)
+    pytest.param(0, [], 8, id="N0-k8"),
+    pytest.param(1, [True], 8, id="N1-k8"),
+    pytest.param(1, [False], 3, id="N1-invalid-k3"),
+    pytest.param(5, [True, False, True, True, False], 8, id="N5-k8"),
+    pytest.param(4, [False] * 4, 9, id="all-invalid-k9"),
+    pytest.param(3, [True] * 3, 17, id="N3-k17-past-a-power-of-two"),
+]
+
+
+@pytest.mark.parametrize("bd", backend_params())
+@pytest.mark.parametrize("N, valid, k", K_OVER_N)
+def test_k_larger_than_n_pads(bd, N, valid, k):
+    b, d = bd
+    poses = (torch.arange(N * 4.0).reshape(N, 4) * 0.7).flip(0)
+    current = torch.full((4,), 0.3)
+    valid = torch.tensor(valid, dtype=torch.bool)
+    want_idx, want_sim = _python_topk(poses, valid, current, k, 10.0)
+    assert want_idx.count(-1) == k - int(valid.sum())
+    idx, sim = streamkern.pose_topk(poses.to(d), valid.to(d), current.to(d), k, backend=b)
+    assert idx.shape == (k,) and sim.shape == (k,)
+    _check((idx, sim), torch.tensor(want_idx), torch.tensor(want_sim, dtype=torch.float64), torch.float32)
+    assert sim.cpu()[torch.tensor(want_idx) < 0].eq(0).all()
+
+
 @pytest.mark.parametrize("bd", backend_params())
 def test_nan(bd):
     """A NaN pose ranks below every number; a NaN current pose makes every sim NaN: valid entries by index."""
@@ -169,7 +194,7 @@ BAD = [
     (lambda p, v, c, k, s: (p, v, c.half(), k, s), TypeError, "current"),
     (lambda p, v, c, k, s: (p, v, c[:2], k, s), ValueError, "current"),
     (lambda p, v, c, k, s: (p, v, c.to("meta"), k, s), ValueError, "current"),
-    (lambda p, v, c, k, s: (p, v, c, 5, s), ValueError, "k"),
+    (lambda p, v, c, k, s: (p, v, c, MAX_ENTRIES + 1, s), ValueError, "k: expected an int in \\[0, 4096\\]"),
     (lambda p, v, c, k, s: (p, v, c, -1, s), ValueError, "k"),
     (lambda p, v, c, k, s: (p, v, c, 2.0, s), TypeError, "k"),
     (lambda p, v, c, k, s: (p, v, c, k, 0.0), ValueError, "scale"),
