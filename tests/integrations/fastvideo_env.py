@@ -146,7 +146,8 @@ def stream_blocks(model, *, blocks: list[int], steps: int, height: int, width: i
     """Call ``model`` as FastVideo's causal stages do: per block of ``blocks[i]`` latent frames, ``steps``
     denoising calls then the clean t=0 pass, all at ``current_start = start_frame · frame_seq_length``, on caches
     made fresh for the request. Inputs are drawn from ``seed`` (the same for every model); returns every output.
-    ``record(call)`` (optional) wraps each model call, e.g. to count host syncs."""
+    ``record(call, kv_cache)`` (optional) runs each model call ``call()`` and returns its output, e.g. to count
+    host syncs or cache traffic."""
     gen = torch.Generator().manual_seed(seed)
     dtype = model.proj_out.weight.dtype
     frame_len = frame_seq_length(height, width)
@@ -164,7 +165,7 @@ def stream_blocks(model, *, blocks: list[int], steps: int, height: int, width: i
                 def call(x=x, timestep=timestep, start=start):
                     return model(x, text, timestep, kv_cache=kv, crossattn_cache=cross,
                                  current_start=start * frame_len, start_frame=start, **cond)
-                out = record(call) if record else call()
+                out = record(call, kv) if record else call()
                 outputs.append(out)
                 x = (0.5 * x + 0.5 * out).to(dtype)
             start += frames
@@ -202,3 +203,45 @@ def run_stage(model, *, num_frames: int, steps: int, height: int, width: int, se
     # the stages autocast to bf16 on CUDA only; on this CPU the same autocast is applied around them
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         return stage.forward(batch, args).latents
+
+
+_MOVES = {"aten::copy_", "aten::clone", "aten::cat", "aten::_to_copy", "aten::index_put_", "aten::slice_scatter",
+          "aten::index_select", "aten::gather", "aten::stack"}
+
+
+class CacheTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes moved by cache handling: every data-moving op (copy, clone, cat, gather, scatter, ``ring_write``) that
+    reads or writes the storage of the given self-attention caches, counted as the bytes it reads plus the bytes
+    it writes (``ring_write``: its new tokens, read once and written once). Attention reading the window, views
+    and everything not touching the caches are not counted."""
+
+    def __init__(self, kv_cache: list[dict]):
+        super().__init__()
+        self.ptrs = {c[key].untyped_storage().data_ptr() for c in kv_cache for key in ("k", "v")}
+        self.bytes = 0
+        self.ops: dict[str, int] = {}
+
+    def _touches(self, tensors) -> bool:
+        return any(t.untyped_storage().data_ptr() in self.ptrs for t in tensors)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name
+        if name == "streamkern::ring_write" or name in _MOVES:
+            flat = torch.utils._pytree.tree_leaves((args, kwargs))
+            inputs = [t for t in flat if isinstance(t, torch.Tensor)]
+            outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if name == "streamkern::ring_write":
+                moved = 2 * sum(t.nbytes for t in inputs[2:4])
+            elif self._touches(inputs + outs):
+                if name.endswith("_"):   # in place: the first argument is the destination
+                    moved = args[0].nbytes + sum(t.nbytes for t in inputs[1:])
+                else:
+                    moved = sum(t.nbytes for t in inputs) + sum(t.nbytes for t in outs)
+            else:
+                moved = 0
+            if moved:
+                self.bytes += moved
+                self.ops[name] = self.ops.get(name, 0) + 1
+        return out
