@@ -29,24 +29,29 @@ def _drift_tile(b, start, small_ptr, img_ptr, prev_ptr, imp_ptr, C, h, w, gh, gw
     """Pools cells ``[start, start + BLOCK)`` of camera ``b`` into ``small``; with ``HAS_PREV`` returns their
     ``Σ mean_c|small − prev_small| · dilated weight``, else 0."""
     hw = h * w
-    k = tl.arange(0, BLOCK_PP)
+    k = tl.arange(0, BLOCK_PP).to(tl.int64)
     r = k // POOL
     s = k % POOL
     kmask = k < POOL * POOL
-    e = start + tl.arange(0, BLOCK)
+    e = start + tl.arange(0, BLOCK).to(tl.int64)  # int64 element offsets: strides arrive as i32
     mask = e < hw
     y = e // w
     x = e % w
     diff = tl.zeros([BLOCK], dtype=tl.float32)
+    img_c = img_ptr + b * si0        # channel c's planes: the pointers step by a channel stride per channel
+    small_c = small_ptr + b * C * hw
+    prev_c = prev_ptr + b * sp0
     for c in range(C):
-        base = img_ptr + b * si0 + c * si1
-        ptrs = base + (y * POOL)[:, None] * si2 + r[None, :] * si2 + ((x * POOL)[:, None] + s[None, :]) * si3
+        ptrs = img_c + (y * POOL)[:, None] * si2 + r[None, :] * si2 + ((x * POOL)[:, None] + s[None, :]) * si3
         v = tl.load(ptrs, mask=mask[:, None] & kmask[None, :], other=0).to(tl.float32)
         pooled = tl.sum(v, axis=1) * inv
-        tl.store(small_ptr + (b * C + c) * hw + e, pooled.to(small_ptr.dtype.element_ty), mask=mask)
+        tl.store(small_c + e, pooled.to(small_ptr.dtype.element_ty), mask=mask)
         if HAS_PREV:
-            prev = tl.load(prev_ptr + b * sp0 + c * sp1 + y * sp2 + x * sp3, mask=mask, other=0).to(tl.float32)
+            prev = tl.load(prev_c + y * sp2 + x * sp3, mask=mask, other=0).to(tl.float32)
             diff += tl.abs(pooled - prev)
+        img_c += si1
+        small_c += hw
+        prev_c += sp1
     total = 0.0
     if HAS_PREV:
         weight = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -57,10 +62,10 @@ def _drift_tile(b, start, small_ptr, img_ptr, prev_ptr, imp_ptr, C, h, w, gh, gw
                 ok = mask & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
                 fy = tl.maximum(scale_y * (yy.to(tl.float32) + 0.5) - 0.5, 0.0)
                 fx = tl.maximum(scale_x * (xx.to(tl.float32) + 0.5) - 0.5, 0.0)
-                y0 = fy.to(tl.int32)
-                x0 = fx.to(tl.int32)
-                y1 = y0 + (y0 < gh - 1).to(tl.int32)
-                x1 = x0 + (x0 < gw - 1).to(tl.int32)
+                y0 = fy.to(tl.int64)
+                x0 = fx.to(tl.int64)
+                y1 = y0 + (y0 < gh - 1).to(tl.int64)
+                x1 = x0 + (x0 < gw - 1).to(tl.int64)
                 ly1 = fy - y0.to(tl.float32)
                 lx1 = fx - x0.to(tl.float32)
                 row0 = imp_ptr + b * sq0 + y0 * sq1
@@ -120,7 +125,7 @@ def _gate_kernel(run_ptr, reason_ptr, out_ptr, partial_ptr, counter_ptr, small_p
         if HAS_STATE:
             nan_seen = 0
             for s0 in range(0, n_state, BLOCK_S):
-                i = s0 + tl.arange(0, BLOCK_S)
+                i = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
                 smask = i < n_state
                 cur = tl.load(state_ptr + (i // state_cols) * ss0 + (i % state_cols) * ss1, mask=smask, other=0)
                 prev = tl.load(prev_state_ptr + i, mask=smask, other=0)
@@ -206,7 +211,7 @@ def _importance_partial_kernel(ws_ptr, attn_ptr, H, S, V, A, start, rows, splits
     r0 = rows * split // splits
     r1 = rows * (split + 1) // splits
     for v0 in range(0, V, BLOCK_V):
-        v = v0 + tl.arange(0, BLOCK_V)
+        v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         vmask = v < V
         acc = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
         for rb in range(r0, r1, BLOCK_R):

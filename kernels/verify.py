@@ -62,7 +62,7 @@ def _rows(logits_ptr, draft_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr,
     cond = logits_ptr + b * sl0 + t * sl1
     uncond = logits_ptr + (b + B) * sl0 + t * sl1
     x_tok = tl.load(draft_ptr + b * sd0 + t * sd1)
-    offs0 = tl.arange(0, BLOCK_V)
+    offs0 = tl.arange(0, BLOCK_V).to(tl.int64)  # int64 element offsets: strides arrive as i32
     bad = tl.zeros([], dtype=tl.int32)
     best = tl.full([], float("-inf"), tl.float32)
     arg = tl.full([], -1, tl.int64)
@@ -105,7 +105,7 @@ def _rows(logits_ptr, draft_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr,
 def _scales(match_ptr, draft_ptr, tokens_ptr, offsets_ptr, scale_of_ptr, ratio_ptr, accepted_ptr,
             T, NS, sd0, sd1, threshold, GREEDY: tl.constexpr, BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    offs0 = tl.arange(0, BLOCK_T)
+    offs0 = tl.arange(0, BLOCK_T).to(tl.int64)
     run = tl.zeros([], dtype=tl.int64)
     open_ = tl.full([], 1, tl.int64)
     for s in range(0, NS):
@@ -148,7 +148,7 @@ def _redraw(logits_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr, accepted
         cond = logits_ptr + b * sl0 + t * sl1
         uncond = logits_ptr + (b + B) * sl0 + t * sl1
         q_row = q_ptr + b * sq0 + t * sq1
-        offs0 = tl.arange(0, BLOCK_V)
+        offs0 = tl.arange(0, BLOCK_V).to(tl.int64)  # int64 element offsets: strides arrive as i32
         residual = tl.zeros([], dtype=tl.float32)
         mass = tl.zeros([], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
