@@ -145,8 +145,10 @@ def count_syncs(fn: Callable, args: tuple, device: torch.device) -> int | None:
 class Report:
     """Collects timed rows for one device; see the module docstring."""
 
-    def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None, budget_s: float | None = None):
+    def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None, budget_s: float | None = None,
+                 skip_compile: bool = False):
         self.device = torch.device(device)
+        self.skip_compile = skip_compile   # leave out the torch.compile rows (their compilation takes minutes)
         self.quick = self.device.type == "cpu" if quick is None else quick
         self.budget_s = budget_s if budget_s is not None else (0.5 if self.quick else 1.0)
         self.info = device_info(self.device)
@@ -184,6 +186,8 @@ class Report:
             flops: int | None = None, baseline: str | None = "eager-seed", warmup: int | None = None,
             max_reps: int | None = None, extra: dict | None = None) -> Row:
         row = Row(op=op, case=case, impl=impl, bytes=bytes, flops=flops, baseline=baseline, extra=extra or {})
+        if self.skip_compile and getattr(fn, "inductor", False):
+            return row   # not timed, not recorded
         try:
             times = time_calls(fn, inputs, self.device, warmup=warmup if warmup is not None else 3,
                                max_reps=max_reps or (1000 if self.device.type == "cuda" else 200),
