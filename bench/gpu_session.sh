@@ -121,7 +121,7 @@ phase_sanitize() {
 
 phase_bench() {
   local device=cuda budget=0.3 rc=0 quick=""
-  has_cuda || { device=cpu budget=0.01 quick=--skip-compile; skip "the GPU benchmarks; one op on the CPU instead"; }
+  has_cuda || { device=cpu budget=0.01 quick=--smoke; skip "the GPU benchmarks; one op on the CPU instead"; }
   for op in $BENCH_OPS; do
     # shellcheck disable=SC2086
     capped $CAP_BENCH_OP $PY -m streamkern.bench --device $device --ops "$op" --budget $budget $quick \
