@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import grid as launch_grid
+
 
 @triton.jit
 def _drift_tile(b, start, small_ptr, img_ptr, prev_ptr, imp_ptr, C, h, w, gh, gw,
@@ -119,7 +121,7 @@ def _gate_kernel(run_ptr, reason_ptr, out_ptr, partial_ptr, counter_ptr, small_p
             for t in range(tiles):
                 d += tl.load(partial_ptr + cam * tiles + t, volatile=True)
             total += d
-        mean = total / B
+        mean = tl.math.div_rn(total, B.to(tl.float32))  # '/' is approximate on GPU; the mean feeds the decision
         state_diff = tl.full([], float("-inf"), tl.float64)
         state_run = tl.full([], 0, tl.int1)
         if HAS_STATE:
@@ -194,7 +196,7 @@ def drift_gate_step(recompute: torch.Tensor, reason: torch.Tensor, drift: torch.
     tiles = triton.cdiv(small.shape[2] * small.shape[3], meta["BLOCK"])
     partial = torch.empty(B * tiles, dtype=torch.float32, device=image.device)
     has_state = prev_state is not None
-    _gate_kernel[(B, tiles)](
+    _gate_kernel[launch_grid("DriftGate.should_recompute", (B, "cameras"), (tiles, "pooled-pixel tiles"))](
         recompute, reason, drift, partial, counter, *args, state, prev_state if has_state else state,
         state.numel(), state.shape[1], *state.stride(),
         DRIFT_THRESHOLD=float(drift_threshold), STATE_THRESHOLD=float(state_threshold),
@@ -262,7 +264,8 @@ def patch_importance(attn: torch.Tensor, layer_range, num_vision_tokens: int, ac
     splits = max(1, min(rows // 16, 2 * sms // B))
     ws = torch.empty(B, splits, V, dtype=torch.float32, device=attn.device)
     block_v = min(triton.next_power_of_2(V), 256)
-    _importance_partial_kernel[(B, splits)](ws, attn, H, S, V, A, start, rows, splits, *attn.stride(),
-                                            BLOCK_R=16, BLOCK_V=block_v)
+    launch = launch_grid("patch_importance", (B, "batch"), (splits, "row splits"))
+    _importance_partial_kernel[launch](ws, attn, H, S, V, A, start, rows, splits, *attn.stride(),
+                                       BLOCK_R=16, BLOCK_V=block_v)
     _importance_finish_kernel[(B,)](out, ws, V, splits, 1.0 / rows, BLOCK_V=block_v)
     return out

@@ -24,6 +24,8 @@ import triton.language as tl
 from streamkern._backend import triton_interpreting
 from .tile_classes import TILE_FULL, TILE_PARTIAL
 
+from ._grid import grid as launch_grid
+
 LOG2E = 1.4426950408889634
 
 
@@ -172,7 +174,8 @@ def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend: bool, 
     visit, vcls, n_visit = visit_lists(q_scale, k_scale, allow, self_attend, block_m, block_n)
     allow_u8 = allow.view(torch.uint8)
     dot_dtype = _dot_dtype(q.dtype)
-    _scale_attention_kernel[(visit.shape[0], B * H)](
+    launch = launch_grid("block_masked_attention", (visit.shape[0], "query tiles"), (B * H, "B*H"))
+    _scale_attention_kernel[launch](
         q, k, v, out, q_scale, k_scale, allow_u8, visit, vcls, n_visit,
         Lq, k.shape[2], H, allow.shape[0], visit.stride(0), sm_scale * LOG2E,
         q_scale.stride(0), k_scale.stride(0), *allow_u8.stride(),

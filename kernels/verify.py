@@ -16,24 +16,24 @@ import torch
 import triton
 import triton.language as tl
 
-_CONSTANTS: dict = {}
+from ._constants import DeviceConstants, to_device
 
 
-def _window_constants(offsets, cfg, device):
-    """Device tensors ``offsets [NS + 1]`` int32, ``scale_of [T]`` int32, ``cfg [NS]`` float32, built once per
-    window (a host-to-device copy would otherwise wait on the stream)."""
-    key = (tuple(offsets), None if cfg is None else tuple(cfg), str(device))
-    if key not in _CONSTANTS:
-        sizes = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
-        scale_of = [s for s, n in enumerate(sizes) for _ in range(n)]
-        pinned = device.type == "cuda"  # pinned host memory + non_blocking: the copy never waits on the stream
+def _build_window(key, device):
+    offsets, cfg = key
+    sizes = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
+    scale_of = [s for s, n in enumerate(sizes) for _ in range(n)]
+    return (to_device(offsets, torch.int32, device), to_device(scale_of, torch.int32, device),
+            to_device(cfg if cfg is not None else [0.0] * len(sizes), torch.float32, device))
 
-        def put(values, dtype):
-            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
 
-        _CONSTANTS[key] = (put(offsets, torch.int32), put(scale_of, torch.int32),
-                           put(cfg if cfg is not None else [0.0] * len(sizes), torch.float32))
-    return _CONSTANTS[key]
+_WINDOWS = DeviceConstants("verify_scales window table", _build_window)
+
+
+def window_constants(offsets, cfg, device):
+    """Device tensors ``offsets [NS + 1]`` int32, ``scale_of [T]`` int32, ``cfg [NS]`` float32 of one window, built
+    once (outside CUDA-graph capture, see ``_constants``)."""
+    return _WINDOWS.get((tuple(offsets), None if cfg is None else tuple(cfg)), device)
 
 
 @triton.jit
@@ -115,7 +115,7 @@ def _scales(match_ptr, draft_ptr, tokens_ptr, offsets_ptr, scale_of_ptr, ratio_p
         for t0 in range(lo, hi, BLOCK_T):
             offs = t0 + offs0
             hits += tl.sum(tl.load(match_ptr + b * T + offs, mask=offs < hi, other=0).to(tl.int32), 0)
-        r = hits.to(tl.float32) / (hi - lo).to(tl.float32)
+        r = tl.math.div_rn(hits.to(tl.float32), (hi - lo).to(tl.float32))  # '/' is approximate on GPU
         tl.store(ratio_ptr + b * NS + s, r)
         if GREEDY:
             ok = r >= threshold
@@ -192,7 +192,7 @@ def verify_scales(accepted, match, ratio, tokens, stats, logits, draft, draft_pr
     NS = len(offsets) - 1
     if B == 0:
         return
-    off_t, scale_of, cfg_t = _window_constants(offsets, cfg, logits.device)
+    off_t, scale_of, cfg_t = window_constants(offsets, cfg, logits.device)
     match_i8 = match.view(torch.int8)
     q = logits if greedy else draft_probs
     u = logits if greedy else uniforms  # unread placeholders in greedy mode
