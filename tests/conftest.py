@@ -48,14 +48,14 @@ BACKEND_DEVICES = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
 
 def backend_params(exclude=(), op=None):
     """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run (or,
-    given ``op``, an op's ``OpBackends`` table, where the op has no such backend)."""
+    given ``op``, an op declared by ``define_op``, where the op has no such backend)."""
     params = []
     for b, d in BACKEND_DEVICES:
         if (b, d) in exclude or b in exclude:
             continue
         marks = []
-        if op is not None and b not in op.impls:
-            marks.append(pytest.mark.skip(reason=f"{op.op} has no {b!r} backend: {op.missing.get(b, '')}"))
+        if op is not None and b not in op.backends.impls:
+            marks.append(pytest.mark.skip(reason=f"{op.name} has no {b!r} backend: {op.backends.missing.get(b, '')}"))
         elif d == "cuda" and not torch.cuda.is_available():
             marks.append(pytest.mark.skip(reason="no CUDA device on this machine"))
         else:
