@@ -73,9 +73,9 @@ def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
         for ta in range(fa, fb, BLOCK_T):
             t = ta + tl.arange(0, BLOCK_T)
             t_ok = t < fb
-            k = tl.load(chunk_row[None, :] + t.to(tl.int64)[:, None] * sc_t, mask=t_ok[:, None] & hd_ok[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(k * q[None, :], axis=1)
+            ok = t_ok[:, None] & hd_ok[None, :]
+            k = tl.load(chunk_row[None, :] + t.to(tl.int64)[:, None] * sc_t, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(ok, k * q[None, :], 0.0), axis=1)  # padding lanes add 0 even if q is inf
         tl.atomic_add(out_ptr + b * F + f, tl.sum(acc, axis=0) * scale)
 
 

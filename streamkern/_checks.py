@@ -6,6 +6,7 @@ their checks before allocating or writing anything.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -87,14 +88,15 @@ def integer(name: str, value, *, low: int | None = None, high: int | None = None
 
 def number(name: str, value, *, low: float | None = None, high: float | None = None,
            open_low: bool = False) -> float:
-    """A finite real number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    """A finite real number in ``[low, high]`` (``(low, high]`` with ``open_low``): NaN and ±inf are rejected
+    (README "Error rules": a non-finite scalar argument makes no sense for any op)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    value = float(value) if not isinstance(value, int) or abs(value) < 2 ** 1023 else math.inf
     bad_low = low is not None and (value <= low if open_low else value < low)
-    if value != value or bad_low or (high is not None and value > high):
+    if not math.isfinite(value) or bad_low or (high is not None and value > high):
         lo = "-inf" if low is None else low
-        raise ValueError(f"{name}: expected a number in {'(' if open_low else '['}{lo}, "
+        raise ValueError(f"{name}: expected a finite number in {'(' if open_low else '['}{lo}, "
                          f"{'inf' if high is None else high}], got {value}")
     return value
 

@@ -57,6 +57,8 @@ def _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights
     check.same_dtype(chunk_k=chunk_k, text_k=text_k)
     NL, B, L, H, D = chunk_k.shape
     S = text_k.shape[2]
+    if H == 0 or D == 0:  # the mean over heads and the 1/sqrt(D) scale are undefined
+        raise ValueError(f"chunk_k: expected at least one head and a head dim D >= 1, got shape {list(chunk_k.shape)}")
     check.shape("text_k", text_k, (NL, B, None, H, D), ("NL", "B", "S", "H", "D"))
     check.shape("entity_weights", entity_weights, (S,) if entity_weights.dim() == 1 else (B, S))
     check.integer("frame_seq_len", frame_seq_len, low=1)
@@ -84,7 +86,10 @@ def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_w
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 
     Returns:
-        ``[B, F]`` float32 scores.
+        ``[B, F]`` float32 scores (``[B, 0]`` for an empty chunk).
+
+    Non-finite values in the keys or weights propagate as IEEE arithmetic does over the expanded sum
+    ``Σ_l λ_l/(H·√D·fsl) Σ_{t∈f} k_l[b,t,:]·q_l[b,:]`` (every backend sums these products; README "Error rules").
     """
     layers, layer_weights = _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
     name = BACKENDS.resolve(backend, chunk_k.device)
@@ -95,7 +100,11 @@ def select_frame(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: to
                  layers: Sequence[int] = DEFAULT_LAYERS, layer_weights: Sequence[float] = DEFAULT_LAYER_WEIGHTS, *,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The best frame of the chunk: ``(best [B] int64, scores [B, F] float32)``, argmax on the device
-    (ties to the lowest frame index), never read back to the host."""
+    (ties to the lowest frame index), never read back to the host. A chunk of no frame has no best one:
+    ``ValueError`` naming ``chunk_k``."""
+    if isinstance(chunk_k, torch.Tensor) and chunk_k.dim() == 5 and chunk_k.shape[2] == 0:
+        raise ValueError(f"chunk_k: expected at least one frame to select from (L >= frame_seq_len), "
+                         f"got shape {list(chunk_k.shape)}")
     scores = consensus_frame_scores(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights,
                                     backend=backend)
     return scores.argmax(dim=-1), scores
