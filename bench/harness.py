@@ -16,6 +16,7 @@ CUDA, counted for host synchronisations.
 """
 from __future__ import annotations
 
+import ast
 import datetime
 import json
 import math
@@ -78,9 +79,17 @@ class Case:
 
 
 def bench_names() -> list[str]:
-    """The benches, ``bench_<name>.py`` next to this file, in name order."""
+    """The benches, in name order: each ``bench_<name>.py`` next to this file that defines ``cases(bench)`` (read,
+    not imported: ``bench_fastvideo.py``, a script of its own for the FastVideo venv, has none)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return sorted(f[len("bench_"):-3] for f in os.listdir(here) if f.startswith("bench_") and f.endswith(".py"))
+    names = []
+    for f in sorted(os.listdir(here)):
+        if f.startswith("bench_") and f.endswith(".py"):
+            with open(os.path.join(here, f)) as src:
+                tree = ast.parse(src.read())
+            if any(isinstance(n, ast.FunctionDef) and n.name == "cases" for n in tree.body):
+                names.append(f[len("bench_"):-3])
+    return names
 
 
 def _git_commit() -> str:
