@@ -38,8 +38,8 @@ import fastvideo_env as env  # noqa: E402
 WAN_1P3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, freq_dim=256, in_channels=16,
                 out_channels=16, num_layers=2)
 CASES = {
-    "tiny-wan": dict(model="wan", arch={}, local=4, sink=1, height=4, width=6, dtype=torch.float32, steps=4),
-    "tiny-matrixgame2": dict(model="matrixgame2", arch={}, local=4, sink=1, height=4, width=6, dtype=torch.float32,
+    "tiny-wan": dict(model="wan", arch={}, local=6, sink=1, height=4, width=6, dtype=torch.float32, steps=4),
+    "tiny-matrixgame2": dict(model="matrixgame2", arch={}, local=6, sink=1, height=4, width=6, dtype=torch.float32,
                              steps=4),
     "wan-1.3b": dict(model="wan", arch=dict(WAN_1P3B, text_dim=4096, text_len=512), local=12, sink=3, height=60,
                      width=104, dtype=torch.bfloat16, steps=4),

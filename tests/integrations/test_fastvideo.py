@@ -26,7 +26,7 @@ from streamkern.testing import assert_parity, rel_error  # noqa: E402
 MODELS = {"wan": env.wan, "matrixgame2": env.matrixgame2}
 HEIGHT, WIDTH = 4, 6                 # 6 tokens per latent frame
 BLOCKS = [1, 3, 3, 3, 3, 3, 3]       # a single-frame first block, then 3-frame blocks
-LOCAL = 4                            # window of 4 frames: rolls on every block after the second
+LOCAL = 6                            # window of 6 frames (1 sink): from the third block on, every block rolls 2 frames
 
 
 @functools.lru_cache(maxsize=None)
