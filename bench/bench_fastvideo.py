@@ -7,11 +7,12 @@ Run in the FastVideo venv (``make test-fastvideo`` builds it), from the reposito
 A block is what FastVideo's causal stages run per chunk: ``steps`` denoising calls and the clean t=0 pass, all at
 the same ``current_start``. The caches are first brought to the steady state of a long stream (window full, so
 every block rolls FastVideo's cache): filled with random keys/values and marked full (FastVideo: its index
-tensors; streamkern: its host-side stream position). The first block is the warm-up and is measured for
+tensors; streamkern: its host-side stream position). The first block of each is the warm-up and is measured for
 * bytes moved by cache handling (``fastvideo_env.CacheTraffic``: copies, clones, cats and ``ring_write`` touching
   the self-attention caches, bytes read + bytes written; attention reading its window is not counted),
 * host syncs per block (``count_host_syncs``): of the whole model and of the causal self-attention alone,
-then ``--blocks`` more blocks are timed (wall clock, median).
+then ``--blocks`` more blocks of each are timed (wall clock; the implementations take turns block by block;
+median and 10th/90th percentiles).
 Cases: the tiny test models, and the Wan2.1-1.3B per-block shapes of DESIGN.md §6 with two layers (12 heads × 128,
 1560 tokens per latent frame, 3-frame blocks; causal Wan with a 12-frame window and 3 sink frames as
 MemFlow/LongLive keep it; Matrix-Game 2.0 with 880-token frames, a 6-frame window, no sink), bf16 as FastVideo's
@@ -120,7 +121,8 @@ def unwrap(saved: list) -> None:
             del attn.forward
 
 
-def measure(case_name: str, impl: str, base, blocks: int) -> dict:
+def prepare(case_name: str, impl: str, base) -> tuple[dict, Block | None]:
+    """The row of ``impl`` on ``case_name``, with its warm-up block measured (bytes, syncs), and its ``Block``."""
     from streamkern.pipelines._runtime import count_host_syncs
 
     case = CASES[case_name]
@@ -132,7 +134,7 @@ def measure(case_name: str, impl: str, base, blocks: int) -> dict:
     if attention == "frame" and tokens > FRAME_ON_CPU_MAX_TOKENS:
         row["skipped"] = ("frame_attention on CPU resolves to its 'torch' reference (no 'cpu' backend wired on "
                           "main yet), which gathers pages and materialises a dense mask: not timed at this shape")
-        return row
+        return row, None
     model = copy.deepcopy(base)
     if attention is not None:
         from streamkern.integrations import fastvideo as skfv
@@ -145,14 +147,24 @@ def measure(case_name: str, impl: str, base, blocks: int) -> dict:
     unwrap(saved)
     row.update(cache_bytes_per_block=traffic.bytes, cache_ops_per_block=traffic.ops,
                host_syncs_per_block=count.total, host_syncs_by_kind=dict(count.by_kind),
-               self_attention_host_syncs_per_block=sum(inner_counts))
-    times = []
+               self_attention_host_syncs_per_block=sum(inner_counts), block_ms=[])
+    return row, block
+
+
+def time_round_robin(prepared: list[tuple[dict, Block | None]], blocks: int) -> None:
+    """``blocks`` timed blocks of every implementation, taking turns (one block each per round), so that a load
+    that drifts on a shared machine falls on all of them alike; median and 10th/90th percentiles in each row."""
     for _ in range(blocks):
-        t0 = time.perf_counter()
-        block.run()
-        times.append(time.perf_counter() - t0)
-    row.update(block_ms=[round(t * 1e3, 3) for t in times], median_block_ms=round(statistics.median(times) * 1e3, 3))
-    return row
+        for row, block in prepared:
+            if block is not None:
+                t0 = time.perf_counter()
+                block.run()
+                row["block_ms"].append(round((time.perf_counter() - t0) * 1e3, 3))
+    for row, _ in prepared:
+        times = sorted(row.get("block_ms", []))
+        if times:
+            row.update(median_block_ms=statistics.median(times), p10_block_ms=times[len(times) // 10],
+                       p90_block_ms=times[-1 - len(times) // 10])
 
 
 def main(argv=None) -> str:
@@ -166,8 +178,9 @@ def main(argv=None) -> str:
     rows = []
     for name in args.cases:
         base = build(CASES[name])
-        for impl in args.impls:
-            row = measure(name, impl, base, args.blocks)
+        prepared = [prepare(name, impl, base) for impl in args.impls]
+        time_round_robin(prepared, args.blocks)
+        for row, _ in prepared:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "block_ms"}), flush=True)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
