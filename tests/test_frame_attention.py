@@ -15,8 +15,8 @@ from streamkern.testing import assert_parity, count_launches
 fa = importlib.import_module("streamkern.frame_attention")   # the module (streamkern.frame_attention is the op)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-ALL = backend_params(exclude=("cuda",), op=fa.BACKENDS)   # no "cuda" backend: the Triton kernel is the GPU path
-GPU = backend_params(exclude=("torch", "cpu", "cuda"), op=fa.BACKENDS)
+ALL = backend_params(exclude=("cuda",), ops=[fa.BACKENDS])   # no "cuda" backend: the Triton kernel is the GPU path
+GPU = backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.BACKENDS])
 
 # B, Lq, H, D, P, F, K, Ln, per_head, gate ("none", "all", "mixed"), table pattern
 CASES = [

@@ -15,8 +15,8 @@ from streamkern.testing import count_launches
 ft = importlib.import_module("streamkern.frame_topk")   # the module (streamkern.frame_topk is the op)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-ALL = backend_params(op=ft.BACKENDS)
-GPU = backend_params(exclude=("torch", "cpu"), op=ft.BACKENDS)
+ALL = backend_params(ops=[ft.BACKENDS])
+GPU = backend_params(exclude=("torch", "cpu"), ops=[ft.BACKENDS])
 
 CASES = [  # B, Lq, H, D, P, C, k, holes
     pytest.param((1, 1, 1, 1, 1, 1, 1, False), id="all-ones"),
