@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bank_evict import ordered_bits
+from .ordered_bits import ordered_bits
 
 
 @triton.jit

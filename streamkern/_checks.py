@@ -6,6 +6,7 @@ their checks before allocating or writing anything.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -54,24 +55,26 @@ def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: Sequ
         raise ValueError(f"{name}: expected shape [{want}]{dims}, got {list(t.shape)}")
 
 
+def _same(what: str, error: type, tensors: dict):
+    """The ``what`` (``device`` / ``dtype``) shared by every tensor that is not None; ``error`` names the first
+    tensor that differs from the first one."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first = getattr(items[0][1], what)
+    for k, v in items[1:]:
+        if getattr(v, what) != first:
+            show = dtype_name if what == "dtype" else str
+            raise error(f"{k}: expected {what} {show(first)} like {items[0][0]}, got {show(getattr(v, what))}")
+    return first
+
+
 def same_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors live on one device; returns it."""
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dev = items[0][1].device
-    for k, v in items[1:]:
-        if v.device != dev:
-            raise ValueError(f"{k}: expected a tensor on {dev} like {items[0][0]}, got one on {v.device}")
-    return dev
+    return _same("device", ValueError, tensors)
 
 
 def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     """All tensors share one dtype; returns it."""
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dt = items[0][1].dtype
-    for k, v in items[1:]:
-        if v.dtype != dt:
-            raise TypeError(f"{k}: expected dtype {dtype_name(dt)} like {items[0][0]}, got {dtype_name(v.dtype)}")
-    return dt
+    return _same("dtype", TypeError, tensors)
 
 
 def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
@@ -87,14 +90,15 @@ def integer(name: str, value, *, low: int | None = None, high: int | None = None
 
 def number(name: str, value, *, low: float | None = None, high: float | None = None,
            open_low: bool = False) -> float:
-    """A finite real number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    """A finite real number in ``[low, high]`` (``(low, high]`` with ``open_low``): NaN and ±inf are rejected
+    (README "Error rules": a non-finite scalar argument makes no sense for any op)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    value = float(value) if not isinstance(value, int) or abs(value) < 2 ** 1023 else math.inf
     bad_low = low is not None and (value <= low if open_low else value < low)
-    if value != value or bad_low or (high is not None and value > high):
+    if not math.isfinite(value) or bad_low or (high is not None and value > high):
         lo = "-inf" if low is None else low
-        raise ValueError(f"{name}: expected a number in {'(' if open_low else '['}{lo}, "
+        raise ValueError(f"{name}: expected a finite number in {'(' if open_low else '['}{lo}, "
                          f"{'inf' if high is None else high}], got {value}")
     return value
 

@@ -17,11 +17,11 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import verify as ref
 
 MODES = ("greedy", "sample")
-MAX_SCALES = 64  # the CUDA launcher passes the per-scale offsets and CFG ratios by value
+MAX_CUDA_SCALES = 64  # the CUDA launcher passes the per-scale offsets and CFG ratios by value
 
 
 class VerifyResult(NamedTuple):
@@ -44,24 +44,15 @@ def _outputs(logits, draft_tokens, num_scales, greedy):
             torch.empty(B, T, 0 if greedy else 2, dtype=torch.float32, device=dev))
 
 
-def _torch(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
+def _values(logits, draft_tokens, offsets, greedy, threshold, draft_probs, *config):
     ref.check_values(draft_tokens, draft_probs, logits.shape[-1])
-    return ref.verify_scales(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg,
-                             temperature)
 
 
-def _debug_values(logits, draft_tokens, draft_probs):
-    """Value checks on GPU backends, only with ``STREAMKERN_DEBUG=1`` (they synchronise)."""
-    if check.debug_enabled():
-        ref.check_values(draft_tokens, draft_probs, logits.shape[-1])
+def _torch(*args):
+    return tuple(o.contiguous() for o in ref.verify_scales(*args))
 
 
 def _extension(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    if logits.device.type == "cpu":
-        ref.check_values(draft_tokens, draft_probs, logits.shape[-1])
-    else:
-        _debug_values(logits, draft_tokens, draft_probs)
     out = _outputs(logits, draft_tokens, len(offsets) - 1, greedy)
     torch.ops.streamkern_C.verify_scales_(*out, logits, draft_tokens, draft_probs, uniforms, offsets, cfg, greedy,
                                           threshold, temperature)
@@ -71,39 +62,34 @@ def _extension(logits, draft_tokens, offsets, greedy, threshold, draft_probs, un
 def _triton(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
     from streamkern.kernels.verify import verify_scales as launch
 
-    _debug_values(logits, draft_tokens, draft_probs)
     out = _outputs(logits, draft_tokens, len(offsets) - 1, greedy)
     launch(*out, logits, draft_tokens, draft_probs, uniforms, offsets, cfg, greedy, threshold, temperature)
     return out[:4]
 
 
-BACKENDS = OpBackends("verify_scales", {
-    "torch": _torch, "cpu": _extension, "triton": _triton, "cuda": _extension,
-})
+def _cuda_supports(logits, draft_tokens, offsets, *config) -> str:
+    ns = len(offsets) - 1
+    return "" if ns <= MAX_CUDA_SCALES else (
+        f"takes at most {MAX_CUDA_SCALES} scales (the launcher passes their offsets by value), got {ns}")
 
 
-@torch.library.custom_op("streamkern::verify_scales", mutates_args=())
-def _verify_op(logits: torch.Tensor, draft_tokens: torch.Tensor, offsets: list[int], greedy: bool,
-               threshold: float, draft_probs: torch.Tensor | None, uniforms: torch.Tensor | None,
-               cfg: list[float] | None, temperature: float, backend: str
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = BACKENDS(backend)(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg,
-                            temperature)
-    return tuple(o.contiguous() for o in out)
+def _fake(logits, draft_tokens, offsets, *config):
+    return _outputs(logits, draft_tokens, len(offsets) - 1, True)[:4]
 
 
-@_verify_op.register_fake
-def _(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature, backend):
-    B, T = draft_tokens.shape
-    return (logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, T, dtype=torch.bool),
-            logits.new_empty(B, len(offsets) - 1, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.int64))
+verify_scales_op = define_op(
+    "verify_scales", "(Tensor logits, Tensor draft_tokens, int[] offsets, bool greedy, float threshold, "
+    "Tensor? draft_probs, Tensor? uniforms, float[]? cfg, float temperature) -> (Tensor, Tensor, Tensor, Tensor)", {
+        "torch": _torch, "cpu": _extension, "triton": _triton,
+        "cuda": Kernel(_extension, supports=_cuda_supports),
+    }, values=_values, fake=_fake)
 
 
 def _window(begin: tuple, end: tuple, first_scale: int, num_scales: int) -> tuple[int, ...]:
     if len(begin) != len(end):
         raise ValueError(f"layout: expected .begin and .end of one length, got {len(begin)} and {len(end)}")
     check.integer("first_scale", first_scale, low=0, high=len(begin) - 1)
-    check.integer("num_scales", num_scales, low=1, high=min(len(begin) - first_scale, MAX_SCALES))
+    check.integer("num_scales", num_scales, low=1, high=len(begin) - first_scale)
     scales = range(first_scale, first_scale + num_scales)
     for s in scales:
         if end[s] <= begin[s] or (s > first_scale and begin[s] != end[s - 1]):
@@ -203,11 +189,10 @@ def verify_scales(target_logits: torch.Tensor, draft_tokens: torch.Tensor, layou
     """
     offsets, cfg, threshold, temperature = _check(target_logits, draft_tokens, layout, first_scale, num_scales,
                                                   mode, threshold, draft_probs, uniforms, cfg, temperature)
-    name = BACKENDS.resolve(backend, target_logits.device)
     greedy = mode == "greedy"
     if greedy:
         draft_probs = uniforms = None
     elif uniforms is None:
         uniforms = torch.rand(*draft_tokens.shape, 2, generator=generator, device=target_logits.device)
-    return VerifyResult(*BACKENDS.run(_verify_op, name, target_logits, draft_tokens, offsets, greedy, threshold,
-                                      draft_probs, uniforms, cfg, temperature))
+    return VerifyResult(*verify_scales_op(target_logits, draft_tokens, offsets, greedy, threshold, draft_probs,
+                                          uniforms, cfg, temperature, backend=backend))

@@ -103,3 +103,13 @@ def test_overlap_checks_read_no_values_and_leave_memory_alone():
     t = torch.full((4, 6), float("nan"))
     check.no_overlap("out", t[:2], x=t[2:])
     assert torch.isnan(t).all()
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), 10 ** 400])
+def test_number_rejects_non_finite(value):
+    """README "Error rules": a non-finite scalar argument is a ValueError naming it (it used to pass for ±inf)."""
+    with pytest.raises(ValueError, match="^sm_scale: expected a finite number"):
+        check.number("sm_scale", value)
+    with pytest.raises(ValueError, match="^layer_weights\\[1\\]: expected a finite number"):
+        check.float_tuple("layer_weights", (0.5, value))
+    assert check.number("sm_scale", 3) == 3.0
