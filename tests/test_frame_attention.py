@@ -27,6 +27,7 @@ CASES = [
     pytest.param((3, 4, 2, 4, 5, 3, 3, 0, True, "none", "nokey"), id="rows-with-no-key"),
     pytest.param((2, 6, 1, 12, 7, 5, 0, 4, False, "mixed", "plain"), id="K0-new-only"),
     pytest.param((1, 17, 2, 16, 3, 11, 2, 19, False, "none", "plain"), id="Lq17-F11-Ln19"),
+    pytest.param((1, 2, 1, 4, 2, 37, 3, 0, True, "none", "dups"), id="F37-tiles-per-page"),
 ]
 
 

@@ -24,6 +24,7 @@ CASES = [  # B, Lq, H, D, P, C, k, holes
     pytest.param((3, 7, 2, 5, 4, 4, 6, True), id="k-over-C"),
     pytest.param((2, 3, 4, 16, 11, 11, 0, False), id="k0"),
     pytest.param((1, 13, 2, 12, 6, 9, 9, False), id="dups-all-chosen"),
+    pytest.param((1, 40, 1, 64, 3, 3, 2, False), id="Lq40-D64-query-tiles"),
 ]
 
 
