@@ -74,6 +74,7 @@ class StreamingKV:
         self.bank_entities = torch.zeros(self.M, num_entities, dtype=torch.bool, device=dev)
         self.bank_frame_ids = torch.full((batch, self.M), -1, dtype=torch.int64, device=dev)
         self.count = self.n_sink = self.n_window = self.n_evicted = 0
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None   # (recent, shared) until roll/append
 
     # --- host-side bookkeeping -----------------------------------------------------------------------------------
 
@@ -114,6 +115,7 @@ class StreamingKV:
             self._keep(self._ring(self.n_evicted, evict), text_k, entity_weights, entities)
         self.n_window -= evict
         self.n_evicted += evict
+        self._tables = None
         return evict
 
     def _keep(self, slots: torch.Tensor, text_k, entity_weights, entities) -> None:
@@ -161,6 +163,7 @@ class StreamingKV:
         self.n_sink += to_sink
         self.n_window += to_window
         self.count += n
+        self._tables = None
 
     # --- attention -----------------------------------------------------------------------------------------------
 
@@ -168,18 +171,22 @@ class StreamingKV:
                    layer: int | None = None) -> torch.Tensor:
         """The pages attended now: ``[B, n_sink + n_window + M]`` (bank slots not yet filled are -1) or, with
         ``topk``, ``[B, H, n_sink + n_window + topk]`` whose bank part is ``frame_topk`` of ``q [B, Lq, H, D]``
-        over the bank's pages in ``layer``. Built on the device."""
-        B = self.window_pages.shape[0]
-        live = self.window_pages.index_select(1, self._ring(self.n_evicted, self.n_window))
-        recent = torch.cat([self.sink_pages[:self.n_sink].expand(B, self.n_sink), live], dim=1)
-        bank = torch.where(self.bank_valid, self.bank_pages, -1)
+        over the bank's pages in ``layer``. Built on the device, once per chunk for the parts that do not depend
+        on the query."""
+        if self._tables is None:
+            B = self.window_pages.shape[0]
+            live = self.window_pages.index_select(1, self._ring(self.n_evicted, self.n_window))
+            recent = torch.cat([self.sink_pages[:self.n_sink].expand(B, self.n_sink), live], dim=1)
+            self._tables = recent, torch.cat([recent, torch.where(self.bank_valid, self.bank_pages, -1)], dim=1)
+        recent, shared = self._tables
         if topk is None:
-            return torch.cat([recent, bank], dim=1)
+            return shared
         check.integer("topk", topk, low=0)
         if q is None or layer is None:
             raise ValueError("q, layer: expected the query and its layer to choose the top-k bank frames, got None")
+        bank = shared[:, recent.shape[1]:]
         best = frame_topk(q, self.pool.k_mean[layer], bank, topk, per_head=True, backend=self.backend)
-        return torch.cat([recent[:, None].expand(B, best.shape[1], recent.shape[1]), best], dim=2)
+        return torch.cat([recent[:, None].expand(-1, best.shape[1], -1), best], dim=2)
 
     def attend(self, layer: int, q: torch.Tensor, new_k: torch.Tensor | None = None,
                new_v: torch.Tensor | None = None, *, topk: int | None = None, gate: torch.Tensor | None = None,

@@ -123,6 +123,14 @@ def test_gpu_backends_treat_out_of_range_as_missing(bd, monkeypatch):
         streamkern.frame_topk(q, k_mean, bad, k, backend=bd[0])
 
 
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cpu", "cuda"), ops=[ft.BACKENDS]))
+def test_triton_candidate_limit(bd):
+    q, k_mean, _, _ = _case(CASES[1].values[0], torch.float32, bd[1])
+    cand = torch.full((q.shape[0], ft.TRITON_MAX_CANDIDATES + 1), -1, device=bd[1])
+    with pytest.raises(ValueError, match="candidates: the triton backend takes at most 4096"):
+        streamkern.frame_topk(q, k_mean, cand, 1, backend=bd[0])
+
+
 def _good():
     return list(_case(CASES[1].values[0], torch.float32, "cpu"))
 
