@@ -87,7 +87,8 @@ def _stream(steps, seed=0):
     for i in range(steps):
         frames = 3 if i % 4 != 3 else 1                                # chunks of 3 frames, now and then 1
         yield dict(
-            k=torch.randn(NL, B, frames * F, H, D, generator=gen), v=torch.randn(NL, B, frames * F, H, D, generator=gen),
+            k=torch.randn(NL, B, frames * F, H, D, generator=gen),
+            v=torch.randn(NL, B, frames * F, H, D, generator=gen),
             q=torch.randn(B, 4, H, D, generator=gen), new_k=torch.randn(B, 5, H, D, generator=gen),
             new_v=torch.randn(B, 5, H, D, generator=gen), text_k=torch.randn(NL, B, 7, H, D, generator=gen),
             weights=torch.rand(7, generator=gen), entities=(i % 5, (i * 3) % 5), frames=frames)
