@@ -267,9 +267,10 @@ BAD = [
                  id="new-k-dtype"),
     pytest.param("gate", lambda a: a["gate"].long(), TypeError, "gate: expected dtype bool", id="gate-int"),
     pytest.param("gate", lambda a: a["gate"][:1], ValueError, "gate: expected shape \\[2\\]", id="gate-shape"),
-    pytest.param("sm_scale", lambda a: 0.0, ValueError, "sm_scale: expected a number in \\(0", id="scale-zero"),
+    pytest.param("sm_scale", lambda a: 0.0, ValueError, "sm_scale: expected a finite number in \\(0",
+                 id="scale-zero"),
     pytest.param("sm_scale", lambda a: "1", TypeError, "sm_scale: expected a number", id="scale-str"),
-    pytest.param("k_pages", lambda a: a["k_pages"].to("meta"), ValueError, "k_pages: expected a tensor on cpu",
+    pytest.param("k_pages", lambda a: a["k_pages"].to("meta"), ValueError, "k_pages: expected device cpu like q",
                  id="pages-device"),
 ]
 
