@@ -25,6 +25,10 @@ CONTRACT = {
     "KVRing": "num_layers batch heads head_dim window sink dtype device backend",
     "DriftGate": ("drift_threshold state_threshold dilation pool layer_range num_vision_tokens action_tokens grid "
                   "backend"),
+    "FramePool": "num_layers batch pages frame_len heads head_dim dtype device backend",
+    "frame_write": "pool_k pool_v k_mean k_new v_new pages * backend",
+    "frame_attention": "q k_pages v_pages page_table * new_k new_v gate sm_scale return_lse backend",
+    "frame_topk": "q k_mean candidates k * per_head backend",
     "set_backend": "name",
     "backend": "name",
 }
@@ -39,12 +43,17 @@ DEFAULTS = {
     "verify_scales": {"mode": "greedy", "threshold": 0.5, "draft_probs": None, "uniforms": None, "cfg": None,
                       "temperature": 1.0},
     "KVRing": {"sink": 0, "dtype": torch.bfloat16, "device": None, "backend": None},
+    "FramePool": {"dtype": torch.bfloat16, "device": None, "backend": None},
+    "frame_attention": {"new_k": None, "new_v": None, "gate": None, "sm_scale": None, "return_lse": False,
+                        "backend": None},
+    "frame_topk": {"per_head": True, "backend": None},
     "DriftGate": {"drift_threshold": 0.5, "state_threshold": 0.05, "dilation": 5, "pool": 8, "layer_range": (14, 18),
                   "num_vision_tokens": 256, "action_tokens": 50, "grid": (16, 16), "backend": None},
 }
 METHODS = {
     "KVRing": ["append", "ordered", "length", "positions"],
     "DriftGate": ["should_recompute", "update", "cached_kv", "reset"],
+    "FramePool": ["write"],
 }
 
 
@@ -83,7 +92,8 @@ def test_public_methods(cls):
 
 
 def test_other_public_names():
-    for name in ("BackendUnavailable", "available_backends", "GateReason", "VerifyResult", "ScaleLayout"):
+    for name in ("BackendUnavailable", "available_backends", "GateReason", "VerifyResult", "ScaleLayout",
+                 "StreamingKV"):
         assert hasattr(streamkern, name), f"streamkern.{name} is missing"
     assert issubclass(streamkern.BackendUnavailable, RuntimeError)
     reasons = streamkern.GateReason
@@ -109,7 +119,8 @@ def test_pipelines_exported():
 
 
 OPS = ("consensus_frame_scores", "ring_write", "bank_evict_select", "bank_insert", "pose_topk", "patch_importance",
-       "attention_weighted_drift", "block_masked_attention", "verify_scales")
+       "attention_weighted_drift", "block_masked_attention", "verify_scales", "frame_write", "frame_attention",
+       "frame_topk")
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -9,7 +9,7 @@ from ._runtime import HostSyncError, PipelineRun, count_host_syncs
 from .gated_policy import GatedPolicy
 from .memory_bank import MemoryBank
 from .speculative_var import SpeculativeVAR
-from .streaming import StreamingGenerator
+from .streaming import BlockState, StreamingGenerator
 
-__all__ = ["MemoryBank", "StreamingGenerator", "GatedPolicy", "SpeculativeVAR", "PipelineRun", "HostSyncError",
-           "count_host_syncs"]
+__all__ = ["MemoryBank", "StreamingGenerator", "BlockState", "GatedPolicy", "SpeculativeVAR", "PipelineRun",
+           "HostSyncError", "count_host_syncs"]

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bank_evict import bank_evict_select
+from ..bank_insert import bank_insert
+from ..consensus import select_frame
 from ..reference.consensus import seed_fast_scores
-from ._runtime import op
 
 
 @dataclass
@@ -98,11 +100,11 @@ class MemoryBank:
     # --- the ops (accelerated) -----------------------------------------------------------------------------
 
     def _insert_ops(self, chunk_k, chunk_v, text_k, entity_weights, entities, first_frame_id):
-        best, scores = op("select_frame")(chunk_k, text_k, entity_weights, self.frame_seq_len, self.layers,
+        best, scores = select_frame(chunk_k, text_k, entity_weights, self.frame_seq_len, self.layers,
                                           self.layer_weights, backend=self.backend)
         score = scores.gather(1, best[:, None]).mean().reshape(1)
-        victim = op("bank_evict_select")(self.scores, self.entity_mask, self.valid, backend=self.backend)
-        op("bank_insert")(self.k, self.v, chunk_k, chunk_v, best, victim, self.frame_seq_len, backend=self.backend)
+        victim = bank_evict_select(self.scores, self.entity_mask, self.valid, backend=self.backend)
+        bank_insert(self.k, self.v, chunk_k, chunk_v, best, victim, self.frame_seq_len, backend=self.backend)
         slot = victim.reshape(1)
         ids = torch.arange(self.num_entities, device=self.valid.device)
         mask = torch.zeros(1, self.num_entities, dtype=torch.bool, device=self.valid.device)

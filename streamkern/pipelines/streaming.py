@@ -18,11 +18,13 @@ context of a block ``f`` frames after the switch is ``(1 − α)·old + α·new`
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from ._runtime import PipelineRun, op, timed_step
+from ..kv_ring import KVRing
+from ._runtime import PipelineRun, timed_step
 from ._tiny import Block, randn, sdpa, seeded, sinusoid
 from .memory_bank import MemoryBank
 
@@ -74,13 +76,37 @@ def _circular(start: int, length: int, window: int, offset: int) -> list[tuple[i
     return [(offset + a, offset + window), (offset, offset + a + length - window)]
 
 
+class BlockState(NamedTuple):
+    """What ``StreamingGenerator.run(observe=...)`` hands over after each block (outside the timed step).
+
+    ``frame [B, fpb * fsl, C]`` the block's latent; ``positions [n]`` int64 the logical indices (n-th token ever
+    cached) of the tokens the KV cache holds, ascending; ``cache_k``/``cache_v [NL, B, n, H, D]`` those tokens in
+    that order; ``bank_frames [B, count]`` the stream indices of the bank's frames, sorted per row. Every cache
+    (eager, ring, or any later one) reports the same state for the same stream, so paths can be compared block by
+    block."""
+
+    block: int
+    frame: torch.Tensor
+    positions: torch.Tensor
+    cache_k: torch.Tensor
+    cache_v: torch.Tensor
+    bank_frames: torch.Tensor
+
+
 class _ShiftCache:
     """The source pipelines' cache: per layer ``[B, sink + window, H, D]`` in logical order, shifted by copy."""
 
     def __init__(self, nl, b, h, d, sink, window, dtype, device):
         self.k = [torch.zeros(b, sink + window, h, d, dtype=dtype, device=device) for _ in range(nl)]
         self.v = [torch.zeros_like(t) for t in self.k]
-        self.sink, self.window, self.n_sink, self.n_win = sink, window, 0, 0
+        self.sink, self.window, self.n_sink, self.n_win, self.count = sink, window, 0, 0, 0
+
+    def held(self):
+        """``(positions [n], k, v [NL, B, n, H, D])``: sinks, then the window from oldest to newest."""
+        positions = torch.cat([torch.arange(self.n_sink), torch.arange(self.count - self.n_win, self.count)])
+        w = slice(self.sink, self.sink + self.n_win)
+        k, v = (torch.stack([torch.cat([t[:, :self.n_sink], t[:, w]], dim=1) for t in ts]) for ts in (self.k, self.v))
+        return positions, k, v
 
     def evicted(self, e: int):
         if not e:
@@ -110,14 +136,21 @@ class _ShiftCache:
                 cache[:, at:at + m] = new[:, s_new:]
         self.n_sink += s_new
         self.n_win += k_new.shape[2] - s_new - e
+        self.count += k_new.shape[2]
 
 
 class _RingCache:
     """The accelerated cache: ``streamkern.KVRing`` plus host-side counts (no reads of device values)."""
 
     def __init__(self, nl, b, h, d, sink, window, dtype, device, backend):
-        self.ring = op("KVRing")(nl, b, h, d, window, sink=sink, dtype=dtype, device=device, backend=backend)
+        self.ring = KVRing(nl, b, h, d, window, sink=sink, dtype=dtype, device=device, backend=backend)
         self.sink, self.window, self.n_sink, self.n_total_win = sink, window, 0, 0
+
+    def held(self):
+        """``(positions [n], k, v [NL, B, n, H, D])`` from the ring's own device state, in logical order."""
+        positions = self.ring.positions
+        k, v = self.ring.ordered()
+        return positions[positions >= 0].sort().values.cpu(), k, v
 
     def _live(self, e: int) -> list[tuple[int, int]]:
         held = min(self.n_total_win, self.window)
@@ -239,8 +272,10 @@ class StreamingGenerator(nn.Module):
         frames.append(x)
 
     @torch.no_grad()
-    def run(self, num_blocks: int, forbid_syncs: bool = False, progress=None) -> PipelineRun:
-        """Stream ``num_blocks`` blocks; ``forbid_syncs`` makes any host read in a block raise."""
+    def run(self, num_blocks: int, forbid_syncs: bool = False, progress=None,
+            observe: Callable[[BlockState], None] | None = None) -> PipelineRun:
+        """Stream ``num_blocks`` blocks; ``forbid_syncs`` makes any host read in a block raise; ``observe`` is
+        called with a :class:`BlockState` after each block, outside the timed step (it may read the device)."""
         args = (self.nl, self.batch, self.h, self.d, self.sink, self.window, self.dtype, self.device)
         cache = _ShiftCache(*args) if self.eager else _RingCache(*args, self.backend)
         bank = MemoryBank(self.nl, self.batch, self.h, self.d, self.fsl, self.bank_size, self.num_entities,
@@ -253,6 +288,8 @@ class StreamingGenerator(nn.Module):
             noise = randn((self.batch, T, C), self.seed * 1000 + i, self.device, self.dtype)   # input, untimed
             timed_step(record, self.device, lambda: self._block(i, noise, cache, bank, sched, state, frames),
                        forbid=forbid_syncs)
+            if observe is not None:
+                observe(BlockState(i, frames[-1], *cache.held(), bank.held_frames()))
             if progress is not None:
                 progress()
         record.outputs = {"frames": torch.stack(frames), "bank_frames": bank.held_frames()}

@@ -1,0 +1,94 @@
+"""Writes of whole latent frames into a frame-paged KV pool (DESIGN.md §4.5).
+
+Frame i of the new tokens (tokens ``[i·F, (i+1)·F)``) goes to page ``pages[b, i]`` of every layer, k and v, and
+``k_mean`` of that page becomes the float32 mean of its F keys, in one launch with the page ids read on the
+device. The formula is in ``streamkern/reference/frame_write.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks as check
+from ._backend import OpBackends
+from .reference import frame_write as ref
+
+
+def _torch(pool_k, pool_v, k_mean, k_new, v_new, pages):
+    ref.check_values(pages, pool_k.shape[2])
+    ref.frame_write(pool_k, pool_v, k_mean, k_new, v_new, pages)
+
+
+def _triton(pool_k, pool_v, k_mean, k_new, v_new, pages):
+    from streamkern.kernels.frame_write import frame_write as launch
+
+    if check.debug_enabled():
+        ref.check_values(pages, pool_k.shape[2])
+    launch(pool_k, pool_v, k_mean, k_new, v_new, pages)
+
+
+BACKENDS = OpBackends("frame_write", {"torch": _torch, "triton": _triton}, missing={
+    "cpu": "the C++ kernel (csrc/cpu/frame_write.cpp) has not been merged yet",
+    "cuda": "the CUDA kernel (csrc/cuda/frame_write.cu) has not been merged yet",
+})
+
+
+@torch.library.custom_op("streamkern::frame_write", mutates_args=("pool_k", "pool_v", "k_mean"))
+def _frame_write_op(pool_k: torch.Tensor, pool_v: torch.Tensor, k_mean: torch.Tensor, k_new: torch.Tensor,
+                    v_new: torch.Tensor, pages: torch.Tensor, backend: str) -> None:
+    BACKENDS(backend)(pool_k, pool_v, k_mean, k_new, v_new, pages)
+
+
+@_frame_write_op.register_fake
+def _(pool_k, pool_v, k_mean, k_new, v_new, pages, backend):
+    return None
+
+
+def _check(pool_k, pool_v, k_mean, k_new, v_new, pages) -> torch.Tensor:
+    """The argument checks; returns ``pages`` as ``[B, n]`` (a ``[n]`` list expanded over the batch)."""
+    for name, t in (("pool_k", pool_k), ("pool_v", pool_v)):
+        check.tensor(name, t, ndim=6, dtypes=check.FLOATS)
+    check.tensor("k_mean", k_mean, ndim=5, dtypes=(torch.float32,))
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        check.tensor(name, t, ndim=5, dtypes=check.FLOATS)
+    check.tensor("pages", pages, ndim=(1, 2), dtypes=check.INDEX)
+    check.same_device(pool_k=pool_k, pool_v=pool_v, k_mean=k_mean, k_new=k_new, v_new=v_new, pages=pages)
+    check.same_dtype(pool_k=pool_k, pool_v=pool_v, k_new=k_new, v_new=v_new)
+    NL, B, P, F, H, D = pool_k.shape
+    check.shape("pool_v", pool_v, tuple(pool_k.shape), ("NL", "B", "P", "frame_len", "H", "D"))
+    check.shape("k_mean", k_mean, (NL, B, P, H, D), ("NL", "B", "P", "H", "D"))
+    n = pages.shape[-1]
+    if pages.dim() == 2:
+        check.shape("pages", pages, (B, n), ("B", "n"))
+    check.shape("k_new", k_new, (NL, B, n * F, H, D), ("NL", "B", "n*frame_len", "H", "D"))
+    check.shape("v_new", v_new, tuple(k_new.shape), ("NL", "B", "n*frame_len", "H", "D"))
+    if F == 0:
+        raise ValueError(f"pool_k: expected frame_len >= 1 (dim 3), got shape {list(pool_k.shape)}")
+    for name, t in (("pool_k", pool_k), ("pool_v", pool_v), ("k_mean", k_mean)):
+        check.no_internal_overlap(name, t)
+    check.no_overlap("pool_k", pool_k, pool_v=pool_v, k_mean=k_mean, k_new=k_new, v_new=v_new, pages=pages)
+    check.no_overlap("pool_v", pool_v, k_mean=k_mean, k_new=k_new, v_new=v_new, pages=pages)
+    check.no_overlap("k_mean", k_mean, k_new=k_new, v_new=v_new, pages=pages)
+    return pages.expand(B, n)
+
+
+def frame_write(pool_k: torch.Tensor, pool_v: torch.Tensor, k_mean: torch.Tensor, k_new: torch.Tensor,
+                v_new: torch.Tensor, pages: torch.Tensor, *, backend: str | None = None) -> None:
+    """Write ``n`` new frames of every layer into their pages, in place, in one launch.
+
+    Args:
+        pool_k, pool_v: ``[NL, B, P, F, H, D]`` page storage (fp32/fp16/bf16), any strides.
+        k_mean: ``[NL, B, P, H, D]`` float32 mean key of each page, any strides.
+        k_new, v_new: ``[NL, B, n·F, H, D]``, the pool's dtype, any strides.
+        pages: int64 ``[n]`` (the same pages for every batch row) or ``[B, n]``: frame i of row b goes to page
+            ``pages[b, i]``; ids in ``[0, P)``, distinct within a row.
+        backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
+
+    ``pool_k``, ``pool_v`` and ``k_mean`` must not overlap themselves (no ``expand``ed dims) nor each other, and
+    no input may share memory with them: ``ValueError`` naming the argument, nothing written.
+    Bad ids: the ``"torch"`` and ``"cpu"`` backends raise ``ValueError`` naming ``pages`` (out of range, or an id
+    repeated within a row) before anything is written; the GPU backends do the same with ``STREAMKERN_DEBUG=1``,
+    otherwise they skip the frames whose id is out of range (the others are written) and never synchronise.
+    """
+    pages = _check(pool_k, pool_v, k_mean, k_new, v_new, pages)
+    name = BACKENDS.resolve(backend, pool_k.device)
+    BACKENDS.run(_frame_write_op, name, pool_k, pool_v, k_mean, k_new, v_new, pages)

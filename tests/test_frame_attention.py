@@ -1,0 +1,338 @@
+"""frame_attention (DESIGN.md §4.5): every backend against the float64 "torch" reference; the reference against a
+plain per-(b, h) gather + cat + softmax formula and against FlexAttention; odd sizes (frame_len 1 and primes, one
+page, Lq = 1), every dtype, non-contiguous q and padded-then-sliced pages, -1 entries, per-head and shared tables,
+duplicate ids, gates, rows with no key, lse, empty tables; bad input, opcheck, compile, launches, host syncs."""
+import importlib
+
+import pytest
+import torch
+from conftest import backend_params
+
+import streamkern
+from streamkern.reference import frame_attention as ref
+from streamkern.testing import assert_parity, count_launches
+
+fa = importlib.import_module("streamkern.frame_attention")   # the module (streamkern.frame_attention is the op)
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+ALL = backend_params(exclude=("cuda",), ops=[fa.BACKENDS])   # no "cuda" backend: the Triton kernel is the GPU path
+GPU = backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.BACKENDS])
+
+# B, Lq, H, D, P, F, K, Ln, per_head, gate ("none", "all", "mixed"), table pattern
+CASES = [
+    pytest.param((1, 1, 1, 1, 1, 1, 1, 0, False, "none", "plain"), id="all-ones"),
+    pytest.param((2, 5, 3, 8, 6, 7, 4, 3, True, "mixed", "holes"), id="F7-perhead-holes-gate"),
+    pytest.param((2, 1, 2, 16, 4, 1, 5, 0, False, "all", "dups"), id="F1-Lq1-dups"),
+    pytest.param((1, 3, 2, 5, 1, 13, 1, 2, True, "none", "plain"), id="one-page-F13-D5"),
+    pytest.param((3, 4, 2, 4, 5, 3, 3, 0, True, "none", "nokey"), id="rows-with-no-key"),
+    pytest.param((2, 6, 1, 12, 7, 5, 0, 4, False, "mixed", "plain"), id="K0-new-only"),
+    pytest.param((1, 17, 2, 16, 3, 11, 2, 19, False, "none", "plain"), id="Lq17-F11-Ln19"),
+    pytest.param((1, 2, 1, 4, 2, 37, 3, 0, True, "none", "dups"), id="F37-tiles-per-page"),
+]
+
+
+def _table(B, H, K, P, per_head, pattern, gen):
+    shape = (B, H, K) if per_head else (B, K)
+    table = torch.stack([torch.randperm(P, generator=gen)[:K] for _ in range(B * (H if per_head else 1))])
+    if K > P:
+        table = torch.randint(P, (table.shape[0], K), generator=gen)
+    table = table.reshape(shape)
+    if pattern == "holes":
+        table = torch.where(torch.rand(shape, generator=gen) < 0.4, -1, table)
+    if pattern == "dups":
+        table = torch.randint(min(P, 2), shape, generator=gen)
+    if pattern == "nokey":
+        table[0] = -1                                       # batch row 0: every head has no key
+        if per_head:
+            table[1, 0] = -1                                # row 1, head 0 has no key
+    return table
+
+
+def _case(case, dtype, device, seed=0):
+    B, Lq, H, D, P, F, K, Ln, per_head, gate, pattern = case
+    gen = torch.Generator().manual_seed(seed + sum(case[:8]))
+    q = torch.randn(B, Lq, H, D, generator=gen).to(device, dtype)
+    kp, vp = (torch.randn(B, P, F, H, D, generator=gen).to(device, dtype) for _ in range(2))
+    new = [torch.randn(B, Ln, H, D, generator=gen).to(device, dtype) for _ in range(2)] if Ln else [None, None]
+    table = _table(B, H, K, P, per_head, pattern, gen).to(device)
+    g = None if gate == "none" else torch.ones(B, dtype=torch.bool, device=device)
+    if gate == "mixed":
+        g[0] = False
+    return q, kp, vp, table, new[0], new[1], g
+
+
+def _reference(q, kp, vp, table, new_k, new_v, gate, sm_scale=None):
+    """The float64 "torch" reference (on the CPU)."""
+    B, _, H, D = q.shape
+    table = table.cpu() if table.dim() == 3 else table.cpu()[:, None].expand(B, H, table.shape[-1])
+    d = [None if t is None else t.cpu().double() for t in (q, kp, vp, new_k, new_v)]
+    return ref.frame_attention(d[0], d[1], d[2], table, d[3], d[4], None if gate is None else gate.cpu(),
+                               D ** -0.5 if sm_scale is None else sm_scale)
+
+
+def _check(bd, dtype, q, kp, vp, table, new_k, new_v, gate, sm_scale=None):
+    out, lse = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate,
+                                          sm_scale=sm_scale, return_lse=True, backend=bd[0])
+    want, want_lse = _reference(q, kp, vp, table, new_k, new_v, gate, sm_scale)
+    assert out.dtype == dtype and out.shape == q.shape and out.device.type == bd[1]
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert_parity(out, want, dtype, "out")
+    empty = torch.isinf(want_lse)
+    assert torch.equal(torch.isinf(lse).cpu(), empty) and bool((lse.cpu()[empty] < 0).all())
+    assert_parity(torch.where(empty, 0.0, lse.cpu().double()), torch.where(empty, 0.0, want_lse), torch.float32,
+                  "lse")
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bd", ALL)
+def test_parity(bd, dtype, case):
+    _check(bd, dtype, *_case(case, dtype, bd[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bd", ALL)
+def test_non_contiguous_q_and_padded_pages(bd, dtype):
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], dtype, bd[1])
+    B, Lq, H, D = q.shape
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)                         # [B, Lq, H, D] over [B, H, Lq, D]
+    padded = torch.randn(B, kp.shape[1], kp.shape[2] + 3, H, D + 2).to(bd[1], dtype)
+    padded[:, :, :kp.shape[2], :, :D] = kp
+    kp = padded[:, :, :kp.shape[2], :, :D]                                       # pages padded, then sliced
+    vp = vp.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
+    new_k = torch.stack([new_k, torch.zeros_like(new_k)], dim=-1)[..., 0]       # stride 2 over D
+    assert not (q.is_contiguous() or kp.is_contiguous() or vp.is_contiguous() or new_k.is_contiguous())
+    _check(bd, dtype, q, kp, vp, table, new_k, new_v, gate)
+
+
+@pytest.mark.parametrize("bd", ALL)
+def test_sm_scale_one_and_shared_table_broadcast_gate(bd):
+    q, kp, vp, table, new_k, new_v, _ = _case(CASES[2].values[0], torch.float32, bd[1])
+    _check(bd, torch.float32, q, kp, vp, table, new_k, new_v, torch.tensor(True, device=bd[1]), sm_scale=1.0)
+    out = streamkern.frame_attention(q, kp, vp, table, gate=torch.tensor(False, device=bd[1]), backend=bd[0])
+    assert not out.any()
+
+
+@pytest.mark.parametrize("bd", ALL)
+def test_shared_table_equals_per_head_copy(bd):
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[6].values[0], torch.float32, bd[1])
+    shared = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, backend=bd[0])
+    per_head = table[:, None].expand(-1, q.shape[2], -1).contiguous()
+    assert torch.equal(shared, streamkern.frame_attention(q, kp, vp, per_head, new_k=new_k, new_v=new_v,
+                                                          backend=bd[0]))
+
+
+@pytest.mark.parametrize("bd", ALL)
+def test_gate_false_reads_no_page(bd):
+    """Rows whose gate is False return zeros and lse -inf even when their pages and new_k hold NaN."""
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
+    for t in (kp, vp, new_k, new_v):
+        t[0] = float("nan")
+    out, lse = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate,
+                                          return_lse=True, backend=bd[0])
+    assert not out[0].any() and bool((lse[0] == float("-inf")).all())
+    want, _ = _reference(q, kp, vp, table, new_k, new_v, gate)
+    assert_parity(out[1:], want[1:], torch.float32)
+
+
+@pytest.mark.parametrize("bd", ALL)
+def test_skipped_entries_read_nothing(bd):
+    """Pages not listed (and listed only as -1) may hold NaN: they are never read."""
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
+    listed = torch.zeros(kp.shape[:2], dtype=torch.bool)
+    rows = torch.arange(q.shape[0])[:, None].expand(-1, table[0].numel()).reshape(-1)
+    ids = table.cpu().reshape(q.shape[0], -1)
+    keep = ids.reshape(-1) >= 0
+    listed[rows[keep], ids.reshape(-1)[keep]] = True
+    want = _check(bd, torch.float32, q, kp, vp, table, new_k, new_v, gate)
+    kp[~listed.to(bd[1])] = float("nan")
+    vp[~listed.to(bd[1])] = float("nan")
+    assert torch.equal(streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate,
+                                                  backend=bd[0]), want)
+
+
+# ---- the reference against independent formulas -------------------------------------------------------------------
+
+def _formula(q, kp, vp, table, new_k, new_v, gate, sm_scale):
+    """Per (b, h): cat the listed pages' tokens and the new chunk, softmax in float64."""
+    B, Lq, H, D = q.shape
+    out = torch.zeros(B, Lq, H, D, dtype=torch.float64)
+    lse = torch.full((B, H, Lq), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        if gate is not None and not bool(gate.expand(B)[b]):
+            continue
+        for h in range(H):
+            ids = table[b, h] if table.dim() == 3 else table[b]
+            ks = [kp[b, int(p), :, h] for p in ids if int(p) >= 0] + ([new_k[b, :, h]] if new_k is not None else [])
+            vs = [vp[b, int(p), :, h] for p in ids if int(p) >= 0] + ([new_v[b, :, h]] if new_v is not None else [])
+            keys = torch.cat(ks).double() if ks else torch.zeros(0, D, dtype=torch.float64)
+            if keys.shape[0] == 0:
+                continue
+            s = sm_scale * q[b, :, h].double() @ keys.T
+            out[b, :, h] = torch.softmax(s, dim=-1) @ torch.cat(vs).double()
+            lse[b, h] = torch.logsumexp(s, dim=-1)
+    return out, lse
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_gather_cat_softmax(case):
+    args = _case(case, torch.float32, "cpu")
+    want, want_lse = _formula(*args, 0.7)
+    out, lse = _reference(*args, sm_scale=0.7)
+    assert out.dtype == torch.float64
+    assert_parity(out, want, torch.float64, "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    assert_parity(lse[finite], want_lse[finite], torch.float64, "lse")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_reference_matches_flex_attention():
+    """FlexAttention expresses a shared table as a mask over the gathered pages (a key is kept when its page's
+    table entry is not -1) followed by the new chunk."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    B, Lq, H, D, P, F, K, Ln = 2, 5, 2, 8, 6, 3, 4, 2
+    q, kp, vp, table, new_k, new_v, _ = _case((B, Lq, H, D, P, F, K, Ln, False, "none", "holes"), torch.float64,
+                                               "cpu")
+    table[:, 0] = 2                                                   # at least one listed page per row
+    rows = torch.arange(B)[:, None]
+    keys = torch.cat([kp[rows, table.clamp(0)].reshape(B, K * F, H, D), new_k], 1).transpose(1, 2)
+    values = torch.cat([vp[rows, table.clamp(0)].reshape(B, K * F, H, D), new_v], 1).transpose(1, 2)
+    listed = torch.cat([(table >= 0).repeat_interleave(F, 1), torch.ones(B, Ln, dtype=torch.bool)], 1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return listed[b, kv_idx]
+
+    block_mask = flex.create_block_mask(mask_mod, B, None, Lq, K * F + Ln, device="cpu")
+    want, aux = flex.flex_attention(q.transpose(1, 2), keys, values, block_mask=block_mask, scale=0.5,
+                                    return_aux=flex.AuxRequest(lse=True))
+    want_lse = aux.lse
+    out, lse = _reference(q, kp, vp, table, new_k, new_v, None, sm_scale=0.5)
+    assert_parity(out, want.transpose(1, 2), torch.float64, "out")
+    assert_parity(lse, want_lse, torch.float64, "lse")
+
+
+# ---- ids out of range -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [7, -2], ids=["high", "below-minus-one"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_out_of_range_ids_raise_on_torch_and_cpu(backend, bad):
+    if backend not in streamkern.available_backends("cpu") or backend not in fa.BACKENDS.impls:
+        pytest.skip(f"{backend} not available")
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, "cpu")
+    table[1, 1, 2] = bad
+    with pytest.raises(ValueError, match="page_table: expected page ids in \\[0, 6\\) or -1"):
+        streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, backend=backend)
+
+
+@pytest.mark.parametrize("bd", GPU)
+def test_gpu_backends_skip_out_of_range_ids(bd, monkeypatch):
+    monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
+    want = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, backend="torch")
+    bad = torch.where(table < 0, torch.where(torch.arange(table.numel(), device=bd[1]).reshape(table.shape) % 2 == 0,
+                                             -5, 6), table)              # every -1 becomes an id out of range
+    assert_parity(streamkern.frame_attention(q, kp, vp, bad, new_k=new_k, new_v=new_v, backend=bd[0]), want,
+                  torch.float32)
+    monkeypatch.setenv("STREAMKERN_DEBUG", "1")
+    with pytest.raises(ValueError, match="page_table: expected page ids"):
+        streamkern.frame_attention(q, kp, vp, bad, new_k=new_k, new_v=new_v, backend=bd[0])
+
+
+# ---- bad inputs -------------------------------------------------------------------------------------------------
+
+def _good():
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, "cpu")
+    return dict(q=q, k_pages=kp, v_pages=vp, page_table=table, new_k=new_k, new_v=new_v, gate=gate)
+
+
+BAD = [
+    pytest.param("q", lambda a: a["q"][0], ValueError, "q: expected a 4-d", id="q-rank"),
+    pytest.param("q", lambda a: a["q"].double(), TypeError, "q: expected dtype", id="q-float64"),
+    pytest.param("k_pages", lambda a: a["k_pages"].half(), TypeError, "k_pages: expected dtype float32",
+                 id="pages-dtype"),
+    pytest.param("k_pages", lambda a: a["k_pages"][..., :4], ValueError, "k_pages: expected shape", id="pages-D"),
+    pytest.param("v_pages", lambda a: a["v_pages"][:, :3], ValueError, "v_pages: expected shape", id="v-pages-P"),
+    pytest.param("page_table", lambda a: a["page_table"].int(), TypeError, "page_table: expected dtype int64",
+                 id="table-int32"),
+    pytest.param("page_table", lambda a: a["page_table"][:, :1], ValueError, "page_table: expected shape",
+                 id="table-heads"),
+    pytest.param("page_table", lambda a: a["page_table"][0, 0], ValueError, "page_table: expected a 2 or 3-d",
+                 id="table-rank"),
+    pytest.param("new_v", lambda a: None, ValueError, "new_k, new_v: expected both or neither", id="new-v-missing"),
+    pytest.param("new_v", lambda a: a["new_v"][:, :2], ValueError, "new_v: expected shape", id="new-v-shape"),
+    pytest.param("new_k", lambda a: a["new_k"][:, :, :1], ValueError, "new_k: expected shape", id="new-k-heads"),
+    pytest.param("new_k", lambda a: a["new_k"].bfloat16(), TypeError, "new_k: expected dtype float32",
+                 id="new-k-dtype"),
+    pytest.param("gate", lambda a: a["gate"].long(), TypeError, "gate: expected dtype bool", id="gate-int"),
+    pytest.param("gate", lambda a: a["gate"][:1], ValueError, "gate: expected shape \\[2\\]", id="gate-shape"),
+    pytest.param("sm_scale", lambda a: 0.0, ValueError, "sm_scale: expected a finite number in \\(0",
+                 id="scale-zero"),
+    pytest.param("sm_scale", lambda a: "1", TypeError, "sm_scale: expected a number", id="scale-str"),
+    pytest.param("k_pages", lambda a: a["k_pages"].to("meta"), ValueError, "k_pages: expected device cpu like q",
+                 id="pages-device"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])   # argument checks run before dispatch
+@pytest.mark.parametrize("arg, change, exc, msg", BAD)
+def test_bad_inputs(backend, arg, change, exc, msg):
+    kwargs = _good()
+    kwargs[arg] = change(kwargs)
+    q, kp, vp, table = (kwargs.pop(k) for k in ("q", "k_pages", "v_pages", "page_table"))
+    with pytest.raises(exc, match=msg):
+        streamkern.frame_attention(q, kp, vp, table, **kwargs, backend=backend)
+
+
+def test_cuda_backend_is_missing_with_the_reason():
+    q, kp, vp, table, *_ = _case(CASES[0].values[0], torch.float32, "cpu")
+    with pytest.raises(streamkern.BackendUnavailable, match="the Triton kernel is the GPU path"):
+        streamkern.frame_attention(q, kp, vp, table, backend="cuda")
+
+
+# ---- torch.library integration, launches and host syncs ----------------------------------------------------------
+
+@pytest.mark.parametrize("bd", ALL)
+def test_opcheck(bd):
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
+    torch.library.opcheck(fa._frame_attention_op, (q, kp, vp, table, new_k, new_v, gate, 0.5, bd[0]))
+    shared = _case(CASES[2].values[0], torch.float32, bd[1])
+    table = shared[3][:, None].expand(-1, shared[0].shape[2], -1)               # a shared table arrives expanded
+    torch.library.opcheck(fa._frame_attention_op, (*shared[:3], table, None, None, None, 1.0, bd[0]))
+
+
+@pytest.mark.parametrize("bd", ALL)
+def test_compile_fullgraph(bd):
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
+
+    def layer(q, kp, vp, table, new_k, new_v, gate):
+        out, lse = streamkern.frame_attention(q * 2, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate,
+                                              return_lse=True, backend=bd[0])
+        return out + 1, lse
+
+    out, lse = torch.compile(layer, fullgraph=True, backend="aot_eager")(q, kp, vp, table, new_k, new_v, gate)
+    want, want_lse = streamkern.frame_attention(q * 2, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate,
+                                                return_lse=True, backend=bd[0])
+    assert torch.equal(out, want + 1) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("bd", GPU)
+def test_one_launch_per_call(bd, monkeypatch):
+    monkeypatch.undo()                                       # poisoned allocations would count as fills
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
+    n = count_launches(streamkern.frame_attention, q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate,
+                       backend=bd[0], device=bd[1])
+    assert n == 1
+
+
+@pytest.mark.parametrize("bd", GPU)
+def test_no_host_sync(bd, monkeypatch):
+    from streamkern.pipelines._runtime import count_host_syncs
+
+    monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
+    want = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate, backend=bd[0])
+    with count_host_syncs(forbid=True):
+        out = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate, backend=bd[0])
+    assert torch.equal(out, want)
