@@ -47,18 +47,21 @@ def _triton_supports(q, k_mean, candidates, k, per_head) -> str:
                                                    f"program holds them on chip), got C={C}")
 
 
-def _fake(q, k_mean, candidates, k, per_head):
+def _alloc(q, k_mean, candidates, k, per_head):
     B, _, H, _ = q.shape
-    return candidates.new_empty((B, H, k) if per_head else (B, k))
+    return torch.empty((B, H, k) if per_head else (B, k), dtype=torch.int64, device=candidates.device)
+
+
+def _extension(out, *args):
+    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
+    torch.ops.streamkern_C.frame_topk_(*args, out)
 
 
 frame_topk_op = define_op(
-    "frame_topk", "(Tensor q, Tensor k_mean, Tensor candidates, int k, bool per_head) -> Tensor",
-    {"torch": ref.frame_topk, "triton": Kernel(_triton, supports=_triton_supports)}, check=_check, values=_values,
-    fake=_fake, missing={
-        "cpu": "the C++ kernel (csrc/cpu/frame_topk.cpp) has not been merged yet",
-        "cuda": "the CUDA kernel (csrc/cuda/frame_topk.cu) has not been merged yet",
-    })
+    "frame_topk", "(Tensor q, Tensor k_mean, Tensor candidates, int k, bool per_head) -> Tensor", {
+        "torch": ref.frame_topk, "cpu": Kernel(_extension, out=True),
+        "triton": Kernel(_triton, supports=_triton_supports), "cuda": Kernel(_extension, out=True),
+    }, check=_check, values=_values, alloc=_alloc)
 
 
 def frame_topk(q: torch.Tensor, k_mean: torch.Tensor, candidates: torch.Tensor, k: int, *, per_head: bool = True,
