@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import define_op
+from ._backend import Kernel, define_op
 from .reference import frame_topk as ref
 
 
@@ -32,23 +32,36 @@ def _values(q, k_mean, candidates, k, per_head):
     ref.check_values(candidates, k_mean.shape[1])
 
 
+TRITON_MAX_CANDIDATES = 4096   # one program holds a row's candidates in registers
+
+
 def _triton(*args):
     from streamkern.kernels.frame_topk import frame_topk
 
     return frame_topk(*args)
 
 
-def _fake(q, k_mean, candidates, k, per_head):
+def _triton_supports(q, k_mean, candidates, k, per_head) -> str:
+    C = candidates.shape[1]
+    return "" if C <= TRITON_MAX_CANDIDATES else (f"takes at most {TRITON_MAX_CANDIDATES} candidates per row (one "
+                                                   f"program holds them on chip), got C={C}")
+
+
+def _alloc(q, k_mean, candidates, k, per_head):
     B, _, H, _ = q.shape
-    return candidates.new_empty((B, H, k) if per_head else (B, k))
+    return torch.empty((B, H, k) if per_head else (B, k), dtype=torch.int64, device=candidates.device)
+
+
+def _extension(out, *args):
+    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
+    torch.ops.streamkern_C.frame_topk_(*args, out)
 
 
 frame_topk_op = define_op(
-    "frame_topk", "(Tensor q, Tensor k_mean, Tensor candidates, int k, bool per_head) -> Tensor",
-    {"torch": ref.frame_topk, "triton": _triton}, check=_check, values=_values, fake=_fake, missing={
-        "cpu": "the C++ kernel (csrc/cpu/frame_topk.cpp) has not been merged yet",
-        "cuda": "the CUDA kernel (csrc/cuda/frame_topk.cu) has not been merged yet",
-    })
+    "frame_topk", "(Tensor q, Tensor k_mean, Tensor candidates, int k, bool per_head) -> Tensor", {
+        "torch": ref.frame_topk, "cpu": Kernel(_extension, out=True),
+        "triton": Kernel(_triton, supports=_triton_supports), "cuda": Kernel(_extension, out=True),
+    }, check=_check, values=_values, alloc=_alloc)
 
 
 def frame_topk(q: torch.Tensor, k_mean: torch.Tensor, candidates: torch.Tensor, k: int, *, per_head: bool = True,

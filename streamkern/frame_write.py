@@ -46,6 +46,11 @@ def _values(pool_k, pool_v, k_mean, k_new, v_new, pages):
     ref.check_values(pages, pool_k.shape[2])
 
 
+def _extension(*args):
+    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
+    torch.ops.streamkern_C.frame_write_(*args)
+
+
 def _triton(*args):
     from streamkern.kernels.frame_write import frame_write
 
@@ -54,10 +59,8 @@ def _triton(*args):
 
 frame_write_op = define_op(
     "frame_write", "(Tensor(a!) pool_k, Tensor(b!) pool_v, Tensor(c!) k_mean, Tensor k_new, Tensor v_new, "
-    "Tensor pages) -> ()", {"torch": ref.frame_write, "triton": _triton}, check=_check, values=_values, missing={
-        "cpu": "the C++ kernel (csrc/cpu/frame_write.cpp) has not been merged yet",
-        "cuda": "the CUDA kernel (csrc/cuda/frame_write.cu) has not been merged yet",
-    })
+    "Tensor pages) -> ()", {"torch": ref.frame_write, "cpu": _extension, "triton": _triton, "cuda": _extension},
+    check=_check, values=_values)
 
 
 def frame_write(pool_k: torch.Tensor, pool_v: torch.Tensor, k_mean: torch.Tensor, k_new: torch.Tensor,

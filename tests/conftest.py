@@ -46,16 +46,18 @@ BACKEND_DEVICES = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
                    ("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
 
 
-def backend_params(exclude=(), op=None):
-    """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run (or,
-    given ``op``, an op declared by ``define_op``, where the op has no such backend)."""
+def backend_params(exclude=(), ops=()):
+    """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run (or where
+    one of ``ops``, the ops declared by ``define_op`` that a test calls, has no such backend)."""
     params = []
     for b, d in BACKEND_DEVICES:
         if (b, d) in exclude or b in exclude:
             continue
         marks = []
-        if op is not None and b not in op.backends.impls:
-            marks.append(pytest.mark.skip(reason=f"{op.name} has no {b!r} backend: {op.backends.missing.get(b, '')}"))
+        lacking = [op for op in ops if b not in op.backends.impls]
+        if lacking:
+            marks.append(pytest.mark.skip(reason=f"{lacking[0].name} has no {b!r} backend: "
+                                                 f"{lacking[0].backends.missing.get(b, '')}"))
         elif d == "cuda" and not torch.cuda.is_available():
             marks.append(pytest.mark.skip(reason="no CUDA device on this machine"))
         else:

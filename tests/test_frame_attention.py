@@ -16,8 +16,8 @@ fa = importlib.import_module("streamkern.frame_attention")   # the module (strea
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
 # no "cuda" backend: the Triton kernel is the GPU path
-ALL = backend_params(exclude=("cuda",), op=fa.frame_attention_op)
-GPU = backend_params(exclude=("torch", "cpu", "cuda"), op=fa.frame_attention_op)
+ALL = backend_params(exclude=("cuda",), ops=[fa.frame_attention_op])
+GPU = backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.frame_attention_op])
 
 # B, Lq, H, D, P, F, K, Ln, per_head, gate ("none", "all", "mixed"), table pattern
 CASES = [
@@ -28,6 +28,7 @@ CASES = [
     pytest.param((3, 4, 2, 4, 5, 3, 3, 0, True, "none", "nokey"), id="rows-with-no-key"),
     pytest.param((2, 6, 1, 12, 7, 5, 0, 4, False, "mixed", "plain"), id="K0-new-only"),
     pytest.param((1, 17, 2, 16, 3, 11, 2, 19, False, "none", "plain"), id="Lq17-F11-Ln19"),
+    pytest.param((1, 2, 1, 4, 2, 37, 3, 0, True, "none", "dups"), id="F37-tiles-per-page"),
 ]
 
 
@@ -267,9 +268,10 @@ BAD = [
                  id="new-k-dtype"),
     pytest.param("gate", lambda a: a["gate"].long(), TypeError, "gate: expected dtype bool", id="gate-int"),
     pytest.param("gate", lambda a: a["gate"][:1], ValueError, "gate: expected shape \\[2\\]", id="gate-shape"),
-    pytest.param("sm_scale", lambda a: 0.0, ValueError, "sm_scale: expected a number in \\(0", id="scale-zero"),
+    pytest.param("sm_scale", lambda a: 0.0, ValueError, "sm_scale: expected a finite number in \\(0",
+                 id="scale-zero"),
     pytest.param("sm_scale", lambda a: "1", TypeError, "sm_scale: expected a number", id="scale-str"),
-    pytest.param("k_pages", lambda a: a["k_pages"].to("meta"), ValueError, "k_pages: expected a tensor on cpu",
+    pytest.param("k_pages", lambda a: a["k_pages"].to("meta"), ValueError, "k_pages: expected a tensor on cpu like q",
                  id="pages-device"),
 ]
 
