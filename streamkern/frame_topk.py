@@ -18,6 +18,16 @@ def _torch(q, k_mean, candidates, k, per_head):
     return ref.frame_topk(q, k_mean, candidates, k, per_head)
 
 
+def _extension(q, k_mean, candidates, k, per_head):
+    """``"cpu"`` and ``"cuda"``: ``streamkern_C.frame_topk_`` (csrc/cpu/frame_topk.cpp, csrc/cuda/frame_topk.cu)."""
+    if q.device.type == "cpu" or check.debug_enabled():
+        ref.check_values(candidates, k_mean.shape[1])
+    B, _, H, _ = q.shape
+    out = torch.empty((B, H, k) if per_head else (B, k), dtype=torch.int64, device=q.device)
+    torch.ops.streamkern_C.frame_topk_(q, k_mean, candidates, k, per_head, out)
+    return out
+
+
 TRITON_MAX_CANDIDATES = 4096   # one program holds a row's candidates in registers
 
 
@@ -32,10 +42,7 @@ def _triton(q, k_mean, candidates, k, per_head):
     return launch(q, k_mean, candidates, k, per_head)
 
 
-BACKENDS = OpBackends("frame_topk", {"torch": _torch, "triton": _triton}, missing={
-    "cpu": "the C++ kernel (csrc/cpu/frame_topk.cpp) has not been merged yet",
-    "cuda": "the CUDA kernel (csrc/cuda/frame_topk.cu) has not been merged yet",
-})
+BACKENDS = OpBackends("frame_topk", {"torch": _torch, "cpu": _extension, "triton": _triton, "cuda": _extension})
 
 
 @torch.library.custom_op("streamkern::frame_topk", mutates_args=())

@@ -18,6 +18,13 @@ def _torch(pool_k, pool_v, k_mean, k_new, v_new, pages):
     ref.frame_write(pool_k, pool_v, k_mean, k_new, v_new, pages)
 
 
+def _extension(pool_k, pool_v, k_mean, k_new, v_new, pages):
+    """``"cpu"`` and ``"cuda"``: ``streamkern_C.frame_write_`` (csrc/cpu/frame_write.cpp, csrc/cuda/frame_write.cu)."""
+    if pool_k.device.type == "cpu" or check.debug_enabled():
+        ref.check_values(pages, pool_k.shape[2])
+    torch.ops.streamkern_C.frame_write_(pool_k, pool_v, k_mean, k_new, v_new, pages)
+
+
 def _triton(pool_k, pool_v, k_mean, k_new, v_new, pages):
     from streamkern.kernels.frame_write import frame_write as launch
 
@@ -26,10 +33,7 @@ def _triton(pool_k, pool_v, k_mean, k_new, v_new, pages):
     launch(pool_k, pool_v, k_mean, k_new, v_new, pages)
 
 
-BACKENDS = OpBackends("frame_write", {"torch": _torch, "triton": _triton}, missing={
-    "cpu": "the C++ kernel (csrc/cpu/frame_write.cpp) has not been merged yet",
-    "cuda": "the CUDA kernel (csrc/cuda/frame_write.cu) has not been merged yet",
-})
+BACKENDS = OpBackends("frame_write", {"torch": _torch, "cpu": _extension, "triton": _triton, "cuda": _extension})
 
 
 @torch.library.custom_op("streamkern::frame_write", mutates_args=("pool_k", "pool_v", "k_mean"))
