@@ -10,6 +10,7 @@ from .gated_policy import GatedPolicy
 from .memory_bank import MemoryBank
 from .speculative_var import SpeculativeVAR
 from .streaming import StreamingGenerator
+from .world_model import MemoryWorldModel
 
-__all__ = ["MemoryBank", "StreamingGenerator", "GatedPolicy", "SpeculativeVAR", "PipelineRun", "HostSyncError",
+__all__ = ["MemoryBank", "StreamingGenerator", "MemoryWorldModel", "GatedPolicy", "SpeculativeVAR", "PipelineRun", "HostSyncError",
            "count_host_syncs"]
