@@ -164,6 +164,8 @@ class PipelineRun:
 
 def timed_step(run: PipelineRun, device: torch.device, step: Callable[[], None], forbid: bool = False) -> None:
     """Run ``step()`` once, recording its wall time (device-synchronised outside the count) and host syncs."""
+    if _PARTS:
+        _PARTS[-1].step_seconds.append(0.0)
     _sync_device(device)
     start = time.perf_counter()
     with count_host_syncs(forbid=forbid) as count:
@@ -176,15 +178,19 @@ def timed_step(run: PipelineRun, device: torch.device, step: Callable[[], None],
 @dataclass
 class PartTimes:
     """Wall time and bytes of each replaced part (cache handling, scoring, eviction, retrieval, gating,
-    verification), summed over a run; ``bytes`` counts what the part reads and writes, from the shapes it
+    verification, attention over the streaming memory), summed over a run and per step (``step_seconds``: the
+    parts' total of each :func:`timed_step`); ``bytes`` counts what a part reads and writes, from the shapes it
     touches."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
 
     def add(self, name: str, seconds: float, nbytes: int) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
         self.bytes[name] = self.bytes.get(name, 0) + nbytes
+        if self.step_seconds:
+            self.step_seconds[-1] += seconds
 
 
 _PARTS: list[PartTimes] = []

@@ -48,7 +48,7 @@ def camera_trajectory(steps: int, period: int = 64, device="cpu") -> torch.Tenso
         elif u < b:
             p = (off + 100.0 + (u - a), 50.0, 1.0)
         elif u < c:
-            p = (off + a - 5.7 - (u - b), 0.5, 0.0)
+            p = (off + a - 0.7 - (u - b), 0.5, 0.0)
         else:
             p = (off - 80.0 - 0.9 * (u - c), -60.0, 2.0)
         poses.append((*p, 0.05 * t, 0.1 * (t % 7)))
@@ -94,8 +94,9 @@ class TinyHybridCDiT(nn.Module):
         with seeded(seed):
             self.embed, self.cond = nn.Linear(c, c), nn.Linear(5, c)
             self.blocks = nn.ModuleList(Block(heads, head_dim, text_dim=c) for _ in range(depth))
-            self.memory = nn.ModuleList(MemoryAttention(heads, head_dim) for _ in self.memory_layers)
             self.out = nn.Linear(c, c)
+            # built last, so that a model without memory layers has the same other weights
+            self.memory = nn.ModuleList(MemoryAttention(heads, head_dim) for _ in self.memory_layers)
 
     def forward(self, x, context, move, step: int, memory):
         """``x [B, T, C]`` noisy frame, ``context [B, T, C]`` the previous frame, ``move [B, 5]`` the pose change;
