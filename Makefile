@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 LOCK   := flock /tmp/streamkern-build.lock
 
-.PHONY: demo bench test ext cuda-check clean
+.PHONY: demo bench test test-fastvideo ext cuda-check clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ cuda-check: $(VENV)/.ready
 test: ext cuda-check
 	$(PY) -m pytest -q tests
 
+# FastVideo's client tests (tests/integrations) in a venv of their own: torch first (the CPU build), then the pinned
+# pure-Python packages, then fastvideo and torchvision without their CUDA-pinned dependencies, then streamkern
+# (its extension is the one `ext` builds in place, against the same torch).
+FVENV := .venv-fastvideo
+FVPY  := $(FVENV)/bin/python
+$(FVENV)/.ready: requirements-fastvideo.txt
+	$(PYTHON) -m venv $(FVENV)
+	$(FVPY) -m pip install -q torch==2.13.0
+	$(FVPY) -m pip install -q -r requirements-fastvideo.txt
+	$(FVPY) -m pip install -q --no-deps fastvideo==0.2.1 torchvision==0.28.0
+	STREAMKERN_NO_EXT=1 $(FVPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test-fastvideo: ext $(FVENV)/.ready
+	FASTVIDEO_LOGGING_LEVEL=WARNING TQDM_DISABLE=1 $(FVPY) -m pytest -q tests/integrations
+
 bench: ext
 	$(PY) -m streamkern.bench
 
@@ -39,4 +55,4 @@ demo: ext
 	$(PY) -m streamkern.demo
 
 clean:
-	rm -rf build $(VENV) streamkern/_C*.so *.egg-info
+	rm -rf build $(VENV) $(FVENV) streamkern/_C*.so *.egg-info

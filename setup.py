@@ -41,8 +41,8 @@ def extension():
 
 
 setup(
-    packages=["streamkern", "streamkern.reference", "streamkern.pipelines", "streamkern.kernels",
-              "streamkern.bench"],
+    packages=["streamkern", "streamkern.reference", "streamkern.pipelines", "streamkern.integrations",
+              "streamkern.kernels", "streamkern.bench"],
     package_dir={"streamkern": "streamkern", "streamkern.kernels": "kernels", "streamkern.bench": "bench"},
     ext_modules=[] if os.environ.get("STREAMKERN_NO_EXT", "0") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

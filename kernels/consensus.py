@@ -73,9 +73,9 @@ def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
         for ta in range(fa, fb, BLOCK_T):
             t = ta + tl.arange(0, BLOCK_T)
             t_ok = t < fb
-            k = tl.load(chunk_row[None, :] + t.to(tl.int64)[:, None] * sc_t, mask=t_ok[:, None] & hd_ok[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(k * q[None, :], axis=1)
+            ok = t_ok[:, None] & hd_ok[None, :]
+            k = tl.load(chunk_row[None, :] + t.to(tl.int64)[:, None] * sc_t, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(ok, k * q[None, :], 0.0), axis=1)  # padding lanes add 0 even if q is inf
         tl.atomic_add(out_ptr + b * F + f, tl.sum(acc, axis=0) * scale)
 
 
@@ -104,8 +104,8 @@ def _flat(x: torch.Tensor) -> bool:
     return x.stride(4) == 1 and (x.stride(3) == x.shape[4] or x.shape[3] == 1)
 
 
-def consensus_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch.Tensor, frame_seq_len: int,
-                     layers, layer_weights) -> torch.Tensor:
+def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch.Tensor, frame_seq_len: int,
+                           layers, layer_weights) -> torch.Tensor:
     """``[B, F]`` float32 consensus scores (DESIGN.md §4.1) in one Triton launch; arguments already checked.
 
     ``chunk_k [NL, B, L, H, D]`` and ``text_k [NL, B, S, H, D]`` in any strides, ``weights [S]`` or ``[B, S]``.

@@ -1,13 +1,13 @@
 """Triton kernels of the drift gate (DESIGN.md §4.3).
 
-``weighted_drift``: one program per batch row (camera), one launch. The program walks the ``h·w`` pooled cells in
-tiles of ``BLOCK`` cells; for each channel it loads a ``[BLOCK, pool²]`` gather of the image, pools it, stores
+``attention_weighted_drift``: one program per batch row (camera), one launch. The program walks the ``h·w`` pooled
+cells in tiles of ``BLOCK`` cells; for each channel it loads a ``[BLOCK, pool²]`` gather of the image, pools it, stores
 ``small`` and accumulates ``|small − prev_small|``; the cell's weight is the max over the ``dilation²`` window
 (in-range taps only, i.e. -inf padding) of the bilinear up-sampled importance (align_corners=False taps).
 A fixed-order ``tl.sum`` gives ``drift[b]``: no atomics, no zeroed buffer.
 
-``gate_step``: the same tiles, one per program over a ``(B, tiles)`` grid, then the last program to arrive takes the
-state guard, the batch mean and the decision of ``DriftGate.should_recompute``: one launch per step.
+``drift_gate_step``: the same tiles, one per program over a ``(B, tiles)`` grid, then the last program to arrive takes
+the state guard, the batch mean and the decision of ``DriftGate.should_recompute``: one launch per step.
 
 ``patch_importance``: grid ``(B, splits)`` sums ``[BLOCK_R, BLOCK_V]`` gathers of the (layer, head, action row)
 rows of its share into ``workspace[b, split, :]``; a second launch (grid ``B``) sums the splits, scales by
@@ -165,8 +165,8 @@ def _frame_args(small, image, prev_small, importance, pool, dilation):
     return args, dict(POOL=pool, DIL=dilation, BLOCK=block, BLOCK_PP=block_pp)
 
 
-def weighted_drift(drift: torch.Tensor, small: torch.Tensor, image: torch.Tensor, prev_small: torch.Tensor,
-                   importance: torch.Tensor, pool: int, dilation: int) -> None:
+def attention_weighted_drift(drift: torch.Tensor, small: torch.Tensor, image: torch.Tensor, prev_small: torch.Tensor,
+                             importance: torch.Tensor, pool: int, dilation: int) -> None:
     """Fill ``drift [B]`` and contiguous ``small [B, C, h, w]`` (see the module doc); one launch."""
     if image.shape[0] == 0:
         return
@@ -174,10 +174,10 @@ def weighted_drift(drift: torch.Tensor, small: torch.Tensor, image: torch.Tensor
     _weighted_drift_kernel[(image.shape[0],)](drift, *args, **meta)
 
 
-def gate_step(recompute: torch.Tensor, reason: torch.Tensor, drift: torch.Tensor, small: torch.Tensor,
-              counter: torch.Tensor, image: torch.Tensor, prev_small: torch.Tensor | None,
-              importance: torch.Tensor | None, state: torch.Tensor, prev_state: torch.Tensor | None, pool: int,
-              dilation: int, drift_threshold: float, state_threshold: float) -> None:
+def drift_gate_step(recompute: torch.Tensor, reason: torch.Tensor, drift: torch.Tensor, small: torch.Tensor,
+                    counter: torch.Tensor, image: torch.Tensor, prev_small: torch.Tensor | None,
+                    importance: torch.Tensor | None, state: torch.Tensor, prev_state: torch.Tensor | None, pool: int,
+                    dilation: int, drift_threshold: float, state_threshold: float) -> None:
     """``DriftGate.should_recompute`` in one launch: fills the 0-d ``recompute``/``reason``/``drift`` and ``small``.
 
     Grid ``(B, tiles)``: each program pools one tile of one camera and stores its partial drift; the last program

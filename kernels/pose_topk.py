@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bank_evict import ordered_bits
+from .ordered_bits import ordered_bits
 
 
 @triton.jit
@@ -40,13 +40,14 @@ def _pose_topk_kernel(poses_ptr, valid_ptr, cur_ptr, scale_ptr, idx_ptr, sim_ptr
 
 
 def pose_topk(poses: torch.Tensor, valid: torch.Tensor, current: torch.Tensor, k: int, scale: float):
-    """Launch one program; shapes checked by the caller (``poses [N, P>=3]``, ``N <= 4096``, ``k <= N``)."""
+    """Launch one program; shapes checked by the caller (``poses [N, P>=3]``, ``N <= 4096``, ``k <= 4096``; the
+    block covers max(N, k) keys, so rows past N decode as padding)."""
     N = poses.shape[0]
     idx = torch.empty(k, dtype=torch.int64, device=poses.device)
     sim = torch.empty(k, dtype=torch.float32, device=poses.device)
     if k == 0:
         return idx, sim
-    block = max(16, triton.next_power_of_2(N))
+    block = max(16, triton.next_power_of_2(max(N, k)))
     valid_u8 = valid.view(torch.uint8)
     scale_t = torch.full((), scale, dtype=torch.float64, device=poses.device)
     _pose_topk_kernel[(1,)](poses, valid_u8, current, scale_t, idx, sim, N, k, poses.stride(0), poses.stride(1),

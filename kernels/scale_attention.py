@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from streamkern._backend import triton_interpreting
-from streamkern.scale_attention import TILE_FULL, TILE_PARTIAL
+from .tile_classes import TILE_FULL, TILE_PARTIAL
 
 LOG2E = 1.4426950408889634
 

@@ -46,6 +46,12 @@ def _logit(cond_ptr, uncond_ptr, offs, stride_v, mask, w, HAS_CFG: tl.constexpr)
 
 
 @triton.jit
+def _positive_part(d):
+    """max(0, d) with NaN → 0 (the rule every backend follows for unchecked draft probabilities)."""
+    return tl.where(d > 0, d, 0.0)
+
+
+@triton.jit
 def _rows(logits_ptr, draft_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr, tokens_ptr, stats_ptr,
           B, T, V, sl0, sl1, sl2, sd0, sd1, sq0, sq1, sq2, su0, su1, inv_temp,
           HAS_CFG: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -65,14 +71,15 @@ def _rows(logits_ptr, draft_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr,
         offs = v0 + offs0
         mask = offs < V
         x = _logit(cond, uncond, offs, sl2, mask, w, HAS_CFG)
-        bad = tl.maximum(bad, tl.max(tl.where(mask & ~(x < float("inf")), 1, 0), 0))
         if GREEDY:
+            bad = tl.maximum(bad, tl.max(tl.where(mask & ~(x < float("inf")), 1, 0), 0))
             bm = tl.max(x, 0)
             bi = tl.min(tl.where(x == bm, offs, V), 0).to(tl.int64)
             arg = tl.where(bm > best, bi, arg)
             best = tl.maximum(best, bm)
         else:
-            z = x * inv_temp
+            z = x * inv_temp  # sample mode: validity of l / temperature
+            bad = tl.maximum(bad, tl.max(tl.where(mask & ~(z < float("inf")), 1, 0), 0))
             new = tl.maximum(best, tl.max(z, 0))
             safe = tl.where(new == float("-inf"), 0.0, new)
             total = total * tl.exp(best - safe) + tl.sum(tl.exp(z - safe), 0)
@@ -149,7 +156,7 @@ def _redraw(logits_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr, accepted
             mask = offs < V
             p = tl.exp(_logit(cond, uncond, offs, sl2, mask, w, HAS_CFG) * inv_temp - m) / total
             q = tl.load(q_row + offs * sq2, mask=mask, other=0).to(tl.float32)
-            residual += tl.sum(tl.where(mask, tl.maximum(p - q, 0.0), 0.0), 0)
+            residual += tl.sum(tl.where(mask, _positive_part(p - q), 0.0), 0)
             mass += tl.sum(tl.where(mask, p, 0.0), 0)
         use_p = ~(residual > 0)
         target = tl.load(u_ptr + b * su0 + t * su1 + su2) * tl.where(use_p, mass, residual)
@@ -161,7 +168,7 @@ def _redraw(logits_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr, accepted
             mask = offs < V
             p = tl.exp(_logit(cond, uncond, offs, sl2, mask, w, HAS_CFG) * inv_temp - m) / total
             q = tl.load(q_row + offs * sq2, mask=mask, other=0).to(tl.float32)
-            wgt = tl.where(mask, tl.where(use_p, p, tl.maximum(p - q, 0.0)), 0.0)
+            wgt = tl.where(mask, tl.where(use_p, p, _positive_part(p - q)), 0.0)
             c = cum + tl.cumsum(wgt, 0)
             pos = wgt > 0
             found = tl.minimum(found, tl.min(tl.where(pos & (c > target), offs, V), 0).to(tl.int64))

@@ -8,6 +8,10 @@ implements (an :class:`OpBackends` table); :func:`resolve` picks one for the op'
 * ``"auto"`` takes the op's fastest backend that can run on the device (CPU tensors: ``"cpu"`` if the
   extension is built, else ``"torch"``);
 * a named backend that cannot run raises :class:`BackendUnavailable` saying why, never falls back.
+
+:func:`define_op` declares an op once: its schema, argument check, value check, output allocation (also its fake
+kernel) and backend implementations (:class:`Kernel`, each with what it supports); it builds the
+``torch.library`` custom op, the backend table and the call path (:class:`Op`).
 """
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+
+from ._checks import debug_enabled
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -137,29 +143,31 @@ class OpBackends:
     op: str
     impls: Mapping[str, Callable]
     missing: Mapping[str, str] = field(default_factory=dict)  # backend -> why this op has no such implementation
+    supports: Mapping[str, Callable[..., str]] = field(default_factory=dict)  # backend -> why not these inputs
 
-    def resolve(self, requested: str | None, device: torch.device) -> str:
+    def why_not(self, name: str, device: torch.device, args: Sequence = ()) -> str:
+        """Empty string when backend ``name`` of this op can take ``args`` on ``device``, else the reason."""
+        if name not in self.impls:
+            return f"{self.op} has no {name!r} backend: {self.missing.get(name, 'not implemented')}"
+        return why_not(name, device) or (self.supports[name](*args) if name in self.supports and args else "")
+
+    def resolve(self, requested: str | None, device: torch.device, args: Sequence = ()) -> str:
+        """The backend to run: ``requested``, else the current default; ``"auto"`` takes the first of the device's
+        order that can take ``args`` (``"torch"`` as the last resort)."""
         name = _check_name(requested) if requested is not None else current_backend()
         if name == "auto":
             for cand in _AUTO_ORDER.get(device.type, ("torch",)):
-                if cand in self.impls and not why_not(cand, device):
+                if not self.why_not(cand, device, args):
                     return cand
             return "torch"
-        if name not in self.impls:
-            why = self.missing.get(name, "not implemented")
-            raise BackendUnavailable(self._report(name, device, {name: f"{self.op} has no {name!r} backend: {why}"}))
-        reason = why_not(name, device)
-        if reason:
-            raise BackendUnavailable(self._report(name, device, {name: reason}))
+        if self.why_not(name, device, args):
+            raise BackendUnavailable(self._report(name, device, args))
         return name
 
-    def _report(self, name: str, device: torch.device, first: dict[str, str]) -> str:
+    def _report(self, name: str, device: torch.device, args: Sequence) -> str:
         lines = [f"streamkern.{self.op}: backend {name!r} cannot run on {device.type} tensors here."]
         for b in BACKENDS:
-            why = first.get(b) or (
-                f"no {b!r} implementation: {self.missing.get(b, 'not implemented')}"
-                if b not in self.impls else why_not(b, device)
-            )
+            why = self.why_not(b, device, args)
             lines.append(f"  {b:7s} {'ok' if not why else why}")
         return "\n".join(lines)
 
@@ -177,3 +185,112 @@ class OpBackends:
                 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
             return custom_op(*args, name)
         return self.impls[name](*args)
+
+
+# --- one declaration per op --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One backend's implementation of an op.
+
+    ``fn(*args)`` returns the op's outputs, or with ``out=True`` is called as ``fn(out, *args)`` and fills ``out``,
+    the outputs the op's ``alloc`` made (the C++ ops and most Triton launchers work this way).
+    ``supports(*args)`` returns why this backend cannot take these (checked) inputs, ``""`` when it can:
+    ``"auto"`` then picks another backend and a request by name raises :class:`BackendUnavailable` with the reason.
+    """
+
+    fn: Callable
+    out: bool = False
+    supports: Callable[..., str] | None = None
+
+
+_VALUE_CHECK_DEPTH = [0]
+
+
+def checking_values() -> bool:
+    """Whether an op's value check (which may read tensors on the host) is running right now."""
+    return _VALUE_CHECK_DEPTH[0] > 0
+
+
+def _value_check(values: Callable, args: Sequence) -> None:
+    _VALUE_CHECK_DEPTH[0] += 1
+    try:
+        values(*args)
+    finally:
+        _VALUE_CHECK_DEPTH[0] -= 1
+
+
+def _with_backend(schema: str) -> tuple[str, tuple[str, ...]]:
+    """``schema`` with a trailing ``str backend`` argument, and the names of the arguments it mutates."""
+    params, sep, returns = schema.rpartition(") ->")
+    if not sep:
+        raise ValueError(f"schema: expected '(args) -> returns', got {schema!r}")
+    full = f"{params}{', ' if params.strip() != '(' else ''}str backend{sep}{returns}"
+    parsed = torch._C.parse_schema(f"streamkern::op{full}")
+    return full, tuple(a.name for a in parsed.arguments if a.alias_info is not None and a.alias_info.is_write)
+
+
+class Op:
+    """An op declared by :func:`define_op`: ``op(*args, backend=None)`` checks, resolves and runs it."""
+
+    def __init__(self, name: str, schema: str, backends: Mapping[str, Callable | Kernel], *,
+                 check: Callable | None = None, values: Callable | None = None, alloc: Callable | None = None,
+                 fake: Callable | None = None, missing: Mapping[str, str] | None = None):
+        self.name = name
+        self._check, self._values, self._alloc = check, values, alloc
+        kernels = {b: k if isinstance(k, Kernel) else Kernel(k) for b, k in backends.items()}
+        for b, k in kernels.items():
+            _check_name(b, allow_auto=False)
+            if k.out and alloc is None:
+                raise ValueError(f"{name}: backend {b!r} fills outputs (out=True) but the op has no alloc")
+        self.backends = OpBackends(name, {b: self._runner(b, k) for b, k in kernels.items()}, dict(missing or {}),
+                                   {b: k.supports for b, k in kernels.items() if k.supports is not None})
+        full, mutates = _with_backend(schema)
+        self.custom_op = torch.library.custom_op(f"streamkern::{name}", self._body, mutates_args=mutates,
+                                                 schema=full)
+        shape_fn = fake or alloc or (lambda *args: None)
+        self.custom_op.register_fake(lambda *args: shape_fn(*args[:-1]))
+
+    def _runner(self, backend_name: str, kernel: Kernel) -> Callable:
+        def run(*args):
+            if self._values is not None and (backend_name in ("torch", "cpu") or debug_enabled()):
+                _value_check(self._values, args)
+            if not kernel.out:
+                return kernel.fn(*args)
+            out = self._alloc(*args)
+            kernel.fn(out, *args)
+            return out
+        return run
+
+    def _body(self, *args):
+        return self.backends(args[-1])(*args[:-1])
+
+    def __call__(self, *args, backend: str | None = None):
+        if self._check is not None:
+            checked = self._check(*args)
+            args = args if checked is None else tuple(checked)
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        name = self.backends.resolve(backend, device, args)
+        return self.backends.run(self.custom_op, name, *args)
+
+
+def define_op(name: str, schema: str, backends: Mapping[str, Callable | Kernel], *, check: Callable | None = None,
+              values: Callable | None = None, alloc: Callable | None = None, fake: Callable | None = None,
+              missing: Mapping[str, str] | None = None) -> Op:
+    """Declare op ``streamkern::<name>``.
+
+    Args:
+        schema: the op's ``torch.library`` schema without the backend, e.g.
+            ``"(Tensor(a!) cache, Tensor x, int n) -> ()"``; ``Tensor(a!)`` marks the arguments it mutates.
+        backends: backend name -> implementation (a callable returning the outputs, or a :class:`Kernel`).
+        check: ``check(*args)`` raises ``TypeError``/``ValueError`` naming a bad argument; it returns ``None``,
+            or the arguments normalised (a tuple of them all), which every backend then receives.
+        values: ``values(*args)`` checks values held in tensors (index ranges, token ids) and may read them: it
+            runs before the ``"torch"`` and ``"cpu"`` backends, and before the GPU ones only with
+            ``STREAMKERN_DEBUG=1``; the host-sync counter of ``streamkern.pipelines`` books its reads as checks.
+        alloc: ``alloc(*args)`` allocates the outputs that ``out=True`` kernels fill (also the fake kernel).
+        fake: the fake (meta) kernel when it differs from ``alloc``; mutating ops without outputs need neither.
+        missing: backend -> why this op has no such implementation.
+    """
+    return Op(name, schema, backends, check=check, values=values, alloc=alloc, fake=fake, missing=missing)

@@ -6,6 +6,7 @@ their checks before allocating or writing anything.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -54,24 +55,26 @@ def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: Sequ
         raise ValueError(f"{name}: expected shape [{want}]{dims}, got {list(t.shape)}")
 
 
+def _same(what: str, error: type, tensors: dict):
+    """The ``what`` (``device`` / ``dtype``) shared by every tensor that is not None; ``error`` names the first
+    tensor that differs from the first one."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first = getattr(items[0][1], what)
+    for k, v in items[1:]:
+        if getattr(v, what) != first:
+            show = dtype_name if what == "dtype" else str
+            raise error(f"{k}: expected {what} {show(first)} like {items[0][0]}, got {show(getattr(v, what))}")
+    return first
+
+
 def same_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors live on one device; returns it."""
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dev = items[0][1].device
-    for k, v in items[1:]:
-        if v.device != dev:
-            raise ValueError(f"{k}: expected a tensor on {dev} like {items[0][0]}, got one on {v.device}")
-    return dev
+    return _same("device", ValueError, tensors)
 
 
 def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     """All tensors share one dtype; returns it."""
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dt = items[0][1].dtype
-    for k, v in items[1:]:
-        if v.dtype != dt:
-            raise TypeError(f"{k}: expected dtype {dtype_name(dt)} like {items[0][0]}, got {dtype_name(v.dtype)}")
-    return dt
+    return _same("dtype", TypeError, tensors)
 
 
 def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
@@ -87,14 +90,15 @@ def integer(name: str, value, *, low: int | None = None, high: int | None = None
 
 def number(name: str, value, *, low: float | None = None, high: float | None = None,
            open_low: bool = False) -> float:
-    """A finite real number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    """A finite real number in ``[low, high]`` (``(low, high]`` with ``open_low``): NaN and ±inf are rejected
+    (README "Error rules": a non-finite scalar argument makes no sense for any op)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    value = float(value) if not isinstance(value, int) or abs(value) < 2 ** 1023 else math.inf
     bad_low = low is not None and (value <= low if open_low else value < low)
-    if value != value or bad_low or (high is not None and value > high):
+    if not math.isfinite(value) or bad_low or (high is not None and value > high):
         lo = "-inf" if low is None else low
-        raise ValueError(f"{name}: expected a number in {'(' if open_low else '['}{lo}, "
+        raise ValueError(f"{name}: expected a finite number in {'(' if open_low else '['}{lo}, "
                          f"{'inf' if high is None else high}], got {value}")
     return value
 
@@ -135,3 +139,102 @@ def rows_contiguous(name: str, t: torch.Tensor) -> None:
     if (D > 1 and t.stride(-1) != 1) or (H > 1 and t.stride(-2) != D):
         raise ValueError(f"{name}: expected the last two dims [H, D] contiguous (strides ({D}, 1)), "
                          f"got strides {tuple(t.stride()[-2:])}")
+
+
+# --- memory overlap (issue 11 item 2) ---------------------------------------------------------------------------
+# A strided tensor covers ``runs``: equal byte intervals ``[start, start + run)`` where ``run`` is its innermost
+# contiguous block. Exact tests below enumerate the runs (on the host, from sizes and strides only; no tensor value
+# is read), so they are used only when the cheap stride and extent tests cannot decide.
+_MAX_RUNS = 1 << 24
+
+
+def _layout(t: torch.Tensor, drop_broadcast: bool) -> list[tuple[int, int]]:
+    """``(size, stride)`` of the dims that move through memory, smallest stride first (size-1 dims dropped, and
+    stride-0 dims with ``drop_broadcast``: they repeat elements already counted)."""
+    dims = [(n, s) for n, s in zip(t.shape, t.stride()) if n > 1 and not (drop_broadcast and s == 0)]
+    return sorted(dims, key=lambda d: d[1])
+
+
+def _runs(name: str, t: torch.Tensor, drop_broadcast: bool) -> tuple[torch.Tensor, int]:
+    """Sorted byte starts (relative to ``t``'s first element) and byte length of ``t``'s contiguous runs."""
+    dims, run = _layout(t, drop_broadcast), 1
+    while dims and dims[0][1] == run:
+        run *= dims.pop(0)[0]
+    count = 1
+    for n, _ in dims:
+        count *= n
+    if count > _MAX_RUNS:
+        raise ValueError(f"{name}: cannot verify that a tensor with strides {tuple(t.stride())} and shape "
+                         f"{list(t.shape)} does not overlap in memory ({count} separate runs); pass a copy")
+    starts = torch.zeros((), dtype=torch.int64, device="cpu")
+    for n, s in dims:
+        starts = (starts.unsqueeze(-1) + torch.arange(n, dtype=torch.int64, device="cpu") * s).reshape(-1)
+    return starts.reshape(-1).sort().values * t.element_size(), run * t.element_size()
+
+
+def _addressable(t: torch.Tensor) -> bool:
+    return t.device.type != "meta" and type(t) is torch.Tensor
+
+
+def _extent(t: torch.Tensor) -> tuple[object, int, int]:
+    """``(memory, first byte, one past the last byte)`` that ``t`` can touch; ``memory`` identifies the address
+    space (the device for real tensors, whose data pointers are absolute; the storage for meta and fake ones)."""
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    if _addressable(t):
+        memory, first = t.device, t.data_ptr()
+    else:
+        memory, first = (t.device, t.untyped_storage()._cdata), t.storage_offset() * t.element_size()
+    return memory, first, first + span * t.element_size()
+
+
+def no_internal_overlap(name: str, t: torch.Tensor) -> None:
+    """Two elements of ``t`` never share memory (so writing ``t`` is well defined): ValueError naming ``name``
+    otherwise, e.g. for a cache ``expand``ed with stride 0. Decided from sizes and strides alone where possible
+    (a stride-0 dim overlaps, as torch's ``_debug_has_internal_overlap`` says; strides that each exceed the extent
+    of all smaller ones do not), else exactly from the runs. Plain Python on sizes and strides, so torch.compile
+    traces it; only the exact fallback, for exotic ``as_strided`` layouts, is skipped while tracing."""
+    dims = _layout(t, drop_broadcast=False)
+    overlap = t.numel() > 1 and any(s == 0 for _, s in dims)
+    if not overlap and t.numel() > 1:
+        span = 0
+        for n, s in dims:
+            if s <= span:
+                break
+            span += (n - 1) * s
+        else:
+            return
+        if torch.compiler.is_compiling():
+            return
+        starts, run = _runs(name, t, drop_broadcast=False)
+        overlap = bool((starts[1:] - starts[:-1] < run).any())
+    if overlap:
+        raise ValueError(f"{name}: expected a tensor whose elements do not share memory (it is written), got shape "
+                         f"{list(t.shape)} with strides {tuple(t.stride())} (an expand()ed or as_strided view?); "
+                         f"pass a .contiguous() copy")
+
+
+def no_overlap(out_name: str, out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
+    """No input shares memory with the output ``out`` (partial overlap included): ValueError naming the input
+    otherwise. ``None`` inputs are skipped. Exact: disjoint memory or byte extents decide at once; otherwise the
+    runs of ``out`` and the input are compared. Skipped while torch.compile traces (fake tensors have no
+    addresses), like the exact part of ``no_internal_overlap``."""
+    if out.numel() == 0 or torch.compiler.is_compiling():
+        return
+    mem, lo, hi = _extent(out)
+    out_runs = None
+    for name, t in inputs.items():
+        if t is None or t.numel() == 0:
+            continue
+        t_mem, t_lo, t_hi = _extent(t)
+        if t_mem != mem or t_hi <= lo or hi <= t_lo:
+            continue
+        if out_runs is None:
+            out_runs = _runs(out_name, out, drop_broadcast=True)
+        starts, run = out_runs
+        t_starts, t_run = _runs(name, t, drop_broadcast=True)
+        t_starts = t_starts + (t_lo - lo)
+        last = torch.searchsorted(starts, t_starts + t_run) - 1  # out's last run starting before each input run ends
+        hit = (last >= 0) & (starts[last.clamp(min=0)] + run > t_starts)
+        if bool(hit.any()):
+            raise ValueError(f"{name}: expected a tensor that does not share memory with {out_name} (which is "
+                             f"written), got an overlapping view; pass a copy (.clone())")

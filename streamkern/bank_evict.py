@@ -15,40 +15,11 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import bank_evict as ref
 
 MAX_SLOTS = 64
 MAX_ENTITIES = 256
-
-
-def _extension(scores, entity_mask, valid):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    out = torch.empty((), dtype=torch.int64, device=scores.device)
-    torch.ops.streamkern_C.bank_evict_select_(out, scores, entity_mask, valid)
-    return out
-
-
-def _triton(scores, entity_mask, valid):
-    from streamkern.kernels.bank_evict import bank_evict_select
-
-    return bank_evict_select(scores, entity_mask, valid)
-
-
-BACKENDS = OpBackends("bank_evict_select", {
-    "torch": ref.bank_evict_select, "cpu": _extension, "triton": _triton, "cuda": _extension,
-})
-
-
-@torch.library.custom_op("streamkern::bank_evict_select", mutates_args=())
-def _bank_evict_op(scores: torch.Tensor, entity_mask: torch.Tensor, valid: torch.Tensor,
-                   backend: str) -> torch.Tensor:
-    return BACKENDS(backend)(scores, entity_mask, valid)
-
-
-@_bank_evict_op.register_fake
-def _(scores, entity_mask, valid, backend):
-    return scores.new_empty((), dtype=torch.int64)
 
 
 def _check(scores, entity_mask, valid):
@@ -66,6 +37,23 @@ def _check(scores, entity_mask, valid):
     check.shape("valid", valid, (M,), ("M",))
 
 
+def _extension(out, *args):
+    torch.ops.streamkern_C.bank_evict_select_(out, *args)
+
+
+def _triton(scores, entity_mask, valid):
+    from streamkern.kernels.bank_evict import bank_evict_select
+
+    return bank_evict_select(scores, entity_mask, valid)
+
+
+_EXTENSION = Kernel(_extension, out=True)
+bank_evict_select_op = define_op(
+    "bank_evict_select", "(Tensor scores, Tensor entity_mask, Tensor valid) -> Tensor",
+    {"torch": ref.bank_evict_select, "cpu": _EXTENSION, "triton": _triton, "cuda": _EXTENSION},
+    check=_check, alloc=lambda scores, entity_mask, valid: torch.empty((), dtype=torch.int64, device=scores.device))
+
+
 def bank_evict_select(scores: torch.Tensor, entity_mask: torch.Tensor, valid: torch.Tensor, *,
                       backend: str | None = None) -> torch.Tensor:
     """The bank slot to write next: the first empty slot, else the entity-redundant frame to evict.
@@ -79,6 +67,4 @@ def bank_evict_select(scores: torch.Tensor, entity_mask: torch.Tensor, valid: to
     Returns:
         ``[]`` int64 slot index on the inputs' device (never read back to the host).
     """
-    _check(scores, entity_mask, valid)
-    name = BACKENDS.resolve(backend, scores.device)
-    return BACKENDS.run(_bank_evict_op, name, scores, entity_mask, valid)
+    return bank_evict_select_op(scores, entity_mask, valid, backend=backend)

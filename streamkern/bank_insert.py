@@ -9,47 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import define_op
 from .reference import bank_insert as ref
-
-
-def _check_ranges(bank_k, chunk_k, frame_idx, slot, frame_seq_len):
-    check.index_range("frame_idx", frame_idx, chunk_k.shape[2] // frame_seq_len)
-    check.index_range("slot", slot, bank_k.shape[2] // frame_seq_len)
-
-
-def _torch(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len):
-    _check_ranges(bank_k, chunk_k, frame_idx, slot, frame_seq_len)
-    ref.bank_insert(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len)
-
-
-def _extension(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len):
-    """``"cpu"`` and ``"cuda"``: one C++ op. Ranges are checked on CPU, and on CUDA with ``STREAMKERN_DEBUG=1``."""
-    if bank_k.device.type == "cpu" or check.debug_enabled():
-        _check_ranges(bank_k, chunk_k, frame_idx, slot, frame_seq_len)
-    torch.ops.streamkern_C.bank_insert_(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len)
-
-
-def _triton(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len):
-    from streamkern.kernels.bank_insert import bank_insert as launch
-
-    if check.debug_enabled():
-        _check_ranges(bank_k, chunk_k, frame_idx, slot, frame_seq_len)
-    launch(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len)
-
-
-BACKENDS = OpBackends("bank_insert", {"torch": _torch, "cpu": _extension, "triton": _triton, "cuda": _extension})
-
-
-@torch.library.custom_op("streamkern::bank_insert", mutates_args=("bank_k", "bank_v"))
-def _bank_insert_op(bank_k: torch.Tensor, bank_v: torch.Tensor, chunk_k: torch.Tensor, chunk_v: torch.Tensor,
-                    frame_idx: torch.Tensor, slot: torch.Tensor, frame_seq_len: int, backend: str) -> None:
-    BACKENDS(backend)(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len)
-
-
-@_bank_insert_op.register_fake
-def _(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len, backend):
-    return None
 
 
 def _check(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len):
@@ -74,6 +35,33 @@ def _check(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len):
         if length % frame_seq_len or length == 0:
             raise ValueError(f"frame_seq_len: expected a divisor of {name}'s token count {length} (dim 2, "
                              f"at least one frame), got {frame_seq_len}")
+    check.no_internal_overlap("bank_k", bank_k)
+    check.no_internal_overlap("bank_v", bank_v)
+    check.no_overlap("bank_k", bank_k, bank_v=bank_v, chunk_k=chunk_k, chunk_v=chunk_v, frame_idx=frame_idx,
+                     slot=slot)
+    check.no_overlap("bank_v", bank_v, chunk_k=chunk_k, chunk_v=chunk_v, frame_idx=frame_idx, slot=slot)
+
+
+def _check_ranges(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len):
+    check.index_range("frame_idx", frame_idx, chunk_k.shape[2] // frame_seq_len)
+    check.index_range("slot", slot, bank_k.shape[2] // frame_seq_len)
+
+
+def _extension(*args):
+    torch.ops.streamkern_C.bank_insert_(*args)
+
+
+def _triton(*args):
+    from streamkern.kernels.bank_insert import bank_insert
+
+    bank_insert(*args)
+
+
+bank_insert_op = define_op(
+    "bank_insert", "(Tensor(a!) bank_k, Tensor(b!) bank_v, Tensor chunk_k, Tensor chunk_v, Tensor frame_idx, "
+    "Tensor slot, int frame_seq_len) -> ()",
+    {"torch": ref.bank_insert, "cpu": _extension, "triton": _triton, "cuda": _extension},
+    check=_check, values=_check_ranges)
 
 
 def bank_insert(bank_k: torch.Tensor, bank_v: torch.Tensor, chunk_k: torch.Tensor, chunk_v: torch.Tensor,
@@ -90,11 +78,11 @@ def bank_insert(bank_k: torch.Tensor, bank_v: torch.Tensor, chunk_k: torch.Tenso
         frame_seq_len: tokens per frame; divides both token counts.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 
+    The banks must not overlap themselves nor each other, and no input may share memory with a bank:
+    ``ValueError`` naming the argument, nothing written.
     Out-of-range indices: the ``"torch"`` and ``"cpu"`` backends raise ``ValueError`` naming ``frame_idx``/``slot``
     before anything is written. The GPU backends (``"triton"``, ``"cuda"``) do the same with ``STREAMKERN_DEBUG=1``
     (this synchronises); otherwise they skip the batch rows whose frame or slot index is out of range (nothing is
     written for that row, nothing is read or written out of bounds) and never synchronise.
     """
-    _check(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len)
-    name = BACKENDS.resolve(backend, bank_k.device)
-    BACKENDS.run(_bank_insert_op, name, bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len)
+    bank_insert_op(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_len, backend=backend)

@@ -12,41 +12,11 @@ from typing import Sequence
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import consensus as ref
 
 DEFAULT_LAYERS = (0, 15, 29)
 DEFAULT_LAYER_WEIGHTS = (0.2, 0.3, 0.5)
-
-
-def _extension(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    out = torch.empty(chunk_k.shape[1], chunk_k.shape[2] // frame_seq_len, dtype=torch.float32,
-                      device=chunk_k.device)
-    torch.ops.streamkern_C.consensus_scores_(out, chunk_k, text_k, weights, frame_seq_len, layers, layer_weights)
-    return out
-
-
-def _triton(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights):
-    from streamkern.kernels.consensus import consensus_scores
-
-    return consensus_scores(chunk_k, text_k, weights, frame_seq_len, layers, layer_weights)
-
-
-BACKENDS = OpBackends("consensus_frame_scores", {
-    "torch": ref.consensus_frame_scores, "cpu": _extension, "triton": _triton, "cuda": _extension,
-})
-
-
-@torch.library.custom_op("streamkern::consensus_frame_scores", mutates_args=())
-def _consensus_op(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor, frame_seq_len: int,
-                  layers: list[int], layer_weights: list[float], backend: str) -> torch.Tensor:
-    return BACKENDS(backend)(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
-
-
-@_consensus_op.register_fake
-def _(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights, backend):
-    return chunk_k.new_empty(chunk_k.shape[1], chunk_k.shape[2] // frame_seq_len, dtype=torch.float32)
 
 
 def _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights):
@@ -57,6 +27,8 @@ def _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights
     check.same_dtype(chunk_k=chunk_k, text_k=text_k)
     NL, B, L, H, D = chunk_k.shape
     S = text_k.shape[2]
+    if H == 0 or D == 0:  # the mean over heads and the 1/sqrt(D) scale are undefined
+        raise ValueError(f"chunk_k: expected at least one head and a head dim D >= 1, got shape {list(chunk_k.shape)}")
     check.shape("text_k", text_k, (NL, B, None, H, D), ("NL", "B", "S", "H", "D"))
     check.shape("entity_weights", entity_weights, (S,) if entity_weights.dim() == 1 else (B, S))
     check.integer("frame_seq_len", frame_seq_len, low=1)
@@ -66,7 +38,30 @@ def _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights
     if not layers:
         raise ValueError("layers: expected at least one layer index, got ()")
     layer_weights = check.float_tuple("layer_weights", layer_weights, length=len(layers))
-    return list(layers), list(layer_weights)
+    return chunk_k, text_k, entity_weights, frame_seq_len, list(layers), list(layer_weights)
+
+
+def _alloc(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights):
+    return torch.empty(chunk_k.shape[1], chunk_k.shape[2] // frame_seq_len, dtype=torch.float32,
+                       device=chunk_k.device)
+
+
+def _extension(out, *args):
+    torch.ops.streamkern_C.consensus_frame_scores_(out, *args)
+
+
+def _triton(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights):
+    from streamkern.kernels.consensus import consensus_frame_scores
+
+    return consensus_frame_scores(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
+
+
+_EXTENSION = Kernel(_extension, out=True)
+consensus_frame_scores_op = define_op(
+    "consensus_frame_scores", "(Tensor chunk_k, Tensor text_k, Tensor entity_weights, int frame_seq_len, "
+    "int[] layers, float[] layer_weights) -> Tensor",
+    {"torch": ref.consensus_frame_scores, "cpu": _EXTENSION, "triton": _triton, "cuda": _EXTENSION},
+    check=_check, alloc=_alloc)
 
 
 def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor,
@@ -84,18 +79,24 @@ def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_w
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 
     Returns:
-        ``[B, F]`` float32 scores.
+        ``[B, F]`` float32 scores (``[B, 0]`` for an empty chunk).
+
+    Non-finite values in the keys or weights propagate as IEEE arithmetic does over the expanded sum
+    ``Σ_l λ_l/(H·√D·fsl) Σ_{t∈f} k_l[b,t,:]·q_l[b,:]`` (every backend sums these products; README "Error rules").
     """
-    layers, layer_weights = _check(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
-    name = BACKENDS.resolve(backend, chunk_k.device)
-    return BACKENDS.run(_consensus_op, name, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
+    return consensus_frame_scores_op(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights,
+                                     backend=backend)
 
 
 def select_frame(chunk_k: torch.Tensor, text_k: torch.Tensor, entity_weights: torch.Tensor, frame_seq_len: int,
                  layers: Sequence[int] = DEFAULT_LAYERS, layer_weights: Sequence[float] = DEFAULT_LAYER_WEIGHTS, *,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The best frame of the chunk: ``(best [B] int64, scores [B, F] float32)``, argmax on the device
-    (ties to the lowest frame index), never read back to the host."""
+    (ties to the lowest frame index), never read back to the host. A chunk of no frame has no best one:
+    ``ValueError`` naming ``chunk_k``."""
+    if isinstance(chunk_k, torch.Tensor) and chunk_k.dim() == 5 and chunk_k.shape[2] == 0:
+        raise ValueError(f"chunk_k: expected at least one frame to select from (L >= frame_seq_len), "
+                         f"got shape {list(chunk_k.shape)}")
     scores = consensus_frame_scores(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights,
                                     backend=backend)
     return scores.argmax(dim=-1), scores

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import drift_gate as ref
 
 IMAGE_DTYPES = check.FLOATS + (torch.uint8,)
@@ -34,12 +34,13 @@ class GateReason(enum.IntEnum):
 # --- backends ----------------------------------------------------------------------------------
 
 
-def _ext_importance(attn, layer_range, num_vision_tokens, action_tokens, grid):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensor's device."""
-    out = torch.empty(attn.shape[1], *grid, dtype=torch.float32, device=attn.device)
-    torch.ops.streamkern_C.drift_patch_importance_(out, attn, layer_range[0], layer_range[1], num_vision_tokens,
+def _alloc_importance(attn, layer_range, num_vision_tokens, action_tokens, grid):
+    return torch.empty(attn.shape[1], *grid, dtype=torch.float32, device=attn.device)
+
+
+def _ext_importance(out, attn, layer_range, num_vision_tokens, action_tokens, grid):
+    torch.ops.streamkern_C.patch_importance_(out, attn, layer_range[0], layer_range[1], num_vision_tokens,
                                                   action_tokens)
-    return out
 
 
 def _triton_importance(attn, layer_range, num_vision_tokens, action_tokens, grid):
@@ -48,28 +49,24 @@ def _triton_importance(attn, layer_range, num_vision_tokens, action_tokens, grid
     return patch_importance(attn, layer_range, num_vision_tokens, action_tokens, grid)
 
 
-def _alloc_drift(image, pool):
+def _alloc_drift(image, prev_small, prev_importance, pool, dilation):
     B, C, H, W = image.shape
     drift = torch.empty(B, dtype=torch.float32, device=image.device)
     small = torch.empty(B, C, H // pool, W // pool, dtype=ref.small_dtype(image), device=image.device)
     return drift, small
 
 
-def _ext_drift(image, prev_small, prev_importance, pool, dilation):
-    drift, small = _alloc_drift(image, pool)
-    torch.ops.streamkern_C.drift_weighted_drift_(drift, small, image, prev_small, prev_importance, pool, dilation)
-    return drift, small
+def _ext_drift(out, *args):
+    torch.ops.streamkern_C.attention_weighted_drift_(*out, *args)
 
 
-def _triton_drift(image, prev_small, prev_importance, pool, dilation):
-    from streamkern.kernels.drift_gate import weighted_drift
+def _triton_drift(out, *args):
+    from streamkern.kernels.drift_gate import attention_weighted_drift
 
-    drift, small = _alloc_drift(image, pool)
-    weighted_drift(drift, small, image, prev_small, prev_importance, pool, dilation)
-    return drift, small
+    attention_weighted_drift(*out, *args)
 
 
-def _alloc_gate(image, pool):
+def _alloc_gate(image, prev_small, prev_importance, state, prev_state, counter, pool, *thresholds):
     dev = image.device
     B, C, H, W = image.shape
     return (torch.empty((), dtype=torch.bool, device=dev), torch.empty((), dtype=torch.int64, device=dev),
@@ -79,76 +76,19 @@ def _alloc_gate(image, pool):
 
 def _torch_gate(image, prev_small, prev_importance, state, prev_state, counter, pool, dilation, drift_threshold,
                 state_threshold):
-    return ref.gate_step(image, prev_small, prev_importance, state, prev_state, pool, dilation, drift_threshold,
-                         state_threshold)
+    return ref.drift_gate_step(image, prev_small, prev_importance, state, prev_state, pool, dilation, drift_threshold,
+                               state_threshold)
 
 
-def _ext_gate(image, prev_small, prev_importance, state, prev_state, counter, *config):
-    out = _alloc_gate(image, config[0])
+def _ext_gate(out, image, prev_small, prev_importance, state, prev_state, counter, *config):
     torch.ops.streamkern_C.drift_gate_step_(*out, counter, image, prev_small, prev_importance, state, prev_state,
                                             *config)
-    return out
 
 
-def _triton_gate(image, prev_small, prev_importance, state, prev_state, counter, *config):
-    from streamkern.kernels.drift_gate import gate_step
+def _triton_gate(out, image, prev_small, prev_importance, state, prev_state, counter, *config):
+    from streamkern.kernels.drift_gate import drift_gate_step
 
-    out = _alloc_gate(image, config[0])
-    gate_step(*out, counter, image, prev_small, prev_importance, state, prev_state, *config)
-    return out
-
-
-IMPORTANCE_BACKENDS = OpBackends("patch_importance", {
-    "torch": ref.patch_importance, "cpu": _ext_importance, "triton": _triton_importance, "cuda": _ext_importance,
-})
-DRIFT_BACKENDS = OpBackends("attention_weighted_drift", {
-    "torch": ref.attention_weighted_drift, "cpu": _ext_drift, "triton": _triton_drift, "cuda": _ext_drift,
-})
-GATE_BACKENDS = OpBackends("DriftGate.should_recompute", {
-    "torch": _torch_gate, "cpu": _ext_gate, "triton": _triton_gate, "cuda": _ext_gate,
-})
-
-
-@torch.library.custom_op("streamkern::patch_importance", mutates_args=())
-def _importance_op(attn: torch.Tensor, layer_range: list[int], num_vision_tokens: int, action_tokens: int,
-                   grid: list[int], backend: str) -> torch.Tensor:
-    return IMPORTANCE_BACKENDS(backend)(attn, tuple(layer_range), num_vision_tokens, action_tokens, tuple(grid))
-
-
-@_importance_op.register_fake
-def _(attn, layer_range, num_vision_tokens, action_tokens, grid, backend):
-    return attn.new_empty(attn.shape[1], *grid, dtype=torch.float32)
-
-
-@torch.library.custom_op("streamkern::attention_weighted_drift", mutates_args=())
-def _drift_op(image: torch.Tensor, prev_small: torch.Tensor, prev_importance: torch.Tensor, pool: int,
-              dilation: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return DRIFT_BACKENDS(backend)(image, prev_small, prev_importance, pool, dilation)
-
-
-@_drift_op.register_fake
-def _(image, prev_small, prev_importance, pool, dilation, backend):
-    B, C, H, W = image.shape
-    return (image.new_empty(B, dtype=torch.float32),
-            image.new_empty(B, C, H // pool, W // pool, dtype=ref.small_dtype(image)))
-
-
-@torch.library.custom_op("streamkern::drift_gate_step", mutates_args=("counter",))
-def _gate_op(image: torch.Tensor, prev_small: torch.Tensor | None, prev_importance: torch.Tensor | None,
-             state: torch.Tensor, prev_state: torch.Tensor | None, counter: torch.Tensor, pool: int, dilation: int,
-             drift_threshold: float, state_threshold: float,
-             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(GATE_BACKENDS(backend)(image, prev_small, prev_importance, state, prev_state, counter, pool,
-                                        dilation, drift_threshold, state_threshold))
-
-
-@_gate_op.register_fake
-def _(image, prev_small, prev_importance, state, prev_state, counter, pool, dilation, drift_threshold,
-      state_threshold, backend):
-    B, C, H, W = image.shape
-    return (image.new_empty((), dtype=torch.bool), image.new_empty((), dtype=torch.int64),
-            image.new_empty((), dtype=torch.float32),
-            image.new_empty(B, C, H // pool, W // pool, dtype=ref.small_dtype(image)))
+    drift_gate_step(*out, counter, image, prev_small, prev_importance, state, prev_state, *config)
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -167,7 +107,7 @@ def _check_importance(attn, layer_range, num_vision_tokens, action_tokens, grid)
     if grid[0] * grid[1] != num_vision_tokens:
         raise ValueError(f"grid: expected gh * gw == num_vision_tokens={num_vision_tokens}, got {grid}")
     check.integer("action_tokens", action_tokens, low=1, high=S)
-    return [start, end], list(grid)
+    return attn, [start, end], num_vision_tokens, action_tokens, list(grid)
 
 
 def _check_dilation(dilation) -> int:
@@ -196,6 +136,28 @@ def _check_drift(image, prev_small, prev_importance, pool, dilation):
     check.shape("prev_importance", prev_importance, (B, None, None), ("B", "gh", "gw"))
     if prev_importance.shape[1] < 1 or prev_importance.shape[2] < 1:
         raise ValueError(f"prev_importance: expected a grid of at least 1x1, got {list(prev_importance.shape)}")
+    return image, prev_small.to(ref.small_dtype(image)), prev_importance.float(), pool, dilation
+
+
+patch_importance_op = define_op(
+    "patch_importance", "(Tensor attn, int[] layer_range, int num_vision_tokens, int action_tokens, int[] grid) "
+    "-> Tensor",
+    {"torch": ref.patch_importance, "cpu": Kernel(_ext_importance, out=True), "triton": _triton_importance,
+     "cuda": Kernel(_ext_importance, out=True)},
+    check=_check_importance, alloc=_alloc_importance)
+attention_weighted_drift_op = define_op(
+    "attention_weighted_drift", "(Tensor image, Tensor prev_small, Tensor prev_importance, int pool, int dilation) "
+    "-> (Tensor, Tensor)",
+    {"torch": ref.attention_weighted_drift, "cpu": Kernel(_ext_drift, out=True),
+     "triton": Kernel(_triton_drift, out=True), "cuda": Kernel(_ext_drift, out=True)},
+    check=_check_drift, alloc=_alloc_drift)
+drift_gate_step_op = define_op(
+    "drift_gate_step", "(Tensor image, Tensor? prev_small, Tensor? prev_importance, Tensor state, Tensor? prev_state, "
+    "Tensor(a!) counter, int pool, int dilation, float drift_threshold, float state_threshold) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    {"torch": _torch_gate, "cpu": Kernel(_ext_gate, out=True), "triton": Kernel(_triton_gate, out=True),
+     "cuda": Kernel(_ext_gate, out=True)},
+    alloc=_alloc_gate)
 
 
 def _state_rows(state: torch.Tensor) -> torch.Tensor:
@@ -223,9 +185,7 @@ def patch_importance(attn: torch.Tensor, layer_range: Sequence[int] = (14, 18), 
         ``[B, gh, gw]`` float32: ``m / (Σ m + 1e-8)`` with ``m[v]`` the mean of ``attn[l, b, h, S-A+q, v]`` over
         ``l ∈ [start, end)``, heads and ``q < A``. Only that ``(end-start) × heads × A × V`` slice is read.
     """
-    layer_range, grid = _check_importance(attn, layer_range, num_vision_tokens, action_tokens, grid)
-    name = IMPORTANCE_BACKENDS.resolve(backend, attn.device)
-    return IMPORTANCE_BACKENDS.run(_importance_op, name, attn, layer_range, num_vision_tokens, action_tokens, grid)
+    return patch_importance_op(attn, layer_range, num_vision_tokens, action_tokens, grid, backend=backend)
 
 
 def attention_weighted_drift(image: torch.Tensor, prev_small: torch.Tensor, prev_importance: torch.Tensor,
@@ -249,11 +209,7 @@ def attention_weighted_drift(image: torch.Tensor, prev_small: torch.Tensor, prev
         the float32 pooled values (before ``small`` is rounded to its dtype). NaN in the image gives a NaN drift.
         Accelerated backends do all of it in one launch.
     """
-    _check_drift(image, prev_small, prev_importance, pool, dilation)
-    name = DRIFT_BACKENDS.resolve(backend, image.device)
-    prev_small = prev_small.to(ref.small_dtype(image))
-    prev_importance = prev_importance.float()
-    return DRIFT_BACKENDS.run(_drift_op, name, image, prev_small, prev_importance, pool, dilation)
+    return attention_weighted_drift_op(image, prev_small, prev_importance, pool, dilation, backend=backend)
 
 
 class DriftGate:
@@ -334,14 +290,13 @@ class DriftGate:
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(recompute [] bool, reason [] int64, drift [] float32)`` on the image's device (see the class doc)."""
         self._check_frame(image, state)
-        name = GATE_BACKENDS.resolve(self.backend, image.device)
         if self._counter is None or self._counter.device != image.device:
             self._counter = torch.zeros(1, dtype=torch.int32, device=image.device)
         rows = _state_rows(state)
         prev_state = None if self.prev_state is None else self.prev_state.view(rows.shape)
-        run, reason, drift, small = GATE_BACKENDS.run(
-            _gate_op, name, image, self.prev_small, self.prev_importance, rows, prev_state, self._counter, self.pool,
-            self.dilation, float(self.drift_threshold), float(self.state_threshold))
+        run, reason, drift, small = drift_gate_step_op(
+            image, self.prev_small, self.prev_importance, rows, prev_state, self._counter, self.pool, self.dilation,
+            float(self.drift_threshold), float(self.state_threshold), backend=self.backend)
         self._pending = (image, small)
         return run, reason, drift
 

@@ -20,9 +20,24 @@ def _torch(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
     return ref.frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale)
 
 
-BACKENDS = OpBackends("frame_attention", {"torch": _torch}, missing={
-    "cpu": "the C++ kernel (csrc/cpu/frame_attention.cpp) has not been merged yet",
-    "triton": "the Triton kernel (kernels/frame_attention.py) has not landed yet",
+def _cpu(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
+    ref.check_values(page_table, k_pages.shape[1])
+    B, Lq, H, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    torch.ops.streamkern_C.frame_attention_(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale, out, lse)
+    return out, lse
+
+
+def _triton(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
+    from streamkern.kernels.frame_attention import frame_attention as launch
+
+    if check.debug_enabled():
+        ref.check_values(page_table, k_pages.shape[1])
+    return launch(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale)
+
+
+BACKENDS = OpBackends("frame_attention", {"torch": _torch, "cpu": _cpu, "triton": _triton}, missing={
     "cuda": "no CUDA C++ kernel: the Triton kernel is the GPU path; a CUDA C++ kernel is added only where it "
             "measurably beats Triton",
 })

@@ -18,9 +18,16 @@ def _torch(q, k_mean, candidates, k, per_head):
     return ref.frame_topk(q, k_mean, candidates, k, per_head)
 
 
-BACKENDS = OpBackends("frame_topk", {"torch": _torch}, missing={
+def _triton(q, k_mean, candidates, k, per_head):
+    from streamkern.kernels.frame_topk import frame_topk as launch
+
+    if check.debug_enabled():
+        ref.check_values(candidates, k_mean.shape[1])
+    return launch(q, k_mean, candidates, k, per_head)
+
+
+BACKENDS = OpBackends("frame_topk", {"torch": _torch, "triton": _triton}, missing={
     "cpu": "the C++ kernel (csrc/cpu/frame_topk.cpp) has not been merged yet",
-    "triton": "the Triton kernel (kernels/frame_topk.py) has not landed yet",
     "cuda": "the CUDA kernel (csrc/cuda/frame_topk.cu) has not been merged yet",
 })
 

@@ -18,8 +18,15 @@ def _torch(pool_k, pool_v, k_mean, k_new, v_new, pages):
     ref.frame_write(pool_k, pool_v, k_mean, k_new, v_new, pages)
 
 
-BACKENDS = OpBackends("frame_write", {"torch": _torch}, missing={
-    "triton": "the Triton kernel (kernels/frame_write.py) has not landed yet",
+def _triton(pool_k, pool_v, k_mean, k_new, v_new, pages):
+    from streamkern.kernels.frame_write import frame_write as launch
+
+    if check.debug_enabled():
+        ref.check_values(pages, pool_k.shape[2])
+    launch(pool_k, pool_v, k_mean, k_new, v_new, pages)
+
+
+BACKENDS = OpBackends("frame_write", {"torch": _torch, "triton": _triton}, missing={
     "cpu": "the C++ kernel (csrc/cpu/frame_write.cpp) has not been merged yet",
     "cuda": "the CUDA kernel (csrc/cuda/frame_write.cu) has not been merged yet",
 })
@@ -56,6 +63,11 @@ def _check(pool_k, pool_v, k_mean, k_new, v_new, pages) -> torch.Tensor:
     check.shape("v_new", v_new, tuple(k_new.shape), ("NL", "B", "n*frame_len", "H", "D"))
     if F == 0:
         raise ValueError(f"pool_k: expected frame_len >= 1 (dim 3), got shape {list(pool_k.shape)}")
+    for name, t in (("pool_k", pool_k), ("pool_v", pool_v), ("k_mean", k_mean)):
+        check.no_internal_overlap(name, t)
+    check.no_overlap("pool_k", pool_k, pool_v=pool_v, k_mean=k_mean, k_new=k_new, v_new=v_new, pages=pages)
+    check.no_overlap("pool_v", pool_v, k_mean=k_mean, k_new=k_new, v_new=v_new, pages=pages)
+    check.no_overlap("k_mean", k_mean, k_new=k_new, v_new=v_new, pages=pages)
     return pages.expand(B, n)
 
 
@@ -71,6 +83,8 @@ def frame_write(pool_k: torch.Tensor, pool_v: torch.Tensor, k_mean: torch.Tensor
             ``pages[b, i]``; ids in ``[0, P)``, distinct within a row.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 
+    ``pool_k``, ``pool_v`` and ``k_mean`` must not overlap themselves (no ``expand``ed dims) nor each other, and
+    no input may share memory with them: ``ValueError`` naming the argument, nothing written.
     Bad ids: the ``"torch"`` and ``"cpu"`` backends raise ``ValueError`` naming ``pages`` (out of range, or an id
     repeated within a row) before anything is written; the GPU backends do the same with ``STREAMKERN_DEBUG=1``,
     otherwise they skip the frames whose id is out of range (the others are written) and never synchronise.

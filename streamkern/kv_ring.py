@@ -10,34 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import define_op
 from .reference import kv_ring as ref
-
-
-def _extension(cache_k, cache_v, k_new, v_new, start, sink):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    torch.ops.streamkern_C.ring_write_(cache_k, cache_v, k_new, v_new, start, sink)
-
-
-def _triton(cache_k, cache_v, k_new, v_new, start, sink):
-    from streamkern.kernels.kv_ring import ring_write as launch
-
-    launch(cache_k, cache_v, k_new, v_new, start, sink)
-
-
-BACKENDS = OpBackends("ring_write", {"torch": ref.ring_write, "cpu": _extension, "triton": _triton,
-                                     "cuda": _extension})
-
-
-@torch.library.custom_op("streamkern::ring_write", mutates_args=("cache_k", "cache_v"))
-def _ring_write_op(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                   start: int, sink: int, backend: str) -> None:
-    BACKENDS(backend)(cache_k, cache_v, k_new, v_new, start, sink)
-
-
-@_ring_write_op.register_fake
-def _(cache_k, cache_v, k_new, v_new, start, sink, backend):
-    return None
 
 
 def _check(cache_k, cache_v, k_new, v_new, start, sink):
@@ -56,6 +30,25 @@ def _check(cache_k, cache_v, k_new, v_new, start, sink):
     window = S - sink
     if k_new.shape[2] > window:
         raise ValueError(f"k_new: expected at most window={window} new tokens (dim 2), got {k_new.shape[2]}")
+    check.no_internal_overlap("cache_k", cache_k)
+    check.no_internal_overlap("cache_v", cache_v)
+    check.no_overlap("cache_k", cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new)
+    check.no_overlap("cache_v", cache_v, k_new=k_new, v_new=v_new)
+
+
+def _extension(*args):
+    torch.ops.streamkern_C.ring_write_(*args)
+
+
+def _triton(*args):
+    from streamkern.kernels.kv_ring import ring_write
+
+    ring_write(*args)
+
+
+ring_write_op = define_op(
+    "ring_write", "(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, int start, int sink) -> ()",
+    {"torch": ref.ring_write, "cpu": _extension, "triton": _triton, "cuda": _extension}, check=_check)
 
 
 def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -67,6 +60,9 @@ def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor
             over ``NL, B, S`` but each token's ``[H, D]`` block contiguous (``stride(-1) == 1``,
             ``stride(-2) == D``).
         k_new, v_new: ``[NL, B, T, H, D]``, ``0 <= T <= window``, same dtype, any strides.
+
+    The caches must not overlap themselves (no ``expand``ed dims) nor each other, and no new token may share
+    memory with a cache (e.g. ``k_new = cache_k[:, :, 0:3]``): ``ValueError`` naming the argument, nothing written.
         start: host int in ``[0, S)``, the slot of the first new token. New token ``i`` goes to slot
             ``start + i`` while that is ``< S``, else to ``start + i - window``: consecutive slots, wrapping
             from the end of the cache back to slot ``sink`` (the sink slots ``[0, sink)`` are never wrapped into).
@@ -75,9 +71,7 @@ def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor
 
     Only the ``T`` new tokens are read and written; every other slot is left bit-identical.
     """
-    _check(cache_k, cache_v, k_new, v_new, start, sink)
-    name = BACKENDS.resolve(backend, cache_k.device)
-    BACKENDS.run(_ring_write_op, name, cache_k, cache_v, k_new, v_new, start, sink)
+    ring_write_op(cache_k, cache_v, k_new, v_new, start, sink, backend=backend)
 
 
 class KVRing:

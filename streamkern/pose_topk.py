@@ -6,47 +6,21 @@ similarities rank below every number; see ``streamkern/reference/pose_topk.py`` 
 sim in float64 and ranks its float32 rounding. The accelerated backends are one launch of one program (a sort
 of N packed keys on chip) instead of the seed's per-frame Python loop.
 
-Limit: ``N <= 4096`` entries (one program sorts them all on chip); more raise ``ValueError`` on every backend.
+Limits, declared per backend (``"auto"`` passes over a backend that cannot take the inputs, a request by name
+raises ``BackendUnavailable`` saying why): ``"triton"`` and ``"cuda"`` take ``N <= 4096`` entries (one program
+sorts them all on chip), ``"cpu"`` ``N < 65536`` (16 index bits in each packed key), ``"torch"`` any N. Every
+backend takes ``k <= 4096``; ``k > N`` is allowed (DESIGN.md §4.2): rows past the valid entries are padding.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import pose_topk as ref
 
-MAX_ENTRIES = 4096
-
-
-def _extension(poses, valid, current, k, scale):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    idx = torch.empty(k, dtype=torch.int64, device=poses.device)
-    sim = torch.empty(k, dtype=torch.float32, device=poses.device)
-    torch.ops.streamkern_C.pose_topk_(idx, sim, poses, valid, current, scale)
-    return idx, sim
-
-
-def _triton(poses, valid, current, k, scale):
-    from streamkern.kernels.pose_topk import pose_topk
-
-    return pose_topk(poses, valid, current, k, scale)
-
-
-BACKENDS = OpBackends("pose_topk", {
-    "torch": ref.pose_topk, "cpu": _extension, "triton": _triton, "cuda": _extension,
-})
-
-
-@torch.library.custom_op("streamkern::pose_topk", mutates_args=())
-def _pose_topk_op(poses: torch.Tensor, valid: torch.Tensor, current: torch.Tensor, k: int, scale: float,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return BACKENDS(backend)(poses, valid, current, k, scale)
-
-
-@_pose_topk_op.register_fake
-def _(poses, valid, current, k, scale, backend):
-    return poses.new_empty(k, dtype=torch.int64), poses.new_empty(k, dtype=torch.float32)
+MAX_ENTRIES = 4096             # "triton" and "cuda"
+MAX_CPU_ENTRIES = (1 << 16) - 1  # "cpu"
 
 
 def _check(poses, valid, current, k, scale):
@@ -58,12 +32,42 @@ def _check(poses, valid, current, k, scale):
     N, P = poses.shape
     if P < 3:
         raise ValueError(f"poses: expected at least 3 columns (x, y, z), got shape {list(poses.shape)}")
-    if N > MAX_ENTRIES:
-        raise ValueError(f"poses: expected at most {MAX_ENTRIES} entries (one program sorts them on chip), got N={N}")
     check.shape("valid", valid, (N,), ("N",))
     check.shape("current", current, (P,), ("P",))
-    check.integer("k", k, low=0, high=N)
-    return check.number("scale", scale, low=0.0, open_low=True)
+    check.integer("k", k, low=0, high=MAX_ENTRIES)
+    return poses, valid, current, k, check.number("scale", scale, low=0.0, open_low=True)
+
+
+def _entries_at_most(limit: int, why: str):
+    def supports(poses, *args) -> str:
+        return "" if poses.shape[0] <= limit else f"takes at most {limit} entries ({why}), got N={poses.shape[0]}"
+    return supports
+
+
+def _alloc(poses, valid, current, k, scale):
+    return (torch.empty(k, dtype=torch.int64, device=poses.device),
+            torch.empty(k, dtype=torch.float32, device=poses.device))
+
+
+def _extension(out, poses, valid, current, k, scale):
+    torch.ops.streamkern_C.pose_topk_(*out, poses, valid, current, scale)
+
+
+def _triton(poses, valid, current, k, scale):
+    from streamkern.kernels.pose_topk import pose_topk
+
+    return pose_topk(poses, valid, current, k, scale)
+
+
+_ON_CHIP = _entries_at_most(MAX_ENTRIES, "one program sorts them all on chip")
+pose_topk_op = define_op(
+    "pose_topk", "(Tensor poses, Tensor valid, Tensor current, int k, float scale) -> (Tensor, Tensor)", {
+        "torch": ref.pose_topk,
+        "cpu": Kernel(_extension, out=True,
+                      supports=_entries_at_most(MAX_CPU_ENTRIES, "16 index bits in each packed key")),
+        "triton": Kernel(_triton, supports=_ON_CHIP),
+        "cuda": Kernel(_extension, out=True, supports=_ON_CHIP),
+    }, check=_check, alloc=_alloc)
 
 
 def pose_topk(poses: torch.Tensor, valid: torch.Tensor, current: torch.Tensor, k: int, scale: float = 10.0, *,
@@ -71,16 +75,14 @@ def pose_topk(poses: torch.Tensor, valid: torch.Tensor, current: torch.Tensor, k
     """The k stored frames nearest to the current camera position.
 
     Args:
-        poses: ``[N, P]`` fp32/fp16/bf16 poses (``P >= 3``; x, y, z first), any strides, ``N <= 4096``.
+        poses: ``[N, P]`` fp32/fp16/bf16 poses (``P >= 3``; x, y, z first), any strides (N: see the limits).
         valid: ``[N]`` bool, which entries hold a frame (invalid ones are never chosen).
         current: ``[P]`` the current pose, same dtype as ``poses``.
-        k: how many to return, ``0 <= k <= N``.
+        k: how many to return, ``0 <= k <= 4096``; k may exceed N (a buffer still filling): the tail is padding.
         scale: positive distance scale of ``sim = exp(-dist / scale)``.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 
     Returns:
         ``(idx [k] int64, sim [k] float32)``: descending sim, ties to the lowest index, ``-1`` / ``0`` padding.
     """
-    scale = _check(poses, valid, current, k, scale)
-    name = BACKENDS.resolve(backend, poses.device)
-    return BACKENDS.run(_pose_topk_op, name, poses, valid, current, k, scale)
+    return pose_topk_op(poses, valid, current, k, scale, backend=backend)

@@ -16,13 +16,14 @@ from typing import Sequence
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
+from .kernels.tile_classes import TILE_FULL, TILE_PARTIAL, TILE_SKIP
 from .reference import scale_attention as ref
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PRESETS = ("var", "strict", "full", "diagonal")
 SCALE_IDS = (torch.int64, torch.int32)
-TILE_SKIP, TILE_PARTIAL, TILE_FULL = 0, 1, 2
+MAX_TRITON_HEAD_DIM = 128
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,48 +118,6 @@ def skipped_tile_fraction(q_scale: torch.Tensor, k_scale: torch.Tensor, allow: t
     return float((cls == TILE_SKIP).float().mean().item()) if cls.numel() else 0.0
 
 
-def _check_ids(q_scale: torch.Tensor, k_scale: torch.Tensor, allow: torch.Tensor) -> None:
-    """Scale ids lie in ``[0, NS)`` (reads the tensors: torch/cpu backends, or GPU with STREAMKERN_DEBUG=1)."""
-    check.index_range("q_scale", q_scale, allow.shape[0])
-    check.index_range("k_scale", k_scale, allow.shape[0])
-
-
-def _torch(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
-    _check_ids(q_scale, k_scale, allow)
-    return ref.block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
-
-
-def _cpu(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
-    _check_ids(q_scale, k_scale, allow)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    torch.ops.streamkern_C.block_masked_attention_(out, q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
-    return out
-
-
-def _triton(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
-    from streamkern.kernels.scale_attention import block_masked_attention as launch
-
-    if check.debug_enabled():
-        _check_ids(q_scale, k_scale, allow)
-    return launch(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
-
-
-BACKENDS = OpBackends("block_masked_attention", {"torch": _torch, "cpu": _cpu, "triton": _triton}, missing={
-    "cuda": "no CUDA C++ kernel (optional per issue 5): the Triton flash kernel is the GPU path",
-})
-
-
-@torch.library.custom_op("streamkern::block_masked_attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                  allow: torch.Tensor, self_attend: bool, sm_scale: float, backend: str) -> torch.Tensor:
-    return BACKENDS(backend)(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
-
-
-@_attention_op.register_fake
-def _(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale, backend):
-    return q.new_empty(q.shape)
-
-
 def _check_layout(q_scale, k_scale, allow) -> None:
     check.tensor("q_scale", q_scale, ndim=1, dtypes=SCALE_IDS)
     check.tensor("k_scale", k_scale, ndim=1, dtypes=SCALE_IDS)
@@ -168,7 +127,7 @@ def _check_layout(q_scale, k_scale, allow) -> None:
         raise ValueError(f"allow: expected a square [NS, NS] matrix, got shape {list(allow.shape)}")
 
 
-def _check(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale) -> float:
+def _check(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
     check.tensor("q", q, ndim=4, dtypes=check.FLOATS)
     check.tensor("k", k, ndim=4, dtypes=check.FLOATS)
     check.tensor("v", v, ndim=4, dtypes=check.FLOATS)
@@ -187,7 +146,41 @@ def _check(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale) -> float:
         raise ValueError(f"self_attend: expected Lq == Lk (query i is key i), got Lq={Lq}, Lk={Lk}")
     if D == 0:
         raise ValueError(f"q: expected a head dim D >= 1, got shape {list(q.shape)}")
-    return D ** -0.5 if sm_scale is None else check.number("sm_scale", sm_scale, low=0.0, open_low=True)
+    sm_scale = D ** -0.5 if sm_scale is None else check.number("sm_scale", sm_scale, low=0.0, open_low=True)
+    return q, k, v, q_scale, k_scale, allow, self_attend, sm_scale
+
+
+def _check_ids(q, k, v, q_scale, k_scale, allow, *config) -> None:
+    """Scale ids lie in ``[0, NS)`` (reads the tensors)."""
+    check.index_range("q_scale", q_scale, allow.shape[0])
+    check.index_range("k_scale", k_scale, allow.shape[0])
+
+
+def _cpu(out, q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
+    torch.ops.streamkern_C.block_masked_attention_(out, q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
+
+
+def _triton(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
+    from streamkern.kernels.scale_attention import block_masked_attention as launch
+
+    return launch(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
+
+
+def _triton_supports(q, *args) -> str:
+    D = q.shape[-1]
+    return "" if D <= MAX_TRITON_HEAD_DIM else (
+        f"takes head dims D <= {MAX_TRITON_HEAD_DIM} (K/V tiles of next_pow2(D) columns in one block's shared "
+        f"memory, compiled and checked by tests/test_triton_lowering.py), got D={D}")
+
+
+block_masked_attention_op = define_op(
+    "block_masked_attention", "(Tensor q, Tensor k, Tensor v, Tensor q_scale, Tensor k_scale, Tensor allow, "
+    "bool self_attend, float sm_scale) -> Tensor", {
+        "torch": ref.block_masked_attention,
+        "cpu": Kernel(_cpu, out=True),
+        "triton": Kernel(_triton, supports=_triton_supports),
+    }, check=_check, values=_check_ids, alloc=lambda q, *args: torch.empty(q.shape, dtype=q.dtype, device=q.device),
+    missing={"cuda": "no CUDA C++ kernel (optional per issue 5): the Triton flash kernel is the GPU path"})
 
 
 def block_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
@@ -196,7 +189,7 @@ def block_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     """Attention of every query over the keys its scale may see, skipping fully masked tiles.
 
     Args:
-        q: ``[B, heads, Lq, D]`` queries (fp32/fp16/bf16, any strides).
+        q: ``[B, heads, Lq, D]`` queries (fp32/fp16/bf16, any strides; ``"triton"`` takes ``D <= 128``).
         k, v: ``[B, heads, Lk, D]`` keys and values, same dtype.
         q_scale: ``[Lq]`` int64/int32 scale id of each query; k_scale: ``[Lk]`` of each key; ids in ``[0, NS)``.
         allow: ``[NS, NS]`` bool, ``allow[a, b]``: a query of scale a may attend a key of scale b
@@ -210,6 +203,4 @@ def block_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
         ``out[i] = Σ_j softmax_j(sm_scale·q_i·k_j | M[i, j]) v_j`` with softmax in float32; zeros for a row
         with no allowed key.
     """
-    sm_scale = _check(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
-    name = BACKENDS.resolve(backend, q.device)
-    return BACKENDS.run(_attention_op, name, q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
+    return block_masked_attention_op(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale, backend=backend)

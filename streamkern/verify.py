@@ -17,11 +17,11 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import verify as ref
 
 MODES = ("greedy", "sample")
-MAX_SCALES = 64  # the CUDA launcher passes the per-scale offsets and CFG ratios by value
+MAX_CUDA_SCALES = 64  # the CUDA launcher passes the per-scale offsets and CFG ratios by value
 
 
 class VerifyResult(NamedTuple):
@@ -44,24 +44,15 @@ def _outputs(logits, draft_tokens, num_scales, greedy):
             torch.empty(B, T, 0 if greedy else 2, dtype=torch.float32, device=dev))
 
 
-def _torch(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
+def _values(logits, draft_tokens, offsets, greedy, threshold, draft_probs, *config):
     ref.check_values(draft_tokens, draft_probs, logits.shape[-1])
-    return ref.verify_scales(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg,
-                             temperature)
 
 
-def _debug_values(logits, draft_tokens, draft_probs):
-    """Value checks on GPU backends, only with ``STREAMKERN_DEBUG=1`` (they synchronise)."""
-    if check.debug_enabled():
-        ref.check_values(draft_tokens, draft_probs, logits.shape[-1])
+def _torch(*args):
+    return tuple(o.contiguous() for o in ref.verify_scales(*args))
 
 
 def _extension(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    if logits.device.type == "cpu":
-        ref.check_values(draft_tokens, draft_probs, logits.shape[-1])
-    else:
-        _debug_values(logits, draft_tokens, draft_probs)
     out = _outputs(logits, draft_tokens, len(offsets) - 1, greedy)
     torch.ops.streamkern_C.verify_scales_(*out, logits, draft_tokens, draft_probs, uniforms, offsets, cfg, greedy,
                                           threshold, temperature)
@@ -71,39 +62,34 @@ def _extension(logits, draft_tokens, offsets, greedy, threshold, draft_probs, un
 def _triton(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
     from streamkern.kernels.verify import verify_scales as launch
 
-    _debug_values(logits, draft_tokens, draft_probs)
     out = _outputs(logits, draft_tokens, len(offsets) - 1, greedy)
     launch(*out, logits, draft_tokens, draft_probs, uniforms, offsets, cfg, greedy, threshold, temperature)
     return out[:4]
 
 
-BACKENDS = OpBackends("verify_scales", {
-    "torch": _torch, "cpu": _extension, "triton": _triton, "cuda": _extension,
-})
+def _cuda_supports(logits, draft_tokens, offsets, *config) -> str:
+    ns = len(offsets) - 1
+    return "" if ns <= MAX_CUDA_SCALES else (
+        f"takes at most {MAX_CUDA_SCALES} scales (the launcher passes their offsets by value), got {ns}")
 
 
-@torch.library.custom_op("streamkern::verify_scales", mutates_args=())
-def _verify_op(logits: torch.Tensor, draft_tokens: torch.Tensor, offsets: list[int], greedy: bool,
-               threshold: float, draft_probs: torch.Tensor | None, uniforms: torch.Tensor | None,
-               cfg: list[float] | None, temperature: float, backend: str
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = BACKENDS(backend)(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg,
-                            temperature)
-    return tuple(o.contiguous() for o in out)
+def _fake(logits, draft_tokens, offsets, *config):
+    return _outputs(logits, draft_tokens, len(offsets) - 1, True)[:4]
 
 
-@_verify_op.register_fake
-def _(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature, backend):
-    B, T = draft_tokens.shape
-    return (logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, T, dtype=torch.bool),
-            logits.new_empty(B, len(offsets) - 1, dtype=torch.float32), logits.new_empty(B, T, dtype=torch.int64))
+verify_scales_op = define_op(
+    "verify_scales", "(Tensor logits, Tensor draft_tokens, int[] offsets, bool greedy, float threshold, "
+    "Tensor? draft_probs, Tensor? uniforms, float[]? cfg, float temperature) -> (Tensor, Tensor, Tensor, Tensor)", {
+        "torch": _torch, "cpu": _extension, "triton": _triton,
+        "cuda": Kernel(_extension, supports=_cuda_supports),
+    }, values=_values, fake=_fake)
 
 
 def _window(begin: tuple, end: tuple, first_scale: int, num_scales: int) -> tuple[int, ...]:
     if len(begin) != len(end):
         raise ValueError(f"layout: expected .begin and .end of one length, got {len(begin)} and {len(end)}")
     check.integer("first_scale", first_scale, low=0, high=len(begin) - 1)
-    check.integer("num_scales", num_scales, low=1, high=min(len(begin) - first_scale, MAX_SCALES))
+    check.integer("num_scales", num_scales, low=1, high=len(begin) - first_scale)
     scales = range(first_scale, first_scale + num_scales)
     for s in scales:
         if end[s] <= begin[s] or (s > first_scale and begin[s] != end[s - 1]):
@@ -121,7 +107,11 @@ def _cfg_list(cfg, num_scales):
             raise ValueError(f"cfg: expected a 1-d CPU tensor or a sequence of numbers (host-side ratios), "
                              f"got shape {tuple(cfg.shape)} on {cfg.device}")
         cfg = cfg.tolist()
-    return list(check.float_tuple("cfg", cfg, length=num_scales))
+    cfg = list(check.float_tuple("cfg", cfg, length=num_scales))
+    for s, t in enumerate(cfg):
+        if not 0.0 <= t < float("inf"):
+            raise ValueError(f"cfg[{s}]: expected a finite guidance ratio >= 0, got {t}")
+    return cfg
 
 
 def _check(target_logits, draft_tokens, layout, first_scale, num_scales, mode, threshold, draft_probs, uniforms,
@@ -146,7 +136,8 @@ def _check(target_logits, draft_tokens, layout, first_scale, num_scales, mode, t
     if V < 1:
         raise ValueError(f"target_logits: expected a vocabulary of at least 1, got V={V}")
     threshold = check.number("threshold", threshold, low=0.0, high=1.0)
-    temperature = check.number("temperature", temperature, low=0.0, open_low=True)
+    temperature = check.number("temperature", temperature, low=0.0, high=float(torch.finfo(torch.float64).max),
+                               open_low=True)
     if mode == "sample":
         if draft_probs is None:
             raise ValueError("draft_probs: expected a [B, T, V] tensor in sample mode, got None")
@@ -182,22 +173,26 @@ def verify_scales(target_logits: torch.Tensor, draft_tokens: torch.Tensor, layou
         draft_probs: ``[B, T, V]`` probabilities (rows sum to 1; checked by "torch"/"cpu" and with
             ``STREAMKERN_DEBUG=1``), sample mode only.
         uniforms: ``[B, T, 2]`` float32 in ``[0, 1)``; drawn with ``generator`` on the device when None.
-        cfg: ``[num_scales]`` guidance ratios t (a sequence or a CPU tensor: host-side hyper-parameters).
+        cfg: ``[num_scales]`` guidance ratios t, finite and ``>= 0`` (a sequence or a CPU tensor: host-side
+            hyper-parameters).
+        temperature: finite, ``> 0``.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"`` or None for the current default.
 
-    A row whose combined logits hold a NaN or +inf, or are all −inf, is invalid: it never matches, and where the
-    rules ask for its target or redrawn token, that token is −1 (visible on the device, no sync needed).
+    A row whose combined logits (divided by ``temperature`` in sample mode) hold a NaN or +inf, or are all −inf,
+    is invalid: it never matches, and where the rules ask for its target or redrawn token, that token is −1
+    (visible on the device, no sync needed). ``B = 0`` returns empty results; ``V = 1`` is a one-word vocabulary;
+    ``T`` is never 0 (every scale holds at least one token). Unchecked draft probabilities (GPU backends without
+    ``STREAMKERN_DEBUG=1``) follow the IEEE rules of ``streamkern/reference/verify.py`` on every backend.
 
     Returns:
         :class:`VerifyResult` ``(accepted [B] int64, match [B, T] bool, ratio [B, NS] float32, tokens [B, T] int64)``.
     """
     offsets, cfg, threshold, temperature = _check(target_logits, draft_tokens, layout, first_scale, num_scales,
                                                   mode, threshold, draft_probs, uniforms, cfg, temperature)
-    name = BACKENDS.resolve(backend, target_logits.device)
     greedy = mode == "greedy"
     if greedy:
         draft_probs = uniforms = None
     elif uniforms is None:
         uniforms = torch.rand(*draft_tokens.shape, 2, generator=generator, device=target_logits.device)
-    return VerifyResult(*BACKENDS.run(_verify_op, name, target_logits, draft_tokens, offsets, greedy, threshold,
-                                      draft_probs, uniforms, cfg, temperature))
+    return VerifyResult(*verify_scales_op(target_logits, draft_tokens, offsets, greedy, threshold, draft_probs,
+                                          uniforms, cfg, temperature, backend=backend))

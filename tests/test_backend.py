@@ -1,10 +1,13 @@
-"""Backend registry and dispatch (DESIGN.md §2), exercised through consensus_frame_scores and OpBackends."""
+"""Backend registry and dispatch (DESIGN.md §2), exercised through consensus_frame_scores, OpBackends and
+define_op."""
 import pytest
 import torch
 
 import streamkern
 from streamkern import _backend
-from streamkern.consensus import BACKENDS as CONSENSUS
+from streamkern.consensus import consensus_frame_scores_op
+
+CONSENSUS = consensus_frame_scores_op.backends
 
 CPU = torch.device("cpu")
 
@@ -28,7 +31,7 @@ def _fake_impls(monkeypatch):
     """Replace the consensus implementations with recorders, so a test sees which backend ran."""
     calls = []
     impls = {name: (lambda *a, _n=name: calls.append(_n) or torch.zeros(1, 2)) for name in CONSENSUS.impls}
-    monkeypatch.setattr(streamkern.consensus, "BACKENDS", _backend.OpBackends(CONSENSUS.op, impls))
+    monkeypatch.setattr(consensus_frame_scores_op, "backends", _backend.OpBackends(CONSENSUS.op, impls))
     return calls
 
 
@@ -174,3 +177,33 @@ def test_run_skips_the_custom_op_wrapper_only_in_plain_eager():
     torch._dynamo.reset()
     torch.compile(lambda x: table.run(custom_op, "torch", x), backend="eager", fullgraph=True)(torch.zeros(2))
     assert calls == ["op:torch"] * 3
+
+
+def test_define_op_declares_supports_values_and_outputs(monkeypatch):
+    """One declaration: the check normalises, alloc serves out=True kernels (and the fake kernel), a backend's
+    supports steers "auto" and is the reason a request by name gives, and the value check runs on "torch"/"cpu"
+    (on GPU backends only with STREAMKERN_DEBUG=1), flagged as a value check while it runs."""
+    seen = []
+
+    def values(x, n):
+        seen.append(_backend.checking_values())
+
+    op = _backend.define_op("test_define_op", "(Tensor x, int n) -> Tensor", {
+        "torch": lambda x, n: x + n,
+        "cpu": _backend.Kernel(lambda out, x, n: out.copy_(x + 2 * n), out=True,
+                               supports=lambda x, n: "" if x.numel() <= 4 else f"at most 4 values, got {x.numel()}"),
+    }, check=lambda x, n: (x.float(), int(n)), values=values, alloc=lambda x, n: torch.empty_like(x))
+    monkeypatch.setattr(_backend, "why_not", lambda name, device: "")
+    x = torch.zeros(3, dtype=torch.int64)
+    assert op(x, 1, backend="cpu").tolist() == [2.0] * 3 and op(x, 1, backend="torch").tolist() == [1.0] * 3
+    assert op(x, 1).tolist() == [2.0] * 3                       # auto: "cpu" takes 3 values
+    assert op(torch.zeros(5), 1).tolist() == [1.0] * 5          # auto: "cpu" declines 5, "torch" runs
+    with pytest.raises(streamkern.BackendUnavailable) as info:
+        op(torch.zeros(5), 1, backend="cpu")
+    assert "cpu     at most 4 values, got 5" in str(info.value) and "torch   ok" in str(info.value)
+    assert "triton  test_define_op has no 'triton' backend" in str(info.value)
+    assert seen == [True] * 4 and not _backend.checking_values()
+    torch.library.opcheck(op.custom_op, (torch.zeros(3), 1, "cpu"))
+    with pytest.raises(ValueError, match="out=True"):
+        _backend.define_op("test_define_op_no_alloc", "(Tensor x) -> Tensor",
+                           {"torch": _backend.Kernel(lambda out, x: None, out=True)})

@@ -3,7 +3,7 @@
 indices (raise on torch/cpu before writing; skipped rows on GPU backends), bad inputs, opcheck, compile, syncs."""
 import pytest
 import torch
-from conftest import backend_params
+from conftest import assert_raises_untouched, backend_params
 
 import streamkern
 from streamkern.reference import bank_insert as ref
@@ -168,6 +168,31 @@ def test_bad_inputs_raise_before_writing(backend, make, exc, msg):
     with pytest.raises(exc, match=msg):
         streamkern.bank_insert(*args, backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(args[:2], banks))
+
+
+def _overlapping(which, device):
+    """Issue 11 item 2: arguments that overlap a bank bank_insert writes (or a bank that overlaps itself)."""
+    bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, fsl = (t.to(device) if isinstance(t, torch.Tensor) else t
+                                                             for t in _good())
+    chunk_k, chunk_v, frame_idx = chunk_k[:, :, :3], chunk_v[:, :, :3], torch.tensor(0, device=device)
+    if which == "chunk_k":
+        chunk_k = bank_k[:, :, 3:6]
+    elif which == "chunk_v":
+        chunk_v = bank_v[:, :, 2:5]
+    elif which == "slot":
+        slot = bank_k.view(torch.int64)[0, 0, 0, 0]           # int64 view of the bank's first bytes (zeros)
+    elif which == "bank_k":
+        bank_k = bank_k[:, :1].expand(2, 2, 6, 2, 4)
+    elif which == "bank_v":
+        bank_v = bank_k
+    return bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, fsl
+
+
+@pytest.mark.parametrize("which", ["chunk_k", "chunk_v", "slot", "bank_k", "bank_v"])
+@pytest.mark.parametrize("bd", backend_params())
+def test_overlapping_arguments_raise_before_writing(bd, which):
+    args = _overlapping(which, bd[1])
+    assert_raises_untouched(lambda *a: streamkern.bank_insert(*a, backend=bd[0]), args, ValueError, f"^{which}: ")
 
 
 def test_extension_op_skips_rows_it_cannot_write():

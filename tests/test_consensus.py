@@ -207,6 +207,76 @@ def test_bad_inputs_raise_naming_the_argument(backend, bad, exc, msg):
     assert msg in str(info.value)
 
 
+# ---- edge cases: one rule on every backend (issue 11 item 5; README "Error rules") ------------------------
+
+def _small(device, H=2, D=4, L=6, S=3):
+    g = torch.Generator().manual_seed(11)
+    return (torch.randn(2, 1, L, H, D, generator=g).to(device), torch.randn(2, 1, S, H, D, generator=g).to(device),
+            torch.rand(S, generator=g).to(device))
+
+
+EDGE_RAISES = [
+    pytest.param("select_frame", dict(L=0), (0, 1), (0.5, 0.5), "chunk_k: expected at least one frame", id="F0"),
+    pytest.param("scores", dict(D=0), (0, 1), (0.5, 0.5), "chunk_k: expected at least one head and a head dim",
+                 id="D0"),
+    pytest.param("scores", dict(H=0), (0, 1), (0.5, 0.5), "chunk_k: expected at least one head", id="H0"),
+    pytest.param("scores", {}, (0, 1), (float("inf"), 0.5), "layer_weights\\[0\\]: expected a finite number",
+                 id="weight-inf"),
+    pytest.param("scores", {}, (0, 1), (0.5, -float("inf")), "layer_weights\\[1\\]: expected a finite number",
+                 id="weight-minus-inf"),
+]
+
+
+@pytest.mark.parametrize("fn, shape, layers, lw, msg", EDGE_RAISES)
+@pytest.mark.parametrize("bd", backend_params())
+def test_edge_arguments_raise_on_every_backend(bd, fn, shape, layers, lw, msg):
+    """Used to be an IndexError (F = 0), a ZeroDivisionError / NaN / 0 by backend (D = 0, H = 0), inf or NaN by
+    backend (an infinite layer weight)."""
+    op = streamkern.select_frame if fn == "select_frame" else streamkern.consensus_frame_scores
+    chunk, text, w = _small(bd[1], **shape)
+    with pytest.raises(ValueError, match=f"^{msg}"):
+        op(chunk, text, w, 2, layers, lw, backend=bd[0])
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_empty_but_meaningful_shapes_agree(bd):
+    """No frame: ``[B, 0]`` scores; no text token (S = 0): q = 0, every score 0; no batch row: ``[0, F]``."""
+    chunk, text, w = _small(bd[1])
+    out = streamkern.consensus_frame_scores(chunk[:, :, :0], text, w, 2, (0, 1), (0.5, 0.5), backend=bd[0])
+    assert out.shape == (1, 0)
+    out = streamkern.consensus_frame_scores(chunk, text[:, :, :0], w[:0], 2, (0, 1), (0.5, 0.5), backend=bd[0])
+    assert torch.equal(out.cpu(), torch.zeros(1, 3))
+    out = streamkern.consensus_frame_scores(chunk[:, :0], text[:, :0], w, 2, (0, 1), (0.5, 0.5), backend=bd[0])
+    assert out.shape == (0, 3)
+
+
+NON_FINITE = [  # (tensor, index, value): IEEE over the expanded sum of products k·q, the same on every backend
+    pytest.param("chunk_k", (1, 0, 3, 1, 2), float("inf"), id="chunk-inf"),
+    pytest.param("chunk_k", (1, 0, 3, 1, 2), float("nan"), id="chunk-nan"),
+    pytest.param("text_k", (0, 0, 1, 0, 0), float("inf"), id="text-inf"),  # q inf: per-token products meet ±inf
+    pytest.param("entity_weights", (1,), float("inf"), id="weight-inf"),
+]
+
+
+@pytest.mark.parametrize("name, index, value", NON_FINITE)
+@pytest.mark.parametrize("bd", backend_params())
+def test_non_finite_values_propagate_alike(bd, name, index, value):
+    """Triton used to add padding token lanes (key 0 times an infinite q: NaN) and the reference averaged keys
+    before the dot, so the same input gave NaN, +inf or -inf by backend."""
+    chunk, text, w = _small("cpu")
+    args = dict(chunk_k=chunk, text_k=text, entity_weights=w)
+    args[name][index] = value
+    want = ref.consensus_frame_scores(*(args[n].double() for n in ("chunk_k", "text_k", "entity_weights")), 2,
+                                      (0, 1), (0.5, 0.25))
+    got = streamkern.consensus_frame_scores(*(args[n].to(bd[1]) for n in ("chunk_k", "text_k", "entity_weights")),
+                                            2, (0, 1), (0.5, 0.25), backend=bd[0]).cpu()
+    assert not torch.isfinite(want).all()
+    for cls in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(cls(got), cls(want)), f"{cls.__name__}: got {got}, want {want}"
+    finite = torch.isfinite(want)
+    assert_parity(got[finite], want[finite], torch.float32)
+
+
 def test_default_layers_need_30_blocks():
     """The default layers (0, 15, 29) on a 20-block model: ValueError naming layers[2]."""
     with pytest.raises(ValueError, match=r"layers\[2\]: expected an int in \[0, 19\], got 29"):
@@ -220,9 +290,9 @@ def test_extension_op_rejects_direct_misuse():
     out = torch.zeros(2, 2)
     args = (g["chunk_k"], g["text_k"], g["entity_weights"], 3)
     with pytest.raises(RuntimeError, match="layer 3 out of range"):
-        torch.ops.streamkern_C.consensus_scores_(out, *args, [3], [1.0])
+        torch.ops.streamkern_C.consensus_frame_scores_(out, *args, [3], [1.0])
     with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 \[B, F\]"):
-        torch.ops.streamkern_C.consensus_scores_(torch.zeros(2, 3), *args, [0], [1.0])
+        torch.ops.streamkern_C.consensus_frame_scores_(torch.zeros(2, 3), *args, [0], [1.0])
     assert torch.equal(out, torch.zeros(2, 2))
 
 

@@ -488,18 +488,19 @@ def test_bad_gate_inputs_write_nothing():
 @pytest.mark.parametrize("bd", backend_params(exclude=("triton",)))
 def test_opcheck(bd):
     b, dev = bd
-    from streamkern.drift_gate import _drift_op, _importance_op
+    from streamkern.drift_gate import attention_weighted_drift_op, drift_gate_step_op, patch_importance_op
 
     args = _drift_inputs((2, 3, 16, 24, 8, 3, (3, 2)), torch.float32, dev, True)
-    torch.library.opcheck(_drift_op, args + (b,))
-    from streamkern.drift_gate import _gate_op
+    torch.library.opcheck(attention_weighted_drift_op.custom_op, args + (b,))
 
     image, prev_small, imp, pool, dil = args
     state, counter = torch.rand(2, 5, device=dev, dtype=torch.float64)[:, 1:], torch.zeros(1, dtype=torch.int32,
                                                                                             device=dev)
     for frame, prev_state in (((None, None), None), ((prev_small, imp), state.contiguous() + 0.01)):
-        torch.library.opcheck(_gate_op, (image, *frame, state, prev_state, counter, pool, dil, 0.5, 0.05, b))
-    torch.library.opcheck(_importance_op, (_attention(4, 2, 2, 9, device=dev, strided=True), [1, 3], 4, 3, [2, 2], b))
+        torch.library.opcheck(drift_gate_step_op.custom_op,
+                              (image, *frame, state, prev_state, counter, pool, dil, 0.5, 0.05, b))
+    torch.library.opcheck(patch_importance_op.custom_op,
+                          (_attention(4, 2, 2, 9, device=dev, strided=True), [1, 3], 4, 3, [2, 2], b))
 
 
 @pytest.mark.parametrize("bd", backend_params(exclude=("triton",)))

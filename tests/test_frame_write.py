@@ -182,6 +182,33 @@ def test_bad_inputs_raise_before_writing(backend, make, exc, msg):
     assert all(torch.equal(a, b) for a, b in zip(args[:3], before))
 
 
+OVERLAPS = [  # (what is changed, the argument the error names)
+    pytest.param("expanded-pool", "pool_k", id="pool-expanded"),
+    pytest.param("v-is-k", "pool_v", id="pool-v-is-pool-k"),
+    pytest.param("k-new-in-pool", "k_new", id="k-new-inside-pool"),
+    pytest.param("v-new-in-mean", "v_new", id="v-new-overlaps-k-mean"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("what, name", OVERLAPS)
+def test_overlapping_outputs_raise_before_writing(backend, what, name):
+    pool_k, pool_v, k_mean, k_new, v_new, pages = _case(CASES[1].values[0], torch.float32, "cpu")
+    if what == "expanded-pool":
+        pool_k = pool_k[:, :1].expand(pool_k.shape)
+    if what == "v-is-k":
+        pool_v = pool_k[:]
+    if what == "k-new-in-pool":
+        k_new = pool_k.reshape(-1)[3:3 + k_new.numel()].view(k_new.shape)
+    if what == "v-new-in-mean":
+        flat = torch.zeros(k_mean.numel() + v_new.numel())
+        k_mean, v_new = flat[:k_mean.numel()].view(k_mean.shape), flat[5:5 + v_new.numel()].view(v_new.shape)
+    before = [t.clone() for t in (pool_k, pool_v, k_mean)]
+    with pytest.raises(ValueError, match=f"{name}: expected a tensor"):
+        streamkern.frame_write(pool_k, pool_v, k_mean, k_new, v_new, pages, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip((pool_k, pool_v, k_mean), before))
+
+
 def test_frame_pool_bad_arguments():
     with pytest.raises(ValueError, match="frame_len: expected an int in \\[1"):
         streamkern.FramePool(1, 1, 2, 0, 1, 4)
@@ -216,7 +243,8 @@ def test_compile_fullgraph(bd):
 
 
 @pytest.mark.parametrize("bd", GPU)
-def test_one_launch_per_call(bd):
+def test_one_launch_per_call(bd, monkeypatch):
+    monkeypatch.undo()                                       # poisoned allocations would count as fills
     args = _case(CASES[1].values[0], torch.float32, bd[1])
     assert count_launches(streamkern.frame_write, *args, backend=bd[0], device=bd[1]) == 1
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import backend_params
+from conftest import assert_raises_untouched, backend_params
 
 import streamkern
 from streamkern.reference import kv_ring as ref
@@ -192,6 +192,47 @@ def test_bad_inputs_raise_before_writing(backend, bad, kwargs, exc, msg):
         streamkern.ring_write(*args, backend=backend, **kwargs)
     for a, s in zip([a for a in args[:2] if isinstance(a, torch.Tensor)], snapshot):
         assert torch.equal(a, s)
+
+
+# Issue 11 item 2: an output that overlaps itself or an input used to be written silently (cpu, triton) or give a
+# backend-dependent cache. Every backend now raises, naming the argument, before writing.
+def _overlapping(which, device):
+    ck, cv, kn, vn, start = (a.to(device) if isinstance(a, torch.Tensor) else a for a in _good())
+    if which == "k_new":
+        kn = ck[:, :, 0:3]                                   # the issue's case, with start=1
+    elif which == "v_new":
+        vn = cv.view(-1)[5:5 + vn.numel()].view(vn.shape)    # partial overlap, unaligned
+    elif which == "cache_k":
+        ck = ck[:1].expand(2, 1, 6, 2, 4)                    # one layer's storage expanded over NL (stride 0)
+    elif which == "cache_v":
+        cv = ck                                              # k and v caches in the same memory
+    return ck, cv, kn, vn, start
+
+
+@pytest.mark.parametrize("which", ["k_new", "v_new", "cache_k", "cache_v"])
+@pytest.mark.parametrize("bd", backend_params())
+def test_overlapping_arguments_raise_before_writing(bd, which):
+    args = _overlapping(which, bd[1])
+    assert_raises_untouched(lambda *a: streamkern.ring_write(*a, backend=bd[0]), args, ValueError, f"^{which}: ")
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_append_rejects_new_tokens_that_alias_the_ring(bd):
+    ring = streamkern.KVRing(2, 1, 2, 4, window=5, sink=1, dtype=torch.float32, device=bd[1], backend=bd[0])
+    ring.append(torch.randn(2, 1, 4, 2, 4, device=bd[1]), torch.randn(2, 1, 4, 2, 4, device=bd[1]))
+    k, v, pos = ring.k.clone(), ring.v.clone(), ring.positions.clone()
+    with pytest.raises(ValueError, match="^k_new: .*share memory with cache_k"):
+        ring.append(ring.k[:, :, 0:3], torch.zeros(2, 1, 3, 2, 4, device=bd[1]))
+    assert ring.count == 4 and torch.equal(ring.positions, pos)
+    assert torch.equal(ring.k, k) and torch.equal(ring.v, v)
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_interleaved_k_and_v_caches_are_not_overlap(bd):
+    """k and v of each token side by side in one buffer share no element: accepted, and written correctly."""
+    buf = torch.randn(3, 2, 9, 2, 3, 5).to(bd[1])
+    _, _, k_new, v_new, start, sink = _case(CASES[1].values[0], torch.float32, bd[1])
+    _check_against_reference64(bd, buf[:, :, :, 0], buf[:, :, :, 1], k_new, v_new, start, sink)
 
 
 def test_kvring_rejects_bad_arguments():

@@ -224,6 +224,53 @@ def test_large_logits_stay_finite(bd, dtype):
     assert torch.isfinite(out).all()
 
 
+# --- non-finite values and scales (issue 11 item 5; README "Error rules") ------------------------------------
+# Scales [2, 3] with the "var" rule: queries 0-1 (scale 0) see keys 0-1 only, queries 2-4 see every key.
+# Queries are positive, so a key row of +inf gives scores of +inf and a key row of -inf scores of -inf.
+
+
+def _poisoned(value, key, device):
+    ids = _ids_from_sizes([2, 3], "cpu")
+    q, k, v = _qkv(1, 2, 5, 5, 16, torch.float32, "cpu", seed=5)
+    q = q.abs() + 0.1
+    k_bad = k.clone()
+    k_bad[:, :, key, 3] = value
+    return ids, q.to(device), k_bad.to(device), v.to(device), k
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("bd", ALL)
+def test_non_finite_key_reaches_only_the_rows_that_may_see_it(bd, value):
+    """A key masked out for a row never touches it, whatever its value (the torch reference used to add a −inf
+    bias, so +inf − inf gave NaN rows that cannot see the key); a row that sees a +inf or NaN score is NaN."""
+    ids, q, k_bad, v, k = _poisoned(value, 2, bd[1])  # key 2 has scale 1: only queries 2-4 see it
+    out = _run(bd, q, k_bad, v, ids, ids, streamkern.scale_allow(2)).cpu()
+    assert out[:, :, 2:].isnan().all()
+    assert_parity(out[:, :, :2], _reference(q, k, v, ids, ids, streamkern.scale_allow(2))[:, :, :2], torch.float32)
+
+
+@pytest.mark.parametrize("bd", ALL)
+def test_row_whose_allowed_scores_are_all_minus_inf_is_zero(bd):
+    """Query 0 (scale 0) sees keys 0-1, both with a −inf score: zeros, like a row with no allowed key (a −inf
+    score is an additively masked key); queries 2-4 give those keys weight 0."""
+    ids, q, k_bad, v, _ = _poisoned(float("-inf"), slice(0, 2), bd[1])
+    out = _run(bd, q, k_bad, v, ids, ids, streamkern.scale_allow(2)).cpu()
+    assert torch.equal(out[:, :, :2], torch.zeros(1, 2, 2, 16))
+    want = F.scaled_dot_product_attention(q[:, :, 2:].cpu().double(), k_bad[:, :, 2:].cpu().double(),
+                                          v[:, :, 2:].cpu().double(), scale=16 ** -0.5)
+    assert_parity(out[:, :, 2:], want, torch.float32)
+
+
+@pytest.mark.parametrize("sm_scale", [float("inf"), float("nan"), -1.0, 0.0])
+@pytest.mark.parametrize("bd", ALL)
+def test_sm_scale_must_be_finite_and_positive(bd, sm_scale):
+    args = _good()
+    args = (args["q"].to(bd[1]), args["k"].to(bd[1]), args["v"].to(bd[1]), args["q_scale"].to(bd[1]),
+            args["k_scale"].to(bd[1]), args["allow"].to(bd[1]))
+    with pytest.raises(ValueError, match="^sm_scale: expected a finite number in \\(0"):
+        streamkern.block_masked_attention(*args, sm_scale=sm_scale, backend=bd[0])
+
+
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cuda")))
 def test_skipped_tiles_never_read(bd):
     """Keys/values of a scale no query may see fill whole tiles (128-aligned, the largest block of any backend)
@@ -342,12 +389,22 @@ def test_cuda_backend_reports_why_missing():
 # --- torch.library / torch.compile -----------------------------------------------------------
 
 
+def test_triton_declares_its_head_dim_limit():
+    if "triton" not in streamkern.available_backends("cpu"):
+        pytest.skip("triton cannot run on CPU tensors here")
+    D = sa.MAX_TRITON_HEAD_DIM + 1
+    q = torch.randn(1, 1, 3, D)
+    ids = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(streamkern.BackendUnavailable, match=f"takes head dims D <= {D - 1}.*got D={D}"):
+        streamkern.block_masked_attention(q, q, q, ids, ids, sa.scale_allow(1), backend="triton")
+
+
 @pytest.mark.parametrize("bd", ALL)
 def test_opcheck(bd):
     ids = _ids_from_sizes([1, 4, 11], bd[1])
     q, k, v = _qkv(1, 2, 16, 16, 16, torch.float32, bd[1])
     allow = streamkern.scale_allow(3, device=bd[1])
-    torch.library.opcheck(sa._attention_op, (q, k, v, ids, ids, allow, True, 0.5, bd[0]))
+    torch.library.opcheck(sa.block_masked_attention_op.custom_op, (q, k, v, ids, ids, allow, True, 0.5, bd[0]))
 
 
 @pytest.mark.parametrize("bd", ALL)

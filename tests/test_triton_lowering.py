@@ -7,8 +7,9 @@ pointers given the divisibility hint, as Triton's JIT specialises them; floats `
 constexpr values and ``num_warps``/``num_stages``. One subprocess without ``TRITON_INTERPRET`` (so ``triton.jit``
 gives real JITFunctions) compiles each distinct specialisation with ``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)`` and ``GPUTarget("cuda", 89, 32)`` into an empty cache, and checks the kernel's shared
-memory against the per-block limit of the arch (227 KiB on sm_90, 99 KiB on sm_89). The scale-attention launcher
-is recorded with its GPU tiles and dot dtypes (64×64 and 128×64 tiles, bf16/fp16 dots), not the interpreter's.
+memory against the per-block limit of the arch (227 KiB on sm_90, 99 KiB on sm_89). The scale-attention and
+frame-attention launchers are recorded with their GPU tiles and dot dtypes (64×64 and 128×64 tiles, bf16/fp16
+dots), not the interpreter's.
 
 What it proves: each recorded specialisation lowers through Triton's passes and ptxas to a cubin for both
 targets: no Triton-to-PTX type errors, no op the backend cannot lower for that arch, no layout or shared-memory
@@ -215,9 +216,29 @@ def _attention(dtype):
         sk.block_masked_attention(q, k, v, ids, ids, allow, self_attend=self_attend, **TRITON)
 
 
+def _frame_ops(dtype):
+    """frame_write and frame_topk (shared and per head) on a tiny pool, frame_attention with and without the new
+    chunk and gate (per-head and stride-0 shared tables; D 16 and 80, run under the GPU tiles)."""
+    pool = sk.FramePool(2, 2, 4, 5, 2, 16, dtype=dtype, device=DEVICE, backend="triton")
+    pool.write(_randn(2, 2, 10, 2, 16, dtype=dtype), _randn(2, 2, 10, 2, 16, dtype=dtype, seed=1),
+               torch.tensor([3, 0], device=DEVICE))
+    q = _randn(2, 3, 2, 16, dtype=dtype, seed=2)
+    cand = torch.tensor([[0, 3, -1], [2, 3, 1]], device=DEVICE)
+    for per_head in (True, False):
+        sk.frame_topk(q, pool.k_mean[0], cand, 2, per_head=per_head, **TRITON)
+    for D in (16, 80):
+        q, new_k, new_v = (_randn(2, 40, 2, D, dtype=dtype, seed=s) for s in range(3))
+        pages = [_randn(2, 4, 5, 2, D, dtype=dtype, seed=s) for s in (3, 4)]
+        table = torch.tensor([[[0, -1, 3], [2, 2, 1]], [[1, 0, -1], [3, 3, 3]]], device=DEVICE)
+        sk.frame_attention(q, *pages, table, new_k=new_k, new_v=new_v, gate=torch.tensor([True, False],
+                                                                                        device=DEVICE), **TRITON)
+        sk.frame_attention(q, *pages, table[:, 0], **TRITON)
+
+
 def _gpu_tiles():
-    """Make the scale-attention launcher pick the tiles and dot dtypes it picks on a GPU (the interpreter runs them
-    too; the values it computes are not looked at here)."""
+    """Make the scale-attention and frame-attention launchers pick the tiles and dot dtypes they pick on a GPU
+    (``_blocks``/``_dot_dtype`` of kernels/scale_attention.py; the interpreter runs them too, the values it computes
+    are not looked at here)."""
     return mock.patch.object(importlib.import_module("streamkern.kernels.scale_attention"), "triton_interpreting",
                              lambda: False)
 
@@ -238,6 +259,7 @@ def _run_every_op():
     with _gpu_tiles():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             _attention(dtype)
+            _frame_ops(dtype)
 
 
 # --- compiling in a process where triton.jit gives JITFunctions ------------------------------------------------

@@ -1,14 +1,17 @@
 """verify_scales (DESIGN.md §4.4): every backend against the float64 "torch" reference and the SDVAR-style eager
 check, losslessness of sample mode (χ² with power), edge cases, bad input, opcheck, torch.compile, no host sync."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import backend_params
 
 import streamkern
 from streamkern import scale_layout
+from streamkern.pipelines import count_host_syncs
 from streamkern.reference import verify as ref
 from streamkern.testing import assert_parity
-from streamkern.verify import _verify_op, verify_scales
+from streamkern.verify import verify_scales, verify_scales_op
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -313,11 +316,111 @@ def test_nan_rows_never_match_and_give_minus_one(bd, mode):
 
 
 @pytest.mark.parametrize("bd", backend_params())
-def test_empty_batch(bd):
+def test_invalid_rows_from_infinities_cfg_and_temperature(bd):
+    """+inf entries, all-NaN rows, CFG's inf − inf and l / temperature overflowing to +inf make a row invalid
+    (never matches, target/draw −1); a row with some −inf entries stays valid (those entries have p = 0).
+    Compared with the "torch" formulas at the kernels' float32 precision (overflow is precision-specific)."""
     backend, device = bd
-    res = verify_scales(torch.zeros(0, 4, 5, device=device), torch.zeros(0, 4, dtype=torch.long, device=device),
-                        LAYOUT, 1, 1, backend=backend)
+    B, T, V, cfg = 2, window(0, 2), 6, [0.5, 1.0]
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(2 * B, T, V, generator=g)
+    logits[0, 0, 2] = float("inf")                                         # +inf entry
+    logits[1, 1] = float("nan")                                            # all-NaN row
+    logits[0, 2, 1] = logits[B, 2, 1] = float("inf")                       # (1 + t)·inf − t·inf = NaN
+    logits[1, 0, :3] = float("-inf")                                       # partly −inf: valid
+    logits[0, 1] = logits[B, 1] = 1e38                                     # finite; l / 0.25 = +inf in float32
+    x = combined(logits, 0, 2, cfg)
+    draft = torch.nan_to_num(x, nan=0.0).argmax(-1)
+    q = torch.full((B, T, V), 1.0 / V)
+    u = torch.rand(B, T, 2, generator=g) * 0.99
+    to = lambda t: t.to(device)  # noqa: E731
+    greedy = verify_scales(to(logits), to(draft), LAYOUT, 0, 2, cfg=cfg, threshold=1.0, backend=backend)
+    sample = verify_scales(to(logits), to(draft.clamp(max=0)), LAYOUT, 0, 2, cfg=cfg, mode="sample",
+                           temperature=0.25, draft_probs=to(q), uniforms=to(u), backend=backend)
+    offsets = [0, 1, T]
+    assert_same(greedy, ref.verify_scales(logits, draft, offsets, True, 1.0, None, None, cfg, 1.0), torch.float32)
+    assert_same(sample, ref.verify_scales(logits, draft.clamp(max=0), offsets, False, 0.5, q, u, cfg, 0.25),
+                torch.float32)
+    assert greedy.accepted.tolist() == [0, 1] and greedy.match[:, :3].tolist() == [[False, True, False],
+                                                                                  [True, False, True]]
+    assert greedy.tokens[0, 0].item() == -1 and greedy.tokens[1, 1].item() == -1
+    assert sample.accepted.tolist() == [0, 0] and sample.tokens[0, 0].item() == -1
+    assert not sample.match[0, 1] and not sample.match[1, 0]               # overflowed row; a −inf token (x = 0)
+    assert 3 <= sample.tokens[1, 0].item() < V                             # redrawn where p > 0 only
+
+
+def _unchecked_probs_case(kind):
+    """A window where row 0 passes scale 0 (q = p) and two of its scale-1 rows hold uniform draft probabilities
+    that break the rules in one way (the value checks reject them), so that they are used as given."""
+    B, T, V = 2, window(0, 3), 7
+    g = torch.Generator().manual_seed(31)
+    logits = torch.randn(B, T, V, generator=g)
+    q = torch.softmax(logits.double(), -1).float()
+    draft = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, T)
+    u = torch.rand(B, T, 2, generator=g) * 0.99
+    q[0, 1:3] = 1.0 / V                    # rows under test: a residual p − q well above rounding
+    x0, x1 = draft[0, 1].item(), draft[0, 2].item()
+    if kind == "nan":
+        q[0, 1, x0] = q[0, 2, (x1 + 1) % V] = float("nan")
+    elif kind == "negative":
+        q[0, 1, x0] = -0.25
+        q[0, 2, (x1 + 2) % V] = -1.0
+    elif kind == "minus-inf":              # r = +inf: Σ r = +inf, u1·Σ r = +inf (and NaN with u1 = 0)
+        q[0, 1, x0] = q[0, 2, x1] = float("-inf")
+        u[0, 2, 1] = 0.0
+    elif kind == "plus-inf":               # u0·q(x) = +inf never below p(x); r = −inf → 0
+        q[0, 1, x0] = q[0, 2, (x1 + 3) % V] = float("inf")
+    elif kind == "unnormalised":           # rows summing to 3 and to 0
+        q[0, 1] *= 3
+        q[0, 2] = 0
+    return logits, draft, q, u
+
+
+UNCHECKED = ["nan", "negative", "minus-inf", "plus-inf", "unnormalised"]
+
+
+@pytest.mark.parametrize("kind", UNCHECKED)
+@pytest.mark.parametrize("bd", backend_params())
+def test_bad_draft_probs_raise_or_follow_the_ieee_rule(bd, kind, monkeypatch):
+    """"torch"/"cpu" (and GPU backends under STREAMKERN_DEBUG=1) raise naming draft_probs; unchecked (GPU
+    backends, and the C++ kernel behind "cpu" with the check switched off) every backend computes the reference's
+    formulas with IEEE arithmetic: identical tokens, match and accepted counts."""
+    backend, device = bd
+    logits, draft, q, u = _unchecked_probs_case(kind)
+    args = [t.to(device) for t in (logits, draft, q, u)]
+    before = [a.clone() for a in args]
+    run = lambda: verify_scales(args[0], args[1], LAYOUT, 0, 3, mode="sample", draft_probs=args[2],  # noqa: E731
+                                uniforms=args[3], backend=backend)
+    if backend in ("triton", "cuda"):
+        monkeypatch.setenv("STREAMKERN_DEBUG", "1")
+    with pytest.raises(ValueError, match="draft_probs"):
+        run()
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(args, before))
+    if backend == "torch":
+        return
+    monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
+    if backend == "cpu":
+        monkeypatch.setattr(ref, "check_values", lambda *a: None)
+    res = run()
+    exp = ref.verify_scales(logits.double(), draft, [0, 1, 5, 14], False, 0.5, q.double(), u, None, 1.0)
+    assert_same(res, exp, torch.float32)
+    assert res.accepted[0].item() == 1 and not res.match[0, 1]              # the rows under test were redrawn
+    assert (res.tokens[0, 1:5] >= 0).all()
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("cfg", [None, [0.5]], ids=["nocfg", "cfg"])
+@pytest.mark.parametrize("bd", backend_params())
+def test_empty_batch(bd, cfg, mode):
+    backend, device = bd
+    rows = 0
+    kw = dict(mode=mode, cfg=cfg)
+    if mode == "sample":
+        kw.update(draft_probs=torch.zeros(0, 4, 5, device=device))
+    res = verify_scales(torch.zeros(rows, 4, 5, device=device), torch.zeros(0, 4, dtype=torch.long, device=device),
+                        LAYOUT, 1, 1, backend=backend, **kw)
     assert [tuple(t.shape) for t in res] == [(0,), (0, 4), (0, 1), (0, 4)]
+    assert [t.dtype for t in res] == [torch.int64, torch.bool, torch.float32, torch.int64]
 
 
 def test_generator_draws_uniforms():
@@ -340,6 +443,17 @@ BAD = [  # (mutation, error type, words the message must hold)
     pytest.param(lambda a: a.update(num=9), ValueError, "num_scales", id="num-scales"),
     pytest.param(lambda a: a.update(draft_probs=None), ValueError, "draft_probs", id="no-draft-probs"),
     pytest.param(lambda a: a.update(uniforms=a["uniforms"][..., :1]), ValueError, "uniforms", id="uniforms-shape"),
+    pytest.param(lambda a: a.update(cfg=[float("nan"), 1.0]), ValueError, r"cfg\[0\]", id="cfg-nan"),
+    pytest.param(lambda a: a.update(cfg=[1.0, -0.5]), ValueError, r"cfg\[1\].*>= 0", id="cfg-negative"),
+    pytest.param(lambda a: a.update(cfg=[float("inf"), 1.0]), ValueError, r"cfg\[0\].*finite", id="cfg-inf"),
+    pytest.param(lambda a: a.update(cfg=torch.ones(1, 2)), ValueError, "cfg", id="cfg-2d-tensor"),
+    pytest.param(lambda a: a.update(temperature=float("inf")), ValueError, "temperature", id="temperature-inf"),
+    pytest.param(lambda a: a.update(temperature=float("nan")), ValueError, "temperature", id="temperature-nan"),
+    pytest.param(lambda a: a.update(logits=a["logits"][..., :0], draft_probs=a["draft_probs"][..., :0]),
+                 ValueError, "target_logits.*V=0", id="V0"),
+    pytest.param(lambda a: a.update(draft=a["draft"][:, :0]), ValueError, "draft_tokens.*got 0", id="T0"),
+    pytest.param(lambda a: a.update(layout=SimpleNamespace(begin=(0, 1, 1), end=(1, 1, 5))), ValueError,
+                 "layout.*non-empty", id="empty-scale"),
 ]
 
 
@@ -350,7 +464,8 @@ def _bad_args():
 
 def _call(a, backend):
     a = dict(a)
-    return verify_scales(a.pop("logits"), a.pop("draft"), LAYOUT, 1, a.pop("num"), backend=backend, **a)
+    return verify_scales(a.pop("logits"), a.pop("draft"), a.pop("layout", LAYOUT), 1, a.pop("num"),
+                         backend=backend, **a)
 
 
 @pytest.mark.parametrize("mutate,exc,words", BAD)
@@ -388,19 +503,12 @@ def test_bad_values(bd, mutate, words, monkeypatch):
 
 
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
-def test_no_host_sync(bd, monkeypatch):
+def test_no_host_sync(bd):
+    """No host read but the value check ("cpu" checks token values on purpose, booked apart)."""
     backend, device = bd
     a = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _bad_args().items()}
-    if backend == "cpu":  # "cpu" checks token values on purpose (a CPU read); the kernel itself never reads back
-        monkeypatch.setattr(ref, "check_values", lambda *args: None)
-
-    def no_sync(*args, **kwargs):
-        raise AssertionError("host sync on an accelerated path")
-
-    for name in ("item", "__bool__", "__int__", "__float__", "tolist", "cpu"):
-        monkeypatch.setattr(torch.Tensor, name, no_sync)
-    res = _call(a, backend)
-    monkeypatch.undo()
+    with count_host_syncs(forbid=True):
+        res = _call(a, backend)
     assert_same(res, reference(**{"logits": a["logits"].cpu(), "draft": a["draft"].cpu(), "first": 1, "num": 2},
                                **{k: a[k] for k in ("mode", "draft_probs", "uniforms", "cfg")}), torch.float32)
 
@@ -411,8 +519,9 @@ def test_opcheck(backend, mode):
     if backend not in streamkern.available_backends("cpu"):
         pytest.skip(f"{backend} not built")
     logits, draft, kw = make_case(2, 1, 2, 6, torch.float32, cfg=[1.0, 2.0], sample=mode == "sample", seed=13)
-    torch.library.opcheck(_verify_op, (logits, draft, [0, 4, 13], mode == "greedy", 0.5, kw.get("draft_probs"),
-                                       kw.get("uniforms"), kw["cfg"], 1.0, backend))
+    torch.library.opcheck(verify_scales_op.custom_op, (logits, draft, [0, 4, 13], mode == "greedy", 0.5,
+                                                       kw.get("draft_probs"), kw.get("uniforms"), kw["cfg"], 1.0,
+                                                       backend))
 
 
 def test_torch_compile_fullgraph():

@@ -199,9 +199,9 @@ void consensus_cpu(at::Tensor& out, const at::Tensor& chunk_k, const at::Tensor&
   }
 }
 
-void consensus_scores_cpu(at::Tensor out, const at::Tensor& chunk_k, const at::Tensor& text_k,
-                          const at::Tensor& entity_weights, int64_t frame_seq_len, at::IntArrayRef layers,
-                          at::ArrayRef<double> layer_weights) {
+void consensus_frame_scores_cpu(at::Tensor out, const at::Tensor& chunk_k, const at::Tensor& text_k,
+                                const at::Tensor& entity_weights, int64_t frame_seq_len, at::IntArrayRef layers,
+                                at::ArrayRef<double> layer_weights) {
   check_consensus_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
   if (out.numel() == 0) return;
   const std::vector<int64_t> ls(layers.begin(), layers.end());
@@ -211,7 +211,7 @@ void consensus_scores_cpu(at::Tensor out, const at::Tensor& chunk_k, const at::T
     case at::kHalf: return consensus_cpu<c10::Half>(out, chunk_k, text_k, entity_weights, frame_seq_len, ls, lw);
     case at::kBFloat16:
       return consensus_cpu<c10::BFloat16>(out, chunk_k, text_k, entity_weights, frame_seq_len, ls, lw);
-    default: TORCH_CHECK(false, "consensus_scores_: unsupported dtype ", chunk_k.scalar_type());
+    default: TORCH_CHECK(false, "consensus_frame_scores_: unsupported dtype ", chunk_k.scalar_type());
   }
 }
 
@@ -219,8 +219,10 @@ void consensus_scores_cpu(at::Tensor out, const at::Tensor& chunk_k, const at::T
 }  // namespace streamkern
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("consensus_scores_(Tensor(a!) out, Tensor chunk_k, Tensor text_k, Tensor entity_weights, "
+  m.def("consensus_frame_scores_(Tensor(a!) out, Tensor chunk_k, Tensor text_k, Tensor entity_weights, "
         "int frame_seq_len, int[] layers, float[] layer_weights) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("consensus_scores_", &streamkern::consensus_scores_cpu); }
+TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) {
+  m.impl("consensus_frame_scores_", &streamkern::consensus_frame_scores_cpu);
+}

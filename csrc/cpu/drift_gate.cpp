@@ -1,12 +1,12 @@
 // Drift gate (DESIGN.md §4.3): the op schemas and the CPU kernels.
 //
-// drift_weighted_drift_: one parallel pass over the rows of the pooled grid. Task (b, y) pools the `pool` image rows
-// of grid row y for every channel (column sums over the rows, then over `pool` columns), writes small[b, :, y, :],
-// and accumulates
+// attention_weighted_drift_: one parallel pass over the rows of the pooled grid. Task (b, y) pools the `pool` image
+// rows of grid row y for every channel (column sums over the rows, then over `pool` columns), writes
+// small[b, :, y, :], and accumulates
 // Σ_x mean_c|small − prev_small| · dilated_weight(y, x) into partial[b, y]; drift[b] then sums the partials in row
 // order (deterministic). drift_gate_step_: the same pass, then the whole decision of DriftGate.should_recompute
-// (state guard, batch mean, thresholds) in one op call. drift_patch_importance_: tasks (b, chunk of key columns) sum the A action rows of every
-// selected layer and head for their columns, then each batch row is normalised by its sum + 1e-8.
+// (state guard, batch mean, thresholds) in one op call. patch_importance_: tasks (b, chunk of key columns) sum the A
+// action rows of every selected layer and head for their columns, then each batch row is normalised by its sum + 1e-8.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -109,11 +109,12 @@ void pool_and_drift_dispatch(const char* op, float* drift, at::Tensor& small, co
   }
 }
 
-void weighted_drift_cpu(at::Tensor drift, at::Tensor small, const at::Tensor& image, const at::Tensor& prev_small,
-                        const at::Tensor& importance, int64_t pool, int64_t dilation) {
+void attention_weighted_drift_cpu(at::Tensor drift, at::Tensor small, const at::Tensor& image,
+                                  const at::Tensor& prev_small, const at::Tensor& importance, int64_t pool,
+                                  int64_t dilation) {
   check_weighted_drift_args(drift, small, image, prev_small, importance, pool, dilation);
   if (image.size(0) == 0) return;
-  pool_and_drift_dispatch("drift_weighted_drift_", drift.data_ptr<float>(), small, image, &prev_small, &importance,
+  pool_and_drift_dispatch("attention_weighted_drift_", drift.data_ptr<float>(), small, image, &prev_small, &importance,
                           pool, dilation);
 }
 
@@ -134,11 +135,11 @@ double state_max_diff(const at::Tensor& state, const at::Tensor& prev_state) {
   return best;
 }
 
-void gate_step_cpu(at::Tensor recompute, at::Tensor reason, at::Tensor drift, at::Tensor small, at::Tensor counter,
-                   const at::Tensor& image, const std::optional<at::Tensor>& prev_small,
-                   const std::optional<at::Tensor>& importance, const at::Tensor& state,
-                   const std::optional<at::Tensor>& prev_state, int64_t pool, int64_t dilation,
-                   double drift_threshold, double state_threshold) {
+void drift_gate_step_cpu(at::Tensor recompute, at::Tensor reason, at::Tensor drift, at::Tensor small,
+                         at::Tensor counter, const at::Tensor& image, const std::optional<at::Tensor>& prev_small,
+                         const std::optional<at::Tensor>& importance, const at::Tensor& state,
+                         const std::optional<at::Tensor>& prev_state, int64_t pool, int64_t dilation,
+                         double drift_threshold, double state_threshold) {
   check_gate_step_args(recompute, reason, drift, small, counter, image, prev_small, importance, state, prev_state,
                        pool, dilation);
   const int64_t B = image.size(0);
@@ -200,7 +201,7 @@ void patch_importance_cpu(at::Tensor out, const at::Tensor& attn, int64_t start,
     case at::kFloat: return patch_importance_kernel<float>(out, attn, start, end, V, A);
     case at::kHalf: return patch_importance_kernel<at::Half>(out, attn, start, end, V, A);
     case at::kBFloat16: return patch_importance_kernel<at::BFloat16>(out, attn, start, end, V, A);
-    default: TORCH_CHECK(false, "drift_patch_importance_: unsupported attn dtype ", attn.scalar_type());
+    default: TORCH_CHECK(false, "patch_importance_: unsupported attn dtype ", attn.scalar_type());
   }
 }
 
@@ -208,17 +209,17 @@ void patch_importance_cpu(at::Tensor out, const at::Tensor& attn, int64_t start,
 }  // namespace streamkern
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("drift_weighted_drift_(Tensor(a!) drift, Tensor(b!) small, Tensor image, Tensor prev_small, "
+  m.def("attention_weighted_drift_(Tensor(a!) drift, Tensor(b!) small, Tensor image, Tensor prev_small, "
         "Tensor importance, int pool, int dilation) -> ()");
   m.def("drift_gate_step_(Tensor(a!) recompute, Tensor(b!) reason, Tensor(c!) drift, Tensor(d!) small, "
         "Tensor(e!) counter, Tensor image, Tensor? prev_small, Tensor? importance, Tensor state, Tensor? prev_state, "
         "int pool, int dilation, float drift_threshold, float state_threshold) -> ()");
-  m.def("drift_patch_importance_(Tensor(a!) out, Tensor attn, int layer_start, int layer_end, int num_vision_tokens, "
+  m.def("patch_importance_(Tensor(a!) out, Tensor attn, int layer_start, int layer_end, int num_vision_tokens, "
         "int action_tokens) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) {
-  m.impl("drift_weighted_drift_", &streamkern::weighted_drift_cpu);
-  m.impl("drift_gate_step_", &streamkern::gate_step_cpu);
-  m.impl("drift_patch_importance_", &streamkern::patch_importance_cpu);
+  m.impl("attention_weighted_drift_", &streamkern::attention_weighted_drift_cpu);
+  m.impl("drift_gate_step_", &streamkern::drift_gate_step_cpu);
+  m.impl("patch_importance_", &streamkern::patch_importance_cpu);
 }

@@ -2,7 +2,7 @@
 //
 //   sim[i] = exp(-‖poses[i, :3] − current[:3]‖₂ / scale)    (float64, rounded to float: rank_keys.h)
 //   the k smallest pose_key(valid[i], sim[i], i) by a partial sort: descending sim, ties to the lowest index,
-//   NaN below numbers, invalid last -> idx -1 / sim 0.
+//   NaN below numbers, invalid last -> idx -1 / sim 0; k may exceed N (the rows past N are padding too).
 //
 // One pass over the first three columns of poses (any strides, fp32/fp16/bf16 read natively), then
 // std::partial_sort of N packed keys.
@@ -25,7 +25,8 @@ void pose_topk_cpu(at::Tensor idx, at::Tensor sim, const at::Tensor& poses, cons
               current.size(0) == poses.size(1) && valid.size(0) == poses.size(0),
               "pose_topk_: expected poses [N, P >= 3], valid [N], current [P]");
   const int64_t N = poses.size(0), k = idx.numel();
-  TORCH_CHECK(N < (int64_t{1} << kPoseIndexBits) && k <= N && sim.numel() == k, "pose_topk_: expected k <= N < 65536");
+  TORCH_CHECK(N < (int64_t{1} << kPoseIndexBits) && k < (int64_t{1} << kPoseIndexBits) && sim.numel() == k,
+              "pose_topk_: expected N, k < 65536 and sim [k]");
   TORCH_CHECK(poses.scalar_type() == current.scalar_type() && valid.scalar_type() == at::kBool &&
               idx.scalar_type() == at::kLong && sim.scalar_type() == at::kFloat,
               "pose_topk_: expected poses/current of one dtype, bool valid, int64 idx, float32 sim");
@@ -45,12 +46,13 @@ void pose_topk_cpu(at::Tensor idx, at::Tensor sim, const at::Tensor& poses, cons
       keys[i] = pose_key(ok[i * sv], sims[i], static_cast<int>(i));
     }
   });
-  std::partial_sort(keys.begin(), keys.begin() + k, keys.end());
+  const int64_t ranked = std::min(k, N);  // k > N: the rest is padding
+  std::partial_sort(keys.begin(), keys.begin() + ranked, keys.end());
   int64_t* out_idx = idx.data_ptr<int64_t>();
   float* out_sim = sim.data_ptr<float>();
   const int64_t si = idx.stride(0), ssim = sim.stride(0);
   for (int64_t r = 0; r < k; ++r) {
-    const bool chosen = pose_key_chosen(keys[r]);
+    const bool chosen = r < ranked && pose_key_chosen(keys[r]);
     out_idx[r * si] = chosen ? pose_key_index(keys[r]) : -1;
     out_sim[r * ssim] = chosen ? sims[pose_key_index(keys[r])] : 0.0f;
   }

@@ -115,12 +115,15 @@ template <typename T> RowStats scan_row(const Row<T>& row, int64_t V, bool greed
   return st;
 }
 
+// max(0, d) with a NaN d giving 0 (the rule every backend follows for unchecked draft probabilities).
+inline float positive_part(float d) { return d > 0.f ? d : 0.f; }
+
 // Inverse CDF draw from r = max(0, p - q) (p when Σ r = 0); p(v) = exp(l(v)/temp - max) / sum.
 template <typename T, typename Q>
 int64_t redraw(const Row<T>& row, const Q* q, int64_t qs, int64_t V, float inv_temp, float max, float sum, float u) {
   auto p = [&](int64_t v) { return std::exp(row.at(v) * inv_temp - max) / sum; };
   float residual = 0.f;
-  for (int64_t v = 0; v < V; ++v) residual += std::max(0.f, p(v) - static_cast<float>(q[v * qs]));
+  for (int64_t v = 0; v < V; ++v) residual += positive_part(p(v) - static_cast<float>(q[v * qs]));
   const bool use_p = !(residual > 0.f);
   float total = 0.f;
   if (use_p)
@@ -129,7 +132,7 @@ int64_t redraw(const Row<T>& row, const Q* q, int64_t qs, int64_t V, float inv_t
   float cum = 0.f;
   int64_t last = -1;
   for (int64_t v = 0; v < V; ++v) {
-    const float w = use_p ? p(v) : std::max(0.f, p(v) - static_cast<float>(q[v * qs]));
+    const float w = use_p ? p(v) : positive_part(p(v) - static_cast<float>(q[v * qs]));
     cum += w;
     if (w > 0.f) last = v;
     if (cum > target && w > 0.f) return v;

@@ -29,6 +29,6 @@ struct ConsensusParams {
 
 // Zeroes `out` and adds every selected layer's contribution: one kernel launch per 64 selected layers (one in
 // practice). Returns the CUDA error (0 on success).
-LaunchStatus consensus_scores_launch(const ConsensusParams& p, DType dtype, cudaStream_t stream);
+LaunchStatus consensus_frame_scores_launch(const ConsensusParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace streamkern

@@ -1,5 +1,5 @@
 // Torch glue for the CUDA consensus kernel: fills ConsensusParams from the tensors and launches on the current
-// stream. The schema streamkern_C::consensus_scores_ is defined with the CPU kernel in csrc/cpu/consensus.cpp.
+// stream. The schema streamkern_C::consensus_frame_scores_ is defined with the CPU kernel in csrc/cpu/consensus.cpp.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,12 +14,12 @@
 namespace streamkern {
 namespace {
 
-void consensus_scores_cuda(at::Tensor out, const at::Tensor& chunk_k, const at::Tensor& text_k,
-                           const at::Tensor& entity_weights, int64_t frame_seq_len, at::IntArrayRef layers,
-                           at::ArrayRef<double> layer_weights) {
+void consensus_frame_scores_cuda(at::Tensor out, const at::Tensor& chunk_k, const at::Tensor& text_k,
+                                 const at::Tensor& entity_weights, int64_t frame_seq_len, at::IntArrayRef layers,
+                                 at::ArrayRef<double> layer_weights) {
   TORCH_CHECK(chunk_k.is_cuda() && text_k.device() == chunk_k.device() && entity_weights.device() == chunk_k.device() &&
                   out.device() == chunk_k.device(),
-              "consensus_scores_: all tensors must be on one CUDA device");
+              "consensus_frame_scores_: all tensors must be on one CUDA device");
   check_consensus_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
 
   const c10::cuda::CUDAGuard guard(chunk_k.device());
@@ -44,10 +44,12 @@ void consensus_scores_cuda(at::Tensor out, const at::Tensor& chunk_k, const at::
   p.layers = layers.data();
   p.layer_weights = layer_weights.data();
   p.num_layers = static_cast<int32_t>(layers.size());
-  STREAMKERN_CHECK_LAUNCH(consensus_scores_launch(p, dtype_of(chunk_k), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(consensus_frame_scores_launch(p, dtype_of(chunk_k), at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
 }  // namespace streamkern
 
-TORCH_LIBRARY_IMPL(streamkern_C, CUDA, m) { m.impl("consensus_scores_", &streamkern::consensus_scores_cuda); }
+TORCH_LIBRARY_IMPL(streamkern_C, CUDA, m) {
+  m.impl("consensus_frame_scores_", &streamkern::consensus_frame_scores_cuda);
+}

@@ -1,10 +1,10 @@
 // Drift gate CUDA kernels.
 //
-// weighted_drift: one block per batch row (camera). The block's threads stride over the h·w cells of the pooled
-// grid; a thread pools its cell for every channel (pool×pool strided loads; neighbouring threads read neighbouring
-// column segments, so a warp's loads coalesce), writes small, and multiplies mean_c|Δ| by the dilated bilinear weight
-// (d² taps of the gh×gw map, L1-resident). A fixed-order block reduction writes drift[b]: no atomics, no zeroed
-// buffer, one launch, bit-reproducible decisions. At 3×224×224 a block reads 150k elements per camera.
+// attention_weighted_drift: one block per batch row (camera). The block's threads stride over the h·w cells of the
+// pooled grid; a thread pools its cell for every channel (pool×pool strided loads; neighbouring threads read
+// neighbouring column segments, so a warp's loads coalesce), writes small, and multiplies mean_c|Δ| by the dilated
+// bilinear weight (d² taps of the gh×gw map, L1-resident). A fixed-order block reduction writes drift[b]: no atomics,
+// no zeroed buffer, one launch, bit-reproducible decisions. At 3×224×224 a block reads 150k elements per camera.
 //
 // drift_gate: DriftGate.should_recompute in one launch. Grid (splits, B), a thread per pooled cell as above, each
 // block writes the partial drift of its cells; the last block to arrive (an atomic counter that it resets to 0)
@@ -246,7 +246,7 @@ LaunchStatus launch_on_image_dtype(DType image_dtype, dim3 grid, cudaStream_t st
 
 }  // namespace
 
-LaunchStatus weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, cudaStream_t stream) {
+LaunchStatus attention_weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, cudaStream_t stream) {
   if (p.B == 0) return 0;
   return launch_on_image_dtype<WeightedDriftKernel>(image_dtype, dim3(static_cast<unsigned>(p.B)), stream, p);
 }
@@ -256,7 +256,7 @@ int drift_gate_splits(int64_t h, int64_t w) {
   return static_cast<int>(blocks < 1 ? 1 : blocks);
 }
 
-LaunchStatus drift_gate_launch(const DriftGateParams& p, DType image_dtype, cudaStream_t stream) {
+LaunchStatus drift_gate_step_launch(const DriftGateParams& p, DType image_dtype, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.frame.B));
   return launch_on_image_dtype<DriftGateKernel>(image_dtype, grid, stream, p);
 }

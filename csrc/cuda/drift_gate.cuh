@@ -48,10 +48,10 @@ struct PatchImportanceParams {
 };
 
 // image_dtype: float32/float16/bfloat16 (small in the same dtype) or uint8 (small float32, values / 255).
-LaunchStatus weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, cudaStream_t stream);
-// Blocks per camera of drift_gate_launch (the size of DriftGateParams::partial is B × this).
+LaunchStatus attention_weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, cudaStream_t stream);
+// Blocks per camera of drift_gate_step_launch (the size of DriftGateParams::partial is B × this).
 int drift_gate_splits(int64_t h, int64_t w);
-LaunchStatus drift_gate_launch(const DriftGateParams& p, DType image_dtype, cudaStream_t stream);
+LaunchStatus drift_gate_step_launch(const DriftGateParams& p, DType image_dtype, cudaStream_t stream);
 LaunchStatus patch_importance_launch(const PatchImportanceParams& p, DType attn_dtype, cudaStream_t stream);
 
 }  // namespace streamkern

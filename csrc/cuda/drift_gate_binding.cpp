@@ -36,20 +36,21 @@ WeightedDriftParams frame_params(at::Tensor& small, const at::Tensor& image, con
   return p;
 }
 
-void weighted_drift_cuda(at::Tensor drift, at::Tensor small, const at::Tensor& image, const at::Tensor& prev_small,
-                         const at::Tensor& importance, int64_t pool, int64_t dilation) {
+void attention_weighted_drift_cuda(at::Tensor drift, at::Tensor small, const at::Tensor& image,
+                                   const at::Tensor& prev_small, const at::Tensor& importance, int64_t pool,
+                                   int64_t dilation) {
   check_weighted_drift_args(drift, small, image, prev_small, importance, pool, dilation);
   const c10::cuda::CUDAGuard guard(image.device());
   WeightedDriftParams p = frame_params(small, image, &prev_small, &importance, pool, dilation);
   p.drift = drift.data_ptr<float>();
-  STREAMKERN_CHECK_LAUNCH(weighted_drift_launch(p, dtype_of(image), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(attention_weighted_drift_launch(p, dtype_of(image), at::cuda::getCurrentCUDAStream()));
 }
 
-void drift_gate_cuda(at::Tensor recompute, at::Tensor reason, at::Tensor drift, at::Tensor small, at::Tensor counter,
-                     const at::Tensor& image, const std::optional<at::Tensor>& prev_small,
-                     const std::optional<at::Tensor>& importance, const at::Tensor& state,
-                     const std::optional<at::Tensor>& prev_state, int64_t pool, int64_t dilation,
-                     double drift_threshold, double state_threshold) {
+void drift_gate_step_cuda(at::Tensor recompute, at::Tensor reason, at::Tensor drift, at::Tensor small,
+                          at::Tensor counter, const at::Tensor& image, const std::optional<at::Tensor>& prev_small,
+                          const std::optional<at::Tensor>& importance, const at::Tensor& state,
+                          const std::optional<at::Tensor>& prev_state, int64_t pool, int64_t dilation,
+                          double drift_threshold, double state_threshold) {
   check_gate_step_args(recompute, reason, drift, small, counter, image, prev_small, importance, state, prev_state,
                        pool, dilation);
   TORCH_CHECK(image.size(0) <= 65535, "drift_gate_step_: at most 65535 cameras per launch");
@@ -73,7 +74,7 @@ void drift_gate_cuda(at::Tensor recompute, at::Tensor reason, at::Tensor drift, 
   g.state_dtype = dtype_of(state);
   g.drift_threshold = drift_threshold;
   g.state_threshold = state_threshold;
-  STREAMKERN_CHECK_LAUNCH(drift_gate_launch(g, dtype_of(image), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(drift_gate_step_launch(g, dtype_of(image), at::cuda::getCurrentCUDAStream()));
 }
 
 void patch_importance_cuda(at::Tensor out, const at::Tensor& attn, int64_t start, int64_t end, int64_t V, int64_t A) {
@@ -102,7 +103,7 @@ void patch_importance_cuda(at::Tensor out, const at::Tensor& attn, int64_t start
 }  // namespace streamkern
 
 TORCH_LIBRARY_IMPL(streamkern_C, CUDA, m) {
-  m.impl("drift_weighted_drift_", &streamkern::weighted_drift_cuda);
-  m.impl("drift_gate_step_", &streamkern::drift_gate_cuda);
-  m.impl("drift_patch_importance_", &streamkern::patch_importance_cuda);
+  m.impl("attention_weighted_drift_", &streamkern::attention_weighted_drift_cuda);
+  m.impl("drift_gate_step_", &streamkern::drift_gate_step_cuda);
+  m.impl("patch_importance_", &streamkern::patch_importance_cuda);
 }

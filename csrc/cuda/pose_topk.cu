@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) pose_topk_kernel(PoseTopkParams p, i
   }
   __syncthreads();
   for (int r = threadIdx.x; r < p.k; r += kThreads) {
-    const unsigned long long key = keys[r];
+    const unsigned long long key = r < n2 ? keys[r] : kPosePad;  // k > N: padding
     const bool chosen = pose_key_chosen(key);
     p.idx[r] = chosen ? pose_key_index(key) : -1;
     p.sim[r] = chosen ? pose_key_sim(key) : 0.0f;
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) pose_topk_kernel(PoseTopkParams p, i
 }  // namespace
 
 LaunchStatus pose_topk_launch(const PoseTopkParams& p, DType dtype, void* stream) {
-  if (p.N < 0 || p.N > kMaxEntries || p.k < 0 || p.k > p.N) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.N < 0 || p.N > kMaxEntries || p.k < 0 || p.k > kMaxEntries) return static_cast<int>(cudaErrorInvalidValue);
   if (p.k == 0) return static_cast<int>(cudaSuccess);
   int n2 = 2;
   while (n2 < p.N) n2 <<= 1;

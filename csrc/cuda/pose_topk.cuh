@@ -12,7 +12,7 @@ struct PoseTopkParams {
   const void* current;  // [P], stride s_c
   int64_t* idx;         // [k] contiguous
   float* sim;           // [k] contiguous
-  int N, k;             // 0 <= k <= N <= 4096
+  int N, k;             // 0 <= N <= 4096, 0 <= k <= 4096 (rows past N are padding)
   int64_t p0, p1, s_c, s_v;
   double scale;
 };

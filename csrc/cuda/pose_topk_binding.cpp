@@ -18,8 +18,8 @@ void pose_topk_cuda(at::Tensor idx, at::Tensor sim, const at::Tensor& poses, con
               valid.size(0) == poses.size(0) && current.dim() == 1 && current.size(0) == poses.size(1) &&
               current.scalar_type() == poses.scalar_type() && valid.scalar_type() == at::kBool &&
               idx.scalar_type() == at::kLong && sim.scalar_type() == at::kFloat && idx.is_contiguous() &&
-              sim.is_contiguous() && idx.numel() == sim.numel() && idx.numel() <= poses.size(0),
-              "pose_topk_: expected poses [N <= 4096, P >= 3], bool valid [N], current [P], contiguous idx/sim [k <= N]");
+              sim.is_contiguous() && idx.numel() == sim.numel() && idx.numel() <= 4096,
+              "pose_topk_: expected poses [N <= 4096, P >= 3], bool valid [N], current [P], contiguous idx/sim [k <= 4096]");
   const c10::cuda::CUDAGuard guard(poses.device());
   PoseTopkParams p{poses.data_ptr(), valid.data_ptr<bool>(), current.data_ptr(), idx.data_ptr<int64_t>(),
                    sim.data_ptr<float>(), static_cast<int>(poses.size(0)), static_cast<int>(idx.numel()),

@@ -164,8 +164,8 @@ template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G
   MaxSum st{-kInf, 0.f};
   const float it = p.inv_temp;
   for_each_logit<T, G>(p, row, lane, [&](int64_t, float l) {
-    bad |= !(l < kInf);
     const float z = l * it;
+    bad |= !(z < kInf);  // sample mode: validity of l / temperature
     if (z > st.m) {
       st.s = st.s * __expf(st.m - z) + 1.f;
       st.m = z;
@@ -225,7 +225,10 @@ template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G
   const Row<T> row(p, b, t, s);
   const int64_t qrow = b * p.sq0 + t * p.sq1;
   auto prob = [&](int64_t v) { return __expf(row.at(v, p.sl2) * p.inv_temp - m) / sum; };
-  auto resid = [&](int64_t v) { return fmaxf(prob(v) - load_float(p.q, p.q_dtype, qrow + v * p.sq2), 0.f); };
+  auto resid = [&](int64_t v) {  // max(0, p − q), NaN → 0 (unchecked draft probabilities)
+    const float d = prob(v) - load_float(p.q, p.q_dtype, qrow + v * p.sq2);
+    return d > 0.f ? d : 0.f;
+  };
   Sums acc{0.f, 0.f};
   for (int64_t v = lane; v < p.V; v += G) {
     acc.r += resid(v);

@@ -1,20 +1,18 @@
-"""What every reference pipeline shares: op lookup, the host-sync counter, per-step timing, the run record, and the
-timer of the parts streamkern replaces.
+"""What every reference pipeline shares: the host-sync counter, per-step timing, the run record, and the timer of
+the parts streamkern replaces.
 
 Host syncs are counted on the CPU by construction: inside :func:`count_host_syncs` every Python-level way of
 reading a tensor's value on the host (``Tensor.item``, ``bool(t)``, ``int(t)``, ``float(t)``, ``operator.index``,
 ``tolist``, ``numpy``, ``cpu``) is wrapped to count (or, with ``forbid=True``, to raise :class:`HostSyncError`).
-Reads made by ``streamkern._checks`` and the ops' ``check_values`` (the value checks DESIGN.md §3 lets the
-``"torch"`` and ``"cpu"`` backends make on CPU tensors, and GPU backends only under ``STREAMKERN_DEBUG=1``) are
-recorded apart as ``check:<kind>`` and left out of the total; reads a pipeline declares with :func:`host_read`
+Reads made by an op's value check (the ``values=`` of its ``define_op``: the checks DESIGN.md §3 lets the
+``"torch"`` and ``"cpu"`` backends make, and GPU backends only under ``STREAMKERN_DEBUG=1``) are recorded apart
+as ``check:<kind>`` and left out of the total; reads a pipeline declares with :func:`host_read`
 are counted as ``decision``. On a CUDA device ``torch.cuda.set_sync_debug_mode("warn")`` (``"error"`` with
 ``forbid``) is switched on as well and each synchronising CUDA call it reports is counted instead.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,22 +20,13 @@ from typing import Callable, Iterator
 
 import torch
 
-import streamkern
+from .._backend import checking_values
 
 _READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
 
 
 class HostSyncError(RuntimeError):
     """A tensor value was read on the host inside a ``count_host_syncs(forbid=True)`` block."""
-
-
-def op(name: str):
-    """The public streamkern op ``name``; ``NotImplementedError`` naming it when it has not landed."""
-    fn = getattr(streamkern, name, None)
-    if fn is None:
-        raise NotImplementedError(f"streamkern.{name} is not implemented yet: the accelerated path of this "
-                                  f"pipeline needs it (DESIGN.md §4); only backend='torch' (eager) can run")
-    return fn
 
 
 @dataclass
@@ -52,26 +41,6 @@ class SyncCount:
         return sum(n for kind, n in self.by_kind.items() if not kind.startswith("check:"))
 
 
-_CHECKS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_checks.py")
-
-
-_VALUE_CHECKS = ("check_values",)   # the ops' value checks outside _checks.py (reference/verify.py)
-
-
-def _from_checks() -> bool:
-    """Whether the tensor read in progress was made by a value check of an op: ``streamkern/_checks.py`` or
-    a function of :data:`_VALUE_CHECKS` (looked up two to four frames up)."""
-    frame = sys._getframe(2)
-    for _ in range(3):
-        if frame is None:
-            return False
-        code = frame.f_code
-        if code.co_name in _VALUE_CHECKS or os.path.abspath(code.co_filename) == _CHECKS_FILE:
-            return True
-        frame = frame.f_back
-    return False
-
-
 @contextlib.contextmanager
 def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
     """Count (or with ``forbid`` refuse) every host read of a tensor value made inside the block."""
@@ -81,7 +50,7 @@ def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
 
     def wrap(name: str, real: Callable) -> Callable:
         def reader(self, *args, **kwargs):
-            kind = f"check:{name}" if _from_checks() else name
+            kind = f"check:{name}" if checking_values() else name
             if forbid and kind == name:
                 raise HostSyncError(f"host sync: Tensor.{name} called on the accelerated hot loop")
             if not self.is_cuda:    # a CUDA tensor's read is counted once, by the sync debug mode

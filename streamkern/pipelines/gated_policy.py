@@ -21,8 +21,9 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ..drift_gate import DriftGate
 from ..reference.drift_gate import ProAttentionGate, seed_reason_code
-from ._runtime import PipelineRun, host_read, nbytes, op, part, timed_step
+from ._runtime import PipelineRun, host_read, nbytes, part, timed_step
 from ._tiny import Block, randn, seeded
 
 REASON_NAMES = {0: "reuse", 1: "state drift", 2: "vision drift", 3: "first frame"}
@@ -143,7 +144,7 @@ class GatedPolicy:
     def _gate(self):
         if self.eager:
             return ProAttentionGate(dilation_kernel=self.dilation, **self.thresholds)
-        return op("DriftGate")(dilation=self.dilation, pool=8, layer_range=(14, 18), num_vision_tokens=256,
+        return DriftGate(dilation=self.dilation, pool=8, layer_range=(14, 18), num_vision_tokens=256,
                                action_tokens=self.policy.action_tokens, grid=(16, 16), backend=self.backend,
                                **self.thresholds)
 

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bank_evict import bank_evict_select
+from ..bank_insert import bank_insert
+from ..consensus import select_frame
 from ..reference.consensus import seed_fast_scores
-from ._runtime import PipelineRun, nbytes, op, part, timed_step
+from ._runtime import PipelineRun, nbytes, part, timed_step
 
 
 @dataclass
@@ -115,12 +118,12 @@ class MemoryBank:
         (``1`` scores a chunk given as the mean key of each frame)."""
         fsl = self.frame_seq_len if frame_seq_len is None else frame_seq_len
         with part("scoring", self.device) as moved:
-            best, scores = op("select_frame")(chunk_k, text_k, entity_weights, fsl, self.layers,
-                                              self.layer_weights, backend=self.backend)
+            best, scores = select_frame(chunk_k, text_k, entity_weights, fsl, self.layers, self.layer_weights,
+                                        backend=self.backend)
             score = scores.gather(1, best[:, None]).mean().reshape(1)
             moved(nbytes(chunk_k[0], text_k[0]) * len(self.layers))
         with part("eviction", self.device) as moved:
-            victim = op("bank_evict_select")(self.scores, self.entity_mask, self.valid, backend=self.backend)
+            victim = bank_evict_select(self.scores, self.entity_mask, self.valid, backend=self.backend)
             slot = victim.reshape(1)
             ids = torch.arange(self.num_entities, device=self.valid.device)
             mask = torch.zeros(1, self.num_entities, dtype=torch.bool, device=self.valid.device)
@@ -137,8 +140,7 @@ class MemoryBank:
     def _insert_ops(self, chunk_k, chunk_v, text_k, entity_weights, entities, first_frame_id):
         best, victim = self.choose(chunk_k, text_k, entity_weights, entities, first_frame_id)
         with part("eviction", self.device) as moved:
-            op("bank_insert")(self.k, self.v, chunk_k, chunk_v, best, victim, self.frame_seq_len,
-                              backend=self.backend)
+            bank_insert(self.k, self.v, chunk_k, chunk_v, best, victim, self.frame_seq_len, backend=self.backend)
             moved(4 * nbytes(self.k[:, :, :self.frame_seq_len]))
 
     # --- public --------------------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ from torch import nn
 
 from ..reference.scale_attention import seed_attention, seed_bias
 from ..reference.verify import inverse_cdf, sdvar_greedy_check
-from ._runtime import PipelineRun, host_read, nbytes, op, part, timed_step
+from ..scale_attention import block_masked_attention, scale_allow, scale_layout
+from ..verify import verify_scales
+from ._runtime import PipelineRun, host_read, nbytes, part, timed_step
 from ._tiny import Block, seeded
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -97,9 +99,9 @@ class SpeculativeVAR:
         self.model = TinyVAR(patch_nums, vocab, depth, seed=seed).to(self.device)
         ns = len(patch_nums)
         self.cfg_t = [cfg * s / max(1, ns - 1) for s in range(ns)]
-        self.allow = op("scale_allow")(ns, "var", device=self.device) if not self.eager else None
+        self.allow = scale_allow(ns, "var", device=self.device) if not self.eager else None
         if not self.eager:
-            self.layout = op("scale_layout")(patch_nums)
+            self.layout = scale_layout(patch_nums)
 
     # --- attention ----------------------------------------------------------------------------------------------
 
@@ -122,12 +124,11 @@ class SpeculativeVAR:
                           k.shape[1] * q.element_size())
                 return out.transpose(1, 2)
             return attend
-        bma = op("block_masked_attention")
 
         def attend(q, k, v, ids):
             with part("masked attention", self.device) as moved:
-                out = bma(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ids, ids, self.allow,
-                          sm_scale=scale, backend=self.backend)
+                out = block_masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ids, ids,
+                                             self.allow, sm_scale=scale, backend=self.backend)
                 moved(nbytes(q, k, v, out))
             return out.transpose(1, 2)
         return attend
@@ -187,7 +188,7 @@ class SpeculativeVAR:
         return min(accepted), tokens
 
     def _verify_ops(self, logits, draft, probs, u, first, g):
-        res = op("verify_scales")(logits, draft, self.layout, first, g, mode=self.mode, threshold=self.threshold,
+        res = verify_scales(logits, draft, self.layout, first, g, mode=self.mode, threshold=self.threshold,
                                   draft_probs=probs, uniforms=u, cfg=self.cfg_t[first:first + g],
                                   temperature=self.temperature, backend=self.backend)
         return host_read(res.accepted.min()), res.tokens

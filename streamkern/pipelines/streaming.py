@@ -26,11 +26,15 @@ frames whose mean key best matches its mean query (``qbar Â· kbar``, DESIGN.md Â
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from ._runtime import PipelineRun, nbytes, op, part, timed_step
+from ..frame_attention import frame_attention
+from ..frame_pool import FramePool
+from ..frame_topk import frame_topk
+from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, randn, sdpa, seeded, sinusoid
 from .memory_bank import MemoryBank
 
@@ -82,6 +86,23 @@ def _circular(start: int, length: int, window: int, offset: int) -> list[tuple[i
     return [(offset + a, offset + window), (offset, offset + a + length - window)]
 
 
+class BlockState(NamedTuple):
+    """What ``StreamingGenerator.run(observe=...)`` hands over after each block (outside the timed step).
+
+    ``frame [B, fpb * fsl, C]`` the block's latent; ``positions [n]`` int64 the logical indices (n-th token ever
+    cached) of the tokens the KV cache holds, ascending; ``cache_k``/``cache_v [NL, B, n, H, D]`` those tokens in
+    that order; ``bank_frames [B, count]`` the stream indices of the bank's frames, sorted per row. Every cache
+    (eager, paged, or any later one) reports the same state for the same stream, so paths can be compared block by
+    block."""
+
+    block: int
+    frame: torch.Tensor
+    positions: torch.Tensor
+    cache_k: torch.Tensor
+    cache_v: torch.Tensor
+    bank_frames: torch.Tensor
+
+
 def _eager_topk_frames(q, bank_k, bank_v, fsl: int, k: int):
     """MemFlow's sparse memory activation, eager: the ``k`` bank frames per head whose mean key best matches the
     mean query, gathered into ``[B, k * fsl, H, D]`` (head h's tokens come from its own frames).
@@ -108,7 +129,14 @@ class _ShiftCache:
         self.fsl, self.sparse, self.device = gen.fsl, gen.sparse_bank, gen.device
         self.bank = MemoryBank(gen.nl, b, h, d, gen.fsl, gen.bank_size, gen.num_entities, dtype=dtype,
                                device=device, backend="torch", eager=True)
-        self.e, self.bank_kv = 0, (None, None)
+        self.e, self.bank_kv, self.count = 0, (None, None), 0
+
+    def held(self):
+        """``(positions [n], k, v [NL, B, n, H, D])``: sinks, then the window from oldest to newest."""
+        positions = torch.cat([torch.arange(self.n_sink), torch.arange(self.count - self.n_win, self.count)])
+        w = slice(self.sink, self.sink + self.n_win)
+        k, v = (torch.stack([torch.cat([t[:, :self.n_sink], t[:, w]], dim=1) for t in ts]) for ts in (self.k, self.v))
+        return positions, k, v
 
     def start_block(self, e: int, text_k, weights, entities, first_frame: int) -> None:
         """Drop the ``e`` oldest window tokens from attention, offering them to the bank first."""
@@ -151,6 +179,7 @@ class _ShiftCache:
             moved(2 * nbytes(k_new, v_new) + (4 * keep * nbytes(k_new[:, :, :1]) * 2 if e else 0))
         self.n_sink += s_new
         self.n_win += k_new.shape[2] - s_new - e
+        self.count += k_new.shape[2]
 
     def held_frames(self) -> torch.Tensor:
         return self.bank.held_frames()
@@ -163,9 +192,6 @@ class _PagedCache:
     host; nothing is read back."""
 
     def __init__(self, gen: "StreamingGenerator"):
-        from streamkern import FramePool, frame_attention, frame_topk
-
-        self.attention, self.topk = frame_attention, frame_topk
         b, self.fsl, self.device, self.backend, self.sparse = gen.batch, gen.fsl, gen.device, gen.backend, gen.sparse_bank
         self.n_sinks, self.W, M = gen.sink // gen.fsl, gen.window // gen.fsl, gen.bank_size
         pages = self.n_sinks + self.W + M
@@ -216,13 +242,13 @@ class _PagedCache:
         table, n_pages = self.table, self.n_pages
         if self.sparse is not None:
             with part("retrieval", self.device) as moved:
-                chosen = self.topk(q, self.pool.k_mean[layer], self.bank_table, self.sparse, backend=self.backend)
+                chosen = frame_topk(q, self.pool.k_mean[layer], self.bank_table, self.sparse, backend=self.backend)
                 H = q.shape[2]
                 table = torch.cat([self.window_table[:, None].expand(-1, H, -1), chosen], dim=2)
                 moved(nbytes(q, chosen) + nbytes(self.pool.k_mean[layer, :, 0]) * self.bank_table.shape[1])
             n_pages += min(self.sparse, self.bank.count) - self.bank.count
         with part("memory attention", self.device) as moved:
-            out = self.attention(q, self.pool.k[layer], self.pool.v[layer], table, new_k=k, new_v=v,
+            out = frame_attention(q, self.pool.k[layer], self.pool.v[layer], table, new_k=k, new_v=v,
                                  backend=self.backend)
             moved(2 * n_pages * nbytes(self.pool.k[layer, :, 0]) + nbytes(q, k, v, out, table))
             return out
@@ -237,6 +263,17 @@ class _PagedCache:
             moved(2 * nbytes(k_new, v_new) + nbytes(self.pool.k_mean[:, :, 0]) * n)
         self.n_sink += s_new
         self.n_total += n - s_new
+
+    def held(self):
+        """``(positions [n], k, v [NL, B, n, H, D])`` read from the pool's pages, sinks then the window oldest first."""
+        held = min(self.n_total, self.W)
+        pages = torch.cat([self.sink_pages[:, :self.n_sink], self._ring(self.n_total - held, held)], dim=1)
+        NL, B, _, F, H, D = self.pool.k.shape
+        idx = pages[None, :, :, None, None, None].expand(NL, -1, -1, F, H, D)
+        k, v = (t.gather(2, idx).reshape(NL, B, -1, H, D) for t in (self.pool.k, self.pool.v))
+        count = (self.n_sink + self.n_total) * F
+        positions = torch.cat([torch.arange(self.n_sink * F), torch.arange(count - held * F, count)])
+        return positions, k, v
 
     def held_frames(self) -> torch.Tensor:
         return self.bank.held_frames()
@@ -330,8 +367,10 @@ class StreamingGenerator(nn.Module):
         frames.append(x)
 
     @torch.no_grad()
-    def run(self, num_blocks: int, forbid_syncs: bool = False, progress=None) -> PipelineRun:
-        """Stream ``num_blocks`` blocks; ``forbid_syncs`` makes any host read in a block raise."""
+    def run(self, num_blocks: int, forbid_syncs: bool = False, progress=None,
+            observe: Callable[[BlockState], None] | None = None) -> PipelineRun:
+        """Stream ``num_blocks`` blocks; ``forbid_syncs`` makes any host read in a block raise; ``observe`` is
+        called with a :class:`BlockState` after each block, outside the timed step (it may read the device)."""
         cache = _ShiftCache(self) if self.eager else _PagedCache(self)
         sched = AdaptiveScheduler(3, 15, 3, self.fpb)
         state, frames = {"n_win": 0, "n_total": 0}, []
@@ -341,6 +380,8 @@ class StreamingGenerator(nn.Module):
             noise = randn((self.batch, T, C), self.seed * 1000 + i, self.device, self.dtype)   # input, untimed
             timed_step(record, self.device, lambda: self._block(i, noise, cache, sched, state, frames),
                        forbid=forbid_syncs)
+            if observe is not None:
+                observe(BlockState(i, frames[-1], *cache.held(), cache.held_frames()))
             if progress is not None:
                 progress()
         record.outputs = {"frames": torch.stack(frames), "bank_frames": cache.held_frames()}

@@ -26,6 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..frame_attention import frame_attention
+from ..frame_pool import FramePool
+from ..pose_topk import pose_topk
 from ..reference.pose_topk import seed_get_relevant_frames
 from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, randn, sdpa, seeded, sinusoid
@@ -197,9 +200,7 @@ class _PagedMemory:
     last use and frame ids are device tensors (slot ``N`` of ``last_used`` is a dump for padding entries)."""
 
     def __init__(self, wm: "MemoryWorldModel"):
-        from streamkern import FramePool, frame_attention, pose_topk
-
-        self.attention, self.topk, self.wm = frame_attention, pose_topk, wm
+        self.wm = wm
         N, dev = wm.buffer_size, wm.device
         self.pool = FramePool(len(wm.model.memory_layers), 1, N, wm.frame_len, wm.heads, wm.head_dim,
                               dtype=wm.dtype, device=dev, backend=wm.backend)
@@ -217,7 +218,7 @@ class _PagedMemory:
     def retrieve(self, t: int, pose) -> None:
         N, k, device = self.wm.buffer_size, self.wm.k, self.wm.device
         with part("retrieval", device) as moved:
-            idx, sim = self.topk(self.poses, self.valid, pose, k, 10.0, backend=self.wm.backend)
+            idx, sim = pose_topk(self.poses, self.valid, pose, k, 10.0, backend=self.wm.backend)
             moved(nbytes(self.poses, self.valid, idx, sim))
         with part("gating", device) as moved:
             self.gate = sim[0] > THRESHOLD
@@ -236,7 +237,7 @@ class _PagedMemory:
     def attend(self, j: int, module: MemoryAttention, h):
         with part("memory attention", self.wm.device) as moved:
             q = module.query(h)
-            out = self.attention(q, self.pool.k[j], self.pool.v[j], self.table, gate=self.gate,
+            out = frame_attention(q, self.pool.k[j], self.pool.v[j], self.table, gate=self.gate,
                                  backend=self.wm.backend)
             moved(nbytes(q, out) + self.gate * 2 * self.n_read * nbytes(self.pool.k[j, 0, 0]))
         return module.output(out)

@@ -9,6 +9,11 @@ For each chosen layer l with weight λ_l::
     q[b,h]     = Σ_s w[s] · text_k[l,b,s,h]                     (the weighted text-key aggregate)
     kbar[b,f,h]= mean over the tokens t of frame f of chunk_k[l,b,t,h]
     score[b,f]+= λ_l · mean_h(q[b,h] · kbar[b,f,h]) / sqrt(D)
+               = λ_l / (H·sqrt(D)·fsl) · Σ_{t in f} chunk_k[l,b,t,:,:] · q[b,:,:]      (the order every backend sums)
+
+The last form is the one computed: with a non-finite key its IEEE result (±inf, or NaN once infinities of both
+signs meet) is the same on every backend, whereas averaging the keys first could cancel or keep an infinity that
+the per-token sums of the kernels do not.
 """
 from __future__ import annotations
 
@@ -32,8 +37,8 @@ def consensus_frame_scores(chunk_k, text_k, entity_weights, frame_seq_len, layer
     scores = torch.zeros(B, F, dtype=acc, device=chunk_k.device)
     for layer, lam in zip(layers, layer_weights):
         q = torch.einsum("bshd,bs->bhd", text_k[layer].to(acc), w)
-        kbar = chunk_k[layer].to(acc).reshape(B, F, frame_seq_len, H, D).mean(dim=2)
-        scores += lam * torch.einsum("bhd,bfhd->bfh", q, kbar).mean(-1) * D ** -0.5
+        dots = torch.einsum("bthd,bhd->bt", chunk_k[layer].to(acc), q)                 # [B, L] per-token k·q
+        scores += dots.reshape(B, F, frame_seq_len).sum(-1) * (lam / (H * D ** 0.5 * frame_seq_len))
     return scores.float() if acc == torch.float32 else scores
 
 

@@ -68,8 +68,8 @@ def attention_weighted_drift(image, prev_small, prev_importance, pool, dilation)
     return drift.float(), small.to(small_dtype(image))
 
 
-def gate_step(image, prev_small, prev_importance, state, prev_state, pool, dilation, drift_threshold,
-              state_threshold):
+def drift_gate_step(image, prev_small, prev_importance, state, prev_state, pool, dilation, drift_threshold,
+                    state_threshold):
     """The ``"torch"`` backend of ``DriftGate.should_recompute``: ``(recompute, reason, drift, small)``.
 
     State guard ``s = max|state − prev_state|`` (in the state's dtype) first: ``s > state_threshold`` → STATE, drift

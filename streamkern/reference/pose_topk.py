@@ -33,8 +33,9 @@ def pose_topk(poses: torch.Tensor, valid: torch.Tensor, current: torch.Tensor, k
     rank = torch.where(valid, torch.nan_to_num(rank, nan=-1.0), -2.0)    # NaN below numbers, invalid below NaN
     order = torch.sort(rank, descending=True, stable=True).indices[:k]
     chosen = valid[order]
-    idx = torch.where(chosen, order, -1)
-    return idx, torch.where(chosen, sim[order], 0.0).to(out_dtype)
+    pad = k - order.numel()  # k > N: a buffer that is still filling
+    idx = torch.nn.functional.pad(torch.where(chosen, order, -1), (0, pad), value=-1)
+    return idx, torch.nn.functional.pad(torch.where(chosen, sim[order], 0.0).to(out_dtype), (0, pad), value=0.0)
 
 
 def seed_get_relevant_frames(poses, current_pose: torch.Tensor, k: int = 8, scale: float = 10.0) -> torch.Tensor:

@@ -13,7 +13,6 @@ transcribe that form for the tests and as the benchmark's eager baseline.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def dense_mask(q_scale: torch.Tensor, k_scale: torch.Tensor, allow: torch.Tensor, self_attend: bool) -> torch.Tensor:
@@ -25,13 +24,19 @@ def dense_mask(q_scale: torch.Tensor, k_scale: torch.Tensor, allow: torch.Tensor
 
 
 def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
-    """The ``"torch"`` backend: SDPA with the dense boolean mask, in float32 (float64 for float64 inputs),
-    rows with no allowed key set to zero; returned in the dtype of ``q``."""
+    """The ``"torch"`` backend: the softmax over the allowed keys written out, in float32 (float64 for float64
+    inputs), returned in the dtype of ``q``. Masked scores are replaced (not offset) by −inf, so a masked-out key
+    never touches a row whatever its value (SDPA adds a −inf bias instead, which turns a +inf score into NaN);
+    a row whose allowed scores are all −inf, or that has none, is zero, as in the kernels' online softmax."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if k.shape[2] == 0:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     mask = dense_mask(q_scale, k_scale, allow, self_attend)
-    out = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), attn_mask=mask, scale=sm_scale)
-    out = out.masked_fill(~mask.any(dim=-1)[:, None], 0.0)
-    return out.to(q.dtype)
+    s = (q.to(acc) @ k.to(acc).transpose(-2, -1) * sm_scale).masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - m.masked_fill(m == float("-inf"), 0.0))
+    l = p.sum(dim=-1, keepdim=True)
+    return (p @ v.to(acc) / l.masked_fill(l == 0, 1.0)).to(q.dtype)
 
 
 def seed_var_bias(patch_nums, device=None, dtype=torch.float32) -> torch.Tensor:

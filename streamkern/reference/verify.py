@@ -5,16 +5,23 @@ are the window-relative token offsets of its scales (scale s owns tokens ``[offs
 For a token row ``(b, t)`` of scale ``s``::
 
     l      = (1 + cfg[s]) · logits[b, t] − cfg[s] · logits[B + b, t]      (or logits[b, t] without CFG)
-    valid  = every l < +inf and max(l) > −inf                              (NaN / +inf / all −inf rows are invalid)
+    z      = l (greedy) or l / temperature (sample)
+    valid  = every z < +inf and max(z) > −inf                              (NaN / +inf / all −inf rows are invalid)
     greedy: target = argmax(l) (lowest index on ties),  match = valid ∧ draft == target
-    sample: p = softmax(l / temperature),  x = draft,  match = valid ∧ q(x) > 0 ∧ u0 · q(x) < p(x)
-            (u0 < min(1, p(x)/q(x)) for u0 ∈ [0, 1))
+    sample: p = softmax(z),  x = draft,  match = valid ∧ q(x) > 0 ∧ u0 · q(x) < p(x)
+            (u0 < min(1, p(x)/q(x)) for u0 ∈ [0, 1); a NaN, negative or infinite q(x) rejects)
     ratio[b, s]  = mean of match over scale s
     accepted[b]  = length of the leading run of scales with ratio >= threshold (sample: ratio == 1)
     tokens[b, t] = draft in accepted scales; −1 after the first rejected scale; in the first rejected scale
                    greedy: target, sample: draft where matched, else the inverse-CDF draw with u1 from
-                   r = max(0, p − q) (from p when Σ r = 0): the smallest v with cumsum(r)[v] > u1 · Σ r
-                   (the last v with r > 0 when rounding leaves none). Invalid rows give target/draw −1.
+                   r = max(0, p − q) (from p when Σ r = 0): the smallest v with r[v] > 0 and
+                   cumsum(r)[v] > u1 · Σ r (the last v with r > 0 when rounding leaves none, or when u1 · Σ r
+                   is NaN or +inf). Invalid rows give target/draw −1.
+
+Draft probabilities that are NaN, negative or do not sum to 1 are rejected by :func:`check_values` on the
+"torch"/"cpu" backends (GPU backends: only with ``STREAMKERN_DEBUG=1``); unchecked, every backend computes the
+formulas above with IEEE arithmetic and ``max(0, d)`` read as ``d if d > 0 else 0`` (so a NaN q_v gives r_v = 0,
+q_v = −inf gives r_v = +inf).
 """
 from __future__ import annotations
 
@@ -43,12 +50,15 @@ def invalid_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row of ``weights [..., V] >= 0``: the smallest v with ``cumsum(w)[v] > u · Σ w``, else the last v
-    with ``w[v] > 0``."""
+    """Per row of ``weights [..., V] >= 0``: the smallest v with ``w[v] > 0`` and ``cumsum(w)[v] > u · Σ w``,
+    else the last v with ``w[v] > 0`` (−1 if none)."""
     cdf = weights.cumsum(-1)
-    below = (cdf <= u.unsqueeze(-1) * cdf[..., -1:]).sum(-1)
-    last = torch.where(weights > 0, torch.arange(weights.shape[-1], device=weights.device), -1).amax(-1)
-    return torch.where(below < weights.shape[-1], below, last)
+    positive = weights > 0
+    hit = positive & (cdf > u.unsqueeze(-1) * cdf[..., -1:])
+    idx = torch.arange(weights.shape[-1], device=weights.device)
+    last = torch.where(positive, idx, -1).amax(-1)
+    first = torch.where(hit, idx, weights.shape[-1]).amin(-1)
+    return torch.where(first < weights.shape[-1], first, last)
 
 
 def scale_ratios(match: torch.Tensor, offsets) -> torch.Tensor:
@@ -61,19 +71,22 @@ def verify_scales(logits, draft_tokens, offsets, greedy, threshold, draft_probs,
     ``(accepted [B] int64, match [B, T] bool, ratio [B, NS] float32, tokens [B, T] int64)``."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = combined_logits(logits, offsets, cfg, acc)
-    bad = invalid_rows(x)
     draft = draft_tokens.unsqueeze(-1)
     if greedy:
+        bad = invalid_rows(x)
         target = torch.where(bad, -1, x.argmax(-1))
         match = ~bad & (draft_tokens == target)
     else:
-        p = torch.softmax(x / temperature, dim=-1)
+        z = x / temperature
+        bad = invalid_rows(z)
+        p = torch.softmax(z, dim=-1)
         q = draft_probs.to(acc)
         px, qx = p.gather(-1, draft).squeeze(-1), q.gather(-1, draft).squeeze(-1)
         match = ~bad & (qx > 0) & (uniforms[..., 0].to(acc) * qx < px)
-        r = (p - q).clamp_min(0)
+        d = p - q
+        r = torch.where(d > 0, d, 0.0)
         r = torch.where(r.sum(-1, keepdim=True) > 0, r, p)
-        target = torch.where(bad, -1, inverse_cdf(torch.nan_to_num(r, nan=0.0), uniforms[..., 1].to(acc)))
+        target = torch.where(bad, -1, inverse_cdf(r, uniforms[..., 1].to(acc)))
         target = torch.where(match, draft_tokens, target)
     ratio = scale_ratios(match, offsets)
     ok = ratio >= threshold if greedy else ratio == 1

@@ -12,24 +12,24 @@ namespace streamkern {
 inline void check_consensus_args(const at::Tensor& out, const at::Tensor& chunk_k, const at::Tensor& text_k,
                                  const at::Tensor& entity_weights, int64_t frame_seq_len, at::IntArrayRef layers,
                                  at::ArrayRef<double> layer_weights) {
-  TORCH_CHECK(chunk_k.dim() == 5 && text_k.dim() == 5, "consensus_scores_: chunk_k and text_k must be 5-d");
-  TORCH_CHECK(chunk_k.scalar_type() == text_k.scalar_type(), "consensus_scores_: chunk_k/text_k dtype mismatch");
+  TORCH_CHECK(chunk_k.dim() == 5 && text_k.dim() == 5, "consensus_frame_scores_: chunk_k and text_k must be 5-d");
+  TORCH_CHECK(chunk_k.scalar_type() == text_k.scalar_type(), "consensus_frame_scores_: chunk_k/text_k dtype mismatch");
   const int64_t NL = chunk_k.size(0), B = chunk_k.size(1), L = chunk_k.size(2);
   TORCH_CHECK(text_k.size(0) == NL && text_k.size(1) == B && text_k.size(3) == chunk_k.size(3) &&
                   text_k.size(4) == chunk_k.size(4),
-              "consensus_scores_: text_k ", text_k.sizes(), " does not match chunk_k ", chunk_k.sizes());
+              "consensus_frame_scores_: text_k ", text_k.sizes(), " does not match chunk_k ", chunk_k.sizes());
   const int64_t S = text_k.size(2);
   TORCH_CHECK(entity_weights.dim() == 1 ? entity_weights.size(0) == S
                                         : entity_weights.dim() == 2 && entity_weights.size(0) == B &&
                                               entity_weights.size(1) == S,
-              "consensus_scores_: entity_weights must be [S] or [B, S], got ", entity_weights.sizes());
-  TORCH_CHECK(frame_seq_len >= 1 && L % frame_seq_len == 0, "consensus_scores_: frame_seq_len must divide L");
+              "consensus_frame_scores_: entity_weights must be [S] or [B, S], got ", entity_weights.sizes());
+  TORCH_CHECK(frame_seq_len >= 1 && L % frame_seq_len == 0, "consensus_frame_scores_: frame_seq_len must divide L");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == B &&
                   out.size(1) == L / frame_seq_len,
-              "consensus_scores_: out must be a contiguous float32 [B, F] tensor");
+              "consensus_frame_scores_: out must be a contiguous float32 [B, F] tensor");
   TORCH_CHECK(!layers.empty() && layers.size() == layer_weights.size(),
-              "consensus_scores_: layers and layer_weights must be non-empty and of equal length");
-  for (const int64_t l : layers) TORCH_CHECK(l >= 0 && l < NL, "consensus_scores_: layer ", l, " out of range");
+              "consensus_frame_scores_: layers and layer_weights must be non-empty and of equal length");
+  for (const int64_t l : layers) TORCH_CHECK(l >= 0 && l < NL, "consensus_frame_scores_: layer ", l, " out of range");
 }
 
 // The pooling half of the drift ops: image [B, C, H, W] with H, W multiples of pool, small its contiguous pooling.
@@ -59,10 +59,10 @@ inline void check_drift_prev_args(const char* op, const at::Tensor& small, const
 inline void check_weighted_drift_args(const at::Tensor& drift, const at::Tensor& small, const at::Tensor& image,
                                       const at::Tensor& prev_small, const at::Tensor& importance, int64_t pool,
                                       int64_t dilation) {
-  check_drift_image_args("drift_weighted_drift_", small, image, pool, dilation);
-  check_drift_prev_args("drift_weighted_drift_", small, prev_small, importance);
+  check_drift_image_args("attention_weighted_drift_", small, image, pool, dilation);
+  check_drift_prev_args("attention_weighted_drift_", small, prev_small, importance);
   TORCH_CHECK(drift.is_contiguous() && drift.scalar_type() == at::kFloat && drift.numel() == image.size(0),
-              "drift_weighted_drift_: drift must be contiguous float32 [B]");
+              "attention_weighted_drift_: drift must be contiguous float32 [B]");
 }
 
 // state [R, K] (any strides) and prev_state its contiguous copy, one floating dtype; 0-d bool/int64/float32
@@ -97,12 +97,12 @@ inline void check_gate_step_args(const at::Tensor& recompute, const at::Tensor& 
 
 inline void check_patch_importance_args(const at::Tensor& out, const at::Tensor& attn, int64_t start, int64_t end,
                                         int64_t V, int64_t A) {
-  TORCH_CHECK(attn.dim() == 5 && attn.size(3) == attn.size(4), "drift_patch_importance_: attn must be [NL, B, H, S, S]");
+  TORCH_CHECK(attn.dim() == 5 && attn.size(3) == attn.size(4), "patch_importance_: attn must be [NL, B, H, S, S]");
   TORCH_CHECK(0 <= start && start < end && end <= attn.size(0) && 1 <= V && V <= attn.size(4) && 1 <= A &&
                   A <= attn.size(3),
-              "drift_patch_importance_: layer range, V or A out of bounds");
+              "patch_importance_: layer range, V or A out of bounds");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == attn.size(1) * V,
-              "drift_patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
+              "patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
 }
 
 }  // namespace streamkern

@@ -1,0 +1,173 @@
+"""streamkern.integrations.fastvideo.accelerate on FastVideo's own causal Wan and Matrix-Game 2.0 (issue 15).
+
+Tiny random-weight models, FastVideo's path vs the accelerated one on the same weights and inputs: float32 streams
+called as the stages call the model (the window rolls every block, with and without sinks, on every backend), and
+FastVideo's own denoising stages in bf16. Run in the FastVideo venv: ``make test-fastvideo``.
+"""
+import copy
+import functools
+
+import pytest
+import torch
+from conftest import backend_params
+
+import fastvideo_env as env
+
+if not env.FASTVIDEO:
+    pytest.skip(env.WHY_NOT, allow_module_level=True)
+env.setup()
+
+from streamkern.integrations import fastvideo as skfv  # noqa: E402
+from streamkern.pipelines._runtime import HostSyncError, count_host_syncs  # noqa: E402
+from streamkern.testing import assert_parity, rel_error  # noqa: E402
+
+MODELS = {"wan": env.wan, "matrixgame2": env.matrixgame2}
+HEIGHT, WIDTH = 4, 6                 # 6 tokens per latent frame
+BLOCKS = [1, 3, 3, 3, 3, 3, 3]       # a single-frame first block, then 3-frame blocks
+LOCAL = 4                            # window of 4 frames: rolls on every block after the second
+
+
+@functools.lru_cache(maxsize=None)
+def model(name: str, sink: int, dtype=torch.float32):
+    return MODELS[name](local_attn_size=LOCAL, sink_size=sink, frames_per_block=3, seed=7 + sink, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def fastvideo_stream(name: str, sink: int):
+    return env.stream_blocks(model(name, sink), blocks=BLOCKS, steps=2, height=HEIGHT, width=WIDTH, seed=11)
+
+
+def accelerated(name: str, sink: int, backend=None, dtype=torch.float32):
+    return skfv.accelerate(copy.deepcopy(model(name, sink, dtype)), backend=backend)
+
+
+@pytest.mark.parametrize("sink", [0, 1], ids=["sink0", "sink1"])
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("bd", backend_params())
+def test_stream_float32_matches_fastvideo(bd, name, sink):
+    backend, device = bd
+    if device != "cpu":
+        pytest.skip("FastVideo's tiny models run on CPU here; the device run goes through bench/bench_fastvideo.py")
+    ref = fastvideo_stream(name, sink)
+    out = env.stream_blocks(accelerated(name, sink, backend), blocks=BLOCKS, steps=2, height=HEIGHT, width=WIDTH,
+                            seed=11)
+    assert len(out) == len(ref) == 3 * len(BLOCKS)
+    for i, (o, r) in enumerate(zip(out, ref)):
+        assert_parity(o, r, torch.float32, what=f"{name} sink={sink} call {i}")
+
+
+def test_parity_is_sensitive_to_the_window():
+    """The comparison can fail: dropping the sink frame from the attended window breaks parity."""
+    wrong = accelerated("wan", 1, "torch")
+    for block in wrong.blocks:
+        block.attn1.sink_size = 0
+    out = env.stream_blocks(wrong, blocks=BLOCKS, steps=2, height=HEIGHT, width=WIDTH, seed=11)
+    errors = [rel_error(o, r) for o, r in zip(out, fastvideo_stream("wan", 1))]
+    assert max(errors) > 1e-3
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_self_attention_makes_no_host_sync(name):
+    """FastVideo's cached self-attention reads two index tensors per layer per call; the accelerated one none."""
+    fast = accelerated(name, 1, "torch")
+    for block in fast.blocks:
+        inner = block.attn1.forward
+
+        def forbidding(*args, __inner=inner, **kwargs):
+            with count_host_syncs(forbid=True):
+                return __inner(*args, **kwargs)
+        block.attn1.forward = forbidding
+
+    def syncs(m):
+        counts = []
+
+        def record(call, kv):
+            with count_host_syncs() as count:
+                out = call()
+            counts.append(count.total)
+            return out
+        env.stream_blocks(m, blocks=BLOCKS[:3], steps=1, height=HEIGHT, width=WIDTH, seed=11, record=record)
+        return counts
+
+    slow, quick = syncs(model(name, 1)), syncs(fast)
+    layers = len(fast.blocks)
+    assert [s - q for s, q in zip(slow, quick)] == [2 * layers] * len(slow)
+    with pytest.raises(HostSyncError):   # the forbidding wrapper would catch a read
+        with count_host_syncs(forbid=True):
+            torch.ones(1).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cache_traffic_is_only_the_new_tokens(name):
+    """Bytes moved by cache handling per call: k and v of the new tokens, read once and written once."""
+    fast = accelerated(name, 1, "torch")
+    heads, head_dim = fast.num_attention_heads, fast.attention_head_dim
+    frame_len = env.frame_seq_length(HEIGHT, WIDTH)
+    seen = []
+
+    def record(call, kv):
+        with env.CacheTraffic(kv) as traffic:
+            out = call()
+        seen.append((traffic.bytes, dict(traffic.ops)))
+        return out
+    blocks = BLOCKS[:4]
+    env.stream_blocks(fast, blocks=blocks, steps=1, height=HEIGHT, width=WIDTH, seed=11, record=record)
+    expected = [2 * 2 * frames * frame_len * heads * head_dim * 4 * len(fast.blocks) for frames in blocks
+                for _ in range(2)]
+    assert [b for b, _ in seen] == expected
+    assert all(set(ops) == {"streamkern::ring_write"} for _, ops in seen)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fastvideo_stage_bf16(name):
+    """FastVideo's own denoising stage drives the model (bf16, its target dtype), two requests in a row: caches
+    re-created per request, the window rolled three times per request."""
+    slow = model(name, 1, torch.bfloat16)
+    fast = accelerated(name, 1, dtype=torch.bfloat16)
+    for seed in (5, 6):
+        ref = env.run_stage(slow, num_frames=12, steps=2, height=HEIGHT, width=WIDTH, seed=seed)
+        out = env.run_stage(fast, num_frames=12, steps=2, height=HEIGHT, width=WIDTH, seed=seed)
+        assert torch.isfinite(ref).all()
+        assert_parity(out.float(), ref.float(), torch.bfloat16, what=f"{name} stage latents, seed {seed}")
+
+
+def test_wan_moe_stage_single_frame_first_block_bf16():
+    """The Wan2.2-MoE path of CausalDMDDenosingStage: two models with two caches, a first block of one frame."""
+    slow, slow_2 = model("wan", 0, torch.bfloat16), env.wan(local_attn_size=LOCAL, sink_size=0, seed=99,
+                                                             dtype=torch.bfloat16)
+    fast, fast_2 = (skfv.accelerate(copy.deepcopy(m)) for m in (slow, slow_2))
+    ref = env.run_stage(slow, num_frames=12, steps=2, height=HEIGHT, width=WIDTH, seed=8, transformer_2=slow_2)
+    out = env.run_stage(fast, num_frames=12, steps=2, height=HEIGHT, width=WIDTH, seed=8, transformer_2=fast_2)
+    assert_parity(out.float(), ref.float(), torch.bfloat16, what="wan MoE stage latents")
+
+
+def test_relativistic_rope_policy_is_refused():
+    m = copy.deepcopy(model("wan", 1))
+    m.blocks[1].attn1.rope_cache_policy = "relativistic"
+    with pytest.raises(ValueError, match="relativistic"):
+        skfv.accelerate(m)
+    assert "forward" not in vars(m.blocks[0].attn1), "nothing is patched when accelerate raises"
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        skfv.accelerate(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        skfv.accelerate(copy.deepcopy(model("wan", 0)), backend="tpu")
+
+
+def test_out_of_order_block_is_refused_and_writes_nothing():
+    fast = accelerated("wan", 1, "torch")
+    frame_len = env.frame_seq_length(HEIGHT, WIDTH)
+    cond = env.conditioning(fast, 1, 0)
+    kv, cross = env.caches(fast, 1, frame_len, torch.float32, cond.pop("text_len"))
+    text = cond.pop("encoder_hidden_states")
+    x = torch.randn(1, fast.in_channels, 1, HEIGHT, WIDTH)
+    t = torch.zeros(1, 1, dtype=torch.long)
+    from fastvideo.forward_context import set_forward_context
+    with torch.no_grad(), set_forward_context(current_timestep=0, attn_metadata=None):
+        fast(x, text, t, kv_cache=kv, crossattn_cache=cross, current_start=0, start_frame=0)
+        before = [c["k"].clone() for c in kv]
+        with pytest.raises(ValueError, match="current_start"):   # skips frame 1
+            fast(x, text, t, kv_cache=kv, crossattn_cache=cross, current_start=2 * frame_len, start_frame=2)
+    assert all(torch.equal(c["k"], b) for c, b in zip(kv, before))
