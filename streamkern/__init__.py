@@ -15,6 +15,7 @@ from .frame_write import frame_write
 from .frame_attention import frame_attention
 from .frame_topk import frame_topk
 from .frame_pool import FramePool
+from .streaming_kv import StreamingKV
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,5 @@ __all__ = [
     "KVRing", "ring_write", "bank_insert",
     "verify_scales", "VerifyResult",
     "scale_layout", "ScaleLayout", "scale_allow", "block_masked_attention", "skipped_tile_fraction",
-    "FramePool", "frame_write", "frame_attention", "frame_topk",
+    "FramePool", "frame_write", "frame_attention", "frame_topk", "StreamingKV",
 ]

@@ -18,9 +18,15 @@ def _torch(q, k_mean, candidates, k, per_head):
     return ref.frame_topk(q, k_mean, candidates, k, per_head)
 
 
+TRITON_MAX_CANDIDATES = 4096   # one program holds a row's candidates in registers
+
+
 def _triton(q, k_mean, candidates, k, per_head):
     from streamkern.kernels.frame_topk import frame_topk as launch
 
+    if candidates.shape[1] > TRITON_MAX_CANDIDATES:
+        raise ValueError(f"candidates: the triton backend takes at most {TRITON_MAX_CANDIDATES} candidates per row "
+                         f"(dim 1), got {candidates.shape[1]}; use backend='torch'")
     if check.debug_enabled():
         ref.check_values(candidates, k_mean.shape[1])
     return launch(q, k_mean, candidates, k, per_head)

@@ -46,16 +46,18 @@ BACKEND_DEVICES = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
                    ("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
 
 
-def backend_params(exclude=(), op=None):
-    """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run (or,
-    given ``op``, an op's ``OpBackends`` table, where the op has no such backend)."""
+def backend_params(exclude=(), ops=()):
+    """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run (or where
+    one of ``ops``, the ``OpBackends`` tables of the ops a test calls, has no such backend)."""
     params = []
     for b, d in BACKEND_DEVICES:
         if (b, d) in exclude or b in exclude:
             continue
         marks = []
-        if op is not None and b not in op.impls:
-            marks.append(pytest.mark.skip(reason=f"{op.op} has no {b!r} backend: {op.missing.get(b, '')}"))
+        lacking = [op for op in ops if b not in op.impls]
+        if lacking:
+            marks.append(pytest.mark.skip(reason=f"{lacking[0].op} has no {b!r} backend: "
+                                                 f"{lacking[0].missing.get(b, '')}"))
         elif d == "cuda" and not torch.cuda.is_available():
             marks.append(pytest.mark.skip(reason="no CUDA device on this machine"))
         else:

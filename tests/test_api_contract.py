@@ -92,7 +92,8 @@ def test_public_methods(cls):
 
 
 def test_other_public_names():
-    for name in ("BackendUnavailable", "available_backends", "GateReason", "VerifyResult", "ScaleLayout"):
+    for name in ("BackendUnavailable", "available_backends", "GateReason", "VerifyResult", "ScaleLayout",
+                 "StreamingKV"):
         assert hasattr(streamkern, name), f"streamkern.{name} is missing"
     assert issubclass(streamkern.BackendUnavailable, RuntimeError)
     reasons = streamkern.GateReason

@@ -15,8 +15,8 @@ from streamkern.testing import assert_parity, count_launches
 fa = importlib.import_module("streamkern.frame_attention")   # the module (streamkern.frame_attention is the op)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-ALL = backend_params(exclude=("cuda",), op=fa.BACKENDS)   # no "cuda" backend: the Triton kernel is the GPU path
-GPU = backend_params(exclude=("torch", "cpu", "cuda"), op=fa.BACKENDS)
+ALL = backend_params(exclude=("cuda",), ops=[fa.BACKENDS])   # no "cuda" backend: the Triton kernel is the GPU path
+GPU = backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.BACKENDS])
 
 # B, Lq, H, D, P, F, K, Ln, per_head, gate ("none", "all", "mixed"), table pattern
 CASES = [
@@ -27,6 +27,7 @@ CASES = [
     pytest.param((3, 4, 2, 4, 5, 3, 3, 0, True, "none", "nokey"), id="rows-with-no-key"),
     pytest.param((2, 6, 1, 12, 7, 5, 0, 4, False, "mixed", "plain"), id="K0-new-only"),
     pytest.param((1, 17, 2, 16, 3, 11, 2, 19, False, "none", "plain"), id="Lq17-F11-Ln19"),
+    pytest.param((1, 2, 1, 4, 2, 37, 3, 0, True, "none", "dups"), id="F37-tiles-per-page"),
 ]
 
 

@@ -15,8 +15,8 @@ from streamkern.testing import count_launches
 ft = importlib.import_module("streamkern.frame_topk")   # the module (streamkern.frame_topk is the op)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-ALL = backend_params(op=ft.BACKENDS)
-GPU = backend_params(exclude=("torch", "cpu"), op=ft.BACKENDS)
+ALL = backend_params(ops=[ft.BACKENDS])
+GPU = backend_params(exclude=("torch", "cpu"), ops=[ft.BACKENDS])
 
 CASES = [  # B, Lq, H, D, P, C, k, holes
     pytest.param((1, 1, 1, 1, 1, 1, 1, False), id="all-ones"),
@@ -24,6 +24,7 @@ CASES = [  # B, Lq, H, D, P, C, k, holes
     pytest.param((3, 7, 2, 5, 4, 4, 6, True), id="k-over-C"),
     pytest.param((2, 3, 4, 16, 11, 11, 0, False), id="k0"),
     pytest.param((1, 13, 2, 12, 6, 9, 9, False), id="dups-all-chosen"),
+    pytest.param((1, 40, 1, 64, 3, 3, 2, False), id="Lq40-D64-query-tiles"),
 ]
 
 
@@ -120,6 +121,14 @@ def test_gpu_backends_treat_out_of_range_as_missing(bd, monkeypatch):
     monkeypatch.setenv("STREAMKERN_DEBUG", "1")
     with pytest.raises(ValueError, match="candidates: expected page ids"):
         streamkern.frame_topk(q, k_mean, bad, k, backend=bd[0])
+
+
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cpu", "cuda"), ops=[ft.BACKENDS]))
+def test_triton_candidate_limit(bd):
+    q, k_mean, _, _ = _case(CASES[1].values[0], torch.float32, bd[1])
+    cand = torch.full((q.shape[0], ft.TRITON_MAX_CANDIDATES + 1), -1, device=bd[1])
+    with pytest.raises(ValueError, match="candidates: the triton backend takes at most 4096"):
+        streamkern.frame_topk(q, k_mean, cand, 1, backend=bd[0])
 
 
 def _good():

@@ -15,8 +15,8 @@ from streamkern.testing import assert_parity, count_launches
 fw = importlib.import_module("streamkern.frame_write")   # the module (streamkern.frame_write is the op)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-ALL = backend_params(op=fw.BACKENDS)
-GPU = backend_params(exclude=("torch", "cpu"), op=fw.BACKENDS)
+ALL = backend_params(ops=[fw.BACKENDS])
+GPU = backend_params(exclude=("torch", "cpu"), ops=[fw.BACKENDS])
 
 CASES = [  # NL, B, P, F, H, D, n, shared pages
     pytest.param((1, 1, 1, 1, 1, 1, 1, True), id="all-ones"),
@@ -24,6 +24,7 @@ CASES = [  # NL, B, P, F, H, D, n, shared pages
     pytest.param((3, 3, 5, 13, 2, 8, 2, True), id="F13-shared"),
     pytest.param((1, 2, 4, 1, 2, 16, 4, False), id="F1-every-page"),
     pytest.param((2, 1, 6, 3, 1, 5, 0, True), id="n0"),
+    pytest.param((1, 1, 2, 70, 1, 64, 1, True), id="F70-D64-tiles-per-frame"),
 ]
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _checks as check
-
 
 def check_values(page_table: torch.Tensor, num_pages: int) -> None:
     """Every entry of ``page_table`` is -1 or a page id in ``[0, P)`` (reads the tensor: ``"torch"``/``"cpu"``

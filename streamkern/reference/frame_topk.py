@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks as check
-
 
 def check_values(candidates: torch.Tensor, num_pages: int) -> None:
     """Every candidate is -1 or a page id in ``[0, P)`` (reads the tensor: ``"torch"``/``"cpu"`` backends, GPU
