@@ -17,8 +17,8 @@ frames whose mean key best matches its mean query (``qbar · kbar``, DESIGN.md �
   full, the sink and window parts cloned and ``torch.cat``-ed with the bank on every pass (the top-k bank frames
   ``gather``-ed per head with sparse activation), the seed's bank (:class:`MemoryBank` eager), a Python scheduler
   fed by ``.item()``.
-* ``eager=False``: one ``FramePool`` page per latent frame: sink pages, a ring of window pages and bank pages, whose
-  ids live on the device. A clean chunk is written once (``frame_write``, all layers); attention reads sink ∪ window
+* ``eager=False``: :class:`~streamkern.StreamingKV`, one ``FramePool`` page per latent frame: sink pages, a ring of
+  window pages and bank pages, whose ids live on the device. A clean chunk is written once (``frame_write``, all layers); attention reads sink ∪ window
   ∪ bank (all, or ``frame_topk`` of it) ∪ the chunk in place (``frame_attention``); the bank keeps a frame leaving
   the window by swapping its page id with the victim's (no KV bytes move), its decisions from the op-backed
   :class:`MemoryBank` scored on the pages' mean keys; the schedule is computed on the device: no host sync.
@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from ..frame_attention import frame_attention
-from ..frame_pool import FramePool
-from ..frame_topk import frame_topk
+from ..streaming_kv import StreamingKV
 from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, randn, sdpa, seeded, sinusoid
 from .memory_bank import MemoryBank
@@ -181,102 +180,66 @@ class _ShiftCache:
         self.n_win += k_new.shape[2] - s_new - e
         self.count += k_new.shape[2]
 
+    @property
+    def bank_count(self) -> int:
+        return self.bank.count
+
     def held_frames(self) -> torch.Tensor:
         return self.bank.held_frames()
 
 
 class _PagedCache:
-    """The accelerated cache: one ``FramePool`` page per frame — pages ``[0, sink)`` the sinks, a ring of ``window``
-    pages, ``bank`` pages — with the page of each ring position and bank slot held on the device (``ring [B, W]``,
-    ``bank [B, M]``: rows own their pages, since each row's bank keeps its own best frame). Counts stay on the
-    host; nothing is read back."""
+    """The accelerated cache: :class:`~streamkern.StreamingKV` (sink pages, a ring of window pages and bank pages
+    on one ``FramePool``, page ids on the device) plus the host-side count of bank frames."""
 
     def __init__(self, gen: "StreamingGenerator"):
-        b, self.fsl, self.device, self.backend, self.sparse = gen.batch, gen.fsl, gen.device, gen.backend, gen.sparse_bank
-        self.n_sinks, self.W, M = gen.sink // gen.fsl, gen.window // gen.fsl, gen.bank_size
-        pages = self.n_sinks + self.W + M
-        self.pool = FramePool(gen.nl, b, pages, gen.fsl, gen.h, gen.d, dtype=gen.dtype, device=gen.device,
-                              backend=gen.backend)
-        ids = torch.arange(pages, device=gen.device).expand(b, pages)
-        self.sink_pages = ids[:, :self.n_sinks]
-        self.ring = ids[:, self.n_sinks:self.n_sinks + self.W].clone()
-        self.bank_pages = ids[:, self.n_sinks + self.W:].clone()
-        self.bank = MemoryBank(gen.nl, b, gen.h, gen.d, gen.fsl, M, gen.num_entities, dtype=gen.dtype,
-                               device=gen.device, backend=gen.backend, eager=False, storage=False)
-        self.n_sink, self.n_total, self.e, self.table = 0, 0, 0, None
-
-    def _ring(self, start: int, count: int) -> torch.Tensor:
-        """``[B, count]`` pages of the ring positions ``start .. start + count - 1`` (mod W): slices, no index copy."""
-        ranges = _circular(start, count, self.W, 0) or [(0, 0)]
-        return torch.cat([self.ring[:, a:b] for a, b in ranges], dim=1)
+        self.fsl, self.fpb, self.device, self.sparse, self.M = gen.fsl, gen.fpb, gen.device, gen.sparse_bank, gen.bank_size
+        self.kv = StreamingKV(gen.nl, gen.batch, gen.fsl, gen.h, gen.d, sink_frames=gen.sink // gen.fsl,
+                              window_frames=gen.window // gen.fsl, bank_frames=gen.bank_size,
+                              num_entities=gen.num_entities, dtype=gen.dtype, device=gen.device, backend=gen.backend)
+        self.bank_count = 0     # bank frames held: slots fill in order, so the valid slots are a prefix
 
     def start_block(self, e: int, text_k, weights, entities, first_frame: int) -> None:
-        self.e = e = e // self.fsl
-        held = min(self.n_total, self.W)
-        if e:
-            oldest = self.n_total - held
-            with part("eviction", self.device) as moved:
-                pages = self._ring(oldest, e)                                              # [B, e]
-                k_mean = self.pool.k_mean                                                 # [NL, B, P, H, D]
-                idx = pages[None, :, :, None, None].expand(k_mean.shape[0], -1, -1, *k_mean.shape[3:])
-                chunk = k_mean.gather(2, idx)                                             # frame means [NL, B, e, H, D]
-                moved(2 * nbytes(chunk))
-            best, victim = self.bank.choose(chunk, text_k.float(), weights.float(), entities, first_frame,
-                                            frame_seq_len=1)
-            with part("eviction", self.device) as moved:
-                slot = victim.expand(self.ring.shape[0], 1)
-                kept, freed = pages.gather(1, best[:, None]), self.bank_pages.gather(1, slot)
-                self.bank_pages.scatter_(1, slot, kept)
-                self.ring.scatter_(1, (best[:, None] + oldest) % self.W, freed)           # page-id swap
-                moved(4 * nbytes(kept))
-        with part("memory attention", self.device) as moved:
-            live = self._ring(self.n_total - held + e, held - e)
-            bank = torch.where(self.bank.valid, self.bank_pages, -1)
-            self.window_table = torch.cat([self.sink_pages[:, :self.n_sink], live], dim=1)
-            self.bank_table = bank
-            self.table = torch.cat([self.window_table, bank], dim=1)
-            moved(2 * nbytes(self.table))
-        self.n_pages = self.n_sink + held - e + self.bank.count
+        """Evict the window frames the block pushes out; the bank keeps one by a page-id swap (no KV byte moves)."""
+        with part("eviction", self.device) as moved:
+            evicted = self.kv.roll(self.fpb, text_k=text_k, entity_weights=weights, entities=entities)
+            moved(nbytes(self.kv.pool.k_mean[:, :, 0]) * evicted + nbytes(text_k[0]) * len(self.kv.layers))
+        self.bank_count = min(self.bank_count + (1 if evicted else 0), self.M)
+        self.n_pages = self.kv.n_sink + self.kv.n_window + self.bank_count
 
     def attend(self, layer: int, q, k, v):
-        table, n_pages = self.table, self.n_pages
+        n_pages = self.n_pages
         if self.sparse is not None:
             with part("retrieval", self.device) as moved:
-                chosen = frame_topk(q, self.pool.k_mean[layer], self.bank_table, self.sparse, backend=self.backend)
-                H = q.shape[2]
-                table = torch.cat([self.window_table[:, None].expand(-1, H, -1), chosen], dim=2)
-                moved(nbytes(q, chosen) + nbytes(self.pool.k_mean[layer, :, 0]) * self.bank_table.shape[1])
-            n_pages += min(self.sparse, self.bank.count) - self.bank.count
+                table = self.kv.page_table(self.sparse, q, layer)
+                moved(nbytes(q, table) + nbytes(self.kv.pool.k_mean[layer, :, 0]) * self.M)
+            n_pages += min(self.sparse, self.bank_count) - self.bank_count
         with part("memory attention", self.device) as moved:
-            out = frame_attention(q, self.pool.k[layer], self.pool.v[layer], table, new_k=k, new_v=v,
-                                 backend=self.backend)
-            moved(2 * n_pages * nbytes(self.pool.k[layer, :, 0]) + nbytes(q, k, v, out, table))
+            if self.sparse is None:
+                table = self.kv.page_table()
+            out = frame_attention(q, self.kv.pool.k[layer], self.kv.pool.v[layer], table, new_k=k, new_v=v,
+                                  backend=self.kv.backend)
+            moved(2 * n_pages * nbytes(self.kv.pool.k[layer, :, 0]) + nbytes(q, k, v, out, table))
             return out
 
     def append(self, k_new, v_new) -> None:
-        n = k_new.shape[2] // self.fsl
-        s_new = min(n, self.n_sinks - self.n_sink)
         with part("cache", self.device) as moved:
-            pages = torch.cat([self.sink_pages[:, self.n_sink:self.n_sink + s_new],
-                               self._ring(self.n_total, n - s_new)], dim=1)
-            self.pool.write(k_new, v_new, pages)
-            moved(2 * nbytes(k_new, v_new) + nbytes(self.pool.k_mean[:, :, 0]) * n)
-        self.n_sink += s_new
-        self.n_total += n - s_new
+            self.kv.append(k_new, v_new)
+            moved(2 * nbytes(k_new, v_new) + nbytes(self.kv.pool.k_mean[:, :, 0]) * (k_new.shape[2] // self.fsl))
 
     def held(self):
         """``(positions [n], k, v [NL, B, n, H, D])`` read from the pool's pages, sinks then the window oldest first."""
-        held = min(self.n_total, self.W)
-        pages = torch.cat([self.sink_pages[:, :self.n_sink], self._ring(self.n_total - held, held)], dim=1)
-        NL, B, _, F, H, D = self.pool.k.shape
+        pages = self.kv.page_table()[:, :self.kv.n_sink + self.kv.n_window]
+        NL, B, _, F, H, D = self.kv.pool.k.shape
         idx = pages[None, :, :, None, None, None].expand(NL, -1, -1, F, H, D)
-        k, v = (t.gather(2, idx).reshape(NL, B, -1, H, D) for t in (self.pool.k, self.pool.v))
-        count = (self.n_sink + self.n_total) * F
-        positions = torch.cat([torch.arange(self.n_sink * F), torch.arange(count - held * F, count)])
+        k, v = (t.gather(2, idx).reshape(NL, B, -1, H, D) for t in (self.kv.pool.k, self.kv.pool.v))
+        count = self.kv.count * F
+        positions = torch.cat([torch.arange(self.kv.n_sink * F), torch.arange(count - self.kv.n_window * F, count)])
         return positions, k, v
 
     def held_frames(self) -> torch.Tensor:
-        return self.bank.held_frames()
+        """Stream indices of the bank's frames, ``[B, count]`` sorted per row."""
+        return self.kv.bank_frame_ids[:, :self.bank_count].sort(dim=1).values.cpu()
 
 
 class StreamingGenerator(nn.Module):
@@ -385,6 +348,6 @@ class StreamingGenerator(nn.Module):
             if progress is not None:
                 progress()
         record.outputs = {"frames": torch.stack(frames), "bank_frames": cache.held_frames()}
-        record.info = {"bank_count": cache.bank.count, "windows": state.get("windows"),
+        record.info = {"bank_count": cache.bank_count, "windows": state.get("windows"),
                        "sparse_bank": self.sparse_bank}
         return record
