@@ -12,8 +12,8 @@ read and write per step. The table is also written as JSON and a PNG chart (both
 
 ``--shapes real`` runs ``StreamingGenerator`` at the Wan2.1 per-block shapes of DESIGN.md §6 (12 heads × 128,
 1560-token frames; one transformer block and one-frame chunks on a CPU) and ``MemoryWorldModel`` at the CDiT-L/2
-shapes (16 heads × 64, 196-token frames, buffer 50, k = 8; 4 blocks, the later two with memory), so the parts'
-share reflects real proportions, not only the tiny models' matmuls.
+shapes (16 heads × 64, 196-token frames, buffer 50, k = 8; 4 blocks, the later two with memory), one round with the
+parts timed within it, so the parts' share reflects real proportions, not only the tiny models' matmuls.
 
 Triton runs on CPU tensors only through its interpreter, far too slow for a demo: ``--triton`` adds it anyway.
 ``--reference-ops`` adds the op path on the ops' own ``"torch"`` references (the structure without the kernels).
@@ -57,19 +57,17 @@ TINY = [
     ("SpeculativeVAR sample", "SpeculativeVAR", dict(mode="sample", patch_nums=(1, 2, 3), vocab=8, depth=2,
                                                      draft_depth=1), (2,)),
 ]
-# DESIGN.md §6 shapes. Wan2.1-1.3B per block (12 × 128 heads, 1560-token frames, MemFlow's 3-frame bank, sink and
-# top-k), one transformer block, one-frame chunks and a 3-frame window so that a CPU streams 6 chunks in seconds;
-# seed 004's CDiT-L/2 (16 × 64 heads, 196-token frames, buffer 50, k = 8) with 4 blocks, memory in the later two.
+# DESIGN.md §6 shapes. Wan2.1-1.3B per block (12 × 128 heads, 1560-token frames, 512 text tokens, MemFlow's 3-frame
+# bank) with one transformer block, one-frame chunks and a 2-frame window, so that a 2-core CPU streams 5 chunks
+# (2 evicted into the bank) in seconds; seed 004's CDiT-L/2 (16 × 64 heads, 196-token frames, buffer 50, k = 8)
+# with 4 blocks, memory in the later two.
 REAL = [
     ("StreamingGenerator", "StreamingGenerator",
-     dict(num_layers=1, heads=12, head_dim=128, frame_seq_len=1560, frames_per_block=1, window_frames=3,
-          sink_frames=1, bank_size=3, text_len=512, text_dim=64, steps=1, switch_every=3), (6,)),
-    ("StreamingGenerator sparse", "StreamingGenerator",
-     dict(num_layers=1, heads=12, head_dim=128, frame_seq_len=1560, frames_per_block=1, window_frames=3,
-          sink_frames=1, bank_size=3, text_len=512, text_dim=64, steps=1, switch_every=3, sparse_bank=1), (6,)),
+     dict(num_layers=1, heads=12, head_dim=128, frame_seq_len=1560, frames_per_block=1, window_frames=2,
+          sink_frames=1, bank_size=3, text_len=512, text_dim=64, steps=1, switch_every=2), (5,)),
     ("MemoryWorldModel", "MemoryWorldModel",
-     dict(depth=4, heads=16, head_dim=64, frame_len=196, buffer_size=50, k=8, steps=1, trajectory_period=16),
-     (16,)),
+     dict(depth=4, heads=16, head_dim=64, frame_len=196, buffer_size=50, k=8, steps=1, trajectory_period=8),
+     (10,)),
 ]
 
 
@@ -168,29 +166,28 @@ def backends_for(device: torch.device, triton: bool, reference_ops: bool) -> lis
     return chosen
 
 
-def measure(make, args, progress) -> tuple[float, dict]:
-    """One more run of a pipeline with its replaced parts timed alone: the median over steps of their total ms,
-    and ``{part: {"ms", "mb"}}`` means per step."""
+def measured(make, args, progress, parts: bool):
+    """``(run, parts)``: a run of a pipeline and, with ``parts``, its replaced parts timed alone: the median over
+    steps of their total ms, and ``{part: {"ms", "mb"}}`` means per step (else ``None``)."""
     from streamkern.pipelines._runtime import measure_parts
 
-    with measure_parts() as parts:
-        make().run(*args, progress=progress)
-    steps = sorted(parts.step_seconds)
+    if not parts:
+        return make().run(*args, progress=progress), None
+    with measure_parts() as times:
+        run = make().run(*args, progress=progress)
+    steps = sorted(times.step_seconds)
     n = max(1, len(steps))
-    return steps[len(steps) // 2] * 1e3, {name: {"ms": parts.seconds[name] / n * 1e3,
-                                                  "mb": parts.bytes.get(name, 0) / n / 1e6}
-                                           for name in sorted(parts.seconds)}
+    return run, (steps[len(steps) // 2] * 1e3, {name: {"ms": times.seconds[name] / n * 1e3,
+                                                       "mb": times.bytes.get(name, 0) / n / 1e6}
+                                                for name in sorted(times.seconds)})
 
 
-def _set_parts(row: Row, measured: tuple[float, dict]) -> None:
-    row.parts_ms, row.parts = measured
-    row.parts_mb = sum(p["mb"] for p in row.parts.values())
-
-
-def run_demo(device: torch.device, configs, accelerated, progress, repeats: int = 2) -> list[Row]:
+def run_demo(device: torch.device, configs, accelerated, progress, repeats: int = 2,
+             parts_in_run: bool = False) -> list[Row]:
     """Each pipeline: the eager run, then every accelerated backend, the whole round ``repeats`` times (the
     best median per backend is kept: a shared machine's bursts of load hit one round, rarely all); then one run
-    per path with the replaced parts timed alone."""
+    per path with the replaced parts timed alone (``parts_in_run``: timed within the single round instead, whose
+    end-to-end times then include the parts' synchronisations; for the slow ``--shapes real`` runs)."""
     import streamkern.pipelines as pipelines
 
     rows = []
@@ -200,9 +197,10 @@ def run_demo(device: torch.device, configs, accelerated, progress, repeats: int 
         makers = {"eager": lambda: cls(backend="torch", device=device, **kwargs)}
         makers.update({name: (lambda backend=backend: cls(backend=backend, eager=False, device=device, **kwargs))
                        for name, backend in accelerated})
+        parts = {}
         for _ in range(repeats):
             progress.describe(f"{label} eager")
-            eager = makers["eager"]().run(*args, progress=progress)
+            eager, parts["eager"] = measured(makers["eager"], args, progress, parts_in_run)
             row = best.setdefault("eager", Row(label, "torch (eager)", True, 0.0, float("inf"), 1.0,
                                                eager.syncs_per_step, notes(eager)))
             row.latency_ms = min(row.latency_ms, eager.latency * 1e3)
@@ -211,7 +209,7 @@ def run_demo(device: torch.device, configs, accelerated, progress, repeats: int 
                 if name in best and best[name].error:
                     continue
                 try:
-                    run = makers[name]().run(*args, progress=progress)
+                    run, parts[name] = measured(makers[name], args, progress, parts_in_run)
                 except Exception as exc:  # recorded in the table, never dropped
                     best[name] = Row(label, name, error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
                     traceback.print_exc(limit=2, file=sys.stderr)
@@ -226,8 +224,11 @@ def run_demo(device: torch.device, configs, accelerated, progress, repeats: int 
         for name, row in best.items():
             if row.error:
                 continue
-            progress.describe(f"{label} {name} parts")
-            _set_parts(row, measure(makers[name], args, progress))
+            if not parts_in_run:
+                progress.describe(f"{label} {name} parts")
+                parts[name] = measured(makers[name], args, progress, True)[1]
+            row.parts_ms, row.parts = parts[name]
+            row.parts_mb = sum(p["mb"] for p in row.parts.values())
             row.speedup = best["eager"].latency_ms / row.latency_ms
             row.parts_speedup = best["eager"].parts_ms / row.parts_ms if row.parts_ms else None
         rows += best.values()
@@ -360,11 +361,12 @@ def main(argv=None) -> list[Row]:
     configs = REAL if args.shapes == "real" else TINY if args.tiny else DEFAULT
     repeats = args.repeats or (1 if args.shapes == "real" else 2)
     accelerated = backends_for(device, args.triton, args.reference_ops)
-    steps = sum(a[0] for *_, a in configs) * (1 + len(accelerated)) * (repeats + 1)
+    real = args.shapes == "real"
+    steps = sum(a[0] for *_, a in configs) * (1 + len(accelerated)) * (repeats + (0 if real else 1))
     progress = Progress(steps)
     start = time.perf_counter()
     try:
-        rows = run_demo(device, configs, accelerated, progress, repeats)
+        rows = run_demo(device, configs, accelerated, progress, repeats, parts_in_run=real)
     finally:
         progress.close()
     seconds = time.perf_counter() - start

@@ -9,9 +9,8 @@ slot), and the frame's KV for all layers is copied into that slot.
   sum, ``argmax().item()``, a dict archive of frames and the Python ``_select_frame_to_evict`` loop, KV concatenated
   with ``torch.cat`` on every read.
 * ``eager=False``: ``select_frame`` → ``bank_evict_select`` → ``bank_insert`` on preallocated storage
-  ``k, v [NL, B, M * frame_seq_len, H, D]``; every decision stays on the device (no host sync). With
-  ``storage=False`` the bank keeps only its decisions (:meth:`choose`): a paged cache (``StreamingGenerator``) keeps
-  the frames themselves as pages and swaps page ids instead of copying.
+  ``k, v [NL, B, M * frame_seq_len, H, D]``; every decision stays on the device (no host sync).
+  (``StreamingKV`` makes the same decisions and keeps the frame by a page-id swap instead of the copy.)
 
 ``run(steps)`` streams ``steps`` random evicted chunks through the bank (the demo's ``MemoryBank`` row).
 """
@@ -44,8 +43,7 @@ class MemoryBank:
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, frame_seq_len: int,
                  bank_size: int = 6, num_entities: int = 8, layers=None, layer_weights=(0.2, 0.3, 0.5), *,
-                 dtype: torch.dtype = torch.float32, device=None, backend: str = "torch", eager: bool | None = None,
-                 storage: bool = True):
+                 dtype: torch.dtype = torch.float32, device=None, backend: str = "torch", eager: bool | None = None):
         self.frame_seq_len, self.max_memory_frames, self.num_entities = frame_seq_len, bank_size, num_entities
         self.batch = batch
         self.layers = list(layers if layers is not None else (0, num_layers // 2, num_layers - 1))
@@ -61,8 +59,8 @@ class MemoryBank:
             self._next_id = 0
             return
         shape = (num_layers, batch, bank_size * frame_seq_len, heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device) if storage else None
-        self.v = torch.zeros(shape, dtype=dtype, device=device) if storage else None
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.scores = torch.zeros(bank_size, dtype=torch.float32, device=device)
         self.entity_mask = torch.zeros(bank_size, num_entities, dtype=torch.bool, device=device)
         self.valid = torch.zeros(bank_size, dtype=torch.bool, device=device)
@@ -112,14 +110,12 @@ class MemoryBank:
 
     # --- the ops (accelerated) -----------------------------------------------------------------------------
 
-    def choose(self, chunk_k, text_k, entity_weights, entities, first_frame_id, frame_seq_len=None):
-        """The accelerated decisions of :meth:`insert` without the copy: ``(best [B], victim [])`` int64 on the
-        device, the slot's score, entities, validity and frame ids updated. ``frame_seq_len`` overrides the bank's
-        (``1`` scores a chunk given as the mean key of each frame)."""
-        fsl = self.frame_seq_len if frame_seq_len is None else frame_seq_len
+    def _choose(self, chunk_k, text_k, entity_weights, entities, first_frame_id):
+        """The accelerated decisions of :meth:`insert`: ``(best [B], victim [])`` int64 on the device, the slot's
+        score, entities, validity and frame ids updated."""
         with part("scoring", self.device) as moved:
-            best, scores = select_frame(chunk_k, text_k, entity_weights, fsl, self.layers, self.layer_weights,
-                                        backend=self.backend)
+            best, scores = select_frame(chunk_k, text_k, entity_weights, self.frame_seq_len, self.layers,
+                                        self.layer_weights, backend=self.backend)
             score = scores.gather(1, best[:, None]).mean().reshape(1)
             moved(nbytes(chunk_k[0], text_k[0]) * len(self.layers))
         with part("eviction", self.device) as moved:
@@ -138,7 +134,7 @@ class MemoryBank:
         return best, victim
 
     def _insert_ops(self, chunk_k, chunk_v, text_k, entity_weights, entities, first_frame_id):
-        best, victim = self.choose(chunk_k, text_k, entity_weights, entities, first_frame_id)
+        best, victim = self._choose(chunk_k, text_k, entity_weights, entities, first_frame_id)
         with part("eviction", self.device) as moved:
             bank_insert(self.k, self.v, chunk_k, chunk_v, best, victim, self.frame_seq_len, backend=self.backend)
             moved(4 * nbytes(self.k[:, :, :self.frame_seq_len]))
