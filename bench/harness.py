@@ -145,8 +145,10 @@ def count_syncs(fn: Callable, args: tuple, device: torch.device) -> int | None:
 class Report:
     """Collects timed rows for one device; see the module docstring."""
 
-    def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None, budget_s: float | None = None):
+    def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None, budget_s: float | None = None,
+                 smoke: bool = False):
         self.device = torch.device(device)
+        self.smoke = smoke   # only each op's first case, no torch.compile rows (their compilation takes minutes)
         self.quick = self.device.type == "cpu" if quick is None else quick
         self.budget_s = budget_s if budget_s is not None else (0.5 if self.quick else 1.0)
         self.info = device_info(self.device)
@@ -158,7 +160,8 @@ class Report:
         n = (1 << 30 if self.device.type == "cuda" else 1 << 28) // 4
         src = torch.rand(n, device=self.device)
         dst = torch.empty_like(src)
-        ms = statistics.median(time_calls(dst.copy_, [(src,)], self.device, warmup=3, max_reps=20, budget_s=1.0))
+        ms = statistics.median(time_calls(dst.copy_, [(src,)], self.device, warmup=3, max_reps=20,
+                                          budget_s=min(1.0, self.budget_s)))
         return 2 * src.numel() * src.element_size() / (ms / 1e3)
 
     def input_sets(self, bytes_per_set: int, limit: int = 8) -> int:
@@ -184,6 +187,9 @@ class Report:
             flops: int | None = None, baseline: str | None = "eager-seed", warmup: int | None = None,
             max_reps: int | None = None, extra: dict | None = None) -> Row:
         row = Row(op=op, case=case, impl=impl, bytes=bytes, flops=flops, baseline=baseline, extra=extra or {})
+        if self.smoke and (getattr(fn, "inductor", False)
+                           or any(r.op == op and r.case != case for r in self.rows)):
+            return row   # not timed, not recorded
         try:
             times = time_calls(fn, inputs, self.device, warmup=warmup if warmup is not None else 3,
                                max_reps=max_reps or (1000 if self.device.type == "cuda" else 200),

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -45,12 +44,21 @@ constexpr int64_t kGroup = 4;     // query tiles per task (they share each packe
 constexpr int64_t kTileKV = 512;  // most keys per kv tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (the softmax's s - max), branch-free so that it vectorises: 2^n · p(r) with n = round(x·log2 e),
-// r = x - n·ln 2 (two-part ln 2), p the degree-7 Taylor/minimax polynomial of Cephes' expf (about 1 ulp).
-// x is clamped at -87 (exp < 1.7e-38 counts as 0 in a sum led by exp(0) = 1); NaN stays NaN.
+// The row kernels below are written so that GCC vectorises each clone: float compares may be if-converted (no FP
+// exceptions are used: no-trapping-math), no out-of-region function is called (it would not inline), and the
+// reductions run over kLanes independent lanes.
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
+constexpr int64_t kLanes = 16;
+
+// exp(x) for x <= 0 (the softmax's s - max): 2^n · p(r) with n = x·log2 e rounded toward zero after a -1/2 shift
+// (|r| <= ln 2 / 2 for x <= 0), r = x - n·ln 2 (two-part ln 2), p Cephes' expf polynomial (about 1 ulp). x is
+// clamped at -87 (exp < 1.7e-38 counts as 0 in a sum led by exp(0) = 1); NaN stays NaN.
 inline float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);
+  const float n = static_cast<float>(ni);
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -59,49 +67,51 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * __builtin_bit_cast(float, static_cast<uint32_t>(ni + 127) << 23);
 }
 
-// max_j scale · s[j] over a row of n scores.
+// max_j scale · s[j] over a row of n scores. Finite math here only (the max reduction then vectorises): a NaN
+// score may or may not reach the max, and exp_row turns it into NaN either way.
+#pragma GCC push_options
+#pragma GCC optimize("finite-math-only", "no-signed-zeros")
 STREAMKERN_SIMD_CLONES float scaled_row_max(const float* s, int64_t n, float scale) {
   float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j] * scale);
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = s[j] * scale;
+    m = v > m ? v : m;
+  }
   return m;
 }
+#pragma GCC pop_options
 
 // s[j] <- exp(scale · s[j] - m) in place; returns the row sum.
 STREAMKERN_SIMD_CLONES float exp_row(float* s, int64_t n, float scale, float m) {
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] * scale - m);
+  float lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t i = 0; i < kLanes; ++i) lane[i] += s[j + i];
+  for (; j < n; ++j) lane[0] += s[j];
   float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = exp_nonpositive(s[j] * scale - m);
-    s[j] = p;
-    sum += p;
-  }
+  for (int64_t i = 0; i < kLanes; ++i) sum += lane[i];
   return sum;
 }
 
 STREAMKERN_SIMD_CLONES void scale_row(float* a, int64_t n, float alpha) {
-#pragma omp simd
   for (int64_t j = 0; j < n; ++j) a[j] *= alpha;
 }
 
 // Float row -> bfloat16 bits, round to nearest even.
 STREAMKERN_SIMD_CLONES void to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
-#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    uint32_t u;
-    std::memcpy(&u, &src[j], sizeof(u));
+    const uint32_t u = __builtin_bit_cast(uint32_t, src[j]);
     dst[j] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
 }
 
-STREAMKERN_SIMD_CLONES void to_f16_row(const float* src, at::Half* dst, int64_t n) {
-#pragma omp simd
+#pragma GCC pop_options
+
+void to_f16_row(const float* src, at::Half* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::Half>(src[j]);
 }
 
