@@ -13,7 +13,7 @@ import torch
 
 from .harness import Report
 
-BENCHES = ["consensus", "verify", "scale_attention", "drift_gate", "kv_ring", "bank_select"]
+BENCHES = ["consensus", "verify", "scale_attention", "drift_gate", "kv_ring", "bank_select", "frame_attention"]
 
 
 def main(argv: list[str] | None = None) -> Report:
