@@ -15,8 +15,8 @@ from .ordered_bits import ordered_bits
 @triton.jit
 def _bank_evict_kernel(scores_ptr, mask_ptr, valid_ptr, out_ptr, M, E, s_s, s_m0, s_m1, s_v,
                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    i = tl.arange(0, BLOCK_M)
-    e = tl.arange(0, BLOCK_E)
+    i = tl.arange(0, BLOCK_M).to(tl.int64)  # int64 element offsets: strides arrive as i32
+    e = tl.arange(0, BLOCK_E).to(tl.int64)
     in_m = i < M
     mask = tl.load(mask_ptr + i[:, None] * s_m0 + e[None, :] * s_m1, mask=in_m[:, None] & (e[None, :] < E),
                    other=0) != 0
@@ -26,9 +26,8 @@ def _bank_evict_kernel(scores_ptr, mask_ptr, valid_ptr, out_ptr, M, E, s_s, s_m0
     s = tl.load(scores_ptr + i * s_s, mask=in_m, other=0.0).to(tl.float32)
     ok = tl.load(valid_ptr + i * s_v, mask=in_m, other=0) != 0
     nan = (s != s).to(tl.int64)
-    slot = i.to(tl.int64)
-    key = (1 << 41) | (not_redundant << 40) | (nan << 39) | (tl.where(nan != 0, 0, ordered_bits(s)) << 7) | slot
-    key = tl.where(ok, key, slot)
+    key = (1 << 41) | (not_redundant << 40) | (nan << 39) | (tl.where(nan != 0, 0, ordered_bits(s)) << 7) | i
+    key = tl.where(ok, key, i)
     key = tl.where(in_m, key, 1 << 62)
     tl.store(out_ptr, tl.min(key, axis=0) & 127)
 

@@ -13,12 +13,14 @@ token splits to give the GPU enough programs while keeping ``splits · S`` small
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from ._constants import DeviceConstants, to_device
+from ._grid import grid as launch_grid
 
 
 @triton.jit
@@ -79,14 +81,15 @@ def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
         tl.atomic_add(out_ptr + b * F + f, tl.sum(acc, axis=0) * scale)
 
 
-@functools.lru_cache(maxsize=64)
-def _layer_table(layers: tuple, layer_weights: tuple, device: torch.device):
-    """Selected layer ids (int64) and weights (float32) on ``device``, copied once per distinct selection."""
-    ids = torch.tensor(layers, dtype=torch.int64)
-    lam = torch.tensor(layer_weights, dtype=torch.float32)
-    if device.type == "cuda":
-        return ids.pin_memory().to(device, non_blocking=True), lam.pin_memory().to(device, non_blocking=True)
-    return ids.to(device), lam.to(device)
+_LAYERS = DeviceConstants("consensus layer table",
+                          lambda key, device: (to_device(key[0], torch.int64, device),
+                                               to_device(key[1], torch.float32, device)))
+
+
+def layer_table(layers, layer_weights, device: torch.device):
+    """Selected layer ids (int64) and weights (float32) on ``device``, built once per distinct selection (outside
+    CUDA-graph capture, see ``_constants``)."""
+    return _LAYERS.get((tuple(layers), tuple(layer_weights)), device)
 
 
 def _splits(n_programs_per_split: int, L: int, S: int, device: torch.device) -> int:
@@ -117,15 +120,16 @@ def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights:
     out = torch.zeros(B, F, dtype=torch.float32, device=chunk_k.device)
     if out.numel() == 0 or HD == 0:
         return out
-    ids, lam = _layer_table(tuple(layers), tuple(layer_weights), chunk_k.device)
+    ids, lam = layer_table(layers, layer_weights, chunk_k.device)
     BLOCK_HD = min(64, triton.next_power_of_2(HD))
     n_hd = triton.cdiv(HD, BLOCK_HD)
     splits = _splits(n_hd * B * len(layers), L, S, chunk_k.device)
     tokens_per_split = triton.cdiv(L, splits)
     splits = triton.cdiv(L, tokens_per_split)
     sw_b = weights.stride(0) if weights.dim() == 2 else 0
-    grid = (splits * n_hd, B, len(layers))
-    _consensus_kernel[grid](
+    launch = launch_grid("consensus_frame_scores", (splits * n_hd, "token splits x H*D blocks"), (B, "batch"),
+                  (len(layers), "layers"))
+    _consensus_kernel[launch](
         out, chunk_k, text_k, weights, ids, lam,
         L, S, HD, D, F, frame_seq_len, tokens_per_split, n_hd,
         *chunk_k.stride(), *text_k.stride(), sw_b, weights.stride(-1),

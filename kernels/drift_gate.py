@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import grid as launch_grid
+
 
 @triton.jit
 def _drift_tile(b, start, small_ptr, img_ptr, prev_ptr, imp_ptr, C, h, w, gh, gw,
@@ -29,24 +31,29 @@ def _drift_tile(b, start, small_ptr, img_ptr, prev_ptr, imp_ptr, C, h, w, gh, gw
     """Pools cells ``[start, start + BLOCK)`` of camera ``b`` into ``small``; with ``HAS_PREV`` returns their
     ``Σ mean_c|small − prev_small| · dilated weight``, else 0."""
     hw = h * w
-    k = tl.arange(0, BLOCK_PP)
+    k = tl.arange(0, BLOCK_PP).to(tl.int64)
     r = k // POOL
     s = k % POOL
     kmask = k < POOL * POOL
-    e = start + tl.arange(0, BLOCK)
+    e = start + tl.arange(0, BLOCK).to(tl.int64)  # int64 element offsets: strides arrive as i32
     mask = e < hw
     y = e // w
     x = e % w
     diff = tl.zeros([BLOCK], dtype=tl.float32)
+    img_c = img_ptr + b * si0        # channel c's planes: the pointers step by a channel stride per channel
+    small_c = small_ptr + b * C * hw
+    prev_c = prev_ptr + b * sp0
     for c in range(C):
-        base = img_ptr + b * si0 + c * si1
-        ptrs = base + (y * POOL)[:, None] * si2 + r[None, :] * si2 + ((x * POOL)[:, None] + s[None, :]) * si3
+        ptrs = img_c + (y * POOL)[:, None] * si2 + r[None, :] * si2 + ((x * POOL)[:, None] + s[None, :]) * si3
         v = tl.load(ptrs, mask=mask[:, None] & kmask[None, :], other=0).to(tl.float32)
         pooled = tl.sum(v, axis=1) * inv
-        tl.store(small_ptr + (b * C + c) * hw + e, pooled.to(small_ptr.dtype.element_ty), mask=mask)
+        tl.store(small_c + e, pooled.to(small_ptr.dtype.element_ty), mask=mask)
         if HAS_PREV:
-            prev = tl.load(prev_ptr + b * sp0 + c * sp1 + y * sp2 + x * sp3, mask=mask, other=0).to(tl.float32)
+            prev = tl.load(prev_c + y * sp2 + x * sp3, mask=mask, other=0).to(tl.float32)
             diff += tl.abs(pooled - prev)
+        img_c += si1
+        small_c += hw
+        prev_c += sp1
     total = 0.0
     if HAS_PREV:
         weight = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -57,10 +64,10 @@ def _drift_tile(b, start, small_ptr, img_ptr, prev_ptr, imp_ptr, C, h, w, gh, gw
                 ok = mask & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
                 fy = tl.maximum(scale_y * (yy.to(tl.float32) + 0.5) - 0.5, 0.0)
                 fx = tl.maximum(scale_x * (xx.to(tl.float32) + 0.5) - 0.5, 0.0)
-                y0 = fy.to(tl.int32)
-                x0 = fx.to(tl.int32)
-                y1 = y0 + (y0 < gh - 1).to(tl.int32)
-                x1 = x0 + (x0 < gw - 1).to(tl.int32)
+                y0 = fy.to(tl.int64)
+                x0 = fx.to(tl.int64)
+                y1 = y0 + (y0 < gh - 1).to(tl.int64)
+                x1 = x0 + (x0 < gw - 1).to(tl.int64)
                 ly1 = fy - y0.to(tl.float32)
                 lx1 = fx - x0.to(tl.float32)
                 row0 = imp_ptr + b * sq0 + y0 * sq1
@@ -114,13 +121,13 @@ def _gate_kernel(run_ptr, reason_ptr, out_ptr, partial_ptr, counter_ptr, small_p
             for t in range(tiles):
                 d += tl.load(partial_ptr + cam * tiles + t, volatile=True)
             total += d
-        mean = total / B
+        mean = tl.math.div_rn(total, B.to(tl.float32))  # '/' is approximate on GPU; the mean feeds the decision
         state_diff = tl.full([], float("-inf"), tl.float64)
         state_run = tl.full([], 0, tl.int1)
         if HAS_STATE:
             nan_seen = 0
             for s0 in range(0, n_state, BLOCK_S):
-                i = s0 + tl.arange(0, BLOCK_S)
+                i = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
                 smask = i < n_state
                 cur = tl.load(state_ptr + (i // state_cols) * ss0 + (i % state_cols) * ss1, mask=smask, other=0)
                 prev = tl.load(prev_state_ptr + i, mask=smask, other=0)
@@ -189,7 +196,7 @@ def drift_gate_step(recompute: torch.Tensor, reason: torch.Tensor, drift: torch.
     tiles = triton.cdiv(small.shape[2] * small.shape[3], meta["BLOCK"])
     partial = torch.empty(B * tiles, dtype=torch.float32, device=image.device)
     has_state = prev_state is not None
-    _gate_kernel[(B, tiles)](
+    _gate_kernel[launch_grid("DriftGate.should_recompute", (B, "cameras"), (tiles, "pooled-pixel tiles"))](
         recompute, reason, drift, partial, counter, *args, state, prev_state if has_state else state,
         state.numel(), state.shape[1], *state.stride(),
         DRIFT_THRESHOLD=float(drift_threshold), STATE_THRESHOLD=float(state_threshold),
@@ -206,7 +213,7 @@ def _importance_partial_kernel(ws_ptr, attn_ptr, H, S, V, A, start, rows, splits
     r0 = rows * split // splits
     r1 = rows * (split + 1) // splits
     for v0 in range(0, V, BLOCK_V):
-        v = v0 + tl.arange(0, BLOCK_V)
+        v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         vmask = v < V
         acc = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
         for rb in range(r0, r1, BLOCK_R):
@@ -257,7 +264,8 @@ def patch_importance(attn: torch.Tensor, layer_range, num_vision_tokens: int, ac
     splits = max(1, min(rows // 16, 2 * sms // B))
     ws = torch.empty(B, splits, V, dtype=torch.float32, device=attn.device)
     block_v = min(triton.next_power_of_2(V), 256)
-    _importance_partial_kernel[(B, splits)](ws, attn, H, S, V, A, start, rows, splits, *attn.stride(),
-                                            BLOCK_R=16, BLOCK_V=block_v)
+    launch = launch_grid("patch_importance", (B, "batch"), (splits, "row splits"))
+    _importance_partial_kernel[launch](ws, attn, H, S, V, A, start, rows, splits, *attn.stride(),
+                                       BLOCK_R=16, BLOCK_V=block_v)
     _importance_finish_kernel[(B,)](out, ws, V, splits, 1.0 / rows, BLOCK_V=block_v)
     return out

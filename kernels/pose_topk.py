@@ -16,7 +16,7 @@ from .ordered_bits import ordered_bits
 @triton.jit
 def _pose_topk_kernel(poses_ptr, valid_ptr, cur_ptr, scale_ptr, idx_ptr, sim_ptr, N, k, s_p0, s_p1, s_c, s_v,
                       BLOCK: tl.constexpr):
-    i = tl.arange(0, BLOCK)
+    i = tl.arange(0, BLOCK).to(tl.int64)  # int64 element offsets: strides arrive as i32
     in_n = i < N
     row = poses_ptr + i * s_p0
     dx = tl.load(row, mask=in_n, other=0.0).to(tl.float64) - tl.load(cur_ptr).to(tl.float64)
@@ -27,8 +27,7 @@ def _pose_topk_kernel(poses_ptr, valid_ptr, cur_ptr, scale_ptr, idx_ptr, sim_ptr
     ok = tl.load(valid_ptr + i * s_v, mask=in_n, other=0) != 0
     nan = (sim != sim).to(tl.int64)
     desc = tl.where(nan != 0, 0, (~ordered_bits(sim)) & 0xFFFFFFFF)
-    index = i.to(tl.int64)
-    key = tl.where(ok, (nan << 61) | (desc << 16) | index, (1 << 62) | index)
+    key = tl.where(ok, (nan << 61) | (desc << 16) | i, (1 << 62) | i)
     key = tl.where(in_n, key, 0x7FFFFFFFFFFFFFFF)
     key = tl.sort(key)
     chosen = (key >> 62) == 0

@@ -24,6 +24,8 @@ import triton.language as tl
 from streamkern._backend import triton_interpreting
 from .tile_classes import TILE_FULL, TILE_PARTIAL
 
+from ._grid import grid as launch_grid
+
 LOG2E = 1.4426950408889634
 
 
@@ -33,7 +35,7 @@ def _scale_ids(IDS, offs, n, stride, NS):
     in_range = offs < n
     ids = tl.load(IDS + offs * stride, mask=in_range, other=0)
     ok = in_range & (ids >= 0) & (ids < NS)
-    return tl.where(ok, ids, 0), ok
+    return tl.where(ok, ids, 0).to(tl.int64), ok
 
 
 @triton.jit
@@ -49,13 +51,13 @@ def _visit_list_kernel(QS, KS, ALLOW, VISIT, VCLS, NVISIT, Lq, Lk, NS, n_ktiles,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per q tile: classify every k tile from the scale ids, append the non-skipped ones
     (index and class) to this q tile's row of ``VISIT``/``VCLS``, and store their count in ``NVISIT``."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # every element offset in int64: strides arrive as i32
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qs, q_ok = _scale_ids(QS, offs_m, Lq, sqs, NS)
     m_real = offs_m < Lq
     count = tl.full([], 0, tl.int32)
     for kt in range(0, n_ktiles):
-        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         ks, k_ok = _scale_ids(KS, offs_n, Lk, sks, NS)
         real = m_real[:, None] & (offs_n < Lk)[None, :]
         ok = _allowed(ALLOW, qs, q_ok, ks, k_ok, sa0, sa1)
@@ -78,12 +80,12 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
                             SELF: tl.constexpr, PARTIAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                             DOT_DTYPE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)  # every element offset in int64: strides arrive as i32
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_ok = offs_m < Lq
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -96,7 +98,7 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
     row = pid_m * row_stride
     n_visit = tl.load(NVISIT + pid_m)
     for it in range(0, n_visit):
-        kt = tl.load(VISIT + row + it)
+        kt = tl.load(VISIT + row + it).to(tl.int64)
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kT = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
@@ -172,7 +174,8 @@ def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend: bool, 
     visit, vcls, n_visit = visit_lists(q_scale, k_scale, allow, self_attend, block_m, block_n)
     allow_u8 = allow.view(torch.uint8)
     dot_dtype = _dot_dtype(q.dtype)
-    _scale_attention_kernel[(visit.shape[0], B * H)](
+    launch = launch_grid("block_masked_attention", (visit.shape[0], "query tiles"), (B * H, "B*H"))
+    _scale_attention_kernel[launch](
         q, k, v, out, q_scale, k_scale, allow_u8, visit, vcls, n_visit,
         Lq, k.shape[2], H, allow.shape[0], visit.stride(0), sm_scale * LOG2E,
         q_scale.stride(0), k_scale.stride(0), *allow_u8.stride(),

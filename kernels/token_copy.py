@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._grid import grid as launch_grid
+
 
 @triton.jit
 def _token_base(index_ptr, b, stride, limit, scale, offset, HAS_INDEX: tl.constexpr):
@@ -59,7 +61,7 @@ def token_copy(dst_k, dst_v, src_k, src_v, T, *, src_index=None, dst_index=None,
     if rows == 0 or H * D == 0:
         return
     block = min(triton.next_power_of_2(H * D), 1024)
-    grid = (rows, triton.cdiv(H * D, block))
+    grid = launch_grid("token copy", (rows, "NL*B*T token rows"), (triton.cdiv(H * D, block), "H*D blocks"))
 
     def index_args(index, limit):
         if index is None:

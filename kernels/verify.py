@@ -16,24 +16,24 @@ import torch
 import triton
 import triton.language as tl
 
-_CONSTANTS: dict = {}
+from ._constants import DeviceConstants, to_device
 
 
-def _window_constants(offsets, cfg, device):
-    """Device tensors ``offsets [NS + 1]`` int32, ``scale_of [T]`` int32, ``cfg [NS]`` float32, built once per
-    window (a host-to-device copy would otherwise wait on the stream)."""
-    key = (tuple(offsets), None if cfg is None else tuple(cfg), str(device))
-    if key not in _CONSTANTS:
-        sizes = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
-        scale_of = [s for s, n in enumerate(sizes) for _ in range(n)]
-        pinned = device.type == "cuda"  # pinned host memory + non_blocking: the copy never waits on the stream
+def _build_window(key, device):
+    offsets, cfg = key
+    sizes = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
+    scale_of = [s for s, n in enumerate(sizes) for _ in range(n)]
+    return (to_device(offsets, torch.int32, device), to_device(scale_of, torch.int32, device),
+            to_device(cfg if cfg is not None else [0.0] * len(sizes), torch.float32, device))
 
-        def put(values, dtype):
-            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
 
-        _CONSTANTS[key] = (put(offsets, torch.int32), put(scale_of, torch.int32),
-                           put(cfg if cfg is not None else [0.0] * len(sizes), torch.float32))
-    return _CONSTANTS[key]
+_WINDOWS = DeviceConstants("verify_scales window table", _build_window)
+
+
+def window_constants(offsets, cfg, device):
+    """Device tensors ``offsets [NS + 1]`` int32, ``scale_of [T]`` int32, ``cfg [NS]`` float32 of one window, built
+    once (outside CUDA-graph capture, see ``_constants``)."""
+    return _WINDOWS.get((tuple(offsets), None if cfg is None else tuple(cfg)), device)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _rows(logits_ptr, draft_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr,
     cond = logits_ptr + b * sl0 + t * sl1
     uncond = logits_ptr + (b + B) * sl0 + t * sl1
     x_tok = tl.load(draft_ptr + b * sd0 + t * sd1)
-    offs0 = tl.arange(0, BLOCK_V)
+    offs0 = tl.arange(0, BLOCK_V).to(tl.int64)  # int64 element offsets: strides arrive as i32
     bad = tl.zeros([], dtype=tl.int32)
     best = tl.full([], float("-inf"), tl.float32)
     arg = tl.full([], -1, tl.int64)
@@ -105,7 +105,7 @@ def _rows(logits_ptr, draft_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr,
 def _scales(match_ptr, draft_ptr, tokens_ptr, offsets_ptr, scale_of_ptr, ratio_ptr, accepted_ptr,
             T, NS, sd0, sd1, threshold, GREEDY: tl.constexpr, BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    offs0 = tl.arange(0, BLOCK_T)
+    offs0 = tl.arange(0, BLOCK_T).to(tl.int64)
     run = tl.zeros([], dtype=tl.int64)
     open_ = tl.full([], 1, tl.int64)
     for s in range(0, NS):
@@ -115,7 +115,7 @@ def _scales(match_ptr, draft_ptr, tokens_ptr, offsets_ptr, scale_of_ptr, ratio_p
         for t0 in range(lo, hi, BLOCK_T):
             offs = t0 + offs0
             hits += tl.sum(tl.load(match_ptr + b * T + offs, mask=offs < hi, other=0).to(tl.int32), 0)
-        r = hits.to(tl.float32) / (hi - lo).to(tl.float32)
+        r = tl.math.div_rn(hits.to(tl.float32), (hi - lo).to(tl.float32))  # '/' is approximate on GPU
         tl.store(ratio_ptr + b * NS + s, r)
         if GREEDY:
             ok = r >= threshold
@@ -148,7 +148,7 @@ def _redraw(logits_ptr, q_ptr, u_ptr, scale_of_ptr, cfg_ptr, match_ptr, accepted
         cond = logits_ptr + b * sl0 + t * sl1
         uncond = logits_ptr + (b + B) * sl0 + t * sl1
         q_row = q_ptr + b * sq0 + t * sq1
-        offs0 = tl.arange(0, BLOCK_V)
+        offs0 = tl.arange(0, BLOCK_V).to(tl.int64)  # int64 element offsets: strides arrive as i32
         residual = tl.zeros([], dtype=tl.float32)
         mass = tl.zeros([], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
@@ -192,7 +192,7 @@ def verify_scales(accepted, match, ratio, tokens, stats, logits, draft, draft_pr
     NS = len(offsets) - 1
     if B == 0:
         return
-    off_t, scale_of, cfg_t = _window_constants(offsets, cfg, logits.device)
+    off_t, scale_of, cfg_t = window_constants(offsets, cfg, logits.device)
     match_i8 = match.view(torch.int8)
     q = logits if greedy else draft_probs
     u = logits if greedy else uniforms  # unread placeholders in greedy mode

@@ -16,6 +16,7 @@ kernel) and backend implementations (:class:`Kernel`, each with what it supports
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -172,7 +173,8 @@ class OpBackends:
         return "\n".join(lines)
 
     def __call__(self, name: str) -> Callable:
-        return self.impls[name]
+        impl = self.impls[name]
+        return functools.partial(_on_tensors_device, impl) if name == "triton" else impl
 
     def run(self, custom_op: Callable, name: str, *args):
         """``custom_op(*args, name)``, the ``torch.library`` op that wraps this table, or backend ``name`` called
@@ -184,7 +186,25 @@ class OpBackends:
                 or any(type(t) is not torch.Tensor for t in tensors)
                 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
             return custom_op(*args, name)
-        return self.impls[name](*args)
+        return self(name)(*args)
+
+
+def capturing(device: torch.device) -> bool:
+    """A CUDA-graph capture is in progress on ``device``'s current stream (never on CPU tensors)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def device_guard(device: torch.device):
+    """The context that makes ``device`` current for a Triton launch: Triton launches on the current CUDA device,
+    so tensors on ``cuda:1`` launched from ``cuda:0`` would be read through the wrong context."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_tensors_device(impl: Callable, *args):
+    """``impl(*args)`` with the device of the first tensor argument current (the ops check that all agree)."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    with device_guard(device):
+        return impl(*args)
 
 
 # --- one declaration per op --------------------------------------------------------------------

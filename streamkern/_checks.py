@@ -55,26 +55,27 @@ def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: Sequ
         raise ValueError(f"{name}: expected shape [{want}]{dims}, got {list(t.shape)}")
 
 
-def _same(what: str, error: type, tensors: dict):
+def _same(what: str, error: type, tensors: dict, message):
     """The ``what`` (``device`` / ``dtype``) shared by every tensor that is not None; ``error`` names the first
-    tensor that differs from the first one."""
+    tensor that differs from the first one, with ``message(expected, first name, got)``."""
     items = [(k, v) for k, v in tensors.items() if v is not None]
     first = getattr(items[0][1], what)
     for k, v in items[1:]:
         if getattr(v, what) != first:
-            show = dtype_name if what == "dtype" else str
-            raise error(f"{k}: expected {what} {show(first)} like {items[0][0]}, got {show(getattr(v, what))}")
+            raise error(f"{k}: {message(first, items[0][0], getattr(v, what))}")
     return first
 
 
 def same_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors live on one device; returns it."""
-    return _same("device", ValueError, tensors)
+    return _same("device", ValueError, tensors, lambda want, like, got: f"expected a tensor on {want} like {like}, "
+                                                                         f"got one on {got}")
 
 
 def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     """All tensors share one dtype; returns it."""
-    return _same("dtype", TypeError, tensors)
+    return _same("dtype", TypeError, tensors, lambda want, like, got: f"expected dtype {dtype_name(want)} like "
+                                                                        f"{like}, got {dtype_name(got)}")
 
 
 def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:

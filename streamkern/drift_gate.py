@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, define_op
+from ._backend import Kernel, capturing, define_op
 from .reference import drift_gate as ref
 
 IMAGE_DTYPES = check.FLOATS + (torch.uint8,)
@@ -291,6 +291,9 @@ class DriftGate:
         """``(recompute [] bool, reason [] int64, drift [] float32)`` on the image's device (see the class doc)."""
         self._check_frame(image, state)
         if self._counter is None or self._counter.device != image.device:
+            if capturing(image.device):  # made in the graph's pool, zeroed only at replay: eager calls would hang
+                raise RuntimeError("DriftGate.should_recompute: call it once eagerly before capturing it in a CUDA "
+                                   "graph (the first call creates the gate's arrival counter)")
             self._counter = torch.zeros(1, dtype=torch.int32, device=image.device)
         rows = _state_rows(state)
         prev_state = None if self.prev_state is None else self.prev_state.view(rows.shape)

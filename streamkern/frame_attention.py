@@ -11,54 +11,13 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import frame_attention as ref
 
 
-def _torch(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
-    ref.check_values(page_table, k_pages.shape[1])
-    return ref.frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale)
-
-
-def _cpu(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
-    ref.check_values(page_table, k_pages.shape[1])
-    B, Lq, H, _ = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    torch.ops.streamkern_C.frame_attention_(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale, out, lse)
-    return out, lse
-
-
-def _triton(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
-    from streamkern.kernels.frame_attention import frame_attention as launch
-
-    if check.debug_enabled():
-        ref.check_values(page_table, k_pages.shape[1])
-    return launch(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale)
-
-
-BACKENDS = OpBackends("frame_attention", {"torch": _torch, "cpu": _cpu, "triton": _triton}, missing={
-    "cuda": "no CUDA C++ kernel: the Triton kernel is the GPU path; a CUDA C++ kernel is added only where it "
-            "measurably beats Triton",
-})
-
-
-@torch.library.custom_op("streamkern::frame_attention", mutates_args=())
-def _frame_attention_op(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
-                        new_k: torch.Tensor | None, new_v: torch.Tensor | None, gate: torch.Tensor | None,
-                        sm_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = BACKENDS(backend)(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale)
-    return out, lse
-
-
-@_frame_attention_op.register_fake
-def _(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale, backend):
-    B, Lq, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=torch.float32)
-
-
 def _check(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
-    """The argument checks; returns ``(page_table [B, H, K], gate [B] or None, sm_scale)``."""
+    """The argument checks; returns the arguments with ``page_table`` as ``[B, H, K]``, ``gate`` as ``[B]`` (or
+    None) and ``sm_scale`` a number."""
     check.tensor("q", q, ndim=4, dtypes=check.FLOATS)
     check.tensor("k_pages", k_pages, ndim=5, dtypes=check.FLOATS)
     check.tensor("v_pages", v_pages, ndim=5, dtypes=check.FLOATS)
@@ -93,7 +52,37 @@ def _check(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
         raise ValueError(f"q: expected a head dim D >= 1, got shape {list(q.shape)}")
     scale = D ** -0.5 if sm_scale is None else check.number("sm_scale", sm_scale, low=0.0, open_low=True)
     table = page_table if page_table.dim() == 3 else page_table[:, None, :].expand(B, H, K)
-    return table, None if gate is None else gate.expand(B), scale
+    return q, k_pages, v_pages, table, new_k, new_v, None if gate is None else gate.expand(B), scale
+
+
+def _values(q, k_pages, v_pages, page_table, *args):
+    ref.check_values(page_table, k_pages.shape[1])
+
+
+def _triton(*args):
+    from streamkern.kernels.frame_attention import frame_attention
+
+    return frame_attention(*args)
+
+
+def _alloc(q, *args):
+    B, Lq, H, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((B, H, Lq), dtype=torch.float32, device=q.device))
+
+
+def _cpu(out, *args):
+    torch.ops.streamkern_C.frame_attention_(*args, *out)
+
+
+frame_attention_op = define_op(
+    "frame_attention", "(Tensor q, Tensor k_pages, Tensor v_pages, Tensor page_table, Tensor? new_k, Tensor? new_v, "
+    "Tensor? gate, float sm_scale) -> (Tensor, Tensor)",
+    {"torch": ref.frame_attention, "cpu": Kernel(_cpu, out=True), "triton": _triton}, check=_check, values=_values,
+    alloc=_alloc, missing={
+        "cuda": "no CUDA C++ kernel: the Triton kernel is the GPU path; a CUDA C++ kernel is added only where it "
+                "measurably beats Triton",
+    })
 
 
 def frame_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor, *,
@@ -124,7 +113,5 @@ def frame_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     Ids outside ``[0, P)`` other than -1: the ``"torch"`` and ``"cpu"`` backends raise ``ValueError`` naming
     ``page_table``; GPU backends skip them (and raise with ``STREAMKERN_DEBUG=1``).
     """
-    table, gate, scale = _check(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale)
-    name = BACKENDS.resolve(backend, q.device)
-    out, lse = BACKENDS.run(_frame_attention_op, name, q, k_pages, v_pages, table, new_k, new_v, gate, scale)
+    out, lse = frame_attention_op(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale, backend=backend)
     return (out, lse) if return_lse else out

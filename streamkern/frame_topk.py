@@ -9,52 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import Kernel, define_op
 from .reference import frame_topk as ref
-
-
-def _torch(q, k_mean, candidates, k, per_head):
-    ref.check_values(candidates, k_mean.shape[1])
-    return ref.frame_topk(q, k_mean, candidates, k, per_head)
-
-
-def _extension(q, k_mean, candidates, k, per_head):
-    """``"cpu"`` and ``"cuda"``: ``streamkern_C.frame_topk_`` (csrc/cpu/frame_topk.cpp, csrc/cuda/frame_topk.cu)."""
-    if q.device.type == "cpu" or check.debug_enabled():
-        ref.check_values(candidates, k_mean.shape[1])
-    B, _, H, _ = q.shape
-    out = torch.empty((B, H, k) if per_head else (B, k), dtype=torch.int64, device=q.device)
-    torch.ops.streamkern_C.frame_topk_(q, k_mean, candidates, k, per_head, out)
-    return out
-
-
-TRITON_MAX_CANDIDATES = 4096   # one program holds a row's candidates in registers
-
-
-def _triton(q, k_mean, candidates, k, per_head):
-    from streamkern.kernels.frame_topk import frame_topk as launch
-
-    if candidates.shape[1] > TRITON_MAX_CANDIDATES:
-        raise ValueError(f"candidates: the triton backend takes at most {TRITON_MAX_CANDIDATES} candidates per row "
-                         f"(dim 1), got {candidates.shape[1]}; use backend='torch'")
-    if check.debug_enabled():
-        ref.check_values(candidates, k_mean.shape[1])
-    return launch(q, k_mean, candidates, k, per_head)
-
-
-BACKENDS = OpBackends("frame_topk", {"torch": _torch, "cpu": _extension, "triton": _triton, "cuda": _extension})
-
-
-@torch.library.custom_op("streamkern::frame_topk", mutates_args=())
-def _frame_topk_op(q: torch.Tensor, k_mean: torch.Tensor, candidates: torch.Tensor, k: int, per_head: bool,
-                   backend: str) -> torch.Tensor:
-    return BACKENDS(backend)(q, k_mean, candidates, k, per_head)
-
-
-@_frame_topk_op.register_fake
-def _(q, k_mean, candidates, k, per_head, backend):
-    B, _, H, _ = q.shape
-    return candidates.new_empty((B, H, k) if per_head else (B, k))
 
 
 def _check(q, k_mean, candidates, k, per_head) -> None:
@@ -70,6 +26,42 @@ def _check(q, k_mean, candidates, k, per_head) -> None:
         raise TypeError(f"per_head: expected a bool, got {type(per_head).__name__} {per_head!r}")
     if Lq == 0:
         raise ValueError(f"q: expected at least one query (Lq >= 1, dim 1), got shape {list(q.shape)}")
+
+
+def _values(q, k_mean, candidates, k, per_head):
+    ref.check_values(candidates, k_mean.shape[1])
+
+
+TRITON_MAX_CANDIDATES = 4096   # one program holds a row's candidates in registers
+
+
+def _triton(*args):
+    from streamkern.kernels.frame_topk import frame_topk
+
+    return frame_topk(*args)
+
+
+def _triton_supports(q, k_mean, candidates, k, per_head) -> str:
+    C = candidates.shape[1]
+    return "" if C <= TRITON_MAX_CANDIDATES else (f"takes at most {TRITON_MAX_CANDIDATES} candidates per row (one "
+                                                   f"program holds them on chip), got C={C}")
+
+
+def _alloc(q, k_mean, candidates, k, per_head):
+    B, _, H, _ = q.shape
+    return torch.empty((B, H, k) if per_head else (B, k), dtype=torch.int64, device=candidates.device)
+
+
+def _extension(out, *args):
+    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
+    torch.ops.streamkern_C.frame_topk_(*args, out)
+
+
+frame_topk_op = define_op(
+    "frame_topk", "(Tensor q, Tensor k_mean, Tensor candidates, int k, bool per_head) -> Tensor", {
+        "torch": ref.frame_topk, "cpu": Kernel(_extension, out=True),
+        "triton": Kernel(_triton, supports=_triton_supports), "cuda": Kernel(_extension, out=True),
+    }, check=_check, values=_values, alloc=_alloc)
 
 
 def frame_topk(q: torch.Tensor, k_mean: torch.Tensor, candidates: torch.Tensor, k: int, *, per_head: bool = True,
@@ -91,6 +83,4 @@ def frame_topk(q: torch.Tensor, k_mean: torch.Tensor, candidates: torch.Tensor, 
     Ids outside ``[0, P)`` other than -1: the ``"torch"`` and ``"cpu"`` backends raise ``ValueError`` naming
     ``candidates``; GPU backends treat them as -1 (and raise with ``STREAMKERN_DEBUG=1``).
     """
-    _check(q, k_mean, candidates, k, per_head)
-    name = BACKENDS.resolve(backend, q.device)
-    return BACKENDS.run(_frame_topk_op, name, q, k_mean, candidates, k, per_head)
+    return frame_topk_op(q, k_mean, candidates, k, per_head, backend=backend)

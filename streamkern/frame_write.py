@@ -9,46 +9,13 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import OpBackends
+from ._backend import define_op
 from .reference import frame_write as ref
 
 
-def _torch(pool_k, pool_v, k_mean, k_new, v_new, pages):
-    ref.check_values(pages, pool_k.shape[2])
-    ref.frame_write(pool_k, pool_v, k_mean, k_new, v_new, pages)
-
-
-def _extension(pool_k, pool_v, k_mean, k_new, v_new, pages):
-    """``"cpu"`` and ``"cuda"``: ``streamkern_C.frame_write_`` (csrc/cpu/frame_write.cpp, csrc/cuda/frame_write.cu)."""
-    if pool_k.device.type == "cpu" or check.debug_enabled():
-        ref.check_values(pages, pool_k.shape[2])
-    torch.ops.streamkern_C.frame_write_(pool_k, pool_v, k_mean, k_new, v_new, pages)
-
-
-def _triton(pool_k, pool_v, k_mean, k_new, v_new, pages):
-    from streamkern.kernels.frame_write import frame_write as launch
-
-    if check.debug_enabled():
-        ref.check_values(pages, pool_k.shape[2])
-    launch(pool_k, pool_v, k_mean, k_new, v_new, pages)
-
-
-BACKENDS = OpBackends("frame_write", {"torch": _torch, "cpu": _extension, "triton": _triton, "cuda": _extension})
-
-
-@torch.library.custom_op("streamkern::frame_write", mutates_args=("pool_k", "pool_v", "k_mean"))
-def _frame_write_op(pool_k: torch.Tensor, pool_v: torch.Tensor, k_mean: torch.Tensor, k_new: torch.Tensor,
-                    v_new: torch.Tensor, pages: torch.Tensor, backend: str) -> None:
-    BACKENDS(backend)(pool_k, pool_v, k_mean, k_new, v_new, pages)
-
-
-@_frame_write_op.register_fake
-def _(pool_k, pool_v, k_mean, k_new, v_new, pages, backend):
-    return None
-
-
-def _check(pool_k, pool_v, k_mean, k_new, v_new, pages) -> torch.Tensor:
-    """The argument checks; returns ``pages`` as ``[B, n]`` (a ``[n]`` list expanded over the batch)."""
+def _check(pool_k, pool_v, k_mean, k_new, v_new, pages):
+    """The argument checks; returns the arguments with ``pages`` as ``[B, n]`` (a ``[n]`` list expanded over the
+    batch)."""
     for name, t in (("pool_k", pool_k), ("pool_v", pool_v)):
         check.tensor(name, t, ndim=6, dtypes=check.FLOATS)
     check.tensor("k_mean", k_mean, ndim=5, dtypes=(torch.float32,))
@@ -72,7 +39,28 @@ def _check(pool_k, pool_v, k_mean, k_new, v_new, pages) -> torch.Tensor:
     check.no_overlap("pool_k", pool_k, pool_v=pool_v, k_mean=k_mean, k_new=k_new, v_new=v_new, pages=pages)
     check.no_overlap("pool_v", pool_v, k_mean=k_mean, k_new=k_new, v_new=v_new, pages=pages)
     check.no_overlap("k_mean", k_mean, k_new=k_new, v_new=v_new, pages=pages)
-    return pages.expand(B, n)
+    return pool_k, pool_v, k_mean, k_new, v_new, pages.expand(B, n)
+
+
+def _values(pool_k, pool_v, k_mean, k_new, v_new, pages):
+    ref.check_values(pages, pool_k.shape[2])
+
+
+def _extension(*args):
+    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
+    torch.ops.streamkern_C.frame_write_(*args)
+
+
+def _triton(*args):
+    from streamkern.kernels.frame_write import frame_write
+
+    frame_write(*args)
+
+
+frame_write_op = define_op(
+    "frame_write", "(Tensor(a!) pool_k, Tensor(b!) pool_v, Tensor(c!) k_mean, Tensor k_new, Tensor v_new, "
+    "Tensor pages) -> ()", {"torch": ref.frame_write, "cpu": _extension, "triton": _triton, "cuda": _extension},
+    check=_check, values=_values)
 
 
 def frame_write(pool_k: torch.Tensor, pool_v: torch.Tensor, k_mean: torch.Tensor, k_new: torch.Tensor,
@@ -93,6 +81,4 @@ def frame_write(pool_k: torch.Tensor, pool_v: torch.Tensor, k_mean: torch.Tensor
     repeated within a row) before anything is written; the GPU backends do the same with ``STREAMKERN_DEBUG=1``,
     otherwise they skip the frames whose id is out of range (the others are written) and never synchronise.
     """
-    pages = _check(pool_k, pool_v, k_mean, k_new, v_new, pages)
-    name = BACKENDS.resolve(backend, pool_k.device)
-    BACKENDS.run(_frame_write_op, name, pool_k, pool_v, k_mean, k_new, v_new, pages)
+    frame_write_op(pool_k, pool_v, k_mean, k_new, v_new, pages, backend=backend)

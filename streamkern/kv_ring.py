@@ -4,8 +4,15 @@
 slots ``[0, sink)``; the n-th later token goes to slot ``sink + n mod window``, overwriting the oldest when full.
 ``ring_write`` is the kernel under ``append``: one launch writes k and v of every layer, only the new tokens.
 The eager cat-and-slice caches of the source pipelines are in ``streamkern/reference/kv_ring.py``.
+
+CUDA graphs: a host int ``start`` is baked into a captured launch, so every replay writes the same slots. With
+``KVRing(..., device_cursor=True)`` the ring keeps its write cursor in an int64 device tensor and passes the start
+slot to ``ring_write`` as a device tensor (the op ``ring_write_at``): a captured ``append`` advances the ring on
+every replay.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -26,18 +33,31 @@ def _check(cache_k, cache_v, k_new, v_new, start, sink):
     check.rows_contiguous("cache_k", cache_k)
     check.rows_contiguous("cache_v", cache_v)
     check.integer("sink", sink, low=0, high=S - 1)
-    check.integer("start", start, low=0, high=S - 1)
+    if isinstance(start, torch.Tensor):
+        check.tensor("start", start, ndim=0, dtypes=check.INDEX)
+        check.same_device(cache_k=cache_k, start=start)
+    else:
+        check.integer("start", start, low=0, high=S - 1)
     window = S - sink
     if k_new.shape[2] > window:
         raise ValueError(f"k_new: expected at most window={window} new tokens (dim 2), got {k_new.shape[2]}")
     check.no_internal_overlap("cache_k", cache_k)
     check.no_internal_overlap("cache_v", cache_v)
-    check.no_overlap("cache_k", cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new)
-    check.no_overlap("cache_v", cache_v, k_new=k_new, v_new=v_new)
+    slot = start if isinstance(start, torch.Tensor) else None
+    check.no_overlap("cache_k", cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new, start=slot)
+    check.no_overlap("cache_v", cache_v, k_new=k_new, v_new=v_new, start=slot)
 
 
 def _extension(*args):
     torch.ops.streamkern_C.ring_write_(*args)
+
+
+def _extension_at(*args):
+    torch.ops.streamkern_C.ring_write_at_(*args)
+
+
+def _start_values(cache_k, cache_v, k_new, v_new, start, sink):
+    check.index_range("start", start, cache_k.shape[2])
 
 
 def _triton(*args):
@@ -49,6 +69,12 @@ def _triton(*args):
 ring_write_op = define_op(
     "ring_write", "(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, int start, int sink) -> ()",
     {"torch": ref.ring_write, "cpu": _extension, "triton": _triton, "cuda": _extension}, check=_check)
+# The same copy with ``start`` an int64 [] device tensor read by the kernel (capture-safe for CUDA graphs).
+ring_write_at_op = define_op(
+    "ring_write_at",
+    "(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, Tensor start, int sink) -> ()",
+    {"torch": ref.ring_write, "cpu": _extension_at, "triton": _triton, "cuda": _extension_at}, check=_check,
+    values=_start_values)
 
 
 def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -66,12 +92,16 @@ def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor
         start: host int in ``[0, S)``, the slot of the first new token. New token ``i`` goes to slot
             ``start + i`` while that is ``< S``, else to ``start + i - window``: consecutive slots, wrapping
             from the end of the cache back to slot ``sink`` (the sink slots ``[0, sink)`` are never wrapped into).
+            Or an int64 ``[]`` tensor on the caches' device, read by the kernel (capture-safe for CUDA graphs);
+            its range is checked on ``"torch"``/``"cpu"`` (GPU backends: with ``STREAMKERN_DEBUG=1``; out of
+            range, they write nothing).
         sink: number of sink slots at the front of the cache, ``0 <= sink < S``.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 
     Only the ``T`` new tokens are read and written; every other slot is left bit-identical.
     """
-    ring_write_op(cache_k, cache_v, k_new, v_new, start, sink, backend=backend)
+    op = ring_write_at_op if isinstance(start, torch.Tensor) else ring_write_op
+    op(cache_k, cache_v, k_new, v_new, start, sink, backend=backend)
 
 
 class KVRing:
@@ -84,10 +114,19 @@ class KVRing:
     ``.ordered()``: ``(k, v)`` of the valid tokens in logical order (sinks first), ``[NL, B, length, H, D]``.
 
     Logical token n sits in slot ``n`` if ``n < sink``, else ``sink + (n - sink) mod window``.
+
+    ``device_cursor=True``: the count of appended tokens also lives on the device (``.cursor``, int64 ``[]``);
+    ``append`` computes the start slot from it on the device and advances it there, so an ``append`` captured in a
+    CUDA graph writes the next slots on every replay (and ``.positions`` follows the replays). ``.count``,
+    ``.length`` and ``ordered()`` count the host's own calls; after replays, ``sync_count()`` reads the cursor back.
+
+    Thread safety: ``append``, ``reset`` and ``ordered`` hold a per-ring lock around the bookkeeping and the launch,
+    so threads may share a ring (their appends are serialised in some order).
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, window: int, sink: int = 0,
-                 dtype: torch.dtype = torch.bfloat16, device=None, backend: str | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, backend: str | None = None, *,
+                 device_cursor: bool = False):
         for name, value in (("num_layers", num_layers), ("batch", batch), ("heads", heads),
                             ("head_dim", head_dim)):
             check.integer(name, value, low=1)
@@ -98,9 +137,10 @@ class KVRing:
         shape = (num_layers, batch, sink + window, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self._positions = torch.full((sink + window,), -1, dtype=torch.int64, device=self.k.device)
         self.backend = backend
         self.count = 0  # tokens appended so far (host side)
+        self.cursor = torch.zeros((), dtype=torch.int64, device=self.k.device) if device_cursor else None
+        self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -112,23 +152,35 @@ class KVRing:
 
     @property
     def positions(self) -> torch.Tensor:
-        return self._positions
+        count = self.count if self.cursor is None else self.cursor
+        return ref.ring_positions(count, self.size, self.sink, self.k.device)
 
-    def slot_of(self, n: int) -> int:
-        """The slot of logical token ``n``."""
+    def slot_of(self, n):
+        """The slot of logical token ``n`` (a host int, or an int64 tensor: then computed on its device)."""
+        if isinstance(n, torch.Tensor):
+            return torch.where(n < self.sink, n, self.sink + (n - self.sink).remainder(self.window))
         return n if n < self.sink else self.sink + (n - self.sink) % self.window
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Append ``T`` tokens (``1 <= T <= window``) for every layer: one ``ring_write``, no host sync."""
         check.tensor("k_new", k_new, ndim=5)
-        if k_new.shape[2] < 1:
+        T = k_new.shape[2]
+        if T < 1:
             raise ValueError(f"k_new: expected 1 <= T <= window={self.window} new tokens (dim 2), got 0")
-        start = self.slot_of(self.count)
-        ring_write(self.k, self.v, k_new, v_new, start, sink=self.sink, backend=self.backend)
-        for slot, tok, n in ref.ring_slices(start, k_new.shape[2], self.size, self.sink):
-            first = self.count + tok
-            self._positions[slot:slot + n] = torch.arange(first, first + n, device=self._positions.device)
-        self.count += k_new.shape[2]
+        with self._lock:
+            start = self.slot_of(self.count if self.cursor is None else self.cursor)
+            ring_write(self.k, self.v, k_new, v_new, start, sink=self.sink, backend=self.backend)
+            if self.cursor is not None:
+                self.cursor.add_(T)
+            self.count += T
+
+    def sync_count(self) -> int:
+        """Read the device cursor back into ``.count`` (one host sync; for rings advanced by graph replays)."""
+        if self.cursor is None:
+            raise ValueError("sync_count: this KVRing has no device cursor (construct it with device_cursor=True)")
+        with self._lock:
+            self.count = int(self.cursor)
+            return self.count
 
     def _ordered_runs(self) -> list[tuple[int, int, int]]:
         sinks = min(self.count, self.sink)
@@ -140,11 +192,14 @@ class KVRing:
 
     def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, v)`` ``[NL, B, length, H, D]``: sinks, then the window from oldest to newest (a copy)."""
-        runs = self._ordered_runs()
-        return tuple(torch.cat([t[:, :, s:s + n] for s, _, n in runs] or [t[:, :, :0]], dim=2)
-                     for t in (self.k, self.v))
+        with self._lock:
+            runs = self._ordered_runs()
+            return tuple(torch.cat([t[:, :, s:s + n] for s, _, n in runs] or [t[:, :, :0]], dim=2)
+                         for t in (self.k, self.v))
 
     def reset(self) -> None:
         """Forget every token (storage is kept; positions back to -1)."""
-        self._positions.fill_(-1)
-        self.count = 0
+        with self._lock:
+            if self.cursor is not None:
+                self.cursor.zero_()
+            self.count = 0

@@ -48,16 +48,16 @@ BACKEND_DEVICES = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
 
 def backend_params(exclude=(), ops=()):
     """``pytest.param((backend, device), id="backend-device")`` for each pair, skipped where it cannot run (or where
-    one of ``ops``, the ``OpBackends`` tables of the ops a test calls, has no such backend)."""
+    one of ``ops``, the ops declared by ``define_op`` that a test calls, has no such backend)."""
     params = []
     for b, d in BACKEND_DEVICES:
         if (b, d) in exclude or b in exclude:
             continue
         marks = []
-        lacking = [op for op in ops if b not in op.impls]
+        lacking = [op for op in ops if b not in op.backends.impls]
         if lacking:
-            marks.append(pytest.mark.skip(reason=f"{lacking[0].op} has no {b!r} backend: "
-                                                 f"{lacking[0].missing.get(b, '')}"))
+            marks.append(pytest.mark.skip(reason=f"{lacking[0].name} has no {b!r} backend: "
+                                                 f"{lacking[0].backends.missing.get(b, '')}"))
         elif d == "cuda" and not torch.cuda.is_available():
             marks.append(pytest.mark.skip(reason="no CUDA device on this machine"))
         else:

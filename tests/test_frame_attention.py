@@ -15,8 +15,9 @@ from streamkern.testing import assert_parity, count_launches
 fa = importlib.import_module("streamkern.frame_attention")   # the module (streamkern.frame_attention is the op)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-ALL = backend_params(exclude=("cuda",), ops=[fa.BACKENDS])   # no "cuda" backend: the Triton kernel is the GPU path
-GPU = backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.BACKENDS])
+# no "cuda" backend: the Triton kernel is the GPU path
+ALL = backend_params(exclude=("cuda",), ops=[fa.frame_attention_op])
+GPU = backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.frame_attention_op])
 
 # B, Lq, H, D, P, F, K, Ln, per_head, gate ("none", "all", "mixed"), table pattern
 CASES = [
@@ -218,7 +219,7 @@ def test_reference_matches_flex_attention():
 @pytest.mark.parametrize("bad", [7, -2], ids=["high", "below-minus-one"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_out_of_range_ids_raise_on_torch_and_cpu(backend, bad):
-    if backend not in streamkern.available_backends("cpu") or backend not in fa.BACKENDS.impls:
+    if backend not in streamkern.available_backends("cpu") or backend not in fa.frame_attention_op.backends.impls:
         pytest.skip(f"{backend} not available")
     q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, "cpu")
     table[1, 1, 2] = bad
@@ -270,7 +271,7 @@ BAD = [
     pytest.param("sm_scale", lambda a: 0.0, ValueError, "sm_scale: expected a finite number in \\(0",
                  id="scale-zero"),
     pytest.param("sm_scale", lambda a: "1", TypeError, "sm_scale: expected a number", id="scale-str"),
-    pytest.param("k_pages", lambda a: a["k_pages"].to("meta"), ValueError, "k_pages: expected device cpu like q",
+    pytest.param("k_pages", lambda a: a["k_pages"].to("meta"), ValueError, "k_pages: expected a tensor on cpu like q",
                  id="pages-device"),
 ]
 
@@ -296,10 +297,10 @@ def test_cuda_backend_is_missing_with_the_reason():
 @pytest.mark.parametrize("bd", ALL)
 def test_opcheck(bd):
     q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
-    torch.library.opcheck(fa._frame_attention_op, (q, kp, vp, table, new_k, new_v, gate, 0.5, bd[0]))
+    torch.library.opcheck(fa.frame_attention_op.custom_op, (q, kp, vp, table, new_k, new_v, gate, 0.5, bd[0]))
     shared = _case(CASES[2].values[0], torch.float32, bd[1])
     table = shared[3][:, None].expand(-1, shared[0].shape[2], -1)               # a shared table arrives expanded
-    torch.library.opcheck(fa._frame_attention_op, (*shared[:3], table, None, None, None, 1.0, bd[0]))
+    torch.library.opcheck(fa.frame_attention_op.custom_op, (*shared[:3], table, None, None, None, 1.0, bd[0]))
 
 
 @pytest.mark.parametrize("bd", ALL)

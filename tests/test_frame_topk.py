@@ -15,8 +15,8 @@ from streamkern.testing import count_launches
 ft = importlib.import_module("streamkern.frame_topk")   # the module (streamkern.frame_topk is the op)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-ALL = backend_params(ops=[ft.BACKENDS])
-GPU = backend_params(exclude=("torch", "cpu"), ops=[ft.BACKENDS])
+ALL = backend_params(ops=[ft.frame_topk_op])
+GPU = backend_params(exclude=("torch", "cpu"), ops=[ft.frame_topk_op])
 
 CASES = [  # B, Lq, H, D, P, C, k, holes
     pytest.param((1, 1, 1, 1, 1, 1, 1, False), id="all-ones"),
@@ -103,7 +103,7 @@ def test_non_contiguous_q_and_k_mean(bd):
 @pytest.mark.parametrize("bad", [9, -2], ids=["high", "below-minus-one"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_out_of_range_candidates_raise_on_torch_and_cpu(backend, bad):
-    if backend not in streamkern.available_backends("cpu") or backend not in ft.BACKENDS.impls:
+    if backend not in streamkern.available_backends("cpu") or backend not in ft.frame_topk_op.backends.impls:
         pytest.skip(f"{backend} not available")
     q, k_mean, cand, k = _case(CASES[1].values[0], torch.float32, "cpu")
     cand[1, 2] = bad
@@ -123,11 +123,11 @@ def test_gpu_backends_treat_out_of_range_as_missing(bd, monkeypatch):
         streamkern.frame_topk(q, k_mean, bad, k, backend=bd[0])
 
 
-@pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cpu", "cuda"), ops=[ft.BACKENDS]))
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cpu", "cuda"), ops=[ft.frame_topk_op]))
 def test_triton_candidate_limit(bd):
     q, k_mean, _, _ = _case(CASES[1].values[0], torch.float32, bd[1])
     cand = torch.full((q.shape[0], ft.TRITON_MAX_CANDIDATES + 1), -1, device=bd[1])
-    with pytest.raises(ValueError, match="candidates: the triton backend takes at most 4096"):
+    with pytest.raises(streamkern.BackendUnavailable, match="takes at most 4096 candidates per row"):
         streamkern.frame_topk(q, k_mean, cand, 1, backend=bd[0])
 
 
@@ -163,7 +163,7 @@ def test_bad_inputs(i, change, exc, msg):
 def test_opcheck(bd):
     q, k_mean, cand, k = _case(CASES[1].values[0], torch.float32, bd[1])
     for per_head in (True, False):
-        torch.library.opcheck(ft._frame_topk_op, (q, k_mean, cand, k, per_head, bd[0]))
+        torch.library.opcheck(ft.frame_topk_op.custom_op, (q, k_mean, cand, k, per_head, bd[0]))
 
 
 @pytest.mark.parametrize("bd", ALL)

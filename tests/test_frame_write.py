@@ -15,8 +15,8 @@ from streamkern.testing import assert_parity, count_launches
 fw = importlib.import_module("streamkern.frame_write")   # the module (streamkern.frame_write is the op)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-ALL = backend_params(ops=[fw.BACKENDS])
-GPU = backend_params(exclude=("torch", "cpu"), ops=[fw.BACKENDS])
+ALL = backend_params(ops=[fw.frame_write_op])
+GPU = backend_params(exclude=("torch", "cpu"), ops=[fw.frame_write_op])
 
 CASES = [  # NL, B, P, F, H, D, n, shared pages
     pytest.param((1, 1, 1, 1, 1, 1, 1, True), id="all-ones"),
@@ -117,7 +117,7 @@ BAD_IDS = [
 @pytest.mark.parametrize("pages, msg", BAD_IDS)
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_bad_ids_raise_before_writing(backend, pages, msg):
-    if backend not in streamkern.available_backends("cpu") or backend not in fw.BACKENDS.impls:
+    if backend not in streamkern.available_backends("cpu") or backend not in fw.frame_write_op.backends.impls:
         pytest.skip(f"{backend} not available")
     args = list(_case(CASES[1].values[0], torch.float32, "cpu"))
     args[5] = torch.tensor(pages)
@@ -169,7 +169,7 @@ BAD = [
     pytest.param(_with(5, lambda t: t.int()), TypeError, "pages: expected dtype int64", id="pages-int32"),
     pytest.param(_with(5, lambda t: t[:1]), ValueError, "pages: expected shape \\[2, 3\\]", id="pages-rows"),
     pytest.param(_with(5, lambda t: t[None]), ValueError, "pages: expected a 1 or 2-d", id="pages-rank"),
-    pytest.param(_with(5, lambda t: t.to("meta")), ValueError, "pages: expected device cpu like pool_k",
+    pytest.param(_with(5, lambda t: t.to("meta")), ValueError, "pages: expected a tensor on cpu like pool_k",
                  id="pages-device"),
 ]
 
@@ -225,9 +225,9 @@ def test_frame_pool_bad_arguments():
 @pytest.mark.parametrize("bd", ALL)
 def test_opcheck(bd):
     args = _case(CASES[1].values[0], torch.float32, bd[1])
-    torch.library.opcheck(fw._frame_write_op, (*args, bd[0]))
+    torch.library.opcheck(fw.frame_write_op.custom_op, (*args, bd[0]))
     shared = _case(CASES[2].values[0], torch.float32, bd[1])
-    torch.library.opcheck(fw._frame_write_op, (*shared[:5], shared[5].expand(3, -1), bd[0]))
+    torch.library.opcheck(fw.frame_write_op.custom_op, (*shared[:5], shared[5].expand(3, -1), bd[0]))
 
 
 @pytest.mark.parametrize("bd", ALL)

@@ -206,10 +206,13 @@ def _overlapping(which, device):
         ck = ck[:1].expand(2, 1, 6, 2, 4)                    # one layer's storage expanded over NL (stride 0)
     elif which == "cache_v":
         cv = ck                                              # k and v caches in the same memory
+    elif which == "start":
+        ck.view(torch.int64)[0, 0, 0, 0, 0] = 1              # the int64 1 in the cache's first bytes
+        start = ck.view(torch.int64)[0, 0, 0, 0, 0]          # a device start read from the cache's own bytes
     return ck, cv, kn, vn, start
 
 
-@pytest.mark.parametrize("which", ["k_new", "v_new", "cache_k", "cache_v"])
+@pytest.mark.parametrize("which", ["k_new", "v_new", "cache_k", "cache_v", "start"])
 @pytest.mark.parametrize("bd", backend_params())
 def test_overlapping_arguments_raise_before_writing(bd, which):
     args = _overlapping(which, bd[1])
@@ -263,6 +266,8 @@ def test_extension_op_rejects_direct_misuse():
 def test_opcheck(bd):
     ck, cv, kn, vn, start, sink = _case(CASES[1].values[0], torch.float32, bd[1])
     torch.library.opcheck(torch.ops.streamkern.ring_write.default, (ck, cv, kn, vn, start, sink, bd[0]))
+    start_t = torch.tensor(start, device=bd[1])
+    torch.library.opcheck(torch.ops.streamkern.ring_write_at.default, (ck, cv, kn, vn, start_t, sink, bd[0]))
 
 
 def test_torch_compile_fullgraph():
@@ -300,3 +305,134 @@ def test_append_never_syncs(bd, monkeypatch):
         k, _ = ring.ordered()
     assert ring.count == 16 and k.shape[2] == 6
     assert torch.equal(k[:, :, 1:], torch.cat([new[:, :, 3:], new], dim=2)[:, :, -5:])
+
+
+# ---- device-side write cursor (CUDA graphs) and threads -----------------------------------------------------
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_ring_write_device_start_equals_host_start(bd):
+    """``start`` as an int64 [] device tensor writes exactly what the host int does, wrap included."""
+    backend, device = bd
+    gen = torch.Generator().manual_seed(5)
+    for start, T in ((0, 3), (4, 5), (8, 1), (6, 4)):  # S = 9, sink = 2, window = 7: (4, 5) and (6, 4) wrap
+        ck = torch.randn(2, 1, 9, 2, 4, generator=gen).to(device)
+        cv, kn, vn = torch.randn_like(ck), _new_tokens(T, torch.float32, device, gen), _new_tokens(T, torch.float32,
+                                                                                                   device, gen)
+        want_k, want_v = ck.clone(), cv.clone()
+        ref.ring_write(want_k, want_v, kn, vn, start, 2)
+        streamkern.ring_write(ck, cv, kn, vn, torch.tensor(start, device=device), sink=2, backend=backend)
+        assert torch.equal(ck, want_k) and torch.equal(cv, want_v), (start, T)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("start, exc, msg", [
+    (torch.tensor(6), ValueError, "start: expected values in \\[0, 6\\)"),
+    (torch.tensor(-1), ValueError, "start: expected values in"),
+    (torch.tensor([1]), ValueError, "start: expected a 0-d"),
+    (torch.tensor(1, dtype=torch.int32), TypeError, "start: expected dtype"),
+], ids=["high", "negative", "1-d", "int32"])
+def test_device_start_bad_values_raise_before_writing(backend, start, exc, msg):
+    a = _good()
+    with pytest.raises(exc, match=msg):
+        streamkern.ring_write(*a[:4], start, backend=backend)
+    assert not a[0].any() and not a[1].any()
+
+
+def test_device_start_out_of_range_writes_nothing_unchecked():
+    """GPU backends do not read the start back (no sync); out of range, their kernels write nothing. The CPU
+    extension op and the Triton kernel (interpreter) called directly show it."""
+    a = _good()
+    if "cpu" in streamkern.available_backends("cpu"):
+        torch.ops.streamkern_C.ring_write_at_(a[0], a[1], a[2], a[3], torch.tensor(6), 0)
+        assert not a[0].any() and not a[1].any()
+    if "triton" in streamkern.available_backends("cpu"):
+        from streamkern.kernels.kv_ring import ring_write as launch
+        launch(a[0], a[1], a[2], a[3], torch.tensor(-1), 0)
+        assert not a[0].any() and not a[1].any()
+
+
+DEVICE_CURSOR_STEPS = {"torch": 60, "cpu": 60, "triton": 12, "cuda": 60}
+
+
+@pytest.mark.parametrize("bd", backend_params())
+def test_device_cursor_ring_follows_the_device_count(bd):
+    """``KVRing(device_cursor=True)`` equals the host-cursor ring after every append, including when the host's
+    count is frozen before each append, as in CUDA-graph replays (the host code of a captured append does not run
+    again): the slots come from ``.cursor`` alone, and ``.positions`` follows it."""
+    backend, device = bd
+    gen = torch.Generator().manual_seed(11)
+    rng = random.Random(11)
+    for sink, window in ((0, 5), (3, 4)):
+        host = streamkern.KVRing(2, 1, 2, 4, window, sink, torch.float32, device, backend=backend)
+        dev = streamkern.KVRing(2, 1, 2, 4, window, sink, torch.float32, device, backend=backend,
+                                device_cursor=True)
+        for step in range(DEVICE_CURSOR_STEPS[backend]):
+            T = rng.randint(1, window)
+            kn, vn = _new_tokens(T, torch.float32, device, gen), _new_tokens(T, torch.float32, device, gen)
+            host.append(kn, vn)
+            if step % 2:
+                dev.count = 0  # a replay: the host never learns of it
+            dev.append(kn, vn)
+            assert torch.equal(dev.k, host.k) and torch.equal(dev.v, host.v), f"step {step}"
+            assert torch.equal(dev.positions, host.positions), f"step {step}"
+            assert int(dev.cursor) == host.count
+        assert dev.sync_count() == host.count and dev.length == host.length
+        assert torch.equal(dev.ordered()[0], host.ordered()[0])
+        dev.reset()
+        assert int(dev.cursor) == 0 and dev.positions.tolist() == [-1] * dev.size
+
+
+def test_sync_count_needs_a_device_cursor():
+    with pytest.raises(ValueError, match="device_cursor=True"):
+        streamkern.KVRing(1, 1, 1, 1, window=2, dtype=torch.float32).sync_count()
+
+
+def test_positions_follow_the_formula_for_every_count():
+    """``ring_positions(count)`` (host int or device tensor) equals the positions that the appends leave."""
+    for sink, window in ((0, 1), (0, 4), (2, 3), (5, 2)):
+        ring = streamkern.KVRing(1, 1, 1, 1, window, sink, torch.float32, backend="torch")
+        slots = [-1] * ring.size
+        for n in range(3 * ring.size + 1):
+            assert ring.positions.tolist() == slots, (sink, window, n)
+            assert ref.ring_positions(torch.tensor(n), ring.size, sink, "cpu").tolist() == slots
+            ring.append(torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 1))
+            slots[ring.slot_of(n)] = n
+
+
+@pytest.mark.parametrize("device_cursor", [False, True], ids=["host-cursor", "device-cursor"])
+@pytest.mark.parametrize("bd", backend_params())
+def test_appends_from_several_threads(bd, device_cursor):
+    """Four threads append 8 tokens each, one at a time, to one ring: all 32 land, in distinct slots, and each
+    thread's tokens keep their order (appends are serialised by the ring's lock)."""
+    import threading
+
+    backend, device = bd
+    ring = streamkern.KVRing(1, 1, 1, 2, window=32, dtype=torch.float32, device=device, backend=backend,
+                             device_cursor=device_cursor)
+    barrier = threading.Barrier(4)
+    errors = []
+
+    def worker(w):
+        try:
+            barrier.wait()
+            for i in range(8):
+                tok = torch.tensor([w, i], dtype=torch.float32, device=device).view(1, 1, 1, 1, 2)
+                ring.append(tok, tok + 100)
+        except Exception as exc:  # surfaced below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert ring.count == 32 and sorted(ring.positions.tolist()) == list(range(32))
+    if device_cursor:
+        assert int(ring.cursor) == 32
+    k, v = ring.ordered()
+    k = k.reshape(32, 2).cpu()
+    assert torch.equal(v.reshape(32, 2).cpu(), k + 100)
+    assert sorted(map(tuple, k.long().tolist())) == [(w, i) for w in range(4) for i in range(8)]
+    for w in range(4):
+        assert k[k[:, 0] == w, 1].tolist() == list(range(8)), f"thread {w}: its tokens out of order"

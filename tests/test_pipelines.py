@@ -8,11 +8,12 @@ from scipy.stats import chi2
 
 import streamkern
 from conftest import backend_params
-from streamkern.pipelines import (GatedPolicy, HostSyncError, MemoryBank, SpeculativeVAR, StreamingGenerator,
-                                  count_host_syncs)
-from streamkern.pipelines._runtime import host_read
+from streamkern.pipelines import (GatedPolicy, HostSyncError, MemoryBank, MemoryWorldModel, SpeculativeVAR,
+                                  StreamingGenerator, count_host_syncs)
+from streamkern.pipelines._runtime import host_read, measure_parts
 from streamkern.pipelines.speculative_var import guided
-from streamkern.testing import assert_parity
+from streamkern.pipelines.world_model import MemoryBuffer, camera_trajectory
+from streamkern.testing import assert_parity, rel_error
 
 # (backend, device, eager): the op path on the ops' "torch" references, then every accelerated backend.
 PATHS = [pytest.param(("torch", "cpu"), id="ops-torch-cpu")] + backend_params(exclude=("torch",))
@@ -50,6 +51,28 @@ def _no_interpreter(params, what):
     why = f"Triton interpreter too slow for {what} within the test budget; triton-cuda covers it on a GPU"
     return [pytest.param(*p.values, id=p.id, marks=[pytest.mark.skip(reason=why)]) if p.id == "triton-cpu" else p
             for p in params]
+
+
+def _needs(params, *ops):
+    """Skip the backends that one of the frame ops (``OpBackends`` tables) lacks, naming it and why."""
+    out = []
+    for p in params:
+        backend = p.values[0][0]
+        lacking = [o for o in ops if backend not in o.impls]
+        if lacking:
+            why = "; ".join(f"{o.op} has no {backend!r} backend: {o.missing.get(backend, 'not implemented')}"
+                            for o in lacking)
+            p = pytest.param(*p.values, id=p.id, marks=[pytest.mark.skip(reason=why)])
+        out.append(p)
+    return out
+
+
+def _frame_ops():
+    from streamkern.frame_attention import BACKENDS as ATTENTION
+    from streamkern.frame_topk import BACKENDS as TOPK
+    from streamkern.frame_write import BACKENDS as WRITE
+
+    return ATTENTION, TOPK, WRITE
 
 
 def _pair(cls, backend_device, run_args, **kw):
@@ -130,8 +153,11 @@ SMALL_STREAM = dict(num_layers=3, heads=2, head_dim=8, frame_seq_len=4, window_f
                     bank_size=3, text_len=8, text_dim=16, switch_every=3, steps=1)
 
 
+FRAME_PATHS, FRAME_ACCEL = _needs(PATHS, *_frame_ops()), _needs(ACCEL, *_frame_ops())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("backend_device", PATHS)
+@pytest.mark.parametrize("backend_device", FRAME_PATHS)
 def test_streaming_generator_matches_eager_over_a_long_stream(backend_device, dtype):
     if backend_device == ("triton", "cpu") and dtype != torch.float32:
         pytest.skip("Triton interpreter: fp32 only here (the ops' own tests cover every dtype)")
@@ -143,16 +169,142 @@ def test_streaming_generator_matches_eager_over_a_long_stream(backend_device, dt
     assert eager.info["windows"][0] != eager.info["windows"][1]      # near and far prompts get different windows
 
 
-@pytest.mark.parametrize("backend_device", _no_interpreter(ACCEL, "a second stream"))
-def test_streaming_generator_accelerated_loop_never_syncs(backend_device):
+@pytest.mark.parametrize("backend_device", FRAME_PATHS)
+def test_streaming_generator_sparse_activation_matches_eager_and_changes_the_frames(backend_device):
+    """Top-2 of a 3-frame bank per head (MemFlow's gather, eager; ``frame_topk`` + per-head page tables); batch 2,
+    so each row's bank keeps its own frames (pages swapped per row)."""
+    kw = dict(SMALL_STREAM, batch=2)
+    eager, accel = _pair(StreamingGenerator, backend_device, (10,), sparse_bank=2, **kw)
+    assert_parity(accel.outputs["frames"], eager.outputs["frames"], torch.float32, "frames")
+    assert torch.equal(accel.outputs["bank_frames"], eager.outputs["bank_frames"])
+    dense = StreamingGenerator(**kw).run(10)
+    assert torch.equal(dense.outputs["bank_frames"], eager.outputs["bank_frames"])
+    assert rel_error(eager.outputs["frames"], dense.outputs["frames"]) > 1e-4     # the top-k does select
+
+
+@pytest.mark.parametrize("sparse", [None, 2], ids=["dense", "sparse"])
+@pytest.mark.parametrize("backend_device", _no_interpreter(FRAME_ACCEL, "a second stream"))
+def test_streaming_generator_accelerated_loop_never_syncs(backend_device, sparse):
     backend, device = backend_device
-    run = StreamingGenerator(backend=backend, device=device, **SMALL_STREAM).run(7, forbid_syncs=True)
+    run = StreamingGenerator(backend=backend, device=device, sparse_bank=sparse, **SMALL_STREAM).run(
+        7, forbid_syncs=True)
     assert run.step_syncs == [0] * 7     # blocks 3..6 evict into the bank, the ring wraps twice
 
 
 def test_streaming_generator_eager_baseline_syncs_are_counted():
     run = StreamingGenerator(**SMALL_STREAM).run(9)
     assert run.step_syncs[0] == 0 and sum(run.step_syncs) >= 6    # argmax().item() per evicted chunk, switches
+
+
+def test_streaming_generator_rejects_a_bad_sparse_bank():
+    with pytest.raises(ValueError, match="sparse_bank"):
+        StreamingGenerator(sparse_bank=0, **SMALL_STREAM)
+
+
+def test_replaced_parts_are_timed_with_their_bytes_and_are_smaller_in_place():
+    """The demo's measure: the paged cache moves fewer bytes than clone + cat per step; parts are only timed
+    inside ``measure_parts``."""
+    with measure_parts() as eager_parts:
+        StreamingGenerator(**SMALL_STREAM).run(6)
+    with measure_parts() as paged_parts:
+        StreamingGenerator(backend="torch", eager=False, **SMALL_STREAM).run(6)
+    for parts in (eager_parts, paged_parts):
+        assert {"cache", "memory attention", "scoring", "eviction"} <= set(parts.seconds)
+        assert all(t > 0 for t in parts.seconds.values())
+    assert paged_parts.bytes["memory attention"] < eager_parts.bytes["memory attention"]
+    assert sum(paged_parts.bytes.values()) < sum(eager_parts.bytes.values())
+
+
+# --- MemoryWorldModel --------------------------------------------------------------------------------------------
+
+# buffer of 10 frames, k = 4, 16-step trajectory cycles: A walk 0-4, B 5-7, back to A 8-11, C 12-15, then again.
+SMALL_WORLD = dict(depth=4, heads=2, head_dim=8, frame_len=4, buffer_size=10, k=4, steps=1, trajectory_period=16)
+WORLD_STEPS = 24
+
+
+def _pose_ops():
+    from streamkern.pose_topk import pose_topk_op
+
+    return (*_frame_ops(), pose_topk_op.backends)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend_device", _needs(PATHS, *_pose_ops()))
+def test_memory_world_model_matches_the_seed_buffer(backend_device, dtype):
+    if backend_device == ("triton", "cpu") and dtype != torch.float32:
+        pytest.skip("Triton interpreter: fp32 only here (the ops' own tests cover every dtype)")
+    eager, accel = _pair(MemoryWorldModel, backend_device, (WORLD_STEPS,), dtype=dtype, **SMALL_WORLD)
+    assert accel.outputs["frames"].shape == (WORLD_STEPS, 1, 4, 16) and accel.outputs["frames"].dtype == dtype
+    assert_parity(accel.outputs["frames"], eager.outputs["frames"], dtype, "frames")
+    for name in ("gates", "retrieved", "buffer"):
+        assert torch.equal(accel.outputs[name], eager.outputs[name]), name
+    gates, retrieved = eager.outputs["gates"], eager.outputs["retrieved"]
+    assert not gates[0] and not gates[5] and not gates[12] and not gates[16]      # empty buffer, then each jump
+    assert gates[1:5].all() and gates[8:12].all()
+    assert (retrieved[1] == -1).sum() == 3 and (retrieved[3] == -1).sum() == 1    # k = 4 of 1, then of 3 frames
+    assert set(retrieved[8].tolist()) <= set(range(5))                            # back in A: A's frames
+    assert len(eager.outputs["buffer"]) == 10 and 1 not in eager.outputs["buffer"].tolist()   # evicted
+
+
+@pytest.mark.parametrize("backend_device", _needs(_no_interpreter(ACCEL, "a second world-model run"),
+                                                   *_pose_ops()))
+def test_memory_world_model_accelerated_loop_never_syncs(backend_device):
+    backend, device = backend_device
+    run = MemoryWorldModel(backend=backend, device=device, **SMALL_WORLD).run(14, forbid_syncs=True)
+    assert run.step_syncs == [0] * 14
+
+
+def test_memory_world_model_eager_baseline_reads_the_gate_on_the_host():
+    run = MemoryWorldModel(**SMALL_WORLD).run(6)
+    assert all(n >= 1 for n in run.step_syncs)                  # frame.cpu() into the buffer
+    assert all(n > run.step_syncs[0] for n in run.step_syncs[1:])  # + the host-side gate and the retrieval loop
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "ops-torch"])
+def test_memory_world_model_closed_gate_adds_nothing(eager):
+    """Step 0 (empty buffer, gate closed) predicts exactly what the same model without memory layers predicts."""
+    plain = MemoryWorldModel(memory_layers=(), **{k: v for k, v in SMALL_WORLD.items()}).run(1)
+    hybrid = MemoryWorldModel(backend="torch", eager=eager, **SMALL_WORLD).run(1)
+    assert not hybrid.outputs["gates"][0]
+    assert torch.equal(hybrid.outputs["frames"], plain.outputs["frames"])
+
+
+def test_memory_buffer_evicts_the_least_recently_used_frame():
+    buf = MemoryBuffer(max_size=3)
+    pose = torch.zeros(5)
+    for i in range(3):
+        buf.add(torch.full((2, 4), float(i)), pose + i, i)
+    buf.touch([1, 0])                      # frames 1 then 0 used: order 2, 1, 0 (least recent first)
+    buf.add(torch.zeros(2, 4), pose + 9, 3)
+    assert buf.ids == [1, 0, 3]
+    buf.add(torch.zeros(2, 4), pose + 9, 4)
+    assert buf.ids == [0, 3, 4] and all(f.device.type == "cpu" for f in buf.frames)
+    top, sims = buf.get_relevant_frames(pose + 8.5, k=8)       # k capped at the frames held
+    assert [buf.ids[i] for i in top] in ([3, 4, 0], [4, 3, 0])  # 3 and 4 tie at 0.5 units
+    assert len(sims) == 3
+
+
+def test_camera_trajectory_jumps_and_revisits():
+    poses = camera_trajectory(32, period=16)
+    step = (poses[1:, :3] - poses[:-1, :3]).norm(dim=1)
+    assert (step > 20).sum() == 7          # into B, back to A, into C, on to the next cycle; then again
+    assert (poses[8, :3] - poses[4, :3]).norm() < 1.0     # the return to A passes its stored places
+    assert (poses[11, :3] - poses[1, :3]).norm() < 1.0
+
+
+# --- MemoryBank as a streamed pipeline ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_device", PATHS)
+def test_memory_bank_run_matches_the_seed(backend_device):
+    backend, device = backend_device
+    kw = dict(num_layers=3, batch=2, heads=2, head_dim=8, frame_seq_len=4, bank_size=3, num_entities=5)
+    eager = MemoryBank(backend="torch", device=device, **kw).run(8)
+    accel = MemoryBank(backend=backend, eager=False, device=device, **kw).run(8, forbid_syncs=True)
+    assert torch.equal(accel.outputs["bank_frames"], eager.outputs["bank_frames"])
+    assert torch.equal(accel.outputs["bank_k"], eager.outputs["bank_k"])
+    assert torch.equal(accel.outputs["bank_v"], eager.outputs["bank_v"])
+    assert accel.step_syncs == [0] * 8 and sum(eager.step_syncs) >= 8
 
 
 # --- GatedPolicy -------------------------------------------------------------------------------------------------

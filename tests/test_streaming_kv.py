@@ -13,7 +13,8 @@ from streamkern.testing import assert_parity
 
 NL, B, F, H, D = 2, 2, 3, 2, 8
 LAYERS, WEIGHTS = (0, 1), (0.4, 0.6)
-OPS = [importlib.import_module(f"streamkern.{m}").BACKENDS for m in ("frame_write", "frame_attention", "frame_topk")]
+OPS = [getattr(importlib.import_module(f"streamkern.{m}"), f"{m}_op")
+       for m in ("frame_write", "frame_attention", "frame_topk")]
 
 
 ALL = backend_params(exclude=("cuda",), ops=OPS)   # frame_attention has no "cuda" backend

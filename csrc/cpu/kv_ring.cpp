@@ -57,10 +57,24 @@ TokenCopyParams ring_write_params(at::Tensor& cache_k, at::Tensor& cache_v, cons
   return p;
 }
 
+TokenCopyParams ring_write_params(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k_new,
+                                  const at::Tensor& v_new, const at::Tensor& start, int64_t sink) {
+  TORCH_CHECK_VALUE(start.dim() == 0 && start.scalar_type() == at::kLong && start.device() == cache_k.device(),
+                    "start: expected an int64 [] tensor on the caches' device");
+  TokenCopyParams p = ring_write_params(cache_k, cache_v, k_new, v_new, int64_t{0}, sink);
+  p.dst_base = token_index(start, p.B, cache_k.size(2), 1);  // read by the kernel; out of [0, S): no row written
+  return p;
+}
+
 namespace {
 
 void ring_write_cpu(at::Tensor cache_k, at::Tensor cache_v, const at::Tensor& k_new, const at::Tensor& v_new,
                     int64_t start, int64_t sink) {
+  token_copy_cpu(ring_write_params(cache_k, cache_v, k_new, v_new, start, sink), cache_k.element_size());
+}
+
+void ring_write_at_cpu(at::Tensor cache_k, at::Tensor cache_v, const at::Tensor& k_new, const at::Tensor& v_new,
+                       const at::Tensor& start, int64_t sink) {
   token_copy_cpu(ring_write_params(cache_k, cache_v, k_new, v_new, start, sink), cache_k.element_size());
 }
 
@@ -69,6 +83,12 @@ void ring_write_cpu(at::Tensor cache_k, at::Tensor cache_v, const at::Tensor& k_
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
   m.def("ring_write_(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, int start, int sink) -> ()");
+  // The same copy with the start slot read on the device (an int64 [] tensor): capture-safe for CUDA graphs.
+  m.def("ring_write_at_(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, Tensor start, "
+        "int sink) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("ring_write_", &streamkern::ring_write_cpu); }
+TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) {
+  m.impl("ring_write_", &streamkern::ring_write_cpu);
+  m.impl("ring_write_at_", &streamkern::ring_write_at_cpu);
+}

@@ -194,7 +194,7 @@ void verify_cpu(at::Tensor& accepted, at::Tensor& match, at::Tensor& ratio, at::
         for (int64_t t = offsets[s]; t < offsets[s + 1]; ++t) hits += mt[b * T_ + t];
         const float r = static_cast<float>(hits) / static_cast<float>(offsets[s + 1] - offsets[s]);
         rt[b * NS + s] = r;
-        const bool ok = greedy ? r >= threshold : hits == offsets[s + 1] - offsets[s];
+        const bool ok = greedy ? r >= static_cast<float>(threshold) : hits == offsets[s + 1] - offsets[s];
         open = open && ok;
         run += open;
       }

@@ -173,8 +173,9 @@ __global__ void __launch_bounds__(kThreads) drift_gate_kernel(DriftGateParams g,
     for (int k = 0; k < g.splits; ++k) d += __ldcg(g.partial + cam * g.splits + k);
     sum += d;
   }
-  const GateOutcome o = gate_decision(has_frame, sum / static_cast<float>(p.B), g.drift_threshold, has_state,
-                                      state_diff, g.state_threshold);
+  // __fdiv_rn: correctly rounded under --use_fast_math too (its '/' is approximate), as the decision's input.
+  const GateOutcome o = gate_decision(has_frame, __fdiv_rn(sum, static_cast<float>(p.B)), g.drift_threshold,
+                                      has_state, state_diff, g.state_threshold);
   *g.recompute = o.recompute;
   *g.reason = o.reason;
   *g.drift = o.drift;

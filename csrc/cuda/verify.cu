@@ -197,7 +197,9 @@ __global__ void __launch_bounds__(256) scales_kernel(const VerifyParams p) {
       const int64_t t = t0 + threadIdx.x;
       hits += __syncthreads_count(t < hi && p.match[b * p.T + t]);
     }
-    const float r = static_cast<float>(hits) / static_cast<float>(hi - lo);
+    // Correctly rounded even under --use_fast_math (its '/' is approximate): a ratio exactly on the threshold
+    // (50 of 100 at 0.5) is decided as on every other backend, float32 ratio >= float32 threshold.
+    const float r = __fdiv_rn(static_cast<float>(hits), static_cast<float>(hi - lo));
     if (threadIdx.x == 0) p.ratio[b * p.NS + s] = r;
     open = open && (p.greedy ? r >= p.threshold : hits == hi - lo);
     run += open;

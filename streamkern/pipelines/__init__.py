@@ -10,6 +10,7 @@ from .gated_policy import GatedPolicy
 from .memory_bank import MemoryBank
 from .speculative_var import SpeculativeVAR
 from .streaming import BlockState, StreamingGenerator
+from .world_model import MemoryWorldModel
 
-__all__ = ["MemoryBank", "StreamingGenerator", "BlockState", "GatedPolicy", "SpeculativeVAR", "PipelineRun",
-           "HostSyncError", "count_host_syncs"]
+__all__ = ["MemoryBank", "StreamingGenerator", "BlockState", "MemoryWorldModel", "GatedPolicy", "SpeculativeVAR",
+           "PipelineRun", "HostSyncError", "count_host_syncs"]

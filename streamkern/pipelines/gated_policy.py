@@ -23,7 +23,7 @@ from torch import nn
 
 from ..drift_gate import DriftGate
 from ..reference.drift_gate import ProAttentionGate, seed_reason_code
-from ._runtime import PipelineRun, host_read, timed_step
+from ._runtime import PipelineRun, host_read, nbytes, part, timed_step
 from ._tiny import Block, randn, seeded
 
 REASON_NAMES = {0: "reuse", 1: "state drift", 2: "vision drift", 3: "first frame"}
@@ -148,20 +148,38 @@ class GatedPolicy:
                                action_tokens=self.policy.action_tokens, grid=(16, 16), backend=self.backend,
                                **self.thresholds)
 
+    def _gate_bytes(self, image, state, attention=None) -> int:
+        """Bytes a gate call reads: the image and state; ``update`` also the attention it keeps (the seed's whole
+        maps of layers 14-18, the fused gate only their action-to-vision slice)."""
+        if attention is None:
+            return nbytes(image, state)
+        maps = attention[14:18]
+        if not self.eager:
+            maps = maps[..., -self.policy.action_tokens:, :256]
+        return nbytes(image, state, maps)
+
     def _step(self, gate, image, state, noise, log):
         if self.eager:   # ProOptimizedInference.infer, as the seed writes it
-            should_recompute, reason, drift = gate.should_recompute(image, state)
+            with part("gating", self.device) as moved:
+                should_recompute, reason, drift = gate.should_recompute(image, state)
+                moved(self._gate_bytes(image, state))
             if not should_recompute:
                 actions, _ = self.policy.denoise_with_cached_kv(gate.get_cached_kv(), state, noise)
             else:
                 actions, attention, kv = self.policy.full_forward_with_attention(image, state, noise)
-                gate.update(image, attention, state, kv)
+                with part("gating", self.device) as moved:
+                    gate.update(image, attention, state, kv)
+                    moved(self._gate_bytes(image, state, attention))
             log.append((actions, seed_reason_code(should_recompute, reason), drift))
             return
-        recompute, reason, drift = gate.should_recompute(image, state)
+        with part("gating", self.device) as moved:
+            recompute, reason, drift = gate.should_recompute(image, state)
+            moved(self._gate_bytes(image, state))
         if host_read(recompute):
             actions, attention, kv = self.policy.full_forward_with_attention(image, state, noise)
-            gate.update(image, attention, state, kv)
+            with part("gating", self.device) as moved:
+                gate.update(image, attention, state, kv)
+                moved(self._gate_bytes(image, state, attention))
         else:
             actions, _ = self.policy.denoise_with_cached_kv(gate.cached_kv(), state, noise)
         log.append((actions, reason, drift))

@@ -10,6 +10,9 @@ slot), and the frame's KV for all layers is copied into that slot.
   with ``torch.cat`` on every read.
 * ``eager=False``: ``select_frame`` → ``bank_evict_select`` → ``bank_insert`` on preallocated storage
   ``k, v [NL, B, M * frame_seq_len, H, D]``; every decision stays on the device (no host sync).
+  (``StreamingKV`` makes the same decisions and keeps the frame by a page-id swap instead of the copy.)
+
+``run(steps)`` streams ``steps`` random evicted chunks through the bank (the demo's ``MemoryBank`` row).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..bank_evict import bank_evict_select
 from ..bank_insert import bank_insert
 from ..consensus import select_frame
 from ..reference.consensus import seed_fast_scores
+from ._runtime import PipelineRun, nbytes, part, timed_step
 
 
 @dataclass
@@ -47,6 +51,8 @@ class MemoryBank:
         self.backend = backend
         self.eager = backend == "torch" if eager is None else eager
         self.count = 0  # frames held: the bank fills slots in order, so the valid slots are a prefix
+        self.shape = (num_layers, batch, heads, head_dim)
+        self.dtype, self.device = dtype, torch.device(device if device is not None else "cpu")
         if self.eager:
             self.frame_archive: dict[int, FrameInfo] = {}
             self.frame_active_memory: list[int] = []
@@ -81,39 +87,57 @@ class MemoryBank:
         return min(candidates, key=lambda x: x[1])[0]
 
     def _insert_eager(self, chunk_k, chunk_v, text_k, entity_weights, entities, first_frame_id):
-        final_scores = seed_fast_scores(chunk_k, text_k, entity_weights, self.frame_seq_len, self.layers,
-                                        self.layer_weights)
-        best = [final_scores[b].argmax().item() for b in range(final_scores.shape[0])]
-        score = sum(final_scores[b, f].item() for b, f in enumerate(best)) / len(best)
-        fsl = self.frame_seq_len
-        k = torch.stack([chunk_k[:, b, f * fsl:(f + 1) * fsl] for b, f in enumerate(best)], dim=1)
-        v = torch.stack([chunk_v[:, b, f * fsl:(f + 1) * fsl] for b, f in enumerate(best)], dim=1)
-        victim = self._select_frame_to_evict()
-        if victim is not None:
-            self.frame_active_memory.remove(victim)
-            del self.frame_archive[victim]
-        self.frame_archive[self._next_id] = FrameInfo([first_frame_id + f for f in best], score,
-                                                      sorted(entities), k, v)
-        self.frame_active_memory.append(self._next_id)
-        self._next_id += 1
+        with part("scoring", self.device) as moved:
+            final_scores = seed_fast_scores(chunk_k, text_k, entity_weights, self.frame_seq_len, self.layers,
+                                            self.layer_weights)
+            best = [final_scores[b].argmax().item() for b in range(final_scores.shape[0])]
+            score = sum(final_scores[b, f].item() for b, f in enumerate(best)) / len(best)
+            moved(nbytes(chunk_k[0], text_k[0]) * len(self.layers))
+        with part("eviction", self.device) as moved:
+            fsl = self.frame_seq_len
+            k = torch.stack([chunk_k[:, b, f * fsl:(f + 1) * fsl] for b, f in enumerate(best)], dim=1)
+            v = torch.stack([chunk_v[:, b, f * fsl:(f + 1) * fsl] for b, f in enumerate(best)], dim=1)
+            victim = self._select_frame_to_evict()
+            if victim is not None:
+                self.frame_active_memory.remove(victim)
+                del self.frame_archive[victim]
+            self.frame_archive[self._next_id] = FrameInfo([first_frame_id + f for f in best], score,
+                                                          sorted(entities), k, v)
+            self.frame_active_memory.append(self._next_id)
+            self._next_id += 1
+            self.count = len(self.frame_active_memory)
+            moved(2 * nbytes(k, v))
 
     # --- the ops (accelerated) -----------------------------------------------------------------------------
 
+    def _choose(self, chunk_k, text_k, entity_weights, entities, first_frame_id):
+        """The accelerated decisions of :meth:`insert`: ``(best [B], victim [])`` int64 on the device, the slot's
+        score, entities, validity and frame ids updated."""
+        with part("scoring", self.device) as moved:
+            best, scores = select_frame(chunk_k, text_k, entity_weights, self.frame_seq_len, self.layers,
+                                        self.layer_weights, backend=self.backend)
+            score = scores.gather(1, best[:, None]).mean().reshape(1)
+            moved(nbytes(chunk_k[0], text_k[0]) * len(self.layers))
+        with part("eviction", self.device) as moved:
+            victim = bank_evict_select(self.scores, self.entity_mask, self.valid, backend=self.backend)
+            slot = victim.reshape(1)
+            ids = torch.arange(self.num_entities, device=self.valid.device)
+            mask = torch.zeros(1, self.num_entities, dtype=torch.bool, device=self.valid.device)
+            for e in entities:    # built on the device from host ints: no host-to-device copy
+                mask |= ids == e
+            self.scores.index_copy_(0, slot, score)
+            self.entity_mask.index_copy_(0, slot, mask)
+            self.valid.index_fill_(0, slot, True)
+            self.frame_ids.index_copy_(0, slot, (best + first_frame_id)[None])
+            moved(nbytes(self.scores, self.entity_mask, self.valid))
+        self.count = min(self.count + 1, self.max_memory_frames)
+        return best, victim
+
     def _insert_ops(self, chunk_k, chunk_v, text_k, entity_weights, entities, first_frame_id):
-        best, scores = select_frame(chunk_k, text_k, entity_weights, self.frame_seq_len, self.layers,
-                                          self.layer_weights, backend=self.backend)
-        score = scores.gather(1, best[:, None]).mean().reshape(1)
-        victim = bank_evict_select(self.scores, self.entity_mask, self.valid, backend=self.backend)
-        bank_insert(self.k, self.v, chunk_k, chunk_v, best, victim, self.frame_seq_len, backend=self.backend)
-        slot = victim.reshape(1)
-        ids = torch.arange(self.num_entities, device=self.valid.device)
-        mask = torch.zeros(1, self.num_entities, dtype=torch.bool, device=self.valid.device)
-        for e in entities:    # built on the device from host ints: no host-to-device copy
-            mask |= ids == e
-        self.scores.index_copy_(0, slot, score)
-        self.entity_mask.index_copy_(0, slot, mask)
-        self.valid.index_fill_(0, slot, True)
-        self.frame_ids.index_copy_(0, slot, (best + first_frame_id)[None])
+        best, victim = self._choose(chunk_k, text_k, entity_weights, entities, first_frame_id)
+        with part("eviction", self.device) as moved:
+            bank_insert(self.k, self.v, chunk_k, chunk_v, best, victim, self.frame_seq_len, backend=self.backend)
+            moved(4 * nbytes(self.k[:, :, :self.frame_seq_len]))
 
     # --- public --------------------------------------------------------------------------------------------
 
@@ -123,7 +147,6 @@ class MemoryBank:
         [S]``, ``entities`` the entity ids of the current prompt, ``first_frame_id`` the stream index of frame 0."""
         insert = self._insert_eager if self.eager else self._insert_ops
         insert(chunk_k, chunk_v, text_k, entity_weights, entities, first_frame_id)
-        self.count = min(self.count + 1, self.max_memory_frames)
 
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank's KV ``[NL, B, count * fsl, H, D]`` (slot order; attention does not depend on it)."""
@@ -131,7 +154,10 @@ class MemoryBank:
             infos = [self.frame_archive[fid] for fid in self.frame_active_memory]
             if not infos:
                 return None, None
-            return torch.cat([i.k for i in infos], dim=2), torch.cat([i.v for i in infos], dim=2)
+            with part("cache", self.device) as moved:
+                k, v = torch.cat([i.k for i in infos], dim=2), torch.cat([i.v for i in infos], dim=2)
+                moved(2 * nbytes(k, v))
+            return k, v
         n = self.count * self.frame_seq_len
         return (self.k[:, :, :n], self.v[:, :, :n]) if n else (None, None)
 
@@ -141,3 +167,39 @@ class MemoryBank:
             ids = [self.frame_archive[fid].frame_id for fid in self.frame_active_memory]
             return torch.tensor(ids, dtype=torch.int64).reshape(len(ids), self.batch).T.sort(dim=1).values
         return self.frame_ids[:self.count].T.sort(dim=1).values.cpu()
+
+    def _by_frame(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank's KV ``[NL, B, count * fsl, H, D]`` ordered by the stream index of row 0's frames."""
+        k, v = self.kv()
+        if self.eager:
+            ids = [self.frame_archive[fid].frame_id[0] for fid in self.frame_active_memory]
+        else:
+            ids = self.frame_ids[:self.count, 0].tolist()
+        fsl, order = self.frame_seq_len, sorted(range(len(ids)), key=ids.__getitem__)
+        return (torch.cat([k[:, :, n * fsl:(n + 1) * fsl] for n in order], dim=2).cpu(),
+                torch.cat([v[:, :, n * fsl:(n + 1) * fsl] for n in order], dim=2).cpu())
+
+    @torch.no_grad()
+    def run(self, steps: int = 16, chunk_frames: int = 3, text_len: int = 16, seed: int = 0,
+            forbid_syncs: bool = False, progress=None) -> PipelineRun:
+        """Offer ``steps`` random chunks of ``chunk_frames`` frames (drawn untimed) and read the bank's KV after
+        each (what an attention pass over it does first). Outputs: ``bank_frames [B, M]`` and the bank's
+        ``bank_k``/``bank_v`` ordered by frame."""
+        NL, B, H, D = self.shape
+        record = PipelineRun("MemoryBank", "torch (eager)" if self.eager else self.backend, {})
+        g = torch.Generator().manual_seed(seed)
+        for step in range(steps):
+            chunk_k, chunk_v = (torch.randn(NL, B, chunk_frames * self.frame_seq_len, H, D, generator=g).to(
+                self.device, self.dtype) for _ in range(2))
+            text_k = torch.randn(NL, B, text_len, H, D, generator=g).to(self.device, self.dtype)
+            weights = torch.rand(text_len, generator=g).to(self.device, self.dtype)
+            entities = [step % self.num_entities, (step + 3) % self.num_entities] if step % 3 else []
+            timed_step(record, self.device, lambda: (self.insert(chunk_k, chunk_v, text_k, weights, entities,
+                                                                 chunk_frames * step), self.kv()),
+                       forbid=forbid_syncs)
+            if progress is not None:
+                progress()
+        k, v = self._by_frame()
+        record.outputs = {"bank_frames": self.held_frames(), "bank_k": k, "bank_v": v}
+        record.info = {"bank_count": self.count}
+        return record

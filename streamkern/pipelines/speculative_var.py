@@ -29,7 +29,7 @@ from ..reference.scale_attention import seed_attention, seed_bias
 from ..reference.verify import inverse_cdf, sdvar_greedy_check
 from ..scale_attention import block_masked_attention, scale_allow, scale_layout
 from ..verify import verify_scales
-from ._runtime import PipelineRun, host_read, timed_step
+from ._runtime import PipelineRun, host_read, nbytes, part, timed_step
 from ._tiny import Block, seeded
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -116,13 +116,20 @@ class SpeculativeVAR:
                     allow = torch.ones(len(self.model.patch_nums), len(self.model.patch_nums),
                                        dtype=torch.bool, device=q.device).tril()
                     cache["bias"] = seed_bias(ids, ids, allow)
-                out = seed_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache["bias"], scale)
+                with part("masked attention", self.device) as moved:
+                    out = seed_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache["bias"],
+                                         scale)
+                    # the [B, H, L, L] scores: written, read + written by the bias add and by softmax, read by @ v
+                    moved(nbytes(q, k, v, out, cache["bias"]) + 6 * q.shape[0] * q.shape[2] * q.shape[1] *
+                          k.shape[1] * q.element_size())
                 return out.transpose(1, 2)
             return attend
 
         def attend(q, k, v, ids):
-            out = block_masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ids, ids,
-                                         self.allow, sm_scale=scale, backend=self.backend)
+            with part("masked attention", self.device) as moved:
+                out = block_masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ids, ids,
+                                             self.allow, sm_scale=scale, backend=self.backend)
+                moved(nbytes(q, k, v, out))
             return out.transpose(1, 2)
         return attend
 
@@ -206,7 +213,12 @@ class SpeculativeVAR:
             probs = torch.cat(probs, dim=1) if self.mode == "sample" else None
             u = torch.rand((labels.shape[0], draft.shape[1], 2), generator=gen, device=self.device)
             verify = self._verify_eager if self.eager else self._verify_ops
-            accepted, verified = verify(logits, draft, probs, u, pos, g)
+            with part("verification", self.device) as moved:
+                accepted, verified = verify(logits, draft, probs, u, pos, g)
+                # eager: the guided logits are materialised, then read by argmax (+ written/read by softmax when
+                # sampling); the fused op reads the logits once
+                passes = 1 if not self.eager else (2 if self.mode == "greedy" else 3)
+                moved(passes * nbytes(logits) + nbytes(draft, probs, u, verified))
             keep = min(accepted + 1, g)
             end = m.end[pos + keep - 1]
             tokens[:, m.begin[pos]:end] = verified[:, :end - m.begin[pos]]

@@ -10,10 +10,18 @@ Prompt switches follow seed 000 improvement 1: ``distance = 1 − cos(mean(old),
 context of a block ``f`` frames after the switch is ``(1 − α)·old + α·new`` with the cosine schedule
 ``α = 0`` for ``f < delay``, else ``(1 − cos(π·min(1, (f − delay)/window)))/2``.
 
-* ``eager=True`` (``backend="torch"``): the source pipelines' cache — per-layer tensors shifted by copy when the
-  window is full, ``torch.cat`` of sink + bank + window on every pass, a Python scheduler fed by ``.item()``.
-* ``eager=False``: ``KVRing`` (one ``append`` per block for all layers), the op-backed :class:`MemoryBank`,
-  and the schedule computed on the device: no host sync in the loop.
+``sparse_bank=k`` adds MemFlow's sparse memory activation: each head of each layer attends only to the ``k`` bank
+frames whose mean key best matches its mean query (``qbar · kbar``, DESIGN.md §4.5 ``frame_topk``).
+
+* ``eager=True`` (``backend="torch"``): MemFlow's cache — per-layer tensors shifted by clone + copy when the window is
+  full, the sink and window parts cloned and ``torch.cat``-ed with the bank on every pass (the top-k bank frames
+  ``gather``-ed per head with sparse activation), the seed's bank (:class:`MemoryBank` eager), a Python scheduler
+  fed by ``.item()``.
+* ``eager=False``: :class:`~streamkern.StreamingKV`, one ``FramePool`` page per latent frame: sink pages, a ring of
+  window pages and bank pages, whose ids live on the device. A clean chunk is written once (``frame_write``, all layers); attention reads sink ∪ window
+  ∪ bank (all, or ``frame_topk`` of it) ∪ the chunk in place (``frame_attention``); the bank keeps a frame leaving
+  the window by swapping its page id with the victim's (no KV bytes move), its decisions from the op-backed
+  :class:`MemoryBank` scored on the pages' mean keys; the schedule is computed on the device: no host sync.
 """
 from __future__ import annotations
 
@@ -23,8 +31,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..kv_ring import KVRing
-from ._runtime import PipelineRun, timed_step
+from ..frame_attention import frame_attention
+from ..streaming_kv import StreamingKV
+from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, randn, sdpa, seeded, sinusoid
 from .memory_bank import MemoryBank
 
@@ -82,7 +91,7 @@ class BlockState(NamedTuple):
     ``frame [B, fpb * fsl, C]`` the block's latent; ``positions [n]`` int64 the logical indices (n-th token ever
     cached) of the tokens the KV cache holds, ascending; ``cache_k``/``cache_v [NL, B, n, H, D]`` those tokens in
     that order; ``bank_frames [B, count]`` the stream indices of the bank's frames, sorted per row. Every cache
-    (eager, ring, or any later one) reports the same state for the same stream, so paths can be compared block by
+    (eager, paged, or any later one) reports the same state for the same stream, so paths can be compared block by
     block."""
 
     block: int
@@ -93,13 +102,33 @@ class BlockState(NamedTuple):
     bank_frames: torch.Tensor
 
 
-class _ShiftCache:
-    """The source pipelines' cache: per layer ``[B, sink + window, H, D]`` in logical order, shifted by copy."""
+def _eager_topk_frames(q, bank_k, bank_v, fsl: int, k: int):
+    """MemFlow's sparse memory activation, eager: the ``k`` bank frames per head whose mean key best matches the
+    mean query, gathered into ``[B, k * fsl, H, D]`` (head h's tokens come from its own frames).
 
-    def __init__(self, nl, b, h, d, sink, window, dtype, device):
-        self.k = [torch.zeros(b, sink + window, h, d, dtype=dtype, device=device) for _ in range(nl)]
+    ``score[b, h, m] = mean_t(q[b, t, h]) · mean_j(bank_k[b, m·fsl + j, h])`` in float32."""
+    B, L, H, D = bank_k.shape
+    frames_k, frames_v = bank_k.view(B, L // fsl, fsl, H, D), bank_v.view(B, L // fsl, fsl, H, D)
+    score = torch.einsum("bhd,bmhd->bhm", q.float().mean(1), frames_k.float().mean(2))
+    idx = score.topk(min(k, L // fsl), dim=-1).indices.transpose(1, 2)          # [B, k, H]
+    idx = idx[:, :, None, :, None].expand(-1, -1, fsl, -1, D)
+    return frames_k.gather(1, idx).reshape(B, -1, H, D), frames_v.gather(1, idx).reshape(B, -1, H, D)
+
+
+class _ShiftCache:
+    """MemFlow's eager cache: per layer ``[B, sink + window, H, D]`` in logical order, shifted by clone + copy when
+    full; every pass clones the sink and window parts and ``torch.cat``s them with the bank (its top-k frames
+    gathered per head with sparse activation) and the chunk's own keys. The bank is the seed's."""
+
+    def __init__(self, gen: "StreamingGenerator"):
+        b, h, d, dtype, device = gen.batch, gen.h, gen.d, gen.dtype, gen.device
+        self.k = [torch.zeros(b, gen.sink + gen.window, h, d, dtype=dtype, device=device) for _ in range(gen.nl)]
         self.v = [torch.zeros_like(t) for t in self.k]
-        self.sink, self.window, self.n_sink, self.n_win, self.count = sink, window, 0, 0, 0
+        self.sink, self.window, self.n_sink, self.n_win = gen.sink, gen.window, 0, 0
+        self.fsl, self.sparse, self.device = gen.fsl, gen.sparse_bank, gen.device
+        self.bank = MemoryBank(gen.nl, b, h, d, gen.fsl, gen.bank_size, gen.num_entities, dtype=dtype,
+                               device=device, backend="torch", eager=True)
+        self.e, self.bank_kv, self.count = 0, (None, None), 0
 
     def held(self):
         """``(positions [n], k, v [NL, B, n, H, D])``: sinks, then the window from oldest to newest."""
@@ -108,76 +137,109 @@ class _ShiftCache:
         k, v = (torch.stack([torch.cat([t[:, :self.n_sink], t[:, w]], dim=1) for t in ts]) for ts in (self.k, self.v))
         return positions, k, v
 
-    def evicted(self, e: int):
-        if not e:
-            return None
-        s = slice(self.sink, self.sink + e)
-        return torch.stack([k[:, s] for k in self.k]), torch.stack([v[:, s] for v in self.v])
+    def start_block(self, e: int, text_k, weights, entities, first_frame: int) -> None:
+        """Drop the ``e`` oldest window tokens from attention, offering them to the bank first."""
+        self.e = e
+        if e:
+            s = slice(self.sink, self.sink + e)
+            with part("cache", self.device) as moved:
+                chunk_k, chunk_v = torch.stack([k[:, s] for k in self.k]), torch.stack([v[:, s] for v in self.v])
+                moved(2 * nbytes(chunk_k, chunk_v))
+            self.bank.insert(chunk_k, chunk_v, text_k, weights, entities, first_frame)
+        self.bank_kv = self.bank.kv()
 
-    def keys(self, layer: int, e: int, bank):
-        k, v = self.k[layer], self.v[layer]
-        parts_k = [k[:, :self.n_sink].clone(), k[:, self.sink + e:self.sink + self.n_win].clone()]
-        parts_v = [v[:, :self.n_sink].clone(), v[:, self.sink + e:self.sink + self.n_win].clone()]
-        if bank[0] is not None:
-            parts_k.append(bank[0][layer])
-            parts_v.append(bank[1][layer])
-        return parts_k, parts_v
+    def attend(self, layer: int, q, k, v):
+        c_k, c_v = self.k[layer], self.v[layer]
+        bank_k, bank_v = (None, None) if self.bank_kv[0] is None else (self.bank_kv[0][layer], self.bank_kv[1][layer])
+        if bank_k is not None and self.sparse is not None:
+            with part("retrieval", self.device) as moved:
+                bank_k, bank_v = _eager_topk_frames(q, bank_k, bank_v, self.fsl, self.sparse)
+                moved(nbytes(self.bank_kv[0][layer]) + 2 * nbytes(bank_k, bank_v))
+        with part("memory attention", self.device) as moved:
+            parts_k = [c_k[:, :self.n_sink].clone(), c_k[:, self.sink + self.e:self.sink + self.n_win].clone()]
+            parts_v = [c_v[:, :self.n_sink].clone(), c_v[:, self.sink + self.e:self.sink + self.n_win].clone()]
+            keys = torch.cat(parts_k + ([bank_k] if bank_k is not None else []) + [k], dim=1)
+            values = torch.cat(parts_v + ([bank_v] if bank_v is not None else []) + [v], dim=1)
+            out = sdpa(q, keys, values)
+            moved(2 * nbytes(*parts_k, *parts_v) + 3 * nbytes(keys, values) + nbytes(q, out))
+            return out
 
-    def append(self, k_new, v_new, e: int):
-        s_new = min(k_new.shape[2], self.sink - self.n_sink)
-        for layer in range(len(self.k)):
-            for cache, new in ((self.k[layer], k_new[layer]), (self.v[layer], v_new[layer])):
-                cache[:, self.n_sink:self.n_sink + s_new] = new[:, :s_new]
-                if e:
-                    keep = self.n_win - e
-                    cache[:, self.sink:self.sink + keep] = cache[:, self.sink + e:self.sink + self.n_win].clone()
-                m = new.shape[1] - s_new
-                at = self.sink + self.n_win - e
-                cache[:, at:at + m] = new[:, s_new:]
+    def append(self, k_new, v_new) -> None:
+        e, s_new = self.e, min(k_new.shape[2], self.sink - self.n_sink)
+        keep, m = self.n_win - e, k_new.shape[2] - s_new
+        with part("cache", self.device) as moved:
+            for layer in range(len(self.k)):
+                for cache, new in ((self.k[layer], k_new[layer]), (self.v[layer], v_new[layer])):
+                    cache[:, self.n_sink:self.n_sink + s_new] = new[:, :s_new]
+                    if e:
+                        cache[:, self.sink:self.sink + keep] = cache[:, self.sink + e:self.sink + self.n_win].clone()
+                    at = self.sink + self.n_win - e
+                    cache[:, at:at + m] = new[:, s_new:]
+            moved(2 * nbytes(k_new, v_new) + (4 * keep * nbytes(k_new[:, :, :1]) * 2 if e else 0))
         self.n_sink += s_new
         self.n_win += k_new.shape[2] - s_new - e
         self.count += k_new.shape[2]
 
+    @property
+    def bank_count(self) -> int:
+        return self.bank.count
 
-class _RingCache:
-    """The accelerated cache: ``streamkern.KVRing`` plus host-side counts (no reads of device values)."""
+    def held_frames(self) -> torch.Tensor:
+        return self.bank.held_frames()
 
-    def __init__(self, nl, b, h, d, sink, window, dtype, device, backend):
-        self.ring = KVRing(nl, b, h, d, window, sink=sink, dtype=dtype, device=device, backend=backend)
-        self.sink, self.window, self.n_sink, self.n_total_win = sink, window, 0, 0
+
+class _PagedCache:
+    """The accelerated cache: :class:`~streamkern.StreamingKV` (sink pages, a ring of window pages and bank pages
+    on one ``FramePool``, page ids on the device) plus the host-side count of bank frames."""
+
+    def __init__(self, gen: "StreamingGenerator"):
+        self.fsl, self.fpb, self.device, self.sparse, self.M = gen.fsl, gen.fpb, gen.device, gen.sparse_bank, gen.bank_size
+        self.kv = StreamingKV(gen.nl, gen.batch, gen.fsl, gen.h, gen.d, sink_frames=gen.sink // gen.fsl,
+                              window_frames=gen.window // gen.fsl, bank_frames=gen.bank_size,
+                              num_entities=gen.num_entities, dtype=gen.dtype, device=gen.device, backend=gen.backend)
+        self.bank_count = 0     # bank frames held: slots fill in order, so the valid slots are a prefix
+
+    def start_block(self, e: int, text_k, weights, entities, first_frame: int) -> None:
+        """Evict the window frames the block pushes out; the bank keeps one by a page-id swap (no KV byte moves)."""
+        with part("eviction", self.device) as moved:
+            evicted = self.kv.roll(self.fpb, text_k=text_k, entity_weights=weights, entities=entities)
+            moved(nbytes(self.kv.pool.k_mean[:, :, 0]) * evicted + nbytes(text_k[0]) * len(self.kv.layers))
+        self.bank_count = min(self.bank_count + (1 if evicted else 0), self.M)
+        self.n_pages = self.kv.n_sink + self.kv.n_window + self.bank_count
+
+    def attend(self, layer: int, q, k, v):
+        n_pages = self.n_pages
+        if self.sparse is not None:
+            with part("retrieval", self.device) as moved:
+                table = self.kv.page_table(self.sparse, q, layer)
+                moved(nbytes(q, table) + nbytes(self.kv.pool.k_mean[layer, :, 0]) * self.M)
+            n_pages += min(self.sparse, self.bank_count) - self.bank_count
+        with part("memory attention", self.device) as moved:
+            if self.sparse is None:
+                table = self.kv.page_table()
+            out = frame_attention(q, self.kv.pool.k[layer], self.kv.pool.v[layer], table, new_k=k, new_v=v,
+                                  backend=self.kv.backend)
+            moved(2 * n_pages * nbytes(self.kv.pool.k[layer, :, 0]) + nbytes(q, k, v, out, table))
+            return out
+
+    def append(self, k_new, v_new) -> None:
+        with part("cache", self.device) as moved:
+            self.kv.append(k_new, v_new)
+            moved(2 * nbytes(k_new, v_new) + nbytes(self.kv.pool.k_mean[:, :, 0]) * (k_new.shape[2] // self.fsl))
 
     def held(self):
-        """``(positions [n], k, v [NL, B, n, H, D])`` from the ring's own device state, in logical order."""
-        positions = self.ring.positions
-        k, v = self.ring.ordered()
-        return positions[positions >= 0].sort().values.cpu(), k, v
+        """``(positions [n], k, v [NL, B, n, H, D])`` read from the pool's pages, sinks then the window oldest first."""
+        pages = self.kv.page_table()[:, :self.kv.n_sink + self.kv.n_window]
+        NL, B, _, F, H, D = self.kv.pool.k.shape
+        idx = pages[None, :, :, None, None, None].expand(NL, -1, -1, F, H, D)
+        k, v = (t.gather(2, idx).reshape(NL, B, -1, H, D) for t in (self.kv.pool.k, self.kv.pool.v))
+        count = self.kv.count * F
+        positions = torch.cat([torch.arange(self.kv.n_sink * F), torch.arange(count - self.kv.n_window * F, count)])
+        return positions, k, v
 
-    def _live(self, e: int) -> list[tuple[int, int]]:
-        held = min(self.n_total_win, self.window)
-        return _circular(self.n_total_win - held + e, held - e, self.window, self.sink)
-
-    def evicted(self, e: int):
-        if not e:
-            return None
-        held = min(self.n_total_win, self.window)
-        ranges = _circular(self.n_total_win - held, e, self.window, self.sink)
-        return (torch.cat([self.ring.k[:, :, a:b] for a, b in ranges], dim=2),
-                torch.cat([self.ring.v[:, :, a:b] for a, b in ranges], dim=2))
-
-    def keys(self, layer: int, e: int, bank):
-        ranges = [(0, self.n_sink)] + self._live(e)
-        parts_k = [self.ring.k[layer, :, a:b] for a, b in ranges]
-        parts_v = [self.ring.v[layer, :, a:b] for a, b in ranges]
-        if bank[0] is not None:
-            parts_k.append(bank[0][layer])
-            parts_v.append(bank[1][layer])
-        return parts_k, parts_v
-
-    def append(self, k_new, v_new, e: int):
-        self.ring.append(k_new, v_new)
-        s_new = min(k_new.shape[2], self.sink - self.n_sink)
-        self.n_sink += s_new
-        self.n_total_win += k_new.shape[2] - s_new
+    def held_frames(self) -> torch.Tensor:
+        """Stream indices of the bank's frames, ``[B, count]`` sorted per row."""
+        return self.kv.bank_frame_ids[:, :self.bank_count].sort(dim=1).values.cpu()
 
 
 class StreamingGenerator(nn.Module):
@@ -188,9 +250,11 @@ class StreamingGenerator(nn.Module):
                  head_dim: int = 32, frame_seq_len: int = 64, frames_per_block: int = 3, window_frames: int = 15,
                  sink_frames: int = 1, bank_size: int = 6, num_entities: int = 8, text_len: int = 16,
                  text_dim: int = 64, batch: int = 1, steps: int = 2, switch_every: int = 4,
-                 dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+                 dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, sparse_bank: int | None = None):
         super().__init__()
-        self.backend = backend
+        if sparse_bank is not None and (not isinstance(sparse_bank, int) or sparse_bank < 1):
+            raise ValueError(f"sparse_bank: expected None or a positive int (bank frames per head), got {sparse_bank!r}")
+        self.backend, self.sparse_bank = backend, sparse_bank
         self.eager = backend == "torch" if eager is None else eager
         self.nl, self.h, self.d, self.fsl, self.fpb = num_layers, heads, head_dim, frame_seq_len, frames_per_block
         self.window, self.sink = window_frames * frame_seq_len, sink_frames * frame_seq_len
@@ -233,19 +297,17 @@ class StreamingGenerator(nn.Module):
 
     # --- one block -----------------------------------------------------------------------------------------
 
-    def _forward(self, x, cache, e, bank, text_kv):
+    def _forward(self, x, cache, text_kv):
         """One pass over a block ``x [B, T, C]`` → ``(out, k [NL, B, T, H, D], v)``."""
         ks, vs = [], []
         for layer, block in enumerate(self.blocks):
-            def attend(q, k, v, layer=layer):
-                pk, pv = cache.keys(layer, e, bank)
-                return sdpa(q, torch.cat(pk + [k], dim=1), torch.cat(pv + [v], dim=1))
-            x, k, v = block(x, attend, (text_kv[0][layer], text_kv[1][layer]))
+            x, k, v = block(x, lambda q, k, v, layer=layer: cache.attend(layer, q, k, v),
+                            (text_kv[0][layer], text_kv[1][layer]))
             ks.append(k)
             vs.append(v)
         return x, torch.stack(ks), torch.stack(vs)
 
-    def _block(self, i: int, noise, cache, bank: MemoryBank, sched, state, frames: list):
+    def _block(self, i: int, noise, cache, sched, state, frames: list):
         T, C = self.fpb * self.fsl, self.h * self.d
         n_win, n_total = state["n_win"], state["n_total"]
         s_new = min(T, max(0, self.sink - i * T))
@@ -253,21 +315,17 @@ class StreamingGenerator(nn.Module):
         context, segment = self._context(i, sched, state)
         tk, tv = zip(*(blk.text_kv(context) for blk in self.blocks))
         text_kv = torch.stack(tk), torch.stack(tv)
-        if e:
-            weights, entities = self._entities(segment)
-            chunk_k, chunk_v = cache.evicted(e)
-            first = (self.sink + n_total - n_win) // self.fsl
-            bank.insert(chunk_k, chunk_v, text_kv[0], weights, entities, first)
-        bank_kv = bank.kv()
+        weights, entities = self._entities(segment)
+        cache.start_block(e, text_kv[0], weights, entities, (self.sink + n_total - n_win) // self.fsl)
         pos = sinusoid(torch.arange(i * self.fpb, (i + 1) * self.fpb, device=self.device), C)
         pos = pos.repeat_interleave(self.fsl, dim=0).to(self.dtype)
         x = noise
         for step in range(self.steps):
-            pred, _, _ = self._forward(x + pos, cache, e, bank_kv, text_kv)
+            pred, _, _ = self._forward(x + pos, cache, text_kv)
             keep = (step + 1) / (self.steps + 1)
             x = pred if step == self.steps - 1 else keep * pred + (1 - keep) * noise
-        _, k_new, v_new = self._forward(x + pos, cache, e, bank_kv, text_kv)
-        cache.append(k_new, v_new, e)
+        _, k_new, v_new = self._forward(x + pos, cache, text_kv)
+        cache.append(k_new, v_new)
         state["n_win"], state["n_total"] = min(n_win + T - s_new, self.window), n_total + T - s_new
         frames.append(x)
 
@@ -276,22 +334,20 @@ class StreamingGenerator(nn.Module):
             observe: Callable[[BlockState], None] | None = None) -> PipelineRun:
         """Stream ``num_blocks`` blocks; ``forbid_syncs`` makes any host read in a block raise; ``observe`` is
         called with a :class:`BlockState` after each block, outside the timed step (it may read the device)."""
-        args = (self.nl, self.batch, self.h, self.d, self.sink, self.window, self.dtype, self.device)
-        cache = _ShiftCache(*args) if self.eager else _RingCache(*args, self.backend)
-        bank = MemoryBank(self.nl, self.batch, self.h, self.d, self.fsl, self.bank_size, self.num_entities,
-                          dtype=self.dtype, device=self.device, backend=self.backend, eager=self.eager)
+        cache = _ShiftCache(self) if self.eager else _PagedCache(self)
         sched = AdaptiveScheduler(3, 15, 3, self.fpb)
         state, frames = {"n_win": 0, "n_total": 0}, []
         record = PipelineRun("StreamingGenerator", self.backend if not self.eager else "torch (eager)", {})
         T, C = self.fpb * self.fsl, self.h * self.d
         for i in range(num_blocks):
             noise = randn((self.batch, T, C), self.seed * 1000 + i, self.device, self.dtype)   # input, untimed
-            timed_step(record, self.device, lambda: self._block(i, noise, cache, bank, sched, state, frames),
+            timed_step(record, self.device, lambda: self._block(i, noise, cache, sched, state, frames),
                        forbid=forbid_syncs)
             if observe is not None:
-                observe(BlockState(i, frames[-1], *cache.held(), bank.held_frames()))
+                observe(BlockState(i, frames[-1], *cache.held(), cache.held_frames()))
             if progress is not None:
                 progress()
-        record.outputs = {"frames": torch.stack(frames), "bank_frames": bank.held_frames()}
-        record.info = {"bank_count": bank.count, "windows": state.get("windows")}
+        record.outputs = {"frames": torch.stack(frames), "bank_frames": cache.held_frames()}
+        record.info = {"bank_count": cache.bank_count, "windows": state.get("windows"),
+                       "sparse_bank": self.sparse_bank}
         return record

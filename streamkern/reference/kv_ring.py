@@ -34,11 +34,35 @@ def ring_slices(start: int, count: int, size: int, sink: int) -> list[tuple[int,
     return [r for r in runs if r[2] > 0]
 
 
-def ring_write(cache_k, cache_v, k_new, v_new, start: int, sink: int) -> None:
-    """The ``"torch"`` backend: copies the ``T`` new tokens into slots ``p(i)`` of both caches."""
+def ring_write(cache_k, cache_v, k_new, v_new, start, sink: int) -> None:
+    """The ``"torch"`` backend: copies the ``T`` new tokens into slots ``p(i)`` of both caches. ``start`` is a host
+    int, or an int64 ``[]`` tensor on the caches' device (then the slots are computed on the device)."""
+    if isinstance(start, torch.Tensor):
+        S = cache_k.shape[2]
+        slots = start + torch.arange(k_new.shape[2], device=start.device)
+        slots = torch.where(slots < S, slots, slots - (S - sink))
+        cache_k[:, :, slots] = k_new
+        cache_v[:, :, slots] = v_new
+        return
     for slot, tok, n in ring_slices(start, k_new.shape[2], cache_k.shape[2], sink):
         cache_k[:, :, slot:slot + n] = k_new[:, :, tok:tok + n]
         cache_v[:, :, slot:slot + n] = v_new[:, :, tok:tok + n]
+
+
+def ring_positions(count, size: int, sink: int, device) -> torch.Tensor:
+    """``[size]`` int64: the logical index of the token in each slot after ``count`` appended tokens, -1 if empty.
+
+    ``count`` is a host int or an int64 ``[]`` device tensor (a device-side cursor). Slot ``s < sink`` holds token
+    ``s``; window slot ``s = sink + j`` holds the newest non-sink token ``u < m = max(count - sink, 0)`` with
+    ``u mod window = j``, i.e. ``u = j + window·⌊(m - 1 - j) / window⌋`` when ``j < m``.
+    """
+    s = torch.arange(size, device=device)
+    window = size - sink
+    j = s - sink
+    m = (count - sink).clamp(min=0) if isinstance(count, torch.Tensor) else max(count - sink, 0)
+    u = j + window * torch.div(m - 1 - j, window, rounding_mode="floor")
+    held = torch.where(s < sink, s < count, j < m)
+    return torch.where(held, torch.where(s < sink, s, sink + u), -1)
 
 
 def shift_write(cache_k, cache_v, k_new, v_new, filled: int, sink: int) -> int:

@@ -10,8 +10,9 @@ For a token row ``(b, t)`` of scale ``s``::
     greedy: target = argmax(l) (lowest index on ties),  match = valid ∧ draft == target
     sample: p = softmax(z),  x = draft,  match = valid ∧ q(x) > 0 ∧ u0 · q(x) < p(x)
             (u0 < min(1, p(x)/q(x)) for u0 ∈ [0, 1); a NaN, negative or infinite q(x) rejects)
-    ratio[b, s]  = mean of match over scale s
-    accepted[b]  = length of the leading run of scales with ratio >= threshold (sample: ratio == 1)
+    ratio[b, s]  = mean of match over scale s: hits / n correctly rounded to float32
+    accepted[b]  = length of the leading run of scales with ratio >= threshold (sample: ratio == 1), compared in
+                   float32 (threshold rounded to float32), so k of n matches at threshold k/n always pass
     tokens[b, t] = draft in accepted scales; −1 after the first rejected scale; in the first rejected scale
                    greedy: target, sample: draft where matched, else the inverse-CDF draw with u1 from
                    r = max(0, p − q) (from p when Σ r = 0): the smallest v with r[v] > 0 and
@@ -61,9 +62,17 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(first < weights.shape[-1], first, last)
 
 
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (a host value: no device read)."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
 def scale_ratios(match: torch.Tensor, offsets) -> torch.Tensor:
-    """``[B, NS]`` float32 share of True per scale."""
-    return torch.stack([match[:, offsets[s]:offsets[s + 1]].float().mean(-1) for s in range(len(offsets) - 1)], -1)
+    """``[B, NS]`` float32 share of True per scale, ``hits / n`` correctly rounded: divided in float64 (exact to
+    well under half a float32 ulp for n < 2^24), since ``mean`` and division by a scalar multiply by ``1 / n`` on
+    CUDA."""
+    hits = [match[:, offsets[s]:offsets[s + 1]].sum(-1, dtype=torch.float64) for s in range(len(offsets) - 1)]
+    return torch.stack([h / (offsets[s + 1] - offsets[s]) for s, h in enumerate(hits)], -1).float()
 
 
 def verify_scales(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
@@ -89,7 +98,7 @@ def verify_scales(logits, draft_tokens, offsets, greedy, threshold, draft_probs,
         target = torch.where(bad, -1, inverse_cdf(r, uniforms[..., 1].to(acc)))
         target = torch.where(match, draft_tokens, target)
     ratio = scale_ratios(match, offsets)
-    ok = ratio >= threshold if greedy else ratio == 1
+    ok = ratio >= _float32(threshold) if greedy else ratio == 1
     accepted = ok.long().cumprod(-1).sum(-1)
     sid = scale_ids(offsets, logits.device)[None, :]
     first = accepted[:, None]

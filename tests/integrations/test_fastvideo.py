@@ -17,6 +17,8 @@ if not env.FASTVIDEO:
     pytest.skip(env.WHY_NOT, allow_module_level=True)
 env.setup()
 
+from streamkern import BackendUnavailable  # noqa: E402
+from streamkern.frame_attention import BACKENDS as frame_attention_backends  # noqa: E402
 from streamkern.integrations import fastvideo as skfv  # noqa: E402
 from streamkern.pipelines._runtime import HostSyncError, count_host_syncs  # noqa: E402
 from streamkern.testing import assert_parity, rel_error  # noqa: E402
@@ -24,7 +26,7 @@ from streamkern.testing import assert_parity, rel_error  # noqa: E402
 MODELS = {"wan": env.wan, "matrixgame2": env.matrixgame2}
 HEIGHT, WIDTH = 4, 6                 # 6 tokens per latent frame
 BLOCKS = [1, 3, 3, 3, 3, 3, 3]       # a single-frame first block, then 3-frame blocks
-LOCAL = 4                            # window of 4 frames: rolls on every block after the second
+LOCAL = 6                            # window of 6 frames (1 sink): from the third block on, every block rolls 2 frames
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,24 +36,34 @@ def model(name: str, sink: int, dtype=torch.float32):
 
 @functools.lru_cache(maxsize=None)
 def fastvideo_stream(name: str, sink: int):
-    return env.stream_blocks(model(name, sink), blocks=BLOCKS, steps=2, height=HEIGHT, width=WIDTH, seed=11)
+    return env.stream_blocks(model(name, sink), blocks=BLOCKS, steps=1, height=HEIGHT, width=WIDTH, seed=11)
 
 
-def accelerated(name: str, sink: int, backend=None, dtype=torch.float32):
-    return skfv.accelerate(copy.deepcopy(model(name, sink, dtype)), backend=backend)
+def accelerated(name: str, sink: int, backend=None, dtype=torch.float32, attention="frame"):
+    return skfv.accelerate(copy.deepcopy(model(name, sink, dtype)), backend=backend, attention=attention)
 
 
+def skip_unless_runs(backend: str, device: str, attention: str) -> None:
+    if device != "cpu":
+        pytest.skip("FastVideo is installed for CPU here (its CUDA wheel pins a CUDA torch); tests run on CPU")
+    if attention == "frame":
+        try:
+            frame_attention_backends.resolve(backend, torch.device(device))
+        except BackendUnavailable as e:
+            pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("attention", skfv.ATTENTION)
 @pytest.mark.parametrize("sink", [0, 1], ids=["sink0", "sink1"])
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("bd", backend_params())
-def test_stream_float32_matches_fastvideo(bd, name, sink):
+def test_stream_float32_matches_fastvideo(bd, name, sink, attention):
     backend, device = bd
-    if device != "cpu":
-        pytest.skip("FastVideo's tiny models run on CPU here; the device run goes through bench/bench_fastvideo.py")
+    skip_unless_runs(backend, device, attention)
     ref = fastvideo_stream(name, sink)
-    out = env.stream_blocks(accelerated(name, sink, backend), blocks=BLOCKS, steps=2, height=HEIGHT, width=WIDTH,
-                            seed=11)
-    assert len(out) == len(ref) == 3 * len(BLOCKS)
+    out = env.stream_blocks(accelerated(name, sink, backend, attention=attention), blocks=BLOCKS, steps=1,
+                            height=HEIGHT, width=WIDTH, seed=11)
+    assert len(out) == len(ref) == 2 * len(BLOCKS)
     for i, (o, r) in enumerate(zip(out, ref)):
         assert_parity(o, r, torch.float32, what=f"{name} sink={sink} call {i}")
 
@@ -61,7 +73,7 @@ def test_parity_is_sensitive_to_the_window():
     wrong = accelerated("wan", 1, "torch")
     for block in wrong.blocks:
         block.attn1.sink_size = 0
-    out = env.stream_blocks(wrong, blocks=BLOCKS, steps=2, height=HEIGHT, width=WIDTH, seed=11)
+    out = env.stream_blocks(wrong, blocks=BLOCKS, steps=1, height=HEIGHT, width=WIDTH, seed=11)
     errors = [rel_error(o, r) for o, r in zip(out, fastvideo_stream("wan", 1))]
     assert max(errors) > 1e-3
 
@@ -154,6 +166,8 @@ def test_bad_arguments():
         skfv.accelerate(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
         skfv.accelerate(copy.deepcopy(model("wan", 0)), backend="tpu")
+    with pytest.raises(ValueError, match="attention"):
+        skfv.accelerate(copy.deepcopy(model("wan", 0)), attention="flash")
 
 
 def test_out_of_order_block_is_refused_and_writes_nothing():

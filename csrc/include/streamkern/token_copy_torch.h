@@ -58,6 +58,9 @@ inline TokenBase token_index(const at::Tensor& index, int64_t batch, int64_t lim
 // The parameters of ring_write_ (defined in csrc/cpu/kv_ring.cpp, used by its CPU op and CUDA binding).
 TokenCopyParams ring_write_params(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k_new,
                                   const at::Tensor& v_new, int64_t start, int64_t sink);
+// ring_write_at_: the start slot is an int64 [] tensor read on the device (a row is skipped when it is out of range).
+TokenCopyParams ring_write_params(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k_new,
+                                  const at::Tensor& v_new, const at::Tensor& start, int64_t sink);
 
 // The parameters of bank_insert_ (defined in csrc/cpu/bank_insert.cpp, used by its CPU op and CUDA binding).
 TokenCopyParams bank_insert_params(at::Tensor& bank_k, at::Tensor& bank_v, const at::Tensor& chunk_k,
