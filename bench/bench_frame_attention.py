@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from streamkern import frame_attention, frame_topk
-from streamkern.frame_attention import BACKENDS
+from streamkern.frame_attention import frame_attention_op
 
 OP = "frame_attention_step"
 H, D, FRAME = 12, 128, 1560
@@ -118,9 +118,9 @@ def _flex(s: Step, device):
     return build, lambda q, mask: flex(q.transpose(1, 2), k, v, block_mask=mask).transpose(1, 2)
 
 
-def _dense(report, label, s: Step):
-    dev, es = report.device, s.dtype.itemsize
-    ring_t, bank_t, keys = s.cache_k.shape[1], s.bank_k.shape[1], s.keys()
+def _dense(bench, label, s: Step):
+    es = s.dtype.itemsize
+    ring_t, keys = s.cache_k.shape[1], s.keys()
     row_bytes = H * D * es
     cache_bytes = 2 * 2 * (ring_t + keys) * row_bytes   # clone of k, v + cat of k, v (read + write)
     base = dict(flops=4 * H * s.q.shape[1] * keys * D, max_reps=3, warmup=1)
@@ -131,36 +131,39 @@ def _dense(report, label, s: Step):
     def eager(*a):
         return memflow_dense(*a, s.sink)
 
-    report.add(OP, label, "eager-memflow", eager, [args], baseline=None, extra={**extra, "cache_bytes": cache_bytes},
-               **base)
-    report.add(OP, label, "compile-memflow", report.compiled(eager), [args],
-               extra={**extra, "cache_bytes": cache_bytes}, baseline="eager-memflow", **base)
+    yield bench.case(OP, label, "eager-memflow", eager, [args], baseline=None,
+                     extra={**extra, "cache_bytes": cache_bytes}, **base)
+    yield bench.case(OP, label, "compile-memflow", bench.compiled(eager), [args],
+                     extra={**extra, "cache_bytes": cache_bytes}, baseline="eager-memflow", **base)
     k_all = torch.cat([s.cache_k[:, :s.sink], s.bank_k, s.cache_k[:, s.sink:], s.new_k], 1)
     v_all = torch.cat([s.cache_v[:, :s.sink], s.bank_v, s.cache_v[:, s.sink:], s.new_v], 1)
-    report.add(OP, label, "sdpa-precat",
-               lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
-               [(s.q, k_all, v_all)], baseline="eager-memflow", extra={**extra, "cache_bytes": 0}, **base)
+    yield bench.case(OP, label, "sdpa-precat",
+                     lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                    v.transpose(1, 2)),
+                     [(s.q, k_all, v_all)], baseline="eager-memflow", extra={**extra, "cache_bytes": 0}, **base)
     del k_all, v_all
-    try:
-        build, attend = _flex(s, dev)
-        mask = build()
-        flex_extra = {**extra, "cache_bytes": 0, "chunk_in_pool": True}
-        report.add(OP, label, "flex+mask", lambda q: attend(q, build()), [(s.q,)], baseline="eager-memflow",
-                   extra=flex_extra, **base)
-        report.add(OP, label, "flex", lambda q: attend(q, mask), [(s.q,)], baseline="eager-memflow",
-                   extra=flex_extra, **base)
-        report.add(OP, label, "flex-mask-build", build, [()], baseline=None, extra=flex_extra, max_reps=5, warmup=1)
-    except Exception as exc:  # recorded, never dropped
-        report.add(OP, label, "flex", lambda: (_ for _ in ()).throw(exc), [()], baseline="eager-memflow",
-                   extra=extra, **base)
+    build, attend = _flex(s, bench.device)
+    flex_extra = {**extra, "cache_bytes": 0, "chunk_in_pool": True}
+    yield bench.case(OP, label, "flex+mask", lambda q: attend(q, build()), [(s.q,)], baseline="eager-memflow",
+                     extra=flex_extra, **base)
+    masks = {}
+
+    def prebuilt(q):   # the mask is built at the first (warm-up) call: a failing build is a failed row
+        if "mask" not in masks:
+            masks["mask"] = build()
+        return attend(q, masks["mask"])
+
+    yield bench.case(OP, label, "flex", prebuilt, [(s.q,)], baseline="eager-memflow", extra=flex_extra, **base)
+    yield bench.case(OP, label, "flex-mask-build", build, [()], baseline=None, extra=flex_extra, max_reps=5,
+                     warmup=1)
     table = torch.cat([s.ring_ids, s.bank_ids])[None]
-    for b in report.backends(BACKENDS):
+    for b in bench.backends(frame_attention_op):
         fn = (lambda q, kp, vp, nk, nv, _b=b: frame_attention(q, kp, vp, table, new_k=nk, new_v=nv, backend=_b))
-        report.add(OP, label, b, fn, [(s.q, s.pool_k, s.pool_v, s.new_k, s.new_v)], baseline="eager-memflow",
-                   extra={**extra, "cache_bytes": 0}, **base)
+        yield bench.case(OP, label, b, fn, [(s.q, s.pool_k, s.pool_v, s.new_k, s.new_v)], baseline="eager-memflow",
+                         extra={**extra, "cache_bytes": 0}, **base)
 
 
-def _sparse(report, label, s: Step):
+def _sparse(bench, label, s: Step):
     es, topk = s.dtype.itemsize, s.shape["topk"]
     ring_t, keys = s.cache_k.shape[1], s.keys()
     row_bytes = H * D * es
@@ -173,34 +176,32 @@ def _sparse(report, label, s: Step):
     def eager(*a):
         return memflow_sparse(*a, s.sink, topk)
 
-    report.add(OP, label, "eager-memflow", eager, [args], baseline=None, extra={**extra, "cache_bytes": cache_bytes},
-               **base)
-    report.add(OP, label, "compile-memflow", report.compiled(eager), [args],
-               extra={**extra, "cache_bytes": cache_bytes}, baseline="eager-memflow", **base)
+    yield bench.case(OP, label, "eager-memflow", eager, [args], baseline=None,
+                     extra={**extra, "cache_bytes": cache_bytes}, **base)
+    yield bench.case(OP, label, "compile-memflow", bench.compiled(eager), [args],
+                     extra={**extra, "cache_bytes": cache_bytes}, baseline="eager-memflow", **base)
     ring = s.ring_ids[None, None].expand(1, H, -1)
     candidates = s.bank_ids[None]
-    for b in report.backends(BACKENDS):
+    for b in bench.backends(frame_attention_op):
         def step(q, kp, vp, km, nk, nv, _b=b):
             chosen = frame_topk(q, km, candidates, topk, backend=_b)
             table = torch.cat([ring, chosen], dim=2)
             return frame_attention(q, kp, vp, table, new_k=nk, new_v=nv, backend=_b)
-        report.add(OP, label, b, step, [(s.q, s.pool_k, s.pool_v, s.k_mean, s.new_k, s.new_v)],
-                   baseline="eager-memflow", extra={**extra, "cache_bytes": 0}, **base)
+        yield bench.case(OP, label, b, step, [(s.q, s.pool_k, s.pool_v, s.k_mean, s.new_k, s.new_v)],
+                         baseline="eager-memflow", extra={**extra, "cache_bytes": 0}, **base)
 
 
-def run(report, dtypes: tuple[str, ...] = ("bf16", "fp32"), sparse: bool = True) -> None:
-    shape = QUICK if getattr(report, "frame_quick", False) else FULL
+def cases(bench, dtypes: tuple[str, ...] = ("bf16", "fp32"), sparse: bool = True):
+    """The full MemFlow shapes, or the quick ones when ``bench.frame_quick`` is set (this module's ``--quick``)."""
+    shape = QUICK if getattr(bench, "frame_quick", False) else FULL
     tag = "quick" if shape is QUICK else "memflow"
     for name in dtypes:
         dtype = DTYPES[name]
-        s = Step(shape, shape["bank"], dtype, report.device)
-        _dense(report, f"{tag}-dense-{name}", s)
-        del s
+        yield from _dense(bench, f"{tag}-dense-{name}", Step(shape, shape["bank"], dtype, bench.device))
         gc.collect()
         if sparse:
-            s = Step(shape, shape["sparse_bank"], dtype, report.device)
-            _sparse(report, f"{tag}-sparse{shape['topk']}of{shape['sparse_bank']}-{name}", s)
-            del s
+            yield from _sparse(bench, f"{tag}-sparse{shape['topk']}of{shape['sparse_bank']}-{name}",
+                               Step(shape, shape["sparse_bank"], dtype, bench.device))
             gc.collect()
 
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     report = Report(args.device, budget_s=args.budget)
     report.frame_quick = args.quick
-    run(report, tuple(args.dtypes), not args.no_sparse)
+    report.run(cases(report, tuple(args.dtypes), not args.no_sparse))
     print("\n" + report.table())
     suffix = "-frame_attention" + ("-quick" if args.quick else "")
     with tempfile.TemporaryDirectory() as tmp:   # <device>-<date><suffix>.json (+ .png) beside the other results
