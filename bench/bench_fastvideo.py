@@ -86,7 +86,9 @@ class Block:
         from fastvideo.forward_context import set_forward_context
 
         frame = self.start // self.frame_len
-        with torch.no_grad(), set_forward_context(current_timestep=0, attn_metadata=None):
+        # FastVideo's stages autocast to bf16 on CUDA; on CPU the same autocast (Matrix-Game 2.0 mixes dtypes)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.case["dtype"] == torch.bfloat16)
+        with torch.no_grad(), autocast, set_forward_context(current_timestep=0, attn_metadata=None):
             for i in range(self.case["steps"] + 1):
                 t = 0 if i == self.case["steps"] else int(1000 * (1 - i / self.case["steps"]))
                 self.model(self.x, self.text, torch.full((1, 3), t, dtype=torch.long), kv_cache=self.kv,
