@@ -1,4 +1,4 @@
-// pose_topk (DESIGN.md §4.2, seed 004): the op schema and its CPU kernel.
+// pose_topk (DESIGN.md §4.2, seed 004) on the CPU; schema and checks in streamkern/ops/pose_topk.h.
 //
 //   sim[i] = exp(-‖poses[i, :3] − current[:3]‖₂ / scale)    (float64, rounded to float: rank_keys.h)
 //   the k smallest pose_key(valid[i], sim[i], i) by a partial sort: descending sim, ties to the lowest index,
@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "streamkern/ops/pose_topk.h"
 #include "streamkern/rank_keys.h"
 
 namespace streamkern {
@@ -21,17 +22,9 @@ namespace {
 
 void pose_topk_cpu(at::Tensor idx, at::Tensor sim, const at::Tensor& poses, const at::Tensor& valid,
                    const at::Tensor& current, double scale) {
-  TORCH_CHECK(poses.dim() == 2 && poses.size(1) >= 3 && valid.dim() == 1 && current.dim() == 1 &&
-              current.size(0) == poses.size(1) && valid.size(0) == poses.size(0),
-              "pose_topk_: expected poses [N, P >= 3], valid [N], current [P]");
-  const int64_t N = poses.size(0), k = idx.numel();
-  TORCH_CHECK(N < (int64_t{1} << kPoseIndexBits) && k < (int64_t{1} << kPoseIndexBits) && sim.numel() == k,
-              "pose_topk_: expected N, k < 65536 and sim [k]");
-  TORCH_CHECK(poses.scalar_type() == current.scalar_type() && valid.scalar_type() == at::kBool &&
-              idx.scalar_type() == at::kLong && sim.scalar_type() == at::kFloat,
-              "pose_topk_: expected poses/current of one dtype, bool valid, int64 idx, float32 sim");
-  const bool* ok = valid.data_ptr<bool>();
-  const int64_t p0 = poses.stride(0), p1 = poses.stride(1), sc = current.stride(0), sv = valid.stride(0);
+  const PoseTopkParams pp = pose_topk_params(idx, sim, poses, valid, current, scale);
+  const int64_t N = pp.N, k = pp.k, p0 = pp.p0, p1 = pp.p1, sc = pp.s_c, sv = pp.s_v;
+  const bool* ok = pp.valid;
 
   std::vector<float> sims(N);
   std::vector<uint64_t> keys(N);
@@ -48,13 +41,10 @@ void pose_topk_cpu(at::Tensor idx, at::Tensor sim, const at::Tensor& poses, cons
   });
   const int64_t ranked = std::min(k, N);  // k > N: the rest is padding
   std::partial_sort(keys.begin(), keys.begin() + ranked, keys.end());
-  int64_t* out_idx = idx.data_ptr<int64_t>();
-  float* out_sim = sim.data_ptr<float>();
-  const int64_t si = idx.stride(0), ssim = sim.stride(0);
   for (int64_t r = 0; r < k; ++r) {
     const bool chosen = r < ranked && pose_key_chosen(keys[r]);
-    out_idx[r * si] = chosen ? pose_key_index(keys[r]) : -1;
-    out_sim[r * ssim] = chosen ? sims[pose_key_index(keys[r])] : 0.0f;
+    pp.idx[r] = chosen ? pose_key_index(keys[r]) : -1;
+    pp.sim[r] = chosen ? sims[pose_key_index(keys[r])] : 0.0f;
   }
 }
 
@@ -62,7 +52,7 @@ void pose_topk_cpu(at::Tensor idx, at::Tensor sim, const at::Tensor& poses, cons
 }  // namespace streamkern
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("pose_topk_(Tensor(a!) idx, Tensor(b!) sim, Tensor poses, Tensor valid, Tensor current, float scale) -> ()");
+  m.def(streamkern::kPoseTopkSchema);
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("pose_topk_", &streamkern::pose_topk_cpu); }

@@ -15,7 +15,7 @@
 #include <cmath>
 
 #include "streamkern/cuda_utils.cuh"
-#include "consensus.cuh"
+#include "streamkern/ops/consensus_frame_scores.h"
 
 namespace streamkern {
 namespace {

@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "../cuda/consensus.cuh"
+#include "streamkern/ops/consensus_frame_scores.h"
 #include "streamkern/torch_utils.h"
 #include "streamkern/op_checks.h"
 

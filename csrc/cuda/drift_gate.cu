@@ -14,7 +14,7 @@
 // patch_importance: kernel 1, grid (B, splits): each block sums its share of the (layer, head, action row) rows of
 // the slice for all V columns (threads over columns, coalesced along the key axis) into workspace[b, split, :];
 // kernel 2, grid B: sums the splits, scales by 1/(L·H·A), normalises by the row sum + 1e-8.
-#include "drift_gate.cuh"
+#include "streamkern/ops/drift_gate.h"
 #include "streamkern/cuda_utils.cuh"
 #include "streamkern/drift_gate_math.h"
 

@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#include "drift_gate.cuh"
+#include "streamkern/ops/drift_gate.h"
 #include "streamkern/torch_utils.h"
 #include "streamkern/op_checks.h"
 

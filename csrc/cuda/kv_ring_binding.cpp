@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../cuda/kv_ring.cuh"
+#include "streamkern/token_copy.cuh"
 #include "streamkern/token_copy_torch.h"
 #include "streamkern/torch_utils.h"
 

@@ -1,7 +1,7 @@
-// pose_topk CUDA kernel: one block, shared-memory bitonic sort of packed keys (see pose_topk.cuh).
+// pose_topk CUDA kernel: one block, shared-memory bitonic sort of packed keys (see streamkern/ops/pose_topk.h).
 #include <cuda_runtime.h>
 
-#include "pose_topk.cuh"
+#include "streamkern/ops/pose_topk.h"
 #include "streamkern/cuda_utils.cuh"
 #include "streamkern/rank_keys.h"
 

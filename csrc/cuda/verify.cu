@@ -10,7 +10,7 @@
 #include <climits>
 
 #include "streamkern/cuda_utils.cuh"
-#include "verify.cuh"
+#include "streamkern/ops/verify_scales.h"
 
 namespace streamkern {
 namespace {
@@ -273,7 +273,7 @@ template <typename T, int G> cudaError_t launch_rows(const VerifyParams& p, cuda
 
 }  // namespace
 
-LaunchStatus verify_launch(const VerifyParams& p, DType logits_dtype, cudaStream_t stream) {
+LaunchStatus verify_scales_launch(const VerifyParams& p, DType logits_dtype, cudaStream_t stream) {
   if (p.B == 0 || p.T == 0) return 0;
   if (p.NS < 1 || p.NS > kVerifyMaxScales || p.V < 1 || p.V > INT_MAX) return static_cast<int>(cudaErrorInvalidValue);
   const int64_t rows = p.B * p.T;

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "../cuda/verify.cuh"
+#include "streamkern/ops/verify_scales.h"
 #include "streamkern/op_checks.h"
 #include "streamkern/torch_utils.h"
 
@@ -67,7 +67,7 @@ void verify_scales_cuda(at::Tensor& accepted, at::Tensor& match, at::Tensor& rat
   p.greedy = greedy;
   p.threshold = static_cast<float>(threshold);
   p.inv_temp = static_cast<float>(1.0 / temperature);
-  STREAMKERN_CHECK_LAUNCH(verify_launch(p, dtype_of(logits), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(verify_scales_launch(p, dtype_of(logits), at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

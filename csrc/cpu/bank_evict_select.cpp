@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "streamkern/ops/bank_evict_select.h"
 #include "streamkern/rank_keys.h"
 
 namespace streamkern {
@@ -18,17 +19,10 @@ namespace {
 
 void bank_evict_select_cpu(at::Tensor out, const at::Tensor& scores, const at::Tensor& entity_mask,
                            const at::Tensor& valid) {
-  TORCH_CHECK(scores.dim() == 1 && entity_mask.dim() == 2 && valid.dim() == 1 && out.dim() == 0,
-              "bank_evict_select_: expected scores [M], entity_mask [M, E], valid [M], out []");
-  const int64_t M = scores.size(0), E = entity_mask.size(1);
-  TORCH_CHECK(M >= 1 && M <= 64 && entity_mask.size(0) == M && valid.size(0) == M,
-              "bank_evict_select_: expected 1 <= M <= 64 slots in every argument");
-  TORCH_CHECK(entity_mask.scalar_type() == at::kBool && valid.scalar_type() == at::kBool &&
-              out.scalar_type() == at::kLong, "bank_evict_select_: expected bool mask/valid and int64 out");
-  const bool* mask = entity_mask.data_ptr<bool>();
-  const bool* ok = valid.data_ptr<bool>();
-  const int64_t m0 = entity_mask.stride(0), m1 = entity_mask.stride(1), sv = valid.stride(0);
-  const int64_t ss = scores.stride(0);
+  const BankEvictParams p = bank_evict_select_params(out, scores, entity_mask, valid);
+  const int64_t M = p.M, E = p.E, m0 = p.m0, m1 = p.m1, sv = p.s_v, ss = p.s_s;
+  const bool* mask = p.mask;
+  const bool* ok = p.valid;
 
   std::vector<int32_t> coverage(E, 0);
   for (int64_t i = 0; i < M; ++i)
@@ -44,14 +38,14 @@ void bank_evict_select_cpu(at::Tensor out, const at::Tensor& scores, const at::T
       best = key < best ? key : best;
     }
   });
-  out.data_ptr<int64_t>()[0] = evict_slot(best);
+  *p.out = evict_slot(best);
 }
 
 }  // namespace
 }  // namespace streamkern
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("bank_evict_select_(Tensor(a!) out, Tensor scores, Tensor entity_mask, Tensor valid) -> ()");
+  m.def(streamkern::kBankEvictSelectSchema);
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("bank_evict_select_", &streamkern::bank_evict_select_cpu); }

@@ -1,7 +1,7 @@
-// bank_evict_select CUDA kernel: one block, shared-memory coverage and keys (see bank_evict.cuh).
+// bank_evict_select CUDA kernel: one block, shared-memory coverage and keys (see streamkern/ops/bank_evict_select.h).
 #include <cuda_runtime.h>
 
-#include "bank_evict.cuh"
+#include "streamkern/ops/bank_evict_select.h"
 #include "streamkern/cuda_utils.cuh"
 #include "streamkern/rank_keys.h"
 
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads) bank_evict_kernel(BankEvictParams p)
 
 }  // namespace
 
-LaunchStatus bank_evict_launch(const BankEvictParams& p, DType dtype, void* stream) {
+LaunchStatus bank_evict_select_launch(const BankEvictParams& p, DType dtype, void* stream) {
   if (p.M < 1 || p.M > kMaxSlots || p.E < 0 || p.E > kThreads) return static_cast<int>(cudaErrorInvalidValue);
   STREAMKERN_DISPATCH_FLOAT(dtype, T,
       bank_evict_kernel<T><<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p));

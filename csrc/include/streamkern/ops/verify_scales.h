@@ -35,6 +35,6 @@ struct VerifyParams {
 };
 
 // Three launches on `stream`: row pass, per-batch scale pass, and (sample mode) the residual redraw.
-LaunchStatus verify_launch(const VerifyParams& p, DType logits_dtype, cudaStream_t stream);
+LaunchStatus verify_scales_launch(const VerifyParams& p, DType logits_dtype, cudaStream_t stream);
 
 }  // namespace streamkern

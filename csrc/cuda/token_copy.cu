@@ -1,7 +1,7 @@
 // The CUDA token-row copy (ring_write_, bank_insert_): block-per-row, grid-stride, Vec16 copies when aligned.
 #include <algorithm>
 
-#include "kv_ring.cuh"
+#include "streamkern/token_copy.cuh"
 #include "streamkern/cuda_utils.cuh"
 
 namespace streamkern {
