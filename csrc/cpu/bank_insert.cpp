@@ -1,26 +1,10 @@
-// bank_insert_: the op schema and its CPU kernel. bank[l, b, slot[b]*fsl + t] = chunk[l, b, frame_idx[b]*fsl + t]
-// for every layer, k and v; the indices are read in the kernel (rows with an out-of-range index are skipped; the
-// Python layer raises for them on CPU before calling).
+// bank_insert_ on the CPU: the token-row copy of csrc/cpu/token_copy.cpp with the parameters and checks of
+// streamkern/ops/bank_insert.h.
 #include <torch/library.h>
 
-#include "streamkern/token_copy_torch.h"
+#include "streamkern/ops/bank_insert.h"
 
 namespace streamkern {
-
-// Shared by the CPU op and the CUDA binding: the copy parameters of bank_insert_.
-TokenCopyParams bank_insert_params(at::Tensor& bank_k, at::Tensor& bank_v, const at::Tensor& chunk_k,
-                                   const at::Tensor& chunk_v, const at::Tensor& frame_idx, const at::Tensor& slot,
-                                   int64_t frame_seq_len) {
-  TORCH_CHECK_VALUE(frame_seq_len >= 1 && bank_k.size(2) % frame_seq_len == 0 &&
-                        chunk_k.size(2) % frame_seq_len == 0,
-                    "frame_seq_len: expected a divisor of the bank and chunk token counts, got ", frame_seq_len);
-  TORCH_CHECK_VALUE(frame_idx.device() == bank_k.device() && slot.device() == bank_k.device(),
-                    "frame_idx, slot: expected tensors on the bank's device");
-  TokenCopyParams p = token_copy_params(bank_k, bank_v, chunk_k, chunk_v, frame_seq_len);
-  p.src_base = token_index(frame_idx, p.B, chunk_k.size(2) / frame_seq_len, frame_seq_len);
-  p.dst_base = token_index(slot, p.B, bank_k.size(2) / frame_seq_len, frame_seq_len);
-  return p;
-}
 
 namespace {
 
@@ -34,8 +18,7 @@ void bank_insert_cpu(at::Tensor bank_k, at::Tensor bank_v, const at::Tensor& chu
 }  // namespace streamkern
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("bank_insert_(Tensor(a!) bank_k, Tensor(b!) bank_v, Tensor chunk_k, Tensor chunk_v, Tensor frame_idx, "
-        "Tensor slot, int frame_seq_len) -> ()");
+  m.def(streamkern::kBankInsertSchema);
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("bank_insert_", &streamkern::bank_insert_cpu); }

@@ -1,13 +1,13 @@
-// Torch glue of the CUDA bank_insert_ (schema in csrc/cpu/bank_insert.cpp): the same token-row copy as ring_write_
-// (csrc/cuda/kv_ring.cu) with the frame and slot indices read on the device; rows with an out-of-range index are
-// skipped. Launches on the current stream, never synchronises.
+// Torch glue of the CUDA bank_insert_: checks and parameters from streamkern/ops/bank_insert.h, the token-row copy
+// of csrc/cuda/token_copy.cu with the frame and slot indices read on the device; rows with an out-of-range index
+// are skipped. Launches on the current stream, never synchronises.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "streamkern/token_copy.cuh"
-#include "streamkern/token_copy_torch.h"
+#include "streamkern/ops/bank_insert.h"
 #include "streamkern/torch_utils.h"
 
 namespace streamkern {

@@ -1,5 +1,6 @@
-// Torch-side glue of the token-row copy (token_copy.h): fills TokenCopyParams from tensors, and the CPU copy
-// (defined in csrc/cpu/kv_ring.cpp, used by ring_write_ and bank_insert_).
+// Torch-side glue of the token-row copy (token_copy.h) under ring_write_ and bank_insert_: fills TokenCopyParams
+// from tensors (the op-specific parts are in streamkern/ops/ring_write.h and bank_insert.h), and the CPU copy
+// (csrc/cpu/token_copy.cpp).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -54,18 +55,6 @@ inline TokenBase token_index(const at::Tensor& index, int64_t batch, int64_t lim
   tb.scale = scale;
   return tb;
 }
-
-// The parameters of ring_write_ (defined in csrc/cpu/kv_ring.cpp, used by its CPU op and CUDA binding).
-TokenCopyParams ring_write_params(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k_new,
-                                  const at::Tensor& v_new, int64_t start, int64_t sink);
-// ring_write_at_: the start slot is an int64 [] tensor read on the device (a row is skipped when it is out of range).
-TokenCopyParams ring_write_params(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k_new,
-                                  const at::Tensor& v_new, const at::Tensor& start, int64_t sink);
-
-// The parameters of bank_insert_ (defined in csrc/cpu/bank_insert.cpp, used by its CPU op and CUDA binding).
-TokenCopyParams bank_insert_params(at::Tensor& bank_k, at::Tensor& bank_v, const at::Tensor& chunk_k,
-                                   const at::Tensor& chunk_v, const at::Tensor& frame_idx, const at::Tensor& slot,
-                                   int64_t frame_seq_len);
 
 // The CPU copy: at::parallel_for over the 2*NL*B*T token rows, memcpy when the source row is contiguous.
 void token_copy_cpu(const TokenCopyParams& p, int64_t element_size);

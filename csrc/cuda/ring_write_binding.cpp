@@ -1,12 +1,12 @@
-// Torch glue of the CUDA ring_write_ and ring_write_at_ (schemas in csrc/cpu/kv_ring.cpp): fills TokenCopyParams,
-// launches on the current stream.
+// Torch glue of the CUDA ring_write_ and ring_write_at_: checks and parameters from streamkern/ops/ring_write.h,
+// the token-row copy of csrc/cuda/token_copy.cu on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "streamkern/token_copy.cuh"
-#include "streamkern/token_copy_torch.h"
+#include "streamkern/ops/ring_write.h"
 #include "streamkern/torch_utils.h"
 
 namespace streamkern {
