@@ -19,7 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
-#include "streamkern/op_checks.h"
+#include "streamkern/ops/consensus_frame_scores.h"
 
 namespace streamkern {
 namespace {
@@ -219,8 +219,7 @@ void consensus_frame_scores_cpu(at::Tensor out, const at::Tensor& chunk_k, const
 }  // namespace streamkern
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("consensus_frame_scores_(Tensor(a!) out, Tensor chunk_k, Tensor text_k, Tensor entity_weights, "
-        "int frame_seq_len, int[] layers, float[] layer_weights) -> ()");
+  m.def(streamkern::kConsensusFrameScoresSchema);
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) {

@@ -17,7 +17,7 @@
 
 #include "streamkern/drift_gate_math.h"
 #include "streamkern/torch_utils.h"
-#include "streamkern/op_checks.h"
+#include "streamkern/ops/drift_gate.h"
 
 namespace streamkern {
 namespace {
@@ -209,13 +209,9 @@ void patch_importance_cpu(at::Tensor out, const at::Tensor& attn, int64_t start,
 }  // namespace streamkern
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("attention_weighted_drift_(Tensor(a!) drift, Tensor(b!) small, Tensor image, Tensor prev_small, "
-        "Tensor importance, int pool, int dilation) -> ()");
-  m.def("drift_gate_step_(Tensor(a!) recompute, Tensor(b!) reason, Tensor(c!) drift, Tensor(d!) small, "
-        "Tensor(e!) counter, Tensor image, Tensor? prev_small, Tensor? importance, Tensor state, Tensor? prev_state, "
-        "int pool, int dilation, float drift_threshold, float state_threshold) -> ()");
-  m.def("patch_importance_(Tensor(a!) out, Tensor attn, int layer_start, int layer_end, int num_vision_tokens, "
-        "int action_tokens) -> ()");
+  m.def(streamkern::kAttentionWeightedDriftSchema);
+  m.def(streamkern::kDriftGateStepSchema);
+  m.def(streamkern::kPatchImportanceSchema);
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) {

@@ -13,7 +13,7 @@
 #include <limits>
 #include <vector>
 
-#include "streamkern/op_checks.h"
+#include "streamkern/ops/verify_scales.h"
 
 namespace {
 
@@ -243,9 +243,7 @@ void verify_scales_cpu(at::Tensor& accepted, at::Tensor& match, at::Tensor& rati
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("verify_scales_(Tensor(a!) accepted, Tensor(b!) match, Tensor(c!) ratio, Tensor(d!) tokens, "
-        "Tensor(e!) stats, Tensor logits, Tensor draft_tokens, Tensor? draft_probs, Tensor? uniforms, "
-        "int[] offsets, float[]? cfg, bool greedy, float threshold, float temperature) -> ()");
+  m.def(streamkern::kVerifyScalesSchema);
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("verify_scales_", &verify_scales_cpu); }

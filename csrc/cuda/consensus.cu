@@ -232,7 +232,8 @@ LaunchStatus launch_typed(const ConsensusParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-LaunchStatus consensus_frame_scores_launch(const ConsensusParams& p, DType dtype, cudaStream_t stream) {
+LaunchStatus consensus_frame_scores_launch(const ConsensusParams& p, DType dtype, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.num_layers <= 0 || p.frame_seq_len <= 0) return static_cast<int>(cudaErrorInvalidValue);
   const int64_t F = p.L / p.frame_seq_len;
   if (p.B * F == 0) return 0;

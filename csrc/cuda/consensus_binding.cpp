@@ -1,5 +1,5 @@
 // Torch glue for the CUDA consensus kernel: fills ConsensusParams from the tensors and launches on the current
-// stream. The schema streamkern_C::consensus_frame_scores_ is defined with the CPU kernel in csrc/cpu/consensus.cpp.
+// stream. Schema and checks in streamkern/ops/consensus_frame_scores.h.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,7 +9,6 @@
 
 #include "streamkern/ops/consensus_frame_scores.h"
 #include "streamkern/torch_utils.h"
-#include "streamkern/op_checks.h"
 
 namespace streamkern {
 namespace {
@@ -44,7 +43,7 @@ void consensus_frame_scores_cuda(at::Tensor out, const at::Tensor& chunk_k, cons
   p.layers = layers.data();
   p.layer_weights = layer_weights.data();
   p.num_layers = static_cast<int32_t>(layers.size());
-  STREAMKERN_CHECK_LAUNCH(consensus_frame_scores_launch(p, dtype_of(chunk_k), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(consensus_frame_scores_launch(p, dtype_of(chunk_k), at::cuda::getCurrentCUDAStream().stream()));
 }
 
 }  // namespace

@@ -247,7 +247,8 @@ LaunchStatus launch_on_image_dtype(DType image_dtype, dim3 grid, cudaStream_t st
 
 }  // namespace
 
-LaunchStatus attention_weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, cudaStream_t stream) {
+LaunchStatus attention_weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.B == 0) return 0;
   return launch_on_image_dtype<WeightedDriftKernel>(image_dtype, dim3(static_cast<unsigned>(p.B)), stream, p);
 }
@@ -257,12 +258,14 @@ int drift_gate_splits(int64_t h, int64_t w) {
   return static_cast<int>(blocks < 1 ? 1 : blocks);
 }
 
-LaunchStatus drift_gate_step_launch(const DriftGateParams& p, DType image_dtype, cudaStream_t stream) {
+LaunchStatus drift_gate_step_launch(const DriftGateParams& p, DType image_dtype, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.frame.B));
   return launch_on_image_dtype<DriftGateKernel>(image_dtype, grid, stream, p);
 }
 
-LaunchStatus patch_importance_launch(const PatchImportanceParams& p, DType attn_dtype, cudaStream_t stream) {
+LaunchStatus patch_importance_launch(const PatchImportanceParams& p, DType attn_dtype, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.B == 0) return 0;
   const dim3 grid(static_cast<unsigned>(p.B), static_cast<unsigned>(p.splits));
   STREAMKERN_DISPATCH_FLOAT(attn_dtype, T, importance_partial_kernel<T><<<grid, kThreads, 0, stream>>>(p));

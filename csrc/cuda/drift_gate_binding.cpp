@@ -8,7 +8,6 @@
 
 #include "streamkern/ops/drift_gate.h"
 #include "streamkern/torch_utils.h"
-#include "streamkern/op_checks.h"
 
 namespace streamkern {
 namespace {
@@ -43,7 +42,7 @@ void attention_weighted_drift_cuda(at::Tensor drift, at::Tensor small, const at:
   const c10::cuda::CUDAGuard guard(image.device());
   WeightedDriftParams p = frame_params(small, image, &prev_small, &importance, pool, dilation);
   p.drift = drift.data_ptr<float>();
-  STREAMKERN_CHECK_LAUNCH(attention_weighted_drift_launch(p, dtype_of(image), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(attention_weighted_drift_launch(p, dtype_of(image), at::cuda::getCurrentCUDAStream().stream()));
 }
 
 void drift_gate_step_cuda(at::Tensor recompute, at::Tensor reason, at::Tensor drift, at::Tensor small,
@@ -74,7 +73,7 @@ void drift_gate_step_cuda(at::Tensor recompute, at::Tensor reason, at::Tensor dr
   g.state_dtype = dtype_of(state);
   g.drift_threshold = drift_threshold;
   g.state_threshold = state_threshold;
-  STREAMKERN_CHECK_LAUNCH(drift_gate_step_launch(g, dtype_of(image), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(drift_gate_step_launch(g, dtype_of(image), at::cuda::getCurrentCUDAStream().stream()));
 }
 
 void patch_importance_cuda(at::Tensor out, const at::Tensor& attn, int64_t start, int64_t end, int64_t V, int64_t A) {
@@ -96,7 +95,7 @@ void patch_importance_cuda(at::Tensor out, const at::Tensor& attn, int64_t start
   p.out = out.data_ptr<float>();
   p.workspace = workspace.data_ptr<float>();
   p.attn = attn.data_ptr();
-  STREAMKERN_CHECK_LAUNCH(patch_importance_launch(p, dtype_of(attn), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(patch_importance_launch(p, dtype_of(attn), at::cuda::getCurrentCUDAStream().stream()));
 }
 
 }  // namespace

@@ -273,7 +273,8 @@ template <typename T, int G> cudaError_t launch_rows(const VerifyParams& p, cuda
 
 }  // namespace
 
-LaunchStatus verify_scales_launch(const VerifyParams& p, DType logits_dtype, cudaStream_t stream) {
+LaunchStatus verify_scales_launch(const VerifyParams& p, DType logits_dtype, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.B == 0 || p.T == 0) return 0;
   if (p.NS < 1 || p.NS > kVerifyMaxScales || p.V < 1 || p.V > INT_MAX) return static_cast<int>(cudaErrorInvalidValue);
   const int64_t rows = p.B * p.T;

@@ -1,5 +1,5 @@
 // Torch glue for the CUDA verify_scales kernels: fills VerifyParams from the tensors and launches on the current
-// stream. The schema streamkern_C::verify_scales_ is defined with the CPU kernel in csrc/cpu/verify.cpp.
+// stream. Schema and checks in streamkern/ops/verify_scales.h.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,7 +8,6 @@
 #include <cstdint>
 
 #include "streamkern/ops/verify_scales.h"
-#include "streamkern/op_checks.h"
 #include "streamkern/torch_utils.h"
 
 namespace streamkern {
@@ -67,7 +66,7 @@ void verify_scales_cuda(at::Tensor& accepted, at::Tensor& match, at::Tensor& rat
   p.greedy = greedy;
   p.threshold = static_cast<float>(threshold);
   p.inv_temp = static_cast<float>(1.0 / temperature);
-  STREAMKERN_CHECK_LAUNCH(verify_scales_launch(p, dtype_of(logits), at::cuda::getCurrentCUDAStream()));
+  STREAMKERN_CHECK_LAUNCH(verify_scales_launch(p, dtype_of(logits), at::cuda::getCurrentCUDAStream().stream()));
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
-// Drift gate CUDA kernels (DESIGN.md §4.3): torch-free parameters and launchers.
+// The drift gate ops attention_weighted_drift_, drift_gate_step_ and patch_importance_ (DESIGN.md §4.3): the
+// torch-free parameters of the CUDA launchers (csrc/cuda/drift_gate.cu), and, outside nvcc, the op schemas and the
+// checks their C++ entry points (csrc/cpu/drift_gate.cpp, csrc/cuda/drift_gate_binding.cpp) repeat for direct calls.
 #pragma once
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "streamkern/common.h"
@@ -48,10 +48,105 @@ struct PatchImportanceParams {
 };
 
 // image_dtype: float32/float16/bfloat16 (small in the same dtype) or uint8 (small float32, values / 255).
-LaunchStatus attention_weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, cudaStream_t stream);
+LaunchStatus attention_weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, void* stream);
 // Blocks per camera of drift_gate_step_launch (the size of DriftGateParams::partial is B × this).
 int drift_gate_splits(int64_t h, int64_t w);
-LaunchStatus drift_gate_step_launch(const DriftGateParams& p, DType image_dtype, cudaStream_t stream);
-LaunchStatus patch_importance_launch(const PatchImportanceParams& p, DType attn_dtype, cudaStream_t stream);
+LaunchStatus drift_gate_step_launch(const DriftGateParams& p, DType image_dtype, void* stream);
+LaunchStatus patch_importance_launch(const PatchImportanceParams& p, DType attn_dtype, void* stream);
 
 }  // namespace streamkern
+
+#if !defined(__CUDACC__)
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace streamkern {
+
+inline constexpr const char* kAttentionWeightedDriftSchema =
+    "attention_weighted_drift_(Tensor(a!) drift, Tensor(b!) small, Tensor image, Tensor prev_small, "
+    "Tensor importance, int pool, int dilation) -> ()";
+inline constexpr const char* kDriftGateStepSchema =
+    "drift_gate_step_(Tensor(a!) recompute, Tensor(b!) reason, Tensor(c!) drift, Tensor(d!) small, "
+    "Tensor(e!) counter, Tensor image, Tensor? prev_small, Tensor? importance, Tensor state, Tensor? prev_state, "
+    "int pool, int dilation, float drift_threshold, float state_threshold) -> ()";
+inline constexpr const char* kPatchImportanceSchema =
+    "patch_importance_(Tensor(a!) out, Tensor attn, int layer_start, int layer_end, int num_vision_tokens, "
+    "int action_tokens) -> ()";
+
+// The pooling half of the drift ops: image [B, C, H, W] with H, W multiples of pool, small its contiguous pooling.
+inline void check_drift_image_args(const char* op, const at::Tensor& small, const at::Tensor& image, int64_t pool,
+                                   int64_t dilation) {
+  TORCH_CHECK(image.dim() == 4 && pool >= 1 && image.size(2) % pool == 0 && image.size(3) % pool == 0, op,
+              ": image must be [B, C, H, W] with H, W multiples of pool");
+  TORCH_CHECK(small.is_contiguous() && small.dim() == 4 && small.size(0) == image.size(0) &&
+                  small.size(1) == image.size(1) && small.size(2) == image.size(2) / pool &&
+                  small.size(3) == image.size(3) / pool,
+              op, ": small must be contiguous [B, C, H/pool, W/pool]");
+  TORCH_CHECK(small.scalar_type() == (image.scalar_type() == at::kByte ? at::kFloat : image.scalar_type()), op,
+              ": small must be float32 for uint8 images, else the image's dtype");
+  TORCH_CHECK(dilation >= 1 && dilation % 2 == 1, op, ": dilation must be odd and positive");
+}
+
+// The previous frame of the drift ops: prev_small like small, importance float32 [B, gh, gw].
+inline void check_drift_prev_args(const char* op, const at::Tensor& small, const at::Tensor& prev_small,
+                                  const at::Tensor& importance) {
+  TORCH_CHECK(prev_small.sizes() == small.sizes() && prev_small.scalar_type() == small.scalar_type(), op,
+              ": prev_small must match small");
+  TORCH_CHECK(importance.dim() == 3 && importance.size(0) == small.size(0) && importance.size(1) >= 1 &&
+                  importance.size(2) >= 1 && importance.scalar_type() == at::kFloat,
+              op, ": importance must be float32 [B, gh >= 1, gw >= 1]");
+}
+
+inline void check_weighted_drift_args(const at::Tensor& drift, const at::Tensor& small, const at::Tensor& image,
+                                      const at::Tensor& prev_small, const at::Tensor& importance, int64_t pool,
+                                      int64_t dilation) {
+  check_drift_image_args("attention_weighted_drift_", small, image, pool, dilation);
+  check_drift_prev_args("attention_weighted_drift_", small, prev_small, importance);
+  TORCH_CHECK(drift.is_contiguous() && drift.scalar_type() == at::kFloat && drift.numel() == image.size(0),
+              "attention_weighted_drift_: drift must be contiguous float32 [B]");
+}
+
+// state [R, K] (any strides) and prev_state its contiguous copy, one floating dtype; 0-d bool/int64/float32
+// outputs; counter a 1-element int32 tensor.
+inline void check_gate_step_args(const at::Tensor& recompute, const at::Tensor& reason, const at::Tensor& drift,
+                                 const at::Tensor& small, const at::Tensor& counter, const at::Tensor& image,
+                                 const std::optional<at::Tensor>& prev_small,
+                                 const std::optional<at::Tensor>& importance, const at::Tensor& state,
+                                 const std::optional<at::Tensor>& prev_state, int64_t pool, int64_t dilation) {
+  constexpr const char* op = "drift_gate_step_";
+  check_drift_image_args(op, small, image, pool, dilation);
+  TORCH_CHECK(image.size(0) >= 1, op, ": image must hold at least one camera");
+  TORCH_CHECK(prev_small.has_value() == importance.has_value(), op,
+              ": prev_small and importance come together or not at all");
+  if (prev_small.has_value()) check_drift_prev_args(op, small, *prev_small, *importance);
+  TORCH_CHECK(recompute.dim() == 0 && recompute.scalar_type() == at::kBool && reason.dim() == 0 &&
+                  reason.scalar_type() == at::kLong && drift.dim() == 0 && drift.scalar_type() == at::kFloat,
+              op, ": outputs must be 0-d bool, int64 and float32 tensors");
+  TORCH_CHECK(counter.numel() == 1 && counter.scalar_type() == at::kInt, op, ": counter must be one int32");
+  TORCH_CHECK(state.dim() == 2 && state.numel() >= 1 && at::isFloatingType(state.scalar_type()), op,
+              ": state must be a non-empty floating-point [R, K] tensor");
+  for (const at::Tensor* t : {&recompute, &reason, &drift, &small, &counter, &state})
+    TORCH_CHECK(t->device() == image.device(), op, ": every tensor must be on the image's device");
+  for (const std::optional<at::Tensor>* t : {&prev_small, &importance, &prev_state})
+    TORCH_CHECK(!t->has_value() || (*t)->device() == image.device(), op,
+                ": every tensor must be on the image's device");
+  if (prev_state.has_value())
+    TORCH_CHECK(prev_state->is_contiguous() && prev_state->sizes() == state.sizes() &&
+                    prev_state->scalar_type() == state.scalar_type(),
+                op, ": prev_state must be a contiguous tensor of state's shape and dtype");
+}
+
+inline void check_patch_importance_args(const at::Tensor& out, const at::Tensor& attn, int64_t start, int64_t end,
+                                        int64_t V, int64_t A) {
+  TORCH_CHECK(attn.dim() == 5 && attn.size(3) == attn.size(4), "patch_importance_: attn must be [NL, B, H, S, S]");
+  TORCH_CHECK(0 <= start && start < end && end <= attn.size(0) && 1 <= V && V <= attn.size(4) && 1 <= A &&
+                  A <= attn.size(3),
+              "patch_importance_: layer range, V or A out of bounds");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == attn.size(1) * V,
+              "patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
+}
+
+}  // namespace streamkern
+#endif  // !__CUDACC__

@@ -18,6 +18,8 @@
 #include <limits>
 #include <vector>
 
+#include "streamkern/ops/block_masked_attention.h"
+
 namespace {
 
 constexpr int64_t kBlockQ = 64;
@@ -181,8 +183,7 @@ void block_masked_attention_cpu(at::Tensor out, const at::Tensor& q, const at::T
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(streamkern_C, m) {
-  m.def("block_masked_attention_(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor q_scale, Tensor k_scale, "
-        "Tensor allow, bool self_attend, float sm_scale) -> ()");
+  m.def(streamkern::kBlockMaskedAttentionSchema);
 }
 
 TORCH_LIBRARY_IMPL(streamkern_C, CPU, m) { m.impl("block_masked_attention_", &block_masked_attention_cpu); }
