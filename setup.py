@@ -1,6 +1,7 @@
 """Builds streamkern and its C++/CUDA extension ``streamkern._C``.
 
-* ``csrc/cpu/*.cpp`` (CPU kernels and the op schemas) are always built, with OpenMP.
+* ``csrc/cpu/*.cpp`` (CPU kernels; they define the op schemas of ``csrc/include/streamkern/ops/``) are always
+  built, with OpenMP.
 * ``csrc/cuda/*.cu`` (torch-free kernels and launchers) and ``csrc/cuda/*_binding.cpp`` (their torch glue) are
   built when torch is a CUDA build and nvcc is found, for sm_89 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` says
   otherwise. ``STREAMKERN_NO_CUDA=1`` forces a CPU-only extension.
