@@ -62,6 +62,8 @@ LaunchStatus patch_importance_launch(const PatchImportanceParams& p, DType attn_
 
 #include <optional>
 
+#include "streamkern/torch_utils.h"
+
 namespace streamkern {
 
 inline constexpr const char* kAttentionWeightedDriftSchema =
@@ -146,6 +148,67 @@ inline void check_patch_importance_args(const at::Tensor& out, const at::Tensor&
               "patch_importance_: layer range, V or A out of bounds");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == attn.size(1) * V,
               "patch_importance_: out must be contiguous float32 [B, gh, gw] with gh * gw = V");
+}
+
+// The pooling (and, with a previous frame, drift) half shared by attention_weighted_drift_ and drift_gate_step_.
+inline WeightedDriftParams drift_frame_params(at::Tensor& small, const at::Tensor& image, const at::Tensor* prev_small,
+                                              const at::Tensor* importance, int64_t pool, int64_t dilation) {
+  WeightedDriftParams p{};
+  p.small = small.data_ptr();
+  p.image = image.data_ptr();
+  p.B = image.size(0);
+  p.C = image.size(1);
+  p.h = small.size(2);
+  p.w = small.size(3);
+  for (int i = 0; i < 4; ++i) p.si[i] = image.stride(i);
+  if (prev_small != nullptr) {
+    p.prev_small = prev_small->data_ptr();
+    p.importance = importance->data_ptr<float>();
+    for (int i = 0; i < 4; ++i) p.sp[i] = prev_small->stride(i);
+    for (int i = 0; i < 3; ++i) p.simp[i] = importance->stride(i);
+    p.gh = static_cast<int>(importance->size(1));
+    p.gw = static_cast<int>(importance->size(2));
+  }
+  p.pool = static_cast<int>(pool);
+  p.dilation = static_cast<int>(dilation);
+  return p;
+}
+
+inline WeightedDriftParams attention_weighted_drift_params(at::Tensor& drift, at::Tensor& small, const at::Tensor& image,
+                                                           const at::Tensor& prev_small, const at::Tensor& importance,
+                                                           int64_t pool, int64_t dilation) {
+  check_weighted_drift_args(drift, small, image, prev_small, importance, pool, dilation);
+  WeightedDriftParams p = drift_frame_params(small, image, &prev_small, &importance, pool, dilation);
+  p.drift = drift.data_ptr<float>();
+  return p;
+}
+
+// Everything but the launch shape (splits) and its partial-drift buffer, which the launcher's side decides.
+inline DriftGateParams drift_gate_step_params(at::Tensor& recompute, at::Tensor& reason, at::Tensor& drift,
+                                              at::Tensor& small, at::Tensor& counter, const at::Tensor& image,
+                                              const std::optional<at::Tensor>& prev_small,
+                                              const std::optional<at::Tensor>& importance, const at::Tensor& state,
+                                              const std::optional<at::Tensor>& prev_state, int64_t pool,
+                                              int64_t dilation, double drift_threshold, double state_threshold) {
+  check_gate_step_args(recompute, reason, drift, small, counter, image, prev_small, importance, state, prev_state,
+                       pool, dilation);
+  DriftGateParams g{};
+  g.frame = drift_frame_params(small, image, prev_small ? &*prev_small : nullptr,
+                               importance ? &*importance : nullptr, pool, dilation);
+  g.counter = counter.data_ptr<int>();
+  g.recompute = recompute.data_ptr<bool>();
+  g.reason = reason.data_ptr<int64_t>();
+  g.drift = drift.data_ptr<float>();
+  g.state = state.data_ptr();
+  g.prev_state = prev_state ? prev_state->data_ptr() : nullptr;
+  g.state_rows = state.size(0);
+  g.state_cols = state.size(1);
+  g.ss[0] = state.stride(0);
+  g.ss[1] = state.stride(1);
+  g.state_dtype = dtype_of(state);
+  g.drift_threshold = drift_threshold;
+  g.state_threshold = state_threshold;
+  return g;
 }
 
 }  // namespace streamkern
