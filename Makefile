@@ -12,7 +12,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch>=2.4,<=2.13.0" || $(PY) -m pip install -q "torch>=2.4"
-	$(PY) -m pip install -q "triton>=3.2" "pytest>=7" "hypothesis>=6.100" "numpy>=1.24" "scipy>=1.10" "matplotlib>=3.6" "tqdm>=4" ninja setuptools wheel
+	$(PY) -m pip install -q "triton>=3.2" "pytest>=7" "hypothesis>=6.100" "numpy>=1.24" "scipy>=1.10" "matplotlib>=3.6" "tqdm>=4" "pytest-benchmark>=4" ninja setuptools wheel
 	STREAMKERN_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -11,48 +11,49 @@ from __future__ import annotations
 
 import torch
 
-from streamkern.consensus import BACKENDS, DEFAULT_LAYER_WEIGHTS, DEFAULT_LAYERS, consensus_frame_scores
+from streamkern.consensus import (DEFAULT_LAYER_WEIGHTS, DEFAULT_LAYERS, consensus_frame_scores,
+                                  consensus_frame_scores_op)
 from streamkern.reference import consensus as ref
 
 OP = "consensus_frame_scores"
 NL, B, F, FSL, S = 30, 1, 3, 1560, 512
 
 
-def _sets(report, H, D, dtype=torch.bfloat16):
+def _sets(bench, H, D, dtype=torch.bfloat16):
     """Input sets rotated by the harness. Only the selected layers are written (and so made resident on a CPU):
     the other blocks' pages of the ``[NL, ...]`` stacks are never touched by any implementation."""
     moved = len(DEFAULT_LAYERS) * B * (F * FSL + S) * H * D * dtype.itemsize + S * 4 + B * F * 4
     sets = []
-    for _ in range(report.input_sets(moved, limit=4)):
-        chunk = torch.empty(NL, B, F * FSL, H, D, dtype=dtype, device=report.device)
-        text = torch.empty(NL, B, S, H, D, dtype=dtype, device=report.device)
+    for _ in range(bench.input_sets(moved, limit=4)):
+        chunk = torch.empty(NL, B, F * FSL, H, D, dtype=dtype, device=bench.device)
+        text = torch.empty(NL, B, S, H, D, dtype=dtype, device=bench.device)
         for layer in DEFAULT_LAYERS:
             chunk[layer].normal_()
             text[layer].normal_()
-        sets.append((chunk, text, torch.rand(S, device=report.device)))
+        sets.append((chunk, text, torch.rand(S, device=bench.device)))
     return sets, moved
 
 
-def _case(report, H, D, quadratic):
+def _case(bench, H, D, quadratic):
     case = f"seed-{H}x{D}-bf16"
-    sets, moved = _sets(report, H, D)
+    sets, moved = _sets(bench, H, D)
     common = dict(bytes=moved, extra={"NL": NL, "B": B, "F": F, "frame_seq_len": FSL, "S": S, "H": H, "D": D})
 
     def form(fn):
         return lambda c, t, w: fn(c, t, w, FSL, DEFAULT_LAYERS, DEFAULT_LAYER_WEIGHTS)
 
-    report.add(OP, case, "eager-seed", form(ref.seed_fast_scores), sets, baseline=None, **common)
+    yield bench.case(OP, case, "eager-seed", form(ref.seed_fast_scores), sets, baseline=None, **common)
     if quadratic:
-        report.add(OP, case, "eager-quadratic", form(ref.seed_quadratic_scores), sets, warmup=1, max_reps=3,
-                   **common)
-    report.add(OP, case, "compile-seed", report.compiled(form(ref.seed_fast_scores)), sets, **common)
-    for name in ["torch"] + report.backends(BACKENDS):
+        yield bench.case(OP, case, "eager-quadratic", form(ref.seed_quadratic_scores), sets, warmup=1, max_reps=3,
+                         **common)
+    yield bench.case(OP, case, "compile-seed", bench.compiled(form(ref.seed_fast_scores)), sets, **common)
+    for name in ["torch"] + bench.backends(consensus_frame_scores_op):
         fn = (lambda c, t, w, _n=name: consensus_frame_scores(c, t, w, FSL, DEFAULT_LAYERS, DEFAULT_LAYER_WEIGHTS,
                                                               backend=_n))
-        report.add(OP, case, name, fn, sets, **common)
+        yield bench.case(OP, case, name, fn, sets, **common)
 
 
-def run(report) -> None:
+def cases(bench):
     # The quadratic form takes ~1.2 s per call on a 2-core CPU: once there, on every case on a GPU.
-    _case(report, 24, 64, quadratic=True)
-    _case(report, 12, 128, quadratic=report.device.type == "cuda")
+    yield from _case(bench, 24, 64, quadratic=True)
+    yield from _case(bench, 12, 128, quadratic=bench.device.type == "cuda")

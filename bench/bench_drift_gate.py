@@ -14,65 +14,68 @@ from __future__ import annotations
 
 import torch
 
-from streamkern.drift_gate import DRIFT_BACKENDS, IMPORTANCE_BACKENDS, DriftGate, patch_importance
+from streamkern.drift_gate import DriftGate, drift_gate_step_op, patch_importance, patch_importance_op
 from streamkern.reference import drift_gate as ref
 
 NL, HEADS, S, LAYERS, A, V = 18, 8, 600, (14, 18), 50, 256
 C, HW, POOL = 3, 224, 8
 
 
-def _attention(report, B, dtype):
+def _attention(bench, B, dtype):
     """``[NL, B, heads, S, S]`` with only the layers the gate reads written (others' pages stay untouched)."""
-    attn = torch.empty(NL, B, HEADS, S, S, dtype=dtype, device=report.device)
-    attn[LAYERS[0]:LAYERS[1]] = torch.rand(LAYERS[1] - LAYERS[0], B, HEADS, S, S, device=report.device).to(dtype)
+    attn = torch.empty(NL, B, HEADS, S, S, dtype=dtype, device=bench.device)
+    attn[LAYERS[0]:LAYERS[1]] = torch.rand(LAYERS[1] - LAYERS[0], B, HEADS, S, S, device=bench.device).to(dtype)
     return attn
 
 
-def _gate_case(report, B, dtype):
+def _gate_case(bench, B, dtype):
     case = f"B{B}-{C}x{HW}x{HW}-{str(dtype).replace('torch.', '')}"
-    dev = report.device
+    dev = bench.device
     image_bytes = B * C * HW * HW * dtype.itemsize
     small_bytes = 2 * B * C * (HW // POOL) ** 2 * ref.small_dtype(torch.empty(0, dtype=dtype)).itemsize
     moved = image_bytes + small_bytes
     make = ((lambda: torch.randint(0, 256, (B, C, HW, HW), dtype=dtype, device=dev)) if dtype == torch.uint8
             else (lambda: torch.rand(B, C, HW, HW, device=dev).to(dtype)))
     state = torch.zeros(1, 8, device=dev)
-    sets = [(make(), state) for _ in range(report.input_sets(moved, limit=8))]
-    attn = _attention(report, B, torch.float32)
+    sets = [(make(), state) for _ in range(bench.input_sets(moved, limit=8))]
+    attn = _attention(bench, B, torch.float32)
     common = dict(bytes=moved, extra={"B": B, "image": [C, HW, HW], "pool": POOL, "dilation": 5})
     baseline = "eager-seed"
     if dtype == torch.float32:
         seed = ref.ProAttentionGate(1.0, 0.23)
         seed.update(sets[0][0], attn, state, None)
-        report.add("should_recompute", case, "eager-seed", seed.should_recompute, sets, baseline=None, **common)
-        report.add("should_recompute", case, "compile-seed", report.compiled(seed.should_recompute), sets, **common)
+        yield bench.case("should_recompute", case, "eager-seed", seed.should_recompute, sets, baseline=None,
+                         **common)
+        yield bench.case("should_recompute", case, "compile-seed", bench.compiled(seed.should_recompute), sets,
+                         **common)
     else:
         baseline = "torch"
-    for name in ["torch"] + report.backends(DRIFT_BACKENDS):
+    for name in ["torch"] + bench.backends(drift_gate_step_op):
         gate = DriftGate(1.0, 0.23, backend=name)
         gate.update(sets[0][0], attn, state, None)
-        report.add("should_recompute", case, name, gate.should_recompute, sets,
-                   baseline=None if name == baseline else baseline, **common)
+        yield bench.case("should_recompute", case, name, gate.should_recompute, sets,
+                         baseline=None if name == baseline else baseline, **common)
 
 
-def _importance_case(report, B, dtype):
+def _importance_case(bench, B, dtype):
     case = f"B{B}-L{NL}xh{HEADS}xS{S}-{str(dtype).replace('torch.', '')}"
     moved = (LAYERS[1] - LAYERS[0]) * B * HEADS * A * V * dtype.itemsize + B * V * 4
-    sets = [(_attention(report, B, dtype),) for _ in range(report.input_sets(moved, limit=2 if report.quick else 4))]
+    sets = [(_attention(bench, B, dtype),) for _ in range(bench.input_sets(moved, limit=2 if bench.quick else 4))]
     common = dict(bytes=moved, extra={"B": B, "layers": list(LAYERS), "A": A, "V": V})
     seed = ref.ProAttentionGate()
-    report.add("patch_importance", case, "eager-seed", seed.extract_patch_importance, sets, baseline=None, **common)
-    report.add("patch_importance", case, "compile-seed", report.compiled(seed.extract_patch_importance), sets,
-               **common)
-    for name in ["torch"] + report.backends(IMPORTANCE_BACKENDS):
-        report.add("patch_importance", case, name, lambda a, _n=name: patch_importance(a, backend=_n), sets,
-                   **common)
+    yield bench.case("patch_importance", case, "eager-seed", seed.extract_patch_importance, sets, baseline=None,
+                     **common)
+    yield bench.case("patch_importance", case, "compile-seed", bench.compiled(seed.extract_patch_importance), sets,
+                     **common)
+    for name in ["torch"] + bench.backends(patch_importance_op):
+        yield bench.case("patch_importance", case, name, lambda a, _n=name: patch_importance(a, backend=_n), sets,
+                         **common)
 
 
-def run(report) -> None:
+def cases(bench):
     for B in (1, 2):
-        _gate_case(report, B, torch.float32)
-    _gate_case(report, 2, torch.uint8)
+        yield from _gate_case(bench, B, torch.float32)
+    yield from _gate_case(bench, 2, torch.uint8)
     for B in (1, 2):
-        _importance_case(report, B, torch.bfloat16)
-    _importance_case(report, 2, torch.float32)
+        yield from _importance_case(bench, B, torch.bfloat16)
+    yield from _importance_case(bench, 2, torch.float32)

@@ -7,11 +7,12 @@ Run in the FastVideo venv (``make test-fastvideo`` builds it), from the reposito
 A block is what FastVideo's causal stages run per chunk: ``steps`` denoising calls and the clean t=0 pass, all at
 the same ``current_start``. The caches are first brought to the steady state of a long stream (window full, so
 every block rolls FastVideo's cache): filled with random keys/values and marked full (FastVideo: its index
-tensors; streamkern: its host-side stream position). The first block is the warm-up and is measured for
+tensors; streamkern: its host-side stream position). The first block of each is the warm-up and is measured for
 * bytes moved by cache handling (``fastvideo_env.CacheTraffic``: copies, clones, cats and ``ring_write`` touching
   the self-attention caches, bytes read + bytes written; attention reading its window is not counted),
 * host syncs per block (``count_host_syncs``): of the whole model and of the causal self-attention alone,
-then ``--blocks`` more blocks are timed (wall clock, median).
+then ``--blocks`` more blocks of each are timed (wall clock; the implementations take turns block by block;
+median and 10th/90th percentiles).
 Cases: the tiny test models, and the Wan2.1-1.3B per-block shapes of DESIGN.md §6 with two layers (12 heads × 128,
 1560 tokens per latent frame, 3-frame blocks; causal Wan with a 12-frame window and 3 sink frames as
 MemFlow/LongLive keep it; Matrix-Game 2.0 with 880-token frames, a 6-frame window, no sink), bf16 as FastVideo's
@@ -38,8 +39,8 @@ import fastvideo_env as env  # noqa: E402
 WAN_1P3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, freq_dim=256, in_channels=16,
                 out_channels=16, num_layers=2)
 CASES = {
-    "tiny-wan": dict(model="wan", arch={}, local=4, sink=1, height=4, width=6, dtype=torch.float32, steps=4),
-    "tiny-matrixgame2": dict(model="matrixgame2", arch={}, local=4, sink=1, height=4, width=6, dtype=torch.float32,
+    "tiny-wan": dict(model="wan", arch={}, local=6, sink=1, height=4, width=6, dtype=torch.float32, steps=4),
+    "tiny-matrixgame2": dict(model="matrixgame2", arch={}, local=6, sink=1, height=4, width=6, dtype=torch.float32,
                              steps=4),
     "wan-1.3b": dict(model="wan", arch=dict(WAN_1P3B, text_dim=4096, text_len=512), local=12, sink=3, height=60,
                      width=104, dtype=torch.bfloat16, steps=4),
@@ -47,15 +48,15 @@ CASES = {
                              width=80, dtype=torch.bfloat16, steps=4),
 }
 IMPLS = {"fastvideo": None, "streamkern-sdpa": "sdpa", "streamkern-frame": "frame"}
-# frame_attention has no "cpu" backend wired on main yet; on CPU it resolves to its "torch" reference, which gathers
-# the pages and builds a dense [B, H, Lq, Lk] mask (12 x 4680 x 18720 at the Wan shape): timed at tiny shapes only.
-FRAME_ON_CPU_MAX_TOKENS = 10_000
+# Where frame_attention resolves to its "torch" reference (no "cpu" kernel built), it gathers the pages and builds a
+# dense [B, H, Lq, Lk] mask (12 x 4680 x 18720 at the Wan shape): then it is timed at tiny shapes only.
+REFERENCE_MAX_TOKENS = 10_000
 
 
-def build(case: dict):
+def build(case: dict, layers: int):
     builder = env.wan if case["model"] == "wan" else env.matrixgame2
     return builder(local_attn_size=case["local"], sink_size=case["sink"], frames_per_block=3, seed=0,
-                   dtype=case["dtype"], **case["arch"])
+                   dtype=case["dtype"], **{**case["arch"], "num_layers": layers})
 
 
 class Block:
@@ -85,7 +86,9 @@ class Block:
         from fastvideo.forward_context import set_forward_context
 
         frame = self.start // self.frame_len
-        with torch.no_grad(), set_forward_context(current_timestep=0, attn_metadata=None):
+        # FastVideo's stages autocast to bf16 on CUDA; on CPU the same autocast (Matrix-Game 2.0 mixes dtypes)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.case["dtype"] == torch.bfloat16)
+        with torch.no_grad(), autocast, set_forward_context(current_timestep=0, attn_metadata=None):
             for i in range(self.case["steps"] + 1):
                 t = 0 if i == self.case["steps"] else int(1000 * (1 - i / self.case["steps"]))
                 self.model(self.x, self.text, torch.full((1, 3), t, dtype=torch.long), kv_cache=self.kv,
@@ -120,7 +123,8 @@ def unwrap(saved: list) -> None:
             del attn.forward
 
 
-def measure(case_name: str, impl: str, base, blocks: int) -> dict:
+def prepare(case_name: str, impl: str, base) -> tuple[dict, Block | None]:
+    """The row of ``impl`` on ``case_name``, with its warm-up block measured (bytes, syncs), and its ``Block``."""
     from streamkern.pipelines._runtime import count_host_syncs
 
     case = CASES[case_name]
@@ -128,11 +132,13 @@ def measure(case_name: str, impl: str, base, blocks: int) -> dict:
     row = {"case": case_name, "impl": impl, "layers": len(base.blocks), "steps": case["steps"],
            "frame_seqlen": env.frame_seq_length(case["height"], case["width"]), "local_attn_size": case["local"],
            "sink_size": case["sink"], "dtype": str(case["dtype"]).replace("torch.", "")}
-    tokens = 3 * row["frame_seqlen"]
-    if attention == "frame" and tokens > FRAME_ON_CPU_MAX_TOKENS:
-        row["skipped"] = ("frame_attention on CPU resolves to its 'torch' reference (no 'cpu' backend wired on "
-                          "main yet), which gathers pages and materialises a dense mask: not timed at this shape")
-        return row
+    if attention == "frame":
+        from streamkern.frame_attention import frame_attention_op
+        row["frame_attention_backend"] = frame_attention_op.backends.resolve(None, torch.device("cpu"))
+        if row["frame_attention_backend"] == "torch" and 3 * row["frame_seqlen"] > REFERENCE_MAX_TOKENS:
+            row["skipped"] = ("frame_attention resolves to its 'torch' reference here, which gathers pages and "
+                              "materialises a dense mask: not timed at this shape")
+            return row, None
     model = copy.deepcopy(base)
     if attention is not None:
         from streamkern.integrations import fastvideo as skfv
@@ -145,14 +151,24 @@ def measure(case_name: str, impl: str, base, blocks: int) -> dict:
     unwrap(saved)
     row.update(cache_bytes_per_block=traffic.bytes, cache_ops_per_block=traffic.ops,
                host_syncs_per_block=count.total, host_syncs_by_kind=dict(count.by_kind),
-               self_attention_host_syncs_per_block=sum(inner_counts))
-    times = []
+               self_attention_host_syncs_per_block=sum(inner_counts), block_ms=[])
+    return row, block
+
+
+def time_round_robin(prepared: list[tuple[dict, Block | None]], blocks: int) -> None:
+    """``blocks`` timed blocks of every implementation, taking turns (one block each per round), so that a load
+    that drifts on a shared machine falls on all of them alike; median and 10th/90th percentiles in each row."""
     for _ in range(blocks):
-        t0 = time.perf_counter()
-        block.run()
-        times.append(time.perf_counter() - t0)
-    row.update(block_ms=[round(t * 1e3, 3) for t in times], median_block_ms=round(statistics.median(times) * 1e3, 3))
-    return row
+        for row, block in prepared:
+            if block is not None:
+                t0 = time.perf_counter()
+                block.run()
+                row["block_ms"].append(round((time.perf_counter() - t0) * 1e3, 3))
+    for row, _ in prepared:
+        times = sorted(row.get("block_ms", []))
+        if times:
+            row.update(median_block_ms=statistics.median(times), p10_block_ms=times[len(times) // 10],
+                       p90_block_ms=times[-1 - len(times) // 10])
 
 
 def main(argv=None) -> str:
@@ -160,14 +176,16 @@ def main(argv=None) -> str:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks per case and implementation")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks of each model")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args(argv)
     env.setup()
     rows = []
     for name in args.cases:
-        base = build(CASES[name])
-        for impl in args.impls:
-            row = measure(name, impl, base, args.blocks)
+        base = build(CASES[name], args.layers)
+        prepared = [prepare(name, impl, base) for impl in args.impls]
+        time_round_robin(prepared, args.blocks)
+        for row, _ in prepared:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "block_ms"}), flush=True)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from streamkern import scale_allow, scale_layout, skipped_tile_fraction
 from streamkern.reference import scale_attention as ref
-from streamkern.scale_attention import BACKENDS, block_masked_attention
+from streamkern.scale_attention import block_masked_attention, block_masked_attention_op
 
 OP = "block_masked_attention"
 
@@ -32,8 +32,8 @@ def _flex(q_scale, k_scale, allow, B, H, Lq, Lk, device):
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=1.0)
 
 
-def _case(report, case, B, H, layout, window, dtype):
-    dev = report.device
+def _case(bench, case, B, H, layout, window, dtype):
+    dev = bench.device
     ids = layout.scale_of_token.to(dev)
     qs, ks = ids[window], ids
     allow = scale_allow(layout.num_scales, device=dev)
@@ -43,7 +43,7 @@ def _case(report, case, B, H, layout, window, dtype):
     pairs = int(mask.sum())
     set_bytes = (2 * B * H * Lq * D + 2 * B * H * Lk * D) * dtype.itemsize
     sets = []
-    for _ in range(report.input_sets(set_bytes, limit=4)):
+    for _ in range(bench.input_sets(set_bytes, limit=4)):
         q = F.normalize(torch.randn(B, H, Lq, D, device=dev), dim=-1).to(dtype)  # VAR: L2-normalised q/k
         k = F.normalize(torch.randn(B, H, Lk, D, device=dev), dim=-1).to(dtype)
         sets.append((q, k, torch.randn(B, H, Lk, D, device=dev, dtype=dtype)))
@@ -54,36 +54,30 @@ def _case(report, case, B, H, layout, window, dtype):
     def seed(q, k, v):
         return ref.seed_attention(q, k, v, bias, 1.0)
 
-    report.add(OP, case, "eager-seed", seed, sets, baseline=None, **common)
-    report.add(OP, case, "compile-seed", report.compiled(seed), sets, **common)
-    report.add(OP, case, "sdpa-mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                                                      scale=1.0), sets, **common)
+    yield bench.case(OP, case, "eager-seed", seed, sets, baseline=None, **common)
+    yield bench.case(OP, case, "compile-seed", bench.compiled(seed), sets, **common)
+    yield bench.case(OP, case, "sdpa-mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                           scale=1.0), sets, **common)
     try:
-        flex = _flex(qs, ks, allow, B, H, Lq, Lk, dev)
-    except Exception as exc:  # recorded as a failed row by report.add
-        flex = _raiser(exc)
-    report.add(OP, case, "flex-attention", flex, sets, **common)
-    for name in report.backends(BACKENDS):
-        report.add(OP, case, name, lambda q, k, v, name=name: block_masked_attention(
+        flex, unavailable = _flex(qs, ks, allow, B, H, Lq, Lk, dev), None
+    except Exception as exc:  # a failed row in a report, a skipped test under pytest
+        flex, unavailable = None, f"{type(exc).__name__}: {exc}"
+    yield bench.case(OP, case, "flex-attention", flex, sets, unavailable=unavailable, **common)
+    for name in bench.backends(block_masked_attention_op):
+        yield bench.case(OP, case, name, lambda q, k, v, name=name: block_masked_attention(
             q, k, v, qs, ks, allow, sm_scale=1.0, backend=name), sets, **common)
 
 
-def _raiser(exc: Exception):
-    def fail(*_):
-        raise exc
-    return fail
-
-
-def run(report) -> None:
+def cases(bench):
     layout = scale_layout()
     full = slice(0, layout.total)
     dtype = torch.bfloat16
-    if report.quick:  # CPU: the seed shape once (VAR-d16, batch 2 x 8), the verification window at batch 2
-        _case(report, "VAR-d16-L680-B16", 16, 16, layout, full, dtype)
-        _case(report, "verify-last3-d16-B2", 2, 16, layout, layout.window(7, 3), dtype)
+    if bench.quick:  # CPU: the seed shape once (VAR-d16, batch 2 x 8), the verification window at batch 2
+        yield from _case(bench, "VAR-d16-L680-B16", 16, 16, layout, full, dtype)
+        yield from _case(bench, "verify-last3-d16-B2", 2, 16, layout, layout.window(7, 3), dtype)
         return
     for depth in (16, 20, 24, 30):
-        _case(report, f"VAR-d{depth}-L680-B16", 16, depth, layout, full, dtype)
+        yield from _case(bench, f"VAR-d{depth}-L680-B16", 16, depth, layout, full, dtype)
     for n in (2, 3):
-        _case(report, f"verify-last{n}-d16-B16", 16, 16, layout, layout.window(10 - n, n), dtype)
-        _case(report, f"verify-last{n}-d30-B16", 16, 30, layout, layout.window(10 - n, n), dtype)
+        yield from _case(bench, f"verify-last{n}-d16-B16", 16, 16, layout, layout.window(10 - n, n), dtype)
+        yield from _case(bench, f"verify-last{n}-d30-B16", 16, 30, layout, layout.window(10 - n, n), dtype)

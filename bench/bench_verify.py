@@ -14,18 +14,18 @@ import torch
 
 from streamkern import scale_layout
 from streamkern.reference import verify as ref
-from streamkern.verify import BACKENDS, verify_scales
+from streamkern.verify import verify_scales, verify_scales_op
 
 OP = "verify_scales"
 VAR = scale_layout()
 
 
-def _sets(report, B, T, V, cfg, sample, hit=0.7):
-    dev = report.device
+def _sets(bench, B, T, V, cfg, sample, hit=0.7):
+    dev = bench.device
     rows = 2 * B if cfg else B
     set_bytes = rows * T * V * 4 + (B * T * V * 4 if sample else 0)
     sets = []
-    for _ in range(report.input_sets(set_bytes, limit=4)):
+    for _ in range(bench.input_sets(set_bytes, limit=4)):
         logits = torch.randn(rows, T, V, device=dev)
         amax = logits[:B].argmax(-1)
         draft = torch.where(torch.rand(B, T, device=dev) < hit, amax, torch.randint(0, V, (B, T), device=dev))
@@ -34,10 +34,10 @@ def _sets(report, B, T, V, cfg, sample, hit=0.7):
     return sets, rows * T * V * 4
 
 
-def _case(report, case, B, layout, first, num, V, cfg, mode):
+def _case(bench, case, B, layout, first, num, V, cfg, mode):
     T = layout.end[first + num - 1] - layout.begin[first]
     sample = mode == "sample"
-    sets, logit_bytes = _sets(report, B, T, V, cfg, sample)
+    sets, logit_bytes = _sets(bench, B, T, V, cfg, sample)
     offsets = [layout.begin[s] - layout.begin[first] for s in range(first, first + num)] + [T]
     common = dict(bytes=logit_bytes, extra={"B": B, "T": T, "V": V, "cfg": bool(cfg), "mode": mode})
 
@@ -46,50 +46,47 @@ def _case(report, case, B, layout, first, num, V, cfg, mode):
                                                  draft_probs=q, uniforms=u, backend=name)
 
     if sample:
-        report.add(OP, case, "torch", ours("torch"), sets, baseline=None, **common)
+        yield bench.case(OP, case, "torch", ours("torch"), sets, baseline=None, **common)
     else:
         def seed(lg, d, q, u):
             return ref.sdvar_greedy_check(lg, d, offsets, cfg, 0.5)
 
-        report.add(OP, case, "eager-seed", seed, sets, baseline=None, **common)
-        report.add(OP, case, "compile-seed", report.compiled(seed), sets, **common)
-        report.add(OP, case, "torch", ours("torch"), sets, **common)
-    for name in report.backends(BACKENDS):
-        report.add(OP, case, name, ours(name), sets, baseline="torch" if sample else "eager-seed", **common)
-    if sample and not cfg and report.device.type == "cuda":
-        report.add(OP, case, "flashinfer", _flashinfer(), sets, baseline="torch", **common)
+        yield bench.case(OP, case, "eager-seed", seed, sets, baseline=None, **common)
+        yield bench.case(OP, case, "compile-seed", bench.compiled(seed), sets, **common)
+        yield bench.case(OP, case, "torch", ours("torch"), sets, **common)
+    for name in bench.backends(verify_scales_op):
+        yield bench.case(OP, case, name, ours(name), sets, baseline="torch" if sample else "eager-seed", **common)
+    if sample and not cfg and bench.device.type == "cuda":
+        fn, unavailable = _flashinfer()
+        yield bench.case(OP, case, "flashinfer", fn, sets, baseline="torch", unavailable=unavailable, **common)
 
 
 def _flashinfer():
-    """FlashInfer's chain_speculative_sampling where it is installed (a failed row saying why otherwise). It takes
+    """``(fn, None)``: FlashInfer's chain_speculative_sampling where it is installed, else ``(None, why)``. It takes
     target probabilities with one extra bonus slot, so the softmax of the target logits is part of its time."""
     try:
         from flashinfer.sampling import chain_speculative_sampling
     except Exception as exc:  # not installed, or its import fails on this machine
-        err = exc
-
-        def missing(*_):
-            raise RuntimeError(f"flashinfer is unavailable: {err}")
-        return missing
+        return None, f"flashinfer is unavailable: {exc}"
 
     def fn(lg, d, q, u):
         target = torch.softmax(torch.cat([lg, lg[:, -1:]], 1), -1)
         return chain_speculative_sampling(q, d, target)
-    return fn
+    return fn, None
 
 
-def run(report) -> None:
+def cases(bench):
     last = VAR.num_scales
-    batches = (1, 8) if report.quick else (1, 8, 16)
-    windows = (2,) if report.quick else (2, 3, 4)
+    batches = (1, 8) if bench.quick else (1, 8, 16)
+    windows = (2,) if bench.quick else (2, 3, 4)
     for num in windows:
         first = last - num
         cfg = [1.5 * si / (last - 1) for si in range(first, last)]
         T = VAR.end[-1] - VAR.begin[first]
         for B in batches:
             for mode in ("greedy", "sample"):
-                _case(report, f"var-{mode[0]}-B{B}-T{T}-cfg", B, VAR, first, num, 4096, cfg, mode)
+                yield from _case(bench, f"var-{mode[0]}-B{B}-T{T}-cfg", B, VAR, first, num, 4096, cfg, mode)
     chain = scale_layout((1,) * 5)
-    for V in ((32000,) if report.quick else (32000, 128000)):
+    for V in ((32000,) if bench.quick else (32000, 128000)):
         for mode in ("greedy", "sample"):
-            _case(report, f"llm-{mode[0]}-B64-T5-V{V}", 64, chain, 0, 5, V, None, mode)
+            yield from _case(bench, f"llm-{mode[0]}-B64-T5-V{V}", 64, chain, 0, 5, V, None, mode)

@@ -4,7 +4,8 @@ backend, its "torch" reference, and an in-place refill of the inputs for CUDA-gr
 ``CASES[name](device, backend)`` returns an :class:`OpCase`. ``run()`` calls the op on the case's static inputs and
 returns its outputs (mutated caches included), ``reference()`` computes the same with ``backend="torch"`` on copies
 (call it before ``run`` when the op mutates its inputs), ``refill(seed)`` writes new values into the static inputs
-in place, so that a graph captured over ``run`` sees them on its next replay.
+in place (all but the names starting with ``_``), so that a graph captured over ``run`` sees them on its next
+replay.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import streamkern as sk
 
 @dataclass
 class OpCase:
-    name: str
+    name: str        # the op under test (``streamkern.<module>.<name>_op`` declares its backends)
     inputs: dict
     call: Callable[[dict, str], tuple]
     backend: str
@@ -143,6 +144,41 @@ def attention(device, backend):
                   backend, input_dtype=torch.float16)
 
 
+def frame_write(device, backend):
+    g = _gen(device)
+    x = dict(pool_k=_rand(g, 2, 2, 5, 3, 2, 8, device=device), pool_v=_rand(g, 2, 2, 5, 3, 2, 8, device=device),
+             k_mean=_rand(g, 2, 2, 5, 2, 8, device=device), k_new=_rand(g, 2, 2, 2 * 3, 2, 8, device=device),
+             v_new=_rand(g, 2, 2, 2 * 3, 2, 8, device=device),
+             _pages=torch.tensor([[4, 1], [0, 3]], device=device))   # "_": kept by refill (ids distinct per row)
+
+    def call(i, b):
+        sk.frame_write(i["pool_k"], i["pool_v"], i["k_mean"], i["k_new"], i["v_new"], i["_pages"], backend=b)
+        return i["pool_k"], i["pool_v"], i["k_mean"]
+
+    return OpCase("frame_write", x, call, backend, mutated=("pool_k", "pool_v", "k_mean"))
+
+
+def frame_attention(device, backend):
+    g = _gen(device)
+    x = dict(q=_rand(g, 2, 5, 2, 16, dtype=torch.float16, device=device),
+             k_pages=_rand(g, 2, 6, 4, 2, 16, dtype=torch.float16, device=device),
+             v_pages=_rand(g, 2, 6, 4, 2, 16, dtype=torch.float16, device=device),
+             new_k=_rand(g, 2, 5, 2, 16, dtype=torch.float16, device=device),
+             new_v=_rand(g, 2, 5, 2, 16, dtype=torch.float16, device=device))
+    table = torch.tensor([[5, -1, 0], [2, 3, 1]], device=device)
+    return OpCase("frame_attention", x, lambda i, b: sk.frame_attention(
+        i["q"], i["k_pages"], i["v_pages"], table, new_k=i["new_k"], new_v=i["new_v"], return_lse=True, backend=b),
+        backend, input_dtype=torch.float16)
+
+
+def frame_topk(device, backend):
+    g = _gen(device)
+    x = dict(q=_rand(g, 2, 5, 2, 16, device=device), k_mean=_rand(g, 2, 9, 2, 16, device=device))
+    candidates = torch.tensor([[8, 0, -1, 3, 5], [1, 2, 4, 6, 7]], device=device)
+    return OpCase("frame_topk", x, lambda i, b: (sk.frame_topk(i["q"], i["k_mean"], candidates, 3, backend=b),),
+                  backend, exact=(0,))
+
+
 def verify(device, backend):
     g = _gen(device)
     layout = sk.scale_layout((1, 2, 3, 4))
@@ -157,14 +193,28 @@ def verify(device, backend):
 CASES: dict[str, Callable[[str, str], OpCase]] = {
     "select_frame": consensus, "bank_evict_select": bank_evict, "bank_insert": bank_insert, "pose_topk": pose_topk,
     "patch_importance": patch_importance, "attention_weighted_drift": weighted_drift, "drift_gate": drift_gate,
-    "block_masked_attention": attention, "verify_scales": verify,
+    "block_masked_attention": attention, "verify_scales": verify, "frame_write": frame_write,
+    "frame_attention": frame_attention, "frame_topk": frame_topk,
 }
-NO_CUDA_KERNEL = {"block_masked_attention"}   # the Triton kernel is its GPU path
+# the declared op (streamkern.<module>.<op>_op) whose backends each case exercises
+OPS = {"select_frame": "consensus.consensus_frame_scores", "bank_evict_select": "bank_evict.bank_evict_select",
+       "bank_insert": "bank_insert.bank_insert", "pose_topk": "pose_topk.pose_topk",
+       "patch_importance": "drift_gate.patch_importance",
+       "attention_weighted_drift": "drift_gate.attention_weighted_drift", "drift_gate": "drift_gate.drift_gate_step", "block_masked_attention": "scale_attention.block_masked_attention",
+       "verify_scales": "verify.verify_scales", "frame_write": "frame_write.frame_write",
+       "frame_attention": "frame_attention.frame_attention", "frame_topk": "frame_topk.frame_topk"}
+
+
+def has_backend(case: str, backend: str) -> bool:
+    import importlib
+
+    module, op = OPS[case].split(".")
+    return backend in getattr(importlib.import_module(f"streamkern.{module}"), f"{op}_op").backends.impls
 
 
 def pairs(backends=("triton", "cuda")) -> list[tuple[str, str]]:
-    """``(case, backend)`` for every case and accelerated backend that has it."""
-    return [(c, b) for c in CASES for b in backends if not (b == "cuda" and c in NO_CUDA_KERNEL)]
+    """``(case, backend)`` for every case and accelerated backend that its op implements."""
+    return [(c, b) for c in CASES for b in backends if has_backend(c, b)]
 
 
 def compare(case: OpCase, out: tuple, ref: tuple, what: str = "") -> None:
@@ -213,14 +263,15 @@ def check_graph(case: OpCase, replays: int = 3) -> None:
         compare(case, out, ref, f"graph replay {r}")
 
 
-def check_compiled(case: OpCase) -> tuple[int, int]:
-    """``torch.compile(fullgraph=True)`` with Inductor equals eager torch and launches no more kernels than the
-    eager call (no functionalisation copies of mutated arguments). Returns ``(eager, compiled)`` launches."""
+def check_compiled(case: OpCase, compiler: str = "inductor") -> tuple[int, int]:
+    """``torch.compile(fullgraph=True)`` (Inductor on CUDA) equals eager torch and launches no more kernels than
+    the eager call (no functionalisation copies of mutated arguments). Returns ``(eager, compiled)`` launches."""
     from streamkern.testing import count_launches
 
-    compiled = torch.compile(lambda inputs: case.call(inputs, case.backend), fullgraph=True, backend="inductor")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda inputs: case.call(inputs, case.backend), fullgraph=True, backend=compiler)
     ref = case.reference()
-    compare(case, compiled(case.inputs), ref, "inductor")
+    compare(case, compiled(case.inputs), ref, compiler)
     eager_n = count_launches(case.run, device=case.device)
     compiled_n = count_launches(compiled, case.inputs, device=case.device)
     assert compiled_n <= eager_n, f"{case.name} [{case.backend}]: {compiled_n} launches compiled vs {eager_n} eager"

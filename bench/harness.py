@@ -1,4 +1,9 @@
-"""Benchmark harness: timing, copy bandwidth, results as JSON, a table and a chart.
+"""Benchmark harness: bench cases, timing, copy bandwidth, results as JSON, a table and a chart.
+
+Each ``bench/bench_<op>.py`` has ``cases(bench)``, a generator of :class:`Case` (op, case, implementation, the
+callable and its input sets), built one at a time so that only one case's inputs are alive. ``python -m
+streamkern.bench`` times them with :class:`Report`; ``pytest bench --benchmark-only`` (``bench/test_bench.py``)
+runs each as a pytest-benchmark test from the same generators.
 
 Timing: warm-up calls first (compilation, autotuning and caches stay out of the numbers), then repeated calls,
 each timed on its own (CUDA events on GPU, ``perf_counter_ns`` on CPU), cycling through several input sets so
@@ -11,6 +16,7 @@ CUDA, counted for host synchronisations.
 """
 from __future__ import annotations
 
+import ast
 import datetime
 import json
 import math
@@ -26,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from streamkern._backend import BACKENDS, OpBackends, why_not
+from streamkern._backend import BACKENDS, Op, why_not
 from streamkern.testing import count_launches
 
 
@@ -52,6 +58,38 @@ class Row:
     error: str | None = None
     extra: dict = field(default_factory=dict)
     raw_ms: list = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    """One timed implementation of one case: ``fn(*inputs[i % len(inputs)])``. ``unavailable`` says why it cannot
+    run here (a failed row in a report, a skip under pytest); ``options`` are :meth:`Report.add`'s keywords."""
+
+    op: str
+    case: str
+    impl: str
+    fn: Callable
+    inputs: Sequence[tuple]
+    options: dict = field(default_factory=dict)
+    unavailable: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.case}-{self.impl}"
+
+
+def bench_names() -> list[str]:
+    """The benches, in name order: each ``bench_<name>.py`` next to this file that defines ``cases(bench)`` (read,
+    not imported: ``bench_fastvideo.py``, a script of its own for the FastVideo venv, has none)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = []
+    for f in sorted(os.listdir(here)):
+        if f.startswith("bench_") and f.endswith(".py"):
+            with open(os.path.join(here, f)) as src:
+                tree = ast.parse(src.read())
+            if any(isinstance(n, ast.FunctionDef) and n.name == "cases" for n in tree.body):
+                names.append(f[len("bench_"):-3])
+    return names
 
 
 def _git_commit() -> str:
@@ -142,14 +180,50 @@ def count_syncs(fn: Callable, args: tuple, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-class Report:
-    """Collects timed rows for one device; see the module docstring."""
+class Bench:
+    """What a bench module's ``cases`` needs: the device, whether to run the quick (CPU) set, input rotation,
+    the op's backends to time, and torch.compile."""
+
+    def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None):
+        self.device = torch.device(device)
+        self.quick = self.device.type == "cpu" if quick is None else quick
+
+    def input_sets(self, bytes_per_set: int, limit: int = 8) -> int:
+        """How many distinct input sets to rotate so the working set is over twice the last-level cache
+        (the GPU's L2; 32 MiB assumed for a CPU's L3)."""
+        if self.device.type == "cuda":
+            cache = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or 50 * 2 ** 20
+        else:
+            cache = 32 * 2 ** 20
+        return max(1, min(limit, math.ceil(2 * cache / max(bytes_per_set, 1))))
+
+    def backends(self, op: Op) -> list[str]:
+        """The op's accelerated backends that can run on this device (Triton on CPU only under its interpreter,
+        which is a correctness tool, not a speed one: left out)."""
+        return [b for b in BACKENDS if b != "torch" and b in op.backends.impls and not why_not(b, self.device)
+                and not (b == "triton" and self.device.type == "cpu")]
+
+    @staticmethod
+    def compiled(fn: Callable) -> Callable:
+        """``torch.compile(fn)``; a compile failure surfaces at the first call (a failed row, a failed test)."""
+        compiled = torch.compile(fn, dynamic=False)
+        compiled.inductor = True   # on CPU its kernels are C++ loops the profiler does not see as operators
+        return compiled
+
+    @staticmethod
+    def case(op: str, case: str, impl: str, fn: Callable, inputs: Sequence[tuple], *, unavailable: str | None = None,
+             **options) -> Case:
+        """A :class:`Case`; ``options`` as :meth:`Report.add` takes them (bytes, flops, baseline, warmup, ...)."""
+        return Case(op, case, impl, fn, inputs, options, unavailable)
+
+
+class Report(Bench):
+    """Times cases into rows for one device; see the module docstring."""
 
     def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None, budget_s: float | None = None,
                  smoke: bool = False):
-        self.device = torch.device(device)
+        super().__init__(device, quick)
         self.smoke = smoke   # only each op's first case, no torch.compile rows (their compilation takes minutes)
-        self.quick = self.device.type == "cpu" if quick is None else quick
         self.budget_s = budget_s if budget_s is not None else (0.5 if self.quick else 1.0)
         self.info = device_info(self.device)
         self.rows: list[Row] = []
@@ -164,24 +238,11 @@ class Report:
                                           budget_s=min(1.0, self.budget_s)))
         return 2 * src.numel() * src.element_size() / (ms / 1e3)
 
-    def input_sets(self, bytes_per_set: int, limit: int = 8) -> int:
-        """How many distinct input sets to rotate so the working set is over twice the last-level cache
-        (the GPU's L2; 32 MiB assumed for a CPU's L3)."""
-        cache = (self.info.get("l2_bytes") or 50 * 2 ** 20) if self.device.type == "cuda" else 32 * 2 ** 20
-        return max(1, min(limit, math.ceil(2 * cache / max(bytes_per_set, 1))))
-
-    def backends(self, table: OpBackends) -> list[str]:
-        """The op's accelerated backends that can run on this device (Triton on CPU only under its interpreter,
-        which is a correctness tool, not a speed one: left out)."""
-        return [b for b in BACKENDS if b != "torch" and b in table.impls and not why_not(b, self.device)
-                and not (b == "triton" and self.device.type == "cpu")]
-
-    @staticmethod
-    def compiled(fn: Callable) -> Callable:
-        """``torch.compile(fn)``; a compile failure surfaces at the first call and is recorded by :meth:`add`."""
-        compiled = torch.compile(fn, dynamic=False)
-        compiled.inductor = True   # on CPU its kernels are C++ loops the profiler does not see as operators
-        return compiled
+    def run(self, cases) -> None:
+        """Time every case of a bench module's ``cases(self)``."""
+        for c in cases:
+            fn = c.fn if c.unavailable is None else _raiser(RuntimeError(c.unavailable))
+            self.add(c.op, c.case, c.impl, fn, c.inputs, **c.options)
 
     def add(self, op: str, case: str, impl: str, fn: Callable, inputs: Sequence[tuple], *, bytes: int | None = None,
             flops: int | None = None, baseline: str | None = "eager-seed", warmup: int | None = None,
@@ -271,3 +332,9 @@ class Report:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+def _raiser(exc: Exception) -> Callable:
+    def fail(*_):
+        raise exc
+    return fail

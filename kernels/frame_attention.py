@@ -49,13 +49,13 @@ def _frame_attention_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F,
                             HAS_NEW: tl.constexpr, HAS_GATE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                             DOT_DTYPE: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # every element offset in int64: strides arrive as i32
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_ok = offs_m < Lq
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd,

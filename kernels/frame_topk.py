@@ -16,11 +16,11 @@ def _frame_topk_kernel(Q, KM, CAND, OUT, Lq, H, D, P, C, k, inv_lq, inv_heads,
                        BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     first_head = tl.program_id(1)
-    offs_l = tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_l = tl.arange(0, BLOCK_L).to(tl.int64)  # every element offset in int64: strides arrive as i32
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     d_ok = offs_d < D
-    cand = tl.load(CAND + b * scb + offs_c * scc, mask=offs_c < C, other=-1)
+    cand = tl.load(CAND + b * scb + offs_c.to(tl.int64) * scc, mask=offs_c < C, other=-1)
     valid = (cand >= 0) & (cand < P)
     page = tl.where(valid, cand, 0).to(tl.int64)
     score = tl.zeros([BLOCK_C], tl.float32)
@@ -28,7 +28,8 @@ def _frame_topk_kernel(Q, KM, CAND, OUT, Lq, H, D, P, C, k, inv_lq, inv_heads,
         last_head = first_head + 1
     else:
         last_head = H
-    for h in range(first_head, last_head):
+    for h32 in range(first_head, last_head):
+        h = tl.cast(h32, tl.int64)
         qsum = tl.zeros([BLOCK_D], tl.float32)
         for l0 in range(0, Lq, BLOCK_L):
             rows = l0 + offs_l
@@ -46,7 +47,7 @@ def _frame_topk_kernel(Q, KM, CAND, OUT, Lq, H, D, P, C, k, inv_lq, inv_heads,
         best = tl.max(tl.where(free, score, float("-inf")), 0)
         pos = tl.min(tl.where(free & (score == best), offs_c, BLOCK_C), 0)
         pick = tl.sum(tl.where(offs_c == pos, cand, 0), 0)
-        tl.store(OUT + b * sob + first_head * soh + j * sok, tl.where(pos < BLOCK_C, pick, -1))
+        tl.store(OUT + b * sob + tl.cast(first_head, tl.int64) * soh + j * sok, tl.where(pos < BLOCK_C, pick, -1))
         free = free & (offs_c != pos)
 
 

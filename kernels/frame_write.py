@@ -13,7 +13,7 @@ def _frame_write_kernel(PK, PV, KM, KN, VN, PAGES, B, n, P, F, H, D, inv_f,
                         spl, spb, spp, spt, sph, spd, sql, sqb, sqp, sqt, sqh, sqd, sml, smb, smp, smh, smd,
                         skl, skb, skt, skh, skd, svl, svb, svt, svh, svd, sgb, sgn,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every element offset in int64: strides arrive as i32
     h = tl.program_id(1).to(tl.int64)
     i = pid % n
     b = (pid // n) % B
@@ -22,8 +22,8 @@ def _frame_write_kernel(PK, PV, KM, KN, VN, PAGES, B, n, P, F, H, D, inv_f,
     ok = (page >= 0) & (page < P)
     page = tl.where(ok, page, 0).to(tl.int64)
     b = b.to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_ok = offs_d < D
     dst_k = PK + layer * spl + b * spb + page * spp + h * sph + offs_d[None, :] * spd
     dst_v = PV + layer * sql + b * sqb + page * sqp + h * sqh + offs_d[None, :] * sqd

@@ -43,8 +43,9 @@ def _check(cache_k, cache_v, k_new, v_new, start, sink):
         raise ValueError(f"k_new: expected at most window={window} new tokens (dim 2), got {k_new.shape[2]}")
     check.no_internal_overlap("cache_k", cache_k)
     check.no_internal_overlap("cache_v", cache_v)
-    check.no_overlap("cache_k", cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new)
-    check.no_overlap("cache_v", cache_v, k_new=k_new, v_new=v_new)
+    slot = start if isinstance(start, torch.Tensor) else None
+    check.no_overlap("cache_k", cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new, start=slot)
+    check.no_overlap("cache_v", cache_v, k_new=k_new, v_new=v_new, start=slot)
 
 
 def _extension(*args):

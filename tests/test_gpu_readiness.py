@@ -207,3 +207,32 @@ def test_triton_launches_run_on_the_tensors_device(monkeypatch):
     x = torch.ones(2)
     assert torch.equal(table("triton")(x, 1), x + 1) and entered == [x.device]
     assert torch.equal(table("cpu")(x, 1), x - 1) and entered == [x.device]
+
+
+@pytest.mark.parametrize("name", sorted(__import__("streamkern.bench.gpu_cases", fromlist=["CASES"]).CASES))
+def test_gpu_cases_match_torch_here(name):
+    """The cases that tests/test_gpu.py and the GPU smoke run replay on CUDA hold on this CPU: each against the
+    torch reference, before and after a refill of its inputs (on "cpu", else Triton's interpreter)."""
+    from streamkern.bench import gpu_cases as gc
+
+    backend = next((b for b in ("cpu", "triton") if gc.has_backend(name, b) and b in
+                    streamkern.available_backends("cpu")), None)
+    if backend is None:
+        pytest.skip(f"{name}: no cpu or interpreted triton backend here")
+    case = gc.CASES[name]("cpu", backend)
+    gc.check_eager(case)
+    case.refill(3)
+    gc.check_eager(case)
+
+
+@pytest.mark.parametrize("name", ["bank_insert", "drift_gate"])
+def test_inductor_adds_no_copies_of_mutated_arguments(name):
+    """``torch.compile(fullgraph=True)`` with Inductor of an op that writes its arguments (the bank, the gate's
+    counter) equals torch and launches no more than eager: Inductor re-inplaces the functionalised op (aot_eager
+    would add copies). On CUDA tests/test_gpu.py checks every op this way."""
+    from streamkern.bench import gpu_cases as gc
+
+    if "cpu" not in streamkern.available_backends("cpu"):
+        pytest.skip("the extension is not built")
+    eager_n, compiled_n = gc.check_compiled(gc.CASES[name]("cpu", "cpu"), "inductor")
+    assert compiled_n <= eager_n

@@ -206,10 +206,13 @@ def _overlapping(which, device):
         ck = ck[:1].expand(2, 1, 6, 2, 4)                    # one layer's storage expanded over NL (stride 0)
     elif which == "cache_v":
         cv = ck                                              # k and v caches in the same memory
+    elif which == "start":
+        ck.view(torch.int64)[0, 0, 0, 0, 0] = 1              # the int64 1 in the cache's first bytes
+        start = ck.view(torch.int64)[0, 0, 0, 0, 0]          # a device start read from the cache's own bytes
     return ck, cv, kn, vn, start
 
 
-@pytest.mark.parametrize("which", ["k_new", "v_new", "cache_k", "cache_v"])
+@pytest.mark.parametrize("which", ["k_new", "v_new", "cache_k", "cache_v", "start"])
 @pytest.mark.parametrize("bd", backend_params())
 def test_overlapping_arguments_raise_before_writing(bd, which):
     args = _overlapping(which, bd[1])

@@ -95,6 +95,7 @@ def check_stream(backend: str, blocks: int, warmup: int) -> Comparer:
     return comparer
 
 
+@pytest.mark.slow   # 54-116 s wall here (2 loaded cores); `make test` runs every test, slow ones included
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch", "triton", "cuda")))
 def test_soak_cpu_2000_blocks_match_eager_without_leaking(bd):
     comparer = check_stream("cpu", SOAK_BLOCKS, WARMUP)

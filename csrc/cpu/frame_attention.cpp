@@ -39,7 +39,7 @@
 namespace streamkern {
 namespace {
 
-constexpr int64_t kTileQ = 128;   // query rows per tile
+constexpr int64_t kTileQ = 256;   // query rows per tile
 constexpr int64_t kGroup = 4;     // query tiles per task (they share each packed Kᵀ tile)
 constexpr int64_t kTileKV = 512;  // most keys per kv tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

@@ -53,20 +53,17 @@ _TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}   # (device, K) -> ar
 ATTENTION = ("frame", "sdpa")
 
 
-def _advance(cache_k: torch.Tensor, start: int, end: int) -> None:
-    """Record a call writing tokens ``[start, end)``: a new stream (``start == 0``), the next block
-    (``start`` = the previous end) or the same block again; anything else is refused."""
+def _check_order(cache_k: torch.Tensor, start: int, end: int) -> None:
+    """A call may write tokens ``[start, end)`` when it starts a new stream (``start == 0``), the next block
+    (``start`` = the end of the newest one) or the newest block again; anything else is refused."""
     stream = _STREAMS.get(cache_k)
-    if start == 0:
-        _STREAMS[cache_k] = _Stream(0, end)
-    elif stream is not None and start == stream.end:
-        stream.start, stream.end = start, end
-    elif stream is None or (start, end) != (stream.start, stream.end):
-        have = ("a fresh kv_cache" if stream is None
-                else f"a kv_cache whose newest block is tokens [{stream.start}, {stream.end})")
-        raise ValueError(f"current_start: expected 0, the end of the newest block or its start again (with the same "
-                         f"number of tokens), got tokens [{start}, {end}) on {have}; streamkern's ring cache follows "
-                         f"FastVideo's streaming order (a new request starts at 0 or on new cache tensors)")
+    if start == 0 or stream is not None and (start == stream.end or (start, end) == (stream.start, stream.end)):
+        return
+    have = ("a fresh kv_cache" if stream is None
+            else f"a kv_cache whose newest block is tokens [{stream.start}, {stream.end})")
+    raise ValueError(f"current_start: expected 0, the end of the newest block or its start again (with the same "
+                     f"number of tokens), got tokens [{start}, {end}) on {have}; streamkern's ring cache follows "
+                     f"FastVideo's streaming order (a new request starts at 0 or on new cache tensors)")
 
 
 @dataclass(frozen=True)
@@ -118,10 +115,11 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if not rolls and end > size:
         raise ValueError(f"current_start: tokens up to {end} do not fit the {size}-token cache, which FastVideo "
                          f"does not roll with local_attn_size=-1; set local_attn_size for longer rollouts")
-    _advance(cache_k, current_start, end)
+    _check_order(cache_k, current_start, end)
     slot = current_start if current_start < sink_tokens else \
         sink_tokens + (current_start - sink_tokens) % (size - sink_tokens)
     ring_write(cache_k[None], cache_v[None], k[None], v[None], slot, sink=sink_tokens, backend=options.backend)
+    _STREAMS[cache_k] = _Stream(current_start, end)
     return _attend(q, cache_k, cache_v, min(end, size), frame_seqlen, scale, options)
 
 
