@@ -48,15 +48,15 @@ CASES = {
                              width=80, dtype=torch.bfloat16, steps=4),
 }
 IMPLS = {"fastvideo": None, "streamkern-sdpa": "sdpa", "streamkern-frame": "frame"}
-# frame_attention has no "cpu" backend wired on main yet; on CPU it resolves to its "torch" reference, which gathers
-# the pages and builds a dense [B, H, Lq, Lk] mask (12 x 4680 x 18720 at the Wan shape): timed at tiny shapes only.
-FRAME_ON_CPU_MAX_TOKENS = 10_000
+# Where frame_attention resolves to its "torch" reference (no "cpu" kernel built), it gathers the pages and builds a
+# dense [B, H, Lq, Lk] mask (12 x 4680 x 18720 at the Wan shape): then it is timed at tiny shapes only.
+REFERENCE_MAX_TOKENS = 10_000
 
 
-def build(case: dict):
+def build(case: dict, layers: int):
     builder = env.wan if case["model"] == "wan" else env.matrixgame2
     return builder(local_attn_size=case["local"], sink_size=case["sink"], frames_per_block=3, seed=0,
-                   dtype=case["dtype"], **case["arch"])
+                   dtype=case["dtype"], **{**case["arch"], "num_layers": layers})
 
 
 class Block:
@@ -86,7 +86,9 @@ class Block:
         from fastvideo.forward_context import set_forward_context
 
         frame = self.start // self.frame_len
-        with torch.no_grad(), set_forward_context(current_timestep=0, attn_metadata=None):
+        # FastVideo's stages autocast to bf16 on CUDA; on CPU the same autocast (Matrix-Game 2.0 mixes dtypes)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.case["dtype"] == torch.bfloat16)
+        with torch.no_grad(), autocast, set_forward_context(current_timestep=0, attn_metadata=None):
             for i in range(self.case["steps"] + 1):
                 t = 0 if i == self.case["steps"] else int(1000 * (1 - i / self.case["steps"]))
                 self.model(self.x, self.text, torch.full((1, 3), t, dtype=torch.long), kv_cache=self.kv,
@@ -130,11 +132,13 @@ def prepare(case_name: str, impl: str, base) -> tuple[dict, Block | None]:
     row = {"case": case_name, "impl": impl, "layers": len(base.blocks), "steps": case["steps"],
            "frame_seqlen": env.frame_seq_length(case["height"], case["width"]), "local_attn_size": case["local"],
            "sink_size": case["sink"], "dtype": str(case["dtype"]).replace("torch.", "")}
-    tokens = 3 * row["frame_seqlen"]
-    if attention == "frame" and tokens > FRAME_ON_CPU_MAX_TOKENS:
-        row["skipped"] = ("frame_attention on CPU resolves to its 'torch' reference (no 'cpu' backend wired on "
-                          "main yet), which gathers pages and materialises a dense mask: not timed at this shape")
-        return row, None
+    if attention == "frame":
+        from streamkern.frame_attention import frame_attention_op
+        row["frame_attention_backend"] = frame_attention_op.backends.resolve(None, torch.device("cpu"))
+        if row["frame_attention_backend"] == "torch" and 3 * row["frame_seqlen"] > REFERENCE_MAX_TOKENS:
+            row["skipped"] = ("frame_attention resolves to its 'torch' reference here, which gathers pages and "
+                              "materialises a dense mask: not timed at this shape")
+            return row, None
     model = copy.deepcopy(base)
     if attention is not None:
         from streamkern.integrations import fastvideo as skfv
@@ -172,12 +176,13 @@ def main(argv=None) -> str:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks per case and implementation")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks of each model")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args(argv)
     env.setup()
     rows = []
     for name in args.cases:
-        base = build(CASES[name])
+        base = build(CASES[name], args.layers)
         prepared = [prepare(name, impl, base) for impl in args.impls]
         time_round_robin(prepared, args.blocks)
         for row, _ in prepared:

@@ -263,14 +263,15 @@ def check_graph(case: OpCase, replays: int = 3) -> None:
         compare(case, out, ref, f"graph replay {r}")
 
 
-def check_compiled(case: OpCase) -> tuple[int, int]:
-    """``torch.compile(fullgraph=True)`` with Inductor equals eager torch and launches no more kernels than the
-    eager call (no functionalisation copies of mutated arguments). Returns ``(eager, compiled)`` launches."""
+def check_compiled(case: OpCase, compiler: str = "inductor") -> tuple[int, int]:
+    """``torch.compile(fullgraph=True)`` (Inductor on CUDA) equals eager torch and launches no more kernels than
+    the eager call (no functionalisation copies of mutated arguments). Returns ``(eager, compiled)`` launches."""
     from streamkern.testing import count_launches
 
-    compiled = torch.compile(lambda inputs: case.call(inputs, case.backend), fullgraph=True, backend="inductor")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda inputs: case.call(inputs, case.backend), fullgraph=True, backend=compiler)
     ref = case.reference()
-    compare(case, compiled(case.inputs), ref, "inductor")
+    compare(case, compiled(case.inputs), ref, compiler)
     eager_n = count_launches(case.run, device=case.device)
     compiled_n = count_launches(compiled, case.inputs, device=case.device)
     assert compiled_n <= eager_n, f"{case.name} [{case.backend}]: {compiled_n} launches compiled vs {eager_n} eager"

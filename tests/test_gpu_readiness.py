@@ -223,3 +223,16 @@ def test_gpu_cases_match_torch_here(name):
     gc.check_eager(case)
     case.refill(3)
     gc.check_eager(case)
+
+
+@pytest.mark.parametrize("name", ["bank_insert", "drift_gate"])
+def test_inductor_adds_no_copies_of_mutated_arguments(name):
+    """``torch.compile(fullgraph=True)`` with Inductor of an op that writes its arguments (the bank, the gate's
+    counter) equals torch and launches no more than eager: Inductor re-inplaces the functionalised op (aot_eager
+    would add copies). On CUDA tests/test_gpu.py checks every op this way."""
+    from streamkern.bench import gpu_cases as gc
+
+    if "cpu" not in streamkern.available_backends("cpu"):
+        pytest.skip("the extension is not built")
+    eager_n, compiled_n = gc.check_compiled(gc.CASES[name]("cpu", "cpu"), "inductor")
+    assert compiled_n <= eager_n

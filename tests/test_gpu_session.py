@@ -30,6 +30,6 @@ def test_gpu_session_dry_run(tmp_path):
     assert {r["case"] for r in rows[:-1]} >= {"select_frame", "bank_insert", "drift_gate", "verify_scales"}
     suites = ET.parse(tmp_path / "junit.xml").getroot()
     assert int(suites.get("tests")) > 0 and suites.get("failures") == "0" and suites.get("errors") == "0"
-    assert "bank_select" in json.loads((tmp_path / "bench.json").read_text())
+    assert "bank_evict" in json.loads((tmp_path / "bench.json").read_text())
     assert "skipped" in (tmp_path / "sanitize.txt").read_text()
     assert len(list(tmp_path.iterdir())) <= 8   # what a device session can bring back

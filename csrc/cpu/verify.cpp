@@ -13,6 +13,8 @@
 #include <limits>
 #include <vector>
 
+#include "streamkern/op_checks.h"
+
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -225,11 +227,8 @@ void verify_scales_cpu(at::Tensor& accepted, at::Tensor& match, at::Tensor& rati
                        const c10::optional<at::Tensor>& draft_probs, const c10::optional<at::Tensor>& uniforms,
                        at::IntArrayRef offsets, c10::optional<at::ArrayRef<double>> cfg, bool greedy,
                        double threshold, double temperature) {
-  TORCH_CHECK(logits.dim() == 3 && draft_tokens.dim() == 2, "verify_scales_: logits [B or 2B, T, V], draft [B, T]");
-  TORCH_CHECK(offsets.size() >= 2 && offsets.back() == draft_tokens.size(1), "verify_scales_: bad offsets");
-  TORCH_CHECK(greedy || (draft_probs.has_value() && uniforms.has_value()),
-              "verify_scales_: sample mode needs draft_probs and uniforms");
-  TORCH_CHECK(uniforms.has_value() == false || uniforms->scalar_type() == at::kFloat, "verify_scales_: uniforms");
+  streamkern::check_verify_scales_args(accepted, match, ratio, tokens, stats, logits, draft_tokens, draft_probs,
+                                       uniforms, offsets, cfg, greedy);
   const Window win = make_window(offsets, cfg);
   const at::ScalarType qtype = greedy ? logits.scalar_type() : draft_probs->scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "verify_scales_cpu", [&] {

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../cuda/verify.cuh"
+#include "streamkern/op_checks.h"
 #include "streamkern/torch_utils.h"
 
 namespace streamkern {
@@ -24,22 +25,11 @@ void verify_scales_cuda(at::Tensor& accepted, at::Tensor& match, at::Tensor& rat
                         const c10::optional<at::Tensor>& draft_probs, const c10::optional<at::Tensor>& uniforms,
                         at::IntArrayRef offsets, c10::optional<at::ArrayRef<double>> cfg, bool greedy,
                         double threshold, double temperature) {
-  TORCH_CHECK(logits.dim() == 3 && draft_tokens.dim() == 2, "verify_scales_: logits [B or 2B, T, V], draft [B, T]");
+  check_verify_scales_args(accepted, match, ratio, tokens, stats, logits, draft_tokens, draft_probs, uniforms, offsets,
+                           cfg, greedy);
   const int64_t B = draft_tokens.size(0), T = draft_tokens.size(1), V = logits.size(2);
   const int64_t NS = static_cast<int64_t>(offsets.size()) - 1;
-  TORCH_CHECK(NS >= 1 && NS <= kVerifyMaxScales && offsets.back() == T, "verify_scales_: bad offsets");
-  TORCH_CHECK(logits.size(0) == (cfg.has_value() ? 2 * B : B) && logits.size(1) == T,
-              "verify_scales_: logits ", logits.sizes(), " do not match draft_tokens ", draft_tokens.sizes());
-  TORCH_CHECK(!cfg.has_value() || static_cast<int64_t>(cfg->size()) == NS, "verify_scales_: cfg length");
-  TORCH_CHECK(draft_tokens.scalar_type() == at::kLong, "verify_scales_: draft_tokens must be int64");
-  TORCH_CHECK(greedy || (draft_probs.has_value() && draft_probs->dim() == 3 && draft_probs->size(0) == B &&
-                         draft_probs->size(1) == T && draft_probs->size(2) == V && uniforms.has_value() &&
-                         uniforms->dim() == 3 && uniforms->size(0) == B && uniforms->size(1) == T &&
-                         uniforms->size(2) == 2 && uniforms->scalar_type() == at::kFloat),
-              "verify_scales_: sample mode needs draft_probs [B, T, V] and float32 uniforms [B, T, 2]");
-  for (const at::Tensor* out : {&accepted, &match, &ratio, &tokens})
-    TORCH_CHECK(out->is_contiguous() && out->device() == logits.device(), "verify_scales_: outputs must be contiguous");
-  TORCH_CHECK(greedy || (stats.is_contiguous() && stats.numel() == 2 * B * T), "verify_scales_: stats [B, T, 2]");
+  TORCH_CHECK(NS <= kVerifyMaxScales, "verify_scales_: at most ", kVerifyMaxScales, " scales on CUDA, got ", NS);
 
   const c10::cuda::CUDAGuard guard(logits.device());
   VerifyParams p{};

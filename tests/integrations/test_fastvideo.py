@@ -18,7 +18,7 @@ if not env.FASTVIDEO:
 env.setup()
 
 from streamkern import BackendUnavailable  # noqa: E402
-from streamkern.frame_attention import BACKENDS as frame_attention_backends  # noqa: E402
+from streamkern.frame_attention import frame_attention_op  # noqa: E402
 from streamkern.integrations import fastvideo as skfv  # noqa: E402
 from streamkern.pipelines._runtime import HostSyncError, count_host_syncs  # noqa: E402
 from streamkern.testing import assert_parity, rel_error  # noqa: E402
@@ -48,7 +48,7 @@ def skip_unless_runs(backend: str, device: str, attention: str) -> None:
         pytest.skip("FastVideo is installed for CPU here (its CUDA wheel pins a CUDA torch); tests run on CPU")
     if attention == "frame":
         try:
-            frame_attention_backends.resolve(backend, torch.device(device))
+            frame_attention_op.backends.resolve(backend, torch.device(device))
         except BackendUnavailable as e:
             pytest.skip(str(e))
 
