@@ -37,6 +37,8 @@ LaunchStatus consensus_frame_scores_launch(const ConsensusParams& p, DType dtype
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "streamkern/torch_utils.h"
+
 namespace streamkern {
 
 inline constexpr const char* kConsensusFrameScoresSchema =
@@ -64,6 +66,36 @@ inline void check_consensus_args(const at::Tensor& out, const at::Tensor& chunk_
   TORCH_CHECK(!layers.empty() && layers.size() == layer_weights.size(),
               "consensus_frame_scores_: layers and layer_weights must be non-empty and of equal length");
   for (const int64_t l : layers) TORCH_CHECK(l >= 0 && l < NL, "consensus_frame_scores_: layer ", l, " out of range");
+}
+
+// The checks above, then the parameters read off the tensors (layers and layer_weights stay host arrays).
+inline ConsensusParams consensus_frame_scores_params(at::Tensor& out, const at::Tensor& chunk_k,
+                                                     const at::Tensor& text_k, const at::Tensor& entity_weights,
+                                                     int64_t frame_seq_len, at::IntArrayRef layers,
+                                                     at::ArrayRef<double> layer_weights) {
+  check_consensus_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
+  ConsensusParams p{};
+  p.out = out.data_ptr<float>();
+  p.chunk = chunk_k.const_data_ptr();
+  p.text = text_k.const_data_ptr();
+  p.weights = entity_weights.const_data_ptr();
+  p.weights_dtype = dtype_of(entity_weights);
+  p.B = chunk_k.size(1);
+  p.L = chunk_k.size(2);
+  p.S = text_k.size(2);
+  p.H = chunk_k.size(3);
+  p.D = chunk_k.size(4);
+  p.frame_seq_len = frame_seq_len;
+  for (int i = 0; i < 5; ++i) {
+    p.chunk_stride[i] = chunk_k.stride(i);
+    p.text_stride[i] = text_k.stride(i);
+  }
+  p.weights_stride_b = entity_weights.dim() == 2 ? entity_weights.stride(0) : 0;
+  p.weights_stride_s = entity_weights.stride(-1);
+  p.layers = layers.data();
+  p.layer_weights = layer_weights.data();
+  p.num_layers = static_cast<int32_t>(layers.size());
+  return p;
 }
 
 }  // namespace streamkern

@@ -43,6 +43,10 @@ LaunchStatus verify_scales_launch(const VerifyParams& p, DType logits_dtype, voi
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+
+#include "streamkern/torch_utils.h"
+
 namespace streamkern {
 
 inline constexpr const char* kVerifyScalesSchema =
@@ -71,6 +75,63 @@ inline void check_verify_scales_args(const at::Tensor& accepted, const at::Tenso
   for (const at::Tensor* out : {&accepted, &match, &ratio, &tokens})
     TORCH_CHECK(out->is_contiguous() && out->device() == logits.device(), "verify_scales_: outputs must be contiguous");
   TORCH_CHECK(greedy || (stats.is_contiguous() && stats.numel() == 2 * B * T), "verify_scales_: stats [B, T, 2]");
+}
+
+// Whether each [.., .., V] row of t starts 16-byte aligned and is contiguous (the vectorised logits path).
+inline bool rows_aligned16(const at::Tensor& t) {
+  const int64_t size = t.element_size();
+  return t.stride(2) == 1 && (t.size(2) * size) % 16 == 0 && (t.stride(0) * size) % 16 == 0 &&
+         (t.stride(1) * size) % 16 == 0 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// The checks above (and the CUDA limit of kVerifyMaxScales scales), then the parameters read off the tensors.
+inline VerifyParams verify_scales_params(at::Tensor& accepted, at::Tensor& match, at::Tensor& ratio,
+                                         at::Tensor& tokens, at::Tensor& stats, const at::Tensor& logits,
+                                         const at::Tensor& draft_tokens, const c10::optional<at::Tensor>& draft_probs,
+                                         const c10::optional<at::Tensor>& uniforms, at::IntArrayRef offsets,
+                                         c10::optional<at::ArrayRef<double>> cfg, bool greedy, double threshold,
+                                         double temperature) {
+  check_verify_scales_args(accepted, match, ratio, tokens, stats, logits, draft_tokens, draft_probs, uniforms, offsets,
+                           cfg, greedy);
+  const int64_t B = draft_tokens.size(0), T = draft_tokens.size(1), V = logits.size(2);
+  const int64_t NS = static_cast<int64_t>(offsets.size()) - 1;
+  TORCH_CHECK(NS <= kVerifyMaxScales, "verify_scales_: at most ", kVerifyMaxScales, " scales on CUDA, got ", NS);
+  VerifyParams p{};
+  p.logits = logits.const_data_ptr();
+  p.sl0 = logits.stride(0);
+  p.sl1 = logits.stride(1);
+  p.sl2 = logits.stride(2);
+  p.logits_vec16 = rows_aligned16(logits);
+  p.draft = draft_tokens.const_data_ptr<int64_t>();
+  p.sd0 = draft_tokens.stride(0);
+  p.sd1 = draft_tokens.stride(1);
+  if (!greedy) {
+    p.q = draft_probs->const_data_ptr();
+    p.q_dtype = dtype_of(*draft_probs);
+    p.sq0 = draft_probs->stride(0);
+    p.sq1 = draft_probs->stride(1);
+    p.sq2 = draft_probs->stride(2);
+    p.u = uniforms->const_data_ptr<float>();
+    p.su0 = uniforms->stride(0);
+    p.su1 = uniforms->stride(1);
+    p.su2 = uniforms->stride(2);
+    p.stats = stats.data_ptr<float>();
+  }
+  p.match = match.data_ptr<bool>();
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.ratio = ratio.data_ptr<float>();
+  p.accepted = accepted.data_ptr<int64_t>();
+  p.B = B;
+  p.T = T;
+  p.V = V;
+  p.NS = static_cast<int>(NS);
+  for (int64_t s = 0; s <= NS; ++s) p.offsets[s] = offsets[s];
+  for (int64_t s = 0; s < NS; ++s) p.cfg[s] = cfg.has_value() ? static_cast<float>((*cfg)[s]) : 0.f;
+  p.has_cfg = cfg.has_value();
+  p.greedy = greedy;
+  p.threshold = static_cast<float>(threshold);
+  p.inv_temp = static_cast<float>(1.0 / temperature);
+  return p;
 }
 
 }  // namespace streamkern
