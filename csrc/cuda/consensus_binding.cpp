@@ -22,7 +22,8 @@ void consensus_frame_scores_cuda(at::Tensor out, const at::Tensor& chunk_k, cons
   const ConsensusParams p =
       consensus_frame_scores_params(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
   const c10::cuda::CUDAGuard guard(chunk_k.device());
-  STREAMKERN_CHECK_LAUNCH(consensus_frame_scores_launch(p, dtype_of(chunk_k), at::cuda::getCurrentCUDAStream().stream()));
+  STREAMKERN_CHECK_LAUNCH(
+      consensus_frame_scores_launch(p, dtype_of(chunk_k), at::cuda::getCurrentCUDAStream().stream()));
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Torch glue of the drift gate CUDA kernels: checks and parameters from streamkern/ops/drift_gate.h, launches on
-// the current stream. The gate's partial drifts and the patch-importance workspace come from the caching allocator (no sync).
+// the current stream. The gate's partial drifts and the patch-importance workspace come from the caching
+// allocator (no sync).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -18,7 +19,8 @@ void attention_weighted_drift_cuda(at::Tensor drift, at::Tensor small, const at:
   const WeightedDriftParams p = attention_weighted_drift_params(drift, small, image, prev_small, importance, pool,
                                                                 dilation);
   const c10::cuda::CUDAGuard guard(image.device());
-  STREAMKERN_CHECK_LAUNCH(attention_weighted_drift_launch(p, dtype_of(image), at::cuda::getCurrentCUDAStream().stream()));
+  STREAMKERN_CHECK_LAUNCH(
+      attention_weighted_drift_launch(p, dtype_of(image), at::cuda::getCurrentCUDAStream().stream()));
 }
 
 void drift_gate_step_cuda(at::Tensor recompute, at::Tensor reason, at::Tensor drift, at::Tensor small,

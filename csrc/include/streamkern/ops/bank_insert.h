@@ -18,7 +18,8 @@ inline constexpr const char* kBankInsertSchema =
     "Tensor slot, int frame_seq_len) -> ()";
 
 inline TokenCopyParams bank_insert_params(at::Tensor& bank_k, at::Tensor& bank_v, const at::Tensor& chunk_k,
-                                          const at::Tensor& chunk_v, const at::Tensor& frame_idx, const at::Tensor& slot,
+                                          const at::Tensor& chunk_v, const at::Tensor& frame_idx,
+                                          const at::Tensor& slot,
                                           int64_t frame_seq_len) {
   TORCH_CHECK_VALUE(frame_seq_len >= 1 && bank_k.size(2) % frame_seq_len == 0 &&
                         chunk_k.size(2) % frame_seq_len == 0,

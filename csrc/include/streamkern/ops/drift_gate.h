@@ -174,9 +174,10 @@ inline WeightedDriftParams drift_frame_params(at::Tensor& small, const at::Tenso
   return p;
 }
 
-inline WeightedDriftParams attention_weighted_drift_params(at::Tensor& drift, at::Tensor& small, const at::Tensor& image,
-                                                           const at::Tensor& prev_small, const at::Tensor& importance,
-                                                           int64_t pool, int64_t dilation) {
+inline WeightedDriftParams attention_weighted_drift_params(at::Tensor& drift, at::Tensor& small,
+                                                           const at::Tensor& image, const at::Tensor& prev_small,
+                                                           const at::Tensor& importance, int64_t pool,
+                                                           int64_t dilation) {
   check_weighted_drift_args(drift, small, image, prev_small, importance, pool, dilation);
   WeightedDriftParams p = drift_frame_params(small, image, &prev_small, &importance, pool, dilation);
   p.drift = drift.data_ptr<float>();
