@@ -16,14 +16,19 @@ _POISON_INT = {torch.int64: -(2 ** 62) + 7, torch.int32: -(2 ** 30) + 7, torch.i
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill ``t`` with NaN (floats), True (bool) or an unlikely sentinel (ints) so unwritten elements fail."""
+    """Fill ``t`` with NaN (floats), True (bool) or an unlikely sentinel (ints) so unwritten elements fail.
+    The fill is not recorded by autograd (an ``empty(..., requires_grad=True)`` leaf, as Inductor's pattern
+    passes make, is poisoned too)."""
     if t.numel() == 0:
         return t
     if t.is_floating_point() or t.is_complex():
-        return t.fill_(float("nan"))
-    if t.dtype == torch.bool:
-        return t.fill_(True)
-    return t.fill_(_POISON_INT.get(t.dtype, 7))
+        value = float("nan")
+    elif t.dtype == torch.bool:
+        value = True
+    else:
+        value = _POISON_INT.get(t.dtype, 7)
+    with torch.no_grad():
+        return t.fill_(value)
 
 
 @pytest.fixture(autouse=True)

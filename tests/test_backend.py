@@ -207,3 +207,13 @@ def test_define_op_declares_supports_values_and_outputs(monkeypatch):
     with pytest.raises(ValueError, match="out=True"):
         _backend.define_op("test_define_op_no_alloc", "(Tensor x) -> Tensor",
                            {"torch": _backend.Kernel(lambda out, x: None, out=True)})
+
+
+def test_poison_fixture_fills_every_allocation_even_a_leaf_that_requires_grad():
+    """The autouse fixture of conftest: ``torch.empty*`` come back NaN / sentinel, and a leaf made with
+    ``requires_grad=True`` (as Inductor's pattern passes allocate) is poisoned without an autograd error."""
+    leaf = torch.empty(4, 4, requires_grad=True)
+    assert leaf.is_leaf and leaf.requires_grad and torch.isnan(leaf).all()
+    assert torch.isnan(torch.empty_like(leaf)).all()
+    assert (torch.empty(3, dtype=torch.int64) == -(2 ** 62) + 7).all()
+    assert torch.empty(2, dtype=torch.bool).all()
