@@ -166,6 +166,49 @@ def _state_rows(state: torch.Tensor) -> torch.Tensor:
     return state.reshape(1, -1) if state.dim() <= 1 else state.reshape(-1, state.shape[-1])
 
 
+def _tensor_tree(x) -> bool:
+    """``x`` is a tensor or a non-empty (nested) tuple/list whose leaves are all tensors."""
+    if isinstance(x, torch.Tensor):
+        return True
+    return isinstance(x, (tuple, list)) and len(x) > 0 and all(_tensor_tree(i) for i in x)
+
+
+def _same_layout(old, new) -> bool:
+    if isinstance(new, torch.Tensor):
+        return isinstance(old, torch.Tensor) and (old.shape, old.dtype, old.device) == (new.shape, new.dtype,
+                                                                                         new.device)
+    return type(old) is type(new) and len(old) == len(new) and all(map(_same_layout, old, new))
+
+
+def _copy_tree(old, new) -> None:
+    if isinstance(new, torch.Tensor):
+        old.copy_(new)
+        return
+    for o, n in zip(old, new):
+        _copy_tree(o, n)
+
+
+def _clone_tree(x):
+    return x.clone() if isinstance(x, torch.Tensor) else type(x)(_clone_tree(i) for i in x)
+
+
+def _fresh(x):
+    return x
+
+
+def _contiguous_copy(x):
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _carry(old, new, allocate):
+    """The buffer that carries ``new`` (a tensor tree) to the next step: ``old`` overwritten in place when it has
+    ``new``'s structure, shapes, dtypes and devices, else ``allocate(new)`` (the first update, or a new layout)."""
+    if _same_layout(old, new):
+        _copy_tree(old, new)
+        return old
+    return allocate(new)
+
+
 # --- public API --------------------------------------------------------------------------------
 
 
@@ -234,6 +277,12 @@ class DriftGate:
     batch mean and decision; the very first call also zero-fills a 4-byte arrival counter) and reads nothing back
     to the host. A gate serves one stream at a time. ``update`` reuses the pooled image that ``should_recompute``
     computed for the same image tensor, so it pools nothing itself.
+
+    What ``update`` stores lives in buffers the first ``update`` allocates and later ones overwrite in place (the
+    pooled frame, the importance, a contiguous copy of the state, and a KV cache that is a tensor or a tuple/list of
+    tensors: copied on the first update, then written into), so a step captured in a graph and replayed reads what
+    the previous replay stored (``streamkern.step_graph``). A KV cache of another kind is stored as given; one
+    whose shapes, dtypes or structure change gets new buffers.
     """
 
     def __init__(self, drift_threshold: float = 0.5, state_threshold: float = 0.05, dilation: int = 5, pool: int = 8,
@@ -318,9 +367,10 @@ class DriftGate:
             small = self._pending[1]
         else:
             small = ref.pooled(image, self.pool).to(ref.small_dtype(image))
-        self.prev_small, self.prev_importance = small, importance
-        self.prev_state = state.clone(memory_format=torch.contiguous_format)
-        self.prev_kv = kv_cache
+        self.prev_small = _carry(self.prev_small, small, _fresh)
+        self.prev_importance = _carry(self.prev_importance, importance, _fresh)
+        self.prev_state = _carry(self.prev_state, state, _contiguous_copy)
+        self.prev_kv = _carry(self.prev_kv, kv_cache, _clone_tree) if _tensor_tree(kv_cache) else kv_cache
         self._pending = None
 
     @property

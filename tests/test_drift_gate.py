@@ -392,6 +392,37 @@ def test_gate_is_one_launch(bd, monkeypatch):
     assert count_launches(seed.should_recompute, torch.rand(1, 3, 224, 224), torch.zeros(5)) >= 10
 
 
+@pytest.mark.parametrize("bd", backend_params())
+def test_gate_update_writes_its_buffers_in_place(bd):
+    """``update`` stores into the buffers its first call allocated (identity stable across steps, as a replayed
+    graph needs), with the same next decision as a gate that saw only the later update; the caller's KV tensors
+    are copied, never kept or overwritten; a KV of a new shape gets new buffers."""
+    b, dev = bd
+    gate, fresh = (sk.DriftGate(1.0, 0.23, pool=8, dilation=3, backend=b) for _ in range(2))
+    frames = list(_trajectory(3, 2, 16, 24, seed=4, device=dev))
+    kvs = [(torch.rand(2, 5, device=dev), [torch.rand(3, device=dev)]) for _ in range(2)]
+    first_kv = [kvs[0][0].clone(), kvs[0][1][0].clone()]
+    gate.should_recompute(*frames[0])
+    gate.update(frames[0][0], _step_attention(2, 0, dev), frames[0][1], kvs[0])
+    held = [gate.prev_small, gate.prev_importance, gate.prev_state, gate.prev_kv, gate.prev_kv[0],
+            gate.prev_kv[1][0]]
+    assert held[4] is not kvs[0][0] and torch.equal(held[4], kvs[0][0])
+    for g in (gate, fresh):
+        g.should_recompute(*frames[1])
+        g.update(frames[1][0], _step_attention(2, 1, dev), frames[1][1], kvs[1])
+    now = [gate.prev_small, gate.prev_importance, gate.prev_state, gate.prev_kv, gate.prev_kv[0],
+           gate.prev_kv[1][0]]
+    assert all(x is y for x, y in zip(now, held))
+    want = [fresh.prev_small, fresh.prev_importance, fresh.prev_state, kvs[1][0], kvs[1][1][0]]
+    assert all(torch.equal(x, y) for x, y in zip(now[:3] + now[4:], want))
+    assert torch.equal(kvs[0][0], first_kv[0]) and torch.equal(kvs[0][1][0], first_kv[1])
+    for x, y in zip(gate.should_recompute(*frames[2]), fresh.should_recompute(*frames[2])):
+        assert torch.equal(x, y)
+    longer = (torch.rand(2, 6, device=dev), [torch.rand(3, device=dev)])
+    gate.update(frames[2][0], _step_attention(2, 2, dev), frames[2][1], longer)
+    assert gate.prev_kv[0] is not held[4] and torch.equal(gate.prev_kv[0], longer[0])
+
+
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
 def test_gate_never_syncs(bd, monkeypatch):
     """Accelerated backends: should_recompute and update read nothing back to the host."""
