@@ -191,39 +191,48 @@ class SpeculativeVAR:
         res = verify_scales(logits, draft, self.layout, first, g, mode=self.mode, threshold=self.threshold,
                                   draft_probs=probs, uniforms=u, cfg=self.cfg_t[first:first + g],
                                   temperature=self.temperature, backend=self.backend)
-        return host_read(res.accepted.min()), res.tokens
+        return res.accepted.min(), res.tokens
+
+    def round(self, tokens, labels, gen, pos, stats):
+        """One speculative round from scale ``pos``: draft ``g = min(gamma, NS - pos)`` scales into ``tokens
+        [B, L]``, score them in one target pass, verify, and keep ``min(accepted + 1, g)`` scales (the tokens of
+        the later ones, and everything after the window, become −1). Returns that count: a Python int on the
+        eager path (the seed reads it while verifying), else a 0-d int64 device tensor; the ops path reads nothing
+        on the host and launches the same work for every call at one ``pos`` (a step a ``StepGraph`` can replay)."""
+        m = self.model
+        g = min(self.gamma, len(m.patch_nums) - pos)
+        probs = []
+        for s in range(pos, pos + g):
+            tokens[:, m.begin[s]:m.end[s]], p = self._scale(tokens, labels, s, gen, self.draft_depth)
+            probs.append(p)
+        window = slice(m.begin[pos], m.end[pos + g - 1])
+        logits = m(tokens, labels, pos + g, self._attend())[:, window]
+        stats["draft_calls"] += g
+        stats["target_calls"] += 1
+        draft = tokens[:, window].clone()
+        probs = torch.cat(probs, dim=1) if self.mode == "sample" else None
+        u = torch.rand((labels.shape[0], draft.shape[1], 2), generator=gen, device=self.device)
+        verify = self._verify_eager if self.eager else self._verify_ops
+        with part("verification", self.device) as moved:
+            accepted, verified = verify(logits, draft, probs, u, pos, g)
+            # eager: the guided logits are materialised, then read by argmax (+ written/read by softmax when
+            # sampling); the fused op reads the logits once
+            passes = 1 if not self.eager else (2 if self.mode == "greedy" else 3)
+            moved(passes * nbytes(logits) + nbytes(draft, probs, u, verified))
+        keep = min(accepted + 1, g) if self.eager else (accepted + 1).clamp_max(g)
+        kept = m.scale_ids[window] - pos < keep           # [T]: the token's scale is one of the kept ones
+        tokens[:, window] = torch.where(kept, verified, -1)
+        tokens[:, window.stop:] = -1
+        return keep
 
     def generate(self, labels, gen, stats):
-        """Speculative decoding of one batch of images: ``tokens [B, L]``; ``stats`` counts calls and rounds."""
-        m, ns = self.model, len(self.model.patch_nums)
-        tokens = torch.full((labels.shape[0], m.end[-1]), -1, dtype=torch.int64, device=self.device)
+        """Speculative decoding of one batch of images: ``tokens [B, L]``; ``stats`` counts calls and rounds.
+        The ops path reads each round's kept count once (the next round's ``pos`` depends on it)."""
+        tokens = torch.full((labels.shape[0], self.model.end[-1]), -1, dtype=torch.int64, device=self.device)
         pos = 0
-        while pos < ns:
-            g = min(self.gamma, ns - pos)
-            probs = []
-            for j in range(g):
-                s = pos + j
-                tokens[:, m.begin[s]:m.end[s]], p = self._scale(tokens, labels, s, gen, self.draft_depth)
-                probs.append(p)
-                stats["draft_calls"] += 1
-            window = slice(m.begin[pos], m.end[pos + g - 1])
-            logits = m(tokens, labels, pos + g, self._attend())[:, window]
-            stats["target_calls"] += 1
-            draft = tokens[:, window].clone()
-            probs = torch.cat(probs, dim=1) if self.mode == "sample" else None
-            u = torch.rand((labels.shape[0], draft.shape[1], 2), generator=gen, device=self.device)
-            verify = self._verify_eager if self.eager else self._verify_ops
-            with part("verification", self.device) as moved:
-                accepted, verified = verify(logits, draft, probs, u, pos, g)
-                # eager: the guided logits are materialised, then read by argmax (+ written/read by softmax when
-                # sampling); the fused op reads the logits once
-                passes = 1 if not self.eager else (2 if self.mode == "greedy" else 3)
-                moved(passes * nbytes(logits) + nbytes(draft, probs, u, verified))
-            keep = min(accepted + 1, g)
-            end = m.end[pos + keep - 1]
-            tokens[:, m.begin[pos]:end] = verified[:, :end - m.begin[pos]]
-            tokens[:, end:] = -1
-            pos += keep
+        while pos < len(self.model.patch_nums):
+            keep = self.round(tokens, labels, gen, pos, stats)
+            pos += keep if self.eager else host_read(keep)
         return tokens
 
     @torch.no_grad()
