@@ -247,20 +247,15 @@ def check_no_sync(case: OpCase) -> None:
 
 
 def check_graph(case: OpCase, replays: int = 3) -> None:
-    """Capture one call after a warm-up on a side stream, then replay it on refilled inputs against eager torch."""
-    side = torch.cuda.Stream(case.device)
-    side.wait_stream(torch.cuda.current_stream(case.device))
-    with torch.cuda.stream(side):
-        case.run()
-    torch.cuda.current_stream(case.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = case.run()
+    """Capture one call after a warm-up (a CUDA graph, or on CPU the recorded replay of ``StepGraph``), then
+    replay it on refilled inputs against eager torch."""
+    from streamkern.step_graph import StepGraph
+
+    graph = StepGraph(case.run, case.device, warmup=1)
     for r in range(replays):
         case.refill(100 + r)
         ref = case.reference()
-        graph.replay()
-        compare(case, out, ref, f"graph replay {r}")
+        compare(case, graph.replay(), ref, f"graph replay {r}")
 
 
 def check_compiled(case: OpCase, compiler: str = "inductor") -> tuple[int, int]:

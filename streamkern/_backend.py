@@ -189,9 +189,15 @@ class OpBackends:
         return self(name)(*args)
 
 
+RECORDERS: list = []   # the CPU recordings of ``streamkern.step_graph.StepGraph`` in progress, innermost last
+
+
 def capturing(device: torch.device) -> bool:
-    """A CUDA-graph capture is in progress on ``device``'s current stream (never on CPU tensors)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """A step is being captured on ``device``: a CUDA-graph capture on its current stream, or on CPU a
+    ``StepGraph`` recording."""
+    if device.type == "cuda":
+        return torch.cuda.is_current_stream_capturing()
+    return device.type == "cpu" and bool(RECORDERS)
 
 
 def device_guard(device: torch.device):

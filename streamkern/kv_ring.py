@@ -86,9 +86,6 @@ def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor
             over ``NL, B, S`` but each token's ``[H, D]`` block contiguous (``stride(-1) == 1``,
             ``stride(-2) == D``).
         k_new, v_new: ``[NL, B, T, H, D]``, ``0 <= T <= window``, same dtype, any strides.
-
-    The caches must not overlap themselves (no ``expand``ed dims) nor each other, and no new token may share
-    memory with a cache (e.g. ``k_new = cache_k[:, :, 0:3]``): ``ValueError`` naming the argument, nothing written.
         start: host int in ``[0, S)``, the slot of the first new token. New token ``i`` goes to slot
             ``start + i`` while that is ``< S``, else to ``start + i - window``: consecutive slots, wrapping
             from the end of the cache back to slot ``sink`` (the sink slots ``[0, sink)`` are never wrapped into).
@@ -98,7 +95,9 @@ def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor
         sink: number of sink slots at the front of the cache, ``0 <= sink < S``.
         backend: ``"torch" | "cpu" | "triton" | "cuda" | "auto"``, or ``None`` for the current default.
 
-    Only the ``T`` new tokens are read and written; every other slot is left bit-identical.
+    Only the ``T`` new tokens are read and written; every other slot is left bit-identical. The caches must not
+    overlap themselves (no ``expand``ed dims) nor each other, and no new token may share memory with a cache (e.g.
+    ``k_new = cache_k[:, :, 0:3]``): ``ValueError`` naming the argument, nothing written.
     """
     op = ring_write_at_op if isinstance(start, torch.Tensor) else ring_write_op
     op(cache_k, cache_v, k_new, v_new, start, sink, backend=backend)

@@ -209,20 +209,39 @@ def test_triton_launches_run_on_the_tensors_device(monkeypatch):
     assert torch.equal(table("cpu")(x, 1), x - 1) and entered == [x.device]
 
 
-@pytest.mark.parametrize("name", sorted(__import__("streamkern.bench.gpu_cases", fromlist=["CASES"]).CASES))
-def test_gpu_cases_match_torch_here(name):
-    """The cases that tests/test_gpu.py and the GPU smoke run replay on CUDA hold on this CPU: each against the
-    torch reference, before and after a refill of its inputs (on "cpu", else Triton's interpreter)."""
+GPU_CASES = sorted(__import__("streamkern.bench.gpu_cases", fromlist=["CASES"]).CASES)
+
+
+def _case_here(name: str):
+    """The GPU case ``name`` on this CPU: on "cpu", else Triton's interpreter."""
     from streamkern.bench import gpu_cases as gc
 
     backend = next((b for b in ("cpu", "triton") if gc.has_backend(name, b) and b in
                     streamkern.available_backends("cpu")), None)
     if backend is None:
         pytest.skip(f"{name}: no cpu or interpreted triton backend here")
-    case = gc.CASES[name]("cpu", backend)
+    return gc.CASES[name]("cpu", backend)
+
+
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_cases_match_torch_here(name):
+    """The cases that tests/test_gpu.py and the GPU smoke run replay on CUDA hold on this CPU: each against the
+    torch reference, before and after a refill of its inputs."""
+    from streamkern.bench import gpu_cases as gc
+
+    case = _case_here(name)
     gc.check_eager(case)
     case.refill(3)
     gc.check_eager(case)
+
+
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_cases_replay_here(name):
+    """Each op captured once by ``StepGraph`` (its CPU recorder) and replayed on refilled inputs equals torch:
+    the op keeps no host value that a CUDA graph would freeze (tests/test_gpu.py replays the same on CUDA)."""
+    from streamkern.bench import gpu_cases as gc
+
+    gc.check_graph(_case_here(name), replays=2)
 
 
 @pytest.mark.parametrize("name", ["bank_insert", "drift_gate"])

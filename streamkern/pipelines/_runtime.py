@@ -42,8 +42,10 @@ class SyncCount:
 
 
 @contextlib.contextmanager
-def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
-    """Count (or with ``forbid`` refuse) every host read of a tensor value made inside the block."""
+def count_host_syncs(forbid: bool = False, error: type[Exception] = HostSyncError,
+                     where: str = "on the accelerated hot loop") -> Iterator[SyncCount]:
+    """Count (or with ``forbid`` refuse: raise ``error`` saying ``where``) every host read of a tensor value made
+    inside the block."""
     count = SyncCount(forbid=forbid)
     originals = {name: getattr(torch.Tensor, name) for name in _READS}
     own = {name for name in _READS if name in torch.Tensor.__dict__}
@@ -52,7 +54,7 @@ def count_host_syncs(forbid: bool = False) -> Iterator[SyncCount]:
         def reader(self, *args, **kwargs):
             kind = f"check:{name}" if checking_values() else name
             if forbid and kind == name:
-                raise HostSyncError(f"host sync: Tensor.{name} called on the accelerated hot loop")
+                raise error(f"host sync: Tensor.{name} called {where}")
             if not self.is_cuda:    # a CUDA tensor's read is counted once, by the sync debug mode
                 count.by_kind[kind] = count.by_kind.get(kind, 0) + 1
             return real(self, *args, **kwargs)
