@@ -10,8 +10,9 @@ pooling) whether to run the full pass or denoise against the cached KV. Scripted
 motion, lighting noise, a state jump and a hand entering the low-attention blind spot.
 
 * ``eager=True`` (``backend="torch"``): the seed's ``ProAttentionGate`` and ``ProOptimizedInference.infer``.
-* ``eager=False``: ``streamkern.DriftGate`` with the backend; its decision stays on the device and is read once
-  per step (``bool(recompute)``: the branch that skips the vision encoder cannot be taken without it).
+* ``eager=False``: ``streamkern.DriftGate`` with the backend; its decision stays on the device and picks one of
+  the two bodies of a ``device_branch``: read once per step when run eagerly (the branch that skips the vision
+  encoder cannot be taken without it), chosen on the device when a step is captured in a ``StepGraph``.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from torch import nn
 
 from ..drift_gate import DriftGate
 from ..reference.drift_gate import ProAttentionGate, seed_reason_code
-from ._runtime import PipelineRun, host_read, nbytes, part, timed_step
+from ..step_graph import device_branch
+from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, randn, seeded
 
 REASON_NAMES = {0: "reuse", 1: "state drift", 2: "vision drift", 3: "first frame"}
@@ -158,7 +160,13 @@ class GatedPolicy:
             maps = maps[..., -self.policy.action_tokens:, :256]
         return nbytes(image, state, maps)
 
-    def _step(self, gate, image, state, noise, log):
+    def step(self, gate, image, state, noise):
+        """One control step: ``(actions [B, A, action_dim], reason [] int64, drift)`` for the frame ``image
+        [B, 3, 224, 224]``, the state ``[B, 7]`` and the denoising noise ``[B, A, action_dim]``.
+
+        Accelerated, the full pass + ``gate.update`` and the reuse pass are the two bodies of one
+        :func:`~streamkern.step_graph.device_branch` on the gate's decision: read once on the host when run
+        eagerly, chosen on the device in a captured step (the gate carries its frame, state and KV in place)."""
         if self.eager:   # ProOptimizedInference.infer, as the seed writes it
             with part("gating", self.device) as moved:
                 should_recompute, reason, drift = gate.should_recompute(image, state)
@@ -170,19 +178,22 @@ class GatedPolicy:
                 with part("gating", self.device) as moved:
                     gate.update(image, attention, state, kv)
                     moved(self._gate_bytes(image, state, attention))
-            log.append((actions, seed_reason_code(should_recompute, reason), drift))
-            return
+            return actions, seed_reason_code(should_recompute, reason), drift
         with part("gating", self.device) as moved:
             recompute, reason, drift = gate.should_recompute(image, state)
             moved(self._gate_bytes(image, state))
-        if host_read(recompute):
+
+        def full():
             actions, attention, kv = self.policy.full_forward_with_attention(image, state, noise)
             with part("gating", self.device) as moved:
                 gate.update(image, attention, state, kv)
                 moved(self._gate_bytes(image, state, attention))
-        else:
-            actions, _ = self.policy.denoise_with_cached_kv(gate.cached_kv(), state, noise)
-        log.append((actions, reason, drift))
+            return actions
+
+        def reuse():
+            return self.policy.denoise_with_cached_kv(gate.cached_kv(), state, noise)[0]
+
+        return device_branch(recompute, full, reuse), reason, drift
 
     @torch.no_grad()
     def run(self, steps: int = 24, forbid_syncs: bool = False, progress=None) -> PipelineRun:
@@ -194,8 +205,8 @@ class GatedPolicy:
         for t in range(steps):
             noise = randn((self.batch, self.policy.action_tokens, self.policy.action_dim), self.seed * 7919 + t,
                           self.device)
-            timed_step(record, self.device, lambda t=t, noise=noise: self._step(gate, images[t], states[t], noise,
-                                                                                  log), forbid=forbid_syncs)
+            frame = (gate, images[t], states[t], noise)
+            timed_step(record, self.device, lambda frame=frame: log.append(self.step(*frame)), forbid=forbid_syncs)
             if progress is not None:
                 progress()
         reasons = torch.tensor([int(r) for _, r, _ in log], dtype=torch.int64)

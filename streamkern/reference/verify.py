@@ -26,6 +26,8 @@ q_v = −inf gives r_v = +inf).
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
 
@@ -63,8 +65,9 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _float32(x: float) -> float:
-    """``x`` rounded to the nearest float32 (a host value: no device read)."""
-    return torch.tensor(x, dtype=torch.float32).item()
+    """``x`` rounded to the nearest float32, on the host alone (no tensor is made and read back, so the reference
+    can be captured in a step graph)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def scale_ratios(match: torch.Tensor, offsets) -> torch.Tensor:
