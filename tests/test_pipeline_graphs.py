@@ -44,11 +44,12 @@ SMALL_POLICY = dict(num_layers=18, heads=1, head_dim=16, text_tokens=2, action_t
 
 
 @torch.no_grad()
-def _policy_replays(backend, device, frames=(0, 1, 4, 5, 10), warmup=1):
+def _policy_replays(backend, device, frames=(0, 1, 2, 4, 5, 10), warmup=2):
     """``(pairs, reasons of the replays)`` of one accelerated GatedPolicy step captured at frame ``frames[warmup]``
-    of a 12-frame :func:`scripted_trajectory` (a reuse) and replayed on the later ``frames`` (the state jump, a
-    reuse, the hand entering: recompute, reuse, recompute), against an identical policy stepped eagerly; each pair
-    holds the actions, reason, drift and what the gate carries (pooled frame, importance, state, KV)."""
+    of a 12-frame :func:`scripted_trajectory` (a reuse; the warm-up took both branches, as a CUDA capture needs)
+    and replayed on the later ``frames`` (the state jump, a reuse, the hand entering: recompute, reuse, recompute),
+    against an identical policy stepped eagerly; each pair holds the actions, reason, drift and what the gate
+    carries (pooled frame, importance, state, KV)."""
     pipes = [GatedPolicy(backend=backend, eager=False, device=device, **SMALL_POLICY) for _ in range(2)]
     gates = [p._gate() for p in pipes]
     images, states = scripted_trajectory(12, 1, 0, device)
