@@ -361,6 +361,9 @@ class DriftGate:
         if image.shape[0] != attention.shape[1]:
             raise ValueError(f"attention: expected batch B={image.shape[0]} (the image's) in dim 1, "
                              f"got shape {list(attention.shape)}")
+        if self.prev_small is None and capturing(image.device):   # its buffers would live in the graph's memory
+            raise RuntimeError("DriftGate.update: call it once eagerly before capturing it (the first update "
+                               "allocates the buffers the gate carries from step to step)")
         importance = patch_importance(attention, self.layer_range, self.num_vision_tokens, self.action_tokens,
                                       self.grid, backend=self.backend)
         if self._pending is not None and self._pending[0] is image:

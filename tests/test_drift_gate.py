@@ -423,6 +423,19 @@ def test_gate_update_writes_its_buffers_in_place(bd):
     assert gate.prev_kv[0] is not held[4] and torch.equal(gate.prev_kv[0], longer[0])
 
 
+def test_first_update_inside_a_capture_raises():
+    """The first update allocates the buffers later updates write into: inside a capture they would live in the
+    graph's memory, so it must happen eagerly (as the arrival counter's first call)."""
+    from streamkern.step_graph import StepGraph
+
+    gate = sk.DriftGate(pool=8, dilation=3, backend="cpu")
+    image, state = torch.rand(1, 3, 16, 16), torch.zeros(1, 7)
+    gate.should_recompute(image, state)
+    with pytest.raises(RuntimeError, match="call it once eagerly before capturing"):
+        StepGraph(lambda: gate.update(image, _attention(18, 1, 1, 310), state, None), "cpu")
+    assert gate.prev_small is None
+
+
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch",)))
 def test_gate_never_syncs(bd, monkeypatch):
     """Accelerated backends: should_recompute and update read nothing back to the host."""
