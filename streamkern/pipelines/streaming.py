@@ -400,8 +400,9 @@ class BlockStream:
         g = self.gen
         return randn(tuple(self.noise.shape), g.seed * 1000 + i, g.device, g.dtype)
 
+    @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """Stream the next block; returns its latent ``[B, fpb * fsl, C]``."""
+        """Stream the next block; returns its latent ``[B, fpb * fsl, C]`` (no autograd)."""
         x = self.gen._block(self.blocks, self.blocks if self.block is None else self.block, self.noise, self.cache,
                             self.sched, self.state)
         if self.block is not None:
