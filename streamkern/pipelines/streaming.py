@@ -250,7 +250,8 @@ class _PagedCache:
 
 class StreamingGenerator(nn.Module):
     """Tiny streaming video generator; ``run(num_blocks)`` returns a :class:`PipelineRun` whose outputs are the
-    block latents ``frames [N, B, fpb * fsl, C]`` and the bank's held frame indices ``bank_frames [B, M]``."""
+    block latents ``frames [N, B, fpb * fsl, C]`` and the bank's held frame indices ``bank_frames [B, M]``;
+    ``stream()`` gives the per-block step API it runs on (:class:`BlockStream`, capturable once steady)."""
 
     def __init__(self, *, backend: str = "torch", eager: bool | None = None, num_layers: int = 4, heads: int = 4,
                  head_dim: int = 32, frame_seq_len: int = 64, frames_per_block: int = 3, window_frames: int = 15,
