@@ -9,7 +9,8 @@
 #   smoke.json   each op once per accelerated backend vs torch, under sync debug mode "error", replayed from a
 #                CUDA graph; the verify threshold for every n in 1..1024                    (smoke)
 #   junit.xml    the CUDA and Triton-on-CUDA parity tests (ids *-cuda-cuda, *-triton-cuda; not the torch-on-CUDA
-#                duplicates) and tests/test_gpu.py, in parallel processes with per-test timeouts, merged   (test)
+#                duplicates), tests/test_gpu.py and the CUDA-graph replays of tests/test_step_graph.py and
+#                tests/test_pipeline_graphs.py, in parallel processes with per-test timeouts, merged     (test)
 #   sanitize.txt compute-sanitizer memcheck over the op cases on the cuda backend, racecheck on the gate   (sanitize)
 #   bench.json   python -m streamkern.bench, one op per process with a short budget, merged            (bench)
 # build installs against the machine's own torch and triton (no internet there): pip install --no-build-isolation
@@ -25,9 +26,10 @@ PY=${PYTHON:-python3}
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
 NPROC=$(nproc)
-# caps in seconds: 30 + 150 + 45 + 120 + 100 + 90 = 535 of the ~540 available (CAP_ENV only guards a hang)
-CAP_ENV=30 CAP_BUILD=150 CAP_SMOKE=45 CAP_TEST=120 CAP_MEMCHECK=60 CAP_RACECHECK=40 CAP_BENCH_OP=15
-BENCH_OPS="consensus verify scale_attention drift_gate kv_ring,bank_insert bank_evict,pose_topk"   # a,b: one capped run
+# caps in seconds: 30 + 150 + 40 + 110 + 75 + 135 = 540 of the ~540 available (CAP_ENV only guards a hang)
+CAP_ENV=30 CAP_BUILD=150 CAP_SMOKE=40 CAP_TEST=110 CAP_MEMCHECK=45 CAP_RACECHECK=30 CAP_BENCH_OP=15 CAP_BENCH_FRAME=45
+BENCH_OPS="consensus verify scale_attention drift_gate kv_ring,bank_insert bank_evict,pose_topk frame_attention"
+# a,b: one capped run; frame_attention (MemFlow's shape, with torch.compile and FlexAttention rows) gets CAP_BENCH_FRAME
 GPU_K="cuda-cuda or triton-cuda"
 if [ $DRY = 1 ]; then   # tiny, quick stand-ins of the same commands
   export TRITON_INTERPRET=1
@@ -80,7 +82,8 @@ phase_smoke() {
 phase_test() {
   local timeout_opt="" pids="" files procs=3
   $PY -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout=60"
-  files=$(ls tests/test_*.py | grep -v -e test_gpu.py -e test_triton_lowering.py -e test_gpu_session.py)
+  files=$(ls tests/test_*.py | grep -v -e test_gpu.py -e test_triton_lowering.py -e test_gpu_session.py \
+    -e test_step_graph.py -e test_pipeline_graphs.py)
   [ $DRY = 1 ] && files="tests/test_kv_ring.py tests/test_gpu_readiness.py" procs=1
   # $procs processes over the parity files (round-robin), one more on tests/test_gpu.py
   for n in $(seq 0 $((procs - 1))); do
@@ -92,7 +95,9 @@ phase_test() {
       $part >"$WORK/test-$n.log" 2>&1 &
     pids="$pids $!"
   done
-  capped $CAP_TEST $PY -m pytest -q -p no:cacheprovider $timeout_opt tests/test_gpu.py \
+  # shellcheck disable=SC2046
+  capped $CAP_TEST $PY -m pytest -q -p no:cacheprovider $timeout_opt -k "not cpu" tests/test_gpu.py \
+    $(ls tests/test_step_graph.py tests/test_pipeline_graphs.py 2>/dev/null) \
     --junitxml="$WORK/junit-gpu.xml" >"$WORK/test-gpu.log" 2>&1 &
   pids="$pids $!"
   local rc=0
@@ -123,8 +128,10 @@ phase_bench() {
   local device=cuda budget=0.3 rc=0 quick=""
   has_cuda || { device=cpu budget=0.01 quick=--smoke; skip "the GPU benchmarks; one op on the CPU instead"; }
   for op in $BENCH_OPS; do
+    local cap=$CAP_BENCH_OP
+    [ "$op" = frame_attention ] && [ $DRY = 0 ] && cap=$CAP_BENCH_FRAME
     # shellcheck disable=SC2086
-    capped $CAP_BENCH_OP $PY -m streamkern.bench --device $device --ops ${op//,/ } --budget $budget $quick \
+    capped $cap $PY -m streamkern.bench --device $device --ops ${op//,/ } --budget $budget $quick \
       --out "$WORK/bench-$op" >"$WORK/bench-$op.log" 2>&1 || rc=1
     tail -12 "$WORK/bench-$op.log" >>"$OUT/session.log"
     $PY -m streamkern.bench.gpu_pack bench "$OUT/bench.json" "$WORK" >>"$OUT/session.log" 2>&1

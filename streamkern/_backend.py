@@ -231,6 +231,41 @@ class Kernel:
     supports: Callable[..., str] | None = None
 
 
+@dataclass(frozen=True)
+class _Forward:
+    """Calls ``target`` with an op's arguments, rearranged by ``arrange(*args) -> tuple`` when given."""
+
+    what: str
+    resolve: Callable[[], Callable]
+    arrange: Callable[..., tuple] | None = None
+
+    def __call__(self, *args):
+        return self.resolve()(*(args if self.arrange is None else self.arrange(*args)))
+
+    def __repr__(self) -> str:
+        return self.what
+
+
+def outputs_last(out, *args) -> tuple:
+    """``arrange`` for kernels that take the op's arguments first and its outputs (one tensor or a tuple) last."""
+    return (*args, *(out if isinstance(out, tuple) else (out,)))
+
+
+def cxx(name: str, arrange: Callable[..., tuple] | None = None) -> Callable:
+    """A backend that is the C++ op ``torch.ops.streamkern_C.<name>`` (one name for the CPU and CUDA kernels,
+    dispatched on the tensors' device), called with the op's arguments (``arrange``-d)."""
+    return _Forward(f"streamkern_C.{name}", lambda: getattr(torch.ops.streamkern_C, name), arrange)
+
+
+def triton(path: str, arrange: Callable[..., tuple] | None = None) -> Callable:
+    """A backend that is the Triton launcher ``streamkern.kernels.<module>.<function>`` (``path`` is
+    ``"module:function"``, imported at the first call: triton is imported only when used), called with the op's
+    arguments (``arrange``-d)."""
+    module, function = path.split(":")
+    return _Forward(f"streamkern.kernels.{path}", lambda: getattr(importlib.import_module(
+        f"streamkern.kernels.{module}"), function), arrange)
+
+
 _VALUE_CHECK_DEPTH = [0]
 
 

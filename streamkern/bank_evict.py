@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, define_op
+from ._backend import Kernel, cxx, define_op, triton
 from .reference import bank_evict as ref
 
 MAX_SLOTS = 64
@@ -37,20 +37,11 @@ def _check(scores, entity_mask, valid):
     check.shape("valid", valid, (M,), ("M",))
 
 
-def _extension(out, *args):
-    torch.ops.streamkern_C.bank_evict_select_(out, *args)
-
-
-def _triton(scores, entity_mask, valid):
-    from streamkern.kernels.bank_evict import bank_evict_select
-
-    return bank_evict_select(scores, entity_mask, valid)
-
-
-_EXTENSION = Kernel(_extension, out=True)
+_EXTENSION = Kernel(cxx("bank_evict_select_"), out=True)
 bank_evict_select_op = define_op(
     "bank_evict_select", "(Tensor scores, Tensor entity_mask, Tensor valid) -> Tensor",
-    {"torch": ref.bank_evict_select, "cpu": _EXTENSION, "triton": _triton, "cuda": _EXTENSION},
+    {"torch": ref.bank_evict_select, "cpu": _EXTENSION, "triton": triton("bank_evict:bank_evict_select"),
+     "cuda": _EXTENSION},
     check=_check, alloc=lambda scores, entity_mask, valid: torch.empty((), dtype=torch.int64, device=scores.device))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import define_op
+from ._backend import cxx, define_op, triton
 from .reference import bank_insert as ref
 
 
@@ -47,20 +47,11 @@ def _check_ranges(bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, frame_seq_l
     check.index_range("slot", slot, bank_k.shape[2] // frame_seq_len)
 
 
-def _extension(*args):
-    torch.ops.streamkern_C.bank_insert_(*args)
-
-
-def _triton(*args):
-    from streamkern.kernels.bank_insert import bank_insert
-
-    bank_insert(*args)
-
-
 bank_insert_op = define_op(
     "bank_insert", "(Tensor(a!) bank_k, Tensor(b!) bank_v, Tensor chunk_k, Tensor chunk_v, Tensor frame_idx, "
     "Tensor slot, int frame_seq_len) -> ()",
-    {"torch": ref.bank_insert, "cpu": _extension, "triton": _triton, "cuda": _extension},
+    {"torch": ref.bank_insert, "cpu": cxx("bank_insert_"), "triton": triton("bank_insert:bank_insert"),
+     "cuda": cxx("bank_insert_")},
     check=_check, values=_check_ranges)
 
 

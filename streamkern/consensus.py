@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, define_op
+from ._backend import Kernel, cxx, define_op, triton
 from .reference import consensus as ref
 
 DEFAULT_LAYERS = (0, 15, 29)
@@ -46,21 +46,12 @@ def _alloc(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights
                        device=chunk_k.device)
 
 
-def _extension(out, *args):
-    torch.ops.streamkern_C.consensus_frame_scores_(out, *args)
-
-
-def _triton(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights):
-    from streamkern.kernels.consensus import consensus_frame_scores
-
-    return consensus_frame_scores(chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights)
-
-
-_EXTENSION = Kernel(_extension, out=True)
+_EXTENSION = Kernel(cxx("consensus_frame_scores_"), out=True)
 consensus_frame_scores_op = define_op(
     "consensus_frame_scores", "(Tensor chunk_k, Tensor text_k, Tensor entity_weights, int frame_seq_len, "
     "int[] layers, float[] layer_weights) -> Tensor",
-    {"torch": ref.consensus_frame_scores, "cpu": _EXTENSION, "triton": _triton, "cuda": _EXTENSION},
+    {"torch": ref.consensus_frame_scores, "cpu": _EXTENSION, "triton": triton("consensus:consensus_frame_scores"),
+     "cuda": _EXTENSION},
     check=_check, alloc=_alloc)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, capturing, define_op
+from ._backend import Kernel, capturing, cxx, define_op, triton
 from .reference import drift_gate as ref
 
 IMAGE_DTYPES = check.FLOATS + (torch.uint8,)
@@ -38,15 +38,8 @@ def _alloc_importance(attn, layer_range, num_vision_tokens, action_tokens, grid)
     return torch.empty(attn.shape[1], *grid, dtype=torch.float32, device=attn.device)
 
 
-def _ext_importance(out, attn, layer_range, num_vision_tokens, action_tokens, grid):
-    torch.ops.streamkern_C.patch_importance_(out, attn, layer_range[0], layer_range[1], num_vision_tokens,
-                                                  action_tokens)
-
-
-def _triton_importance(attn, layer_range, num_vision_tokens, action_tokens, grid):
-    from streamkern.kernels.drift_gate import patch_importance
-
-    return patch_importance(attn, layer_range, num_vision_tokens, action_tokens, grid)
+def _importance_args(out, attn, layer_range, num_vision_tokens, action_tokens, grid) -> tuple:
+    return out, attn, layer_range[0], layer_range[1], num_vision_tokens, action_tokens
 
 
 def _alloc_drift(image, prev_small, prev_importance, pool, dilation):
@@ -56,14 +49,8 @@ def _alloc_drift(image, prev_small, prev_importance, pool, dilation):
     return drift, small
 
 
-def _ext_drift(out, *args):
-    torch.ops.streamkern_C.attention_weighted_drift_(*out, *args)
-
-
-def _triton_drift(out, *args):
-    from streamkern.kernels.drift_gate import attention_weighted_drift
-
-    attention_weighted_drift(*out, *args)
+def _drift_args(out, *args) -> tuple:
+    return (*out, *args)
 
 
 def _alloc_gate(image, prev_small, prev_importance, state, prev_state, counter, pool, *thresholds):
@@ -80,15 +67,9 @@ def _torch_gate(image, prev_small, prev_importance, state, prev_state, counter, 
                                state_threshold)
 
 
-def _ext_gate(out, image, prev_small, prev_importance, state, prev_state, counter, *config):
-    torch.ops.streamkern_C.drift_gate_step_(*out, counter, image, prev_small, prev_importance, state, prev_state,
-                                            *config)
-
-
-def _triton_gate(out, image, prev_small, prev_importance, state, prev_state, counter, *config):
-    from streamkern.kernels.drift_gate import drift_gate_step
-
-    drift_gate_step(*out, counter, image, prev_small, prev_importance, state, prev_state, *config)
+def _gate_args(out, image, prev_small, prev_importance, state, prev_state, counter, *config) -> tuple:
+    """The kernels take the outputs, then the arrival counter, then the inputs."""
+    return (*out, counter, image, prev_small, prev_importance, state, prev_state, *config)
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -139,24 +120,27 @@ def _check_drift(image, prev_small, prev_importance, pool, dilation):
     return image, prev_small.to(ref.small_dtype(image)), prev_importance.float(), pool, dilation
 
 
+_EXT_IMPORTANCE = Kernel(cxx("patch_importance_", _importance_args), out=True)
+_EXT_DRIFT = Kernel(cxx("attention_weighted_drift_", _drift_args), out=True)
+_EXT_GATE = Kernel(cxx("drift_gate_step_", _gate_args), out=True)
 patch_importance_op = define_op(
     "patch_importance", "(Tensor attn, int[] layer_range, int num_vision_tokens, int action_tokens, int[] grid) "
     "-> Tensor",
-    {"torch": ref.patch_importance, "cpu": Kernel(_ext_importance, out=True), "triton": _triton_importance,
-     "cuda": Kernel(_ext_importance, out=True)},
+    {"torch": ref.patch_importance, "cpu": _EXT_IMPORTANCE, "triton": triton("drift_gate:patch_importance"),
+     "cuda": _EXT_IMPORTANCE},
     check=_check_importance, alloc=_alloc_importance)
 attention_weighted_drift_op = define_op(
     "attention_weighted_drift", "(Tensor image, Tensor prev_small, Tensor prev_importance, int pool, int dilation) "
     "-> (Tensor, Tensor)",
-    {"torch": ref.attention_weighted_drift, "cpu": Kernel(_ext_drift, out=True),
-     "triton": Kernel(_triton_drift, out=True), "cuda": Kernel(_ext_drift, out=True)},
+    {"torch": ref.attention_weighted_drift, "cpu": _EXT_DRIFT,
+     "triton": Kernel(triton("drift_gate:attention_weighted_drift", _drift_args), out=True), "cuda": _EXT_DRIFT},
     check=_check_drift, alloc=_alloc_drift)
 drift_gate_step_op = define_op(
     "drift_gate_step", "(Tensor image, Tensor? prev_small, Tensor? prev_importance, Tensor state, Tensor? prev_state, "
     "Tensor(a!) counter, int pool, int dilation, float drift_threshold, float state_threshold) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
-    {"torch": _torch_gate, "cpu": Kernel(_ext_gate, out=True), "triton": Kernel(_triton_gate, out=True),
-     "cuda": Kernel(_ext_gate, out=True)},
+    {"torch": _torch_gate, "cpu": _EXT_GATE,
+     "triton": Kernel(triton("drift_gate:drift_gate_step", _gate_args), out=True), "cuda": _EXT_GATE},
     alloc=_alloc_gate)
 
 

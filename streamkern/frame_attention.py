@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, define_op
+from ._backend import Kernel, cxx, define_op, outputs_last, triton
 from .reference import frame_attention as ref
 
 
@@ -59,26 +59,17 @@ def _values(q, k_pages, v_pages, page_table, *args):
     ref.check_values(page_table, k_pages.shape[1])
 
 
-def _triton(*args):
-    from streamkern.kernels.frame_attention import frame_attention
-
-    return frame_attention(*args)
-
-
 def _alloc(q, *args):
     B, Lq, H, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty((B, H, Lq), dtype=torch.float32, device=q.device))
 
 
-def _cpu(out, *args):
-    torch.ops.streamkern_C.frame_attention_(*args, *out)
-
-
 frame_attention_op = define_op(
     "frame_attention", "(Tensor q, Tensor k_pages, Tensor v_pages, Tensor page_table, Tensor? new_k, Tensor? new_v, "
     "Tensor? gate, float sm_scale) -> (Tensor, Tensor)",
-    {"torch": ref.frame_attention, "cpu": Kernel(_cpu, out=True), "triton": _triton}, check=_check, values=_values,
+    {"torch": ref.frame_attention, "cpu": Kernel(cxx("frame_attention_", outputs_last), out=True),
+     "triton": triton("frame_attention:frame_attention")}, check=_check, values=_values,
     alloc=_alloc, missing={
         "cuda": "no CUDA C++ kernel: the Triton kernel is the GPU path; a CUDA C++ kernel is added only where it "
                 "measurably beats Triton",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, define_op
+from ._backend import Kernel, cxx, define_op, outputs_last, triton
 from .reference import frame_topk as ref
 
 
@@ -35,12 +35,6 @@ def _values(q, k_mean, candidates, k, per_head):
 TRITON_MAX_CANDIDATES = 4096   # one program holds a row's candidates in registers
 
 
-def _triton(*args):
-    from streamkern.kernels.frame_topk import frame_topk
-
-    return frame_topk(*args)
-
-
 def _triton_supports(q, k_mean, candidates, k, per_head) -> str:
     C = candidates.shape[1]
     return "" if C <= TRITON_MAX_CANDIDATES else (f"takes at most {TRITON_MAX_CANDIDATES} candidates per row (one "
@@ -52,15 +46,12 @@ def _alloc(q, k_mean, candidates, k, per_head):
     return torch.empty((B, H, k) if per_head else (B, k), dtype=torch.int64, device=candidates.device)
 
 
-def _extension(out, *args):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    torch.ops.streamkern_C.frame_topk_(*args, out)
-
-
+_EXTENSION = cxx("frame_topk_", outputs_last)
 frame_topk_op = define_op(
     "frame_topk", "(Tensor q, Tensor k_mean, Tensor candidates, int k, bool per_head) -> Tensor", {
-        "torch": ref.frame_topk, "cpu": Kernel(_extension, out=True),
-        "triton": Kernel(_triton, supports=_triton_supports), "cuda": Kernel(_extension, out=True),
+        "torch": ref.frame_topk, "cpu": Kernel(_EXTENSION, out=True),
+        "triton": Kernel(triton("frame_topk:frame_topk"), supports=_triton_supports),
+        "cuda": Kernel(_EXTENSION, out=True),
     }, check=_check, values=_values, alloc=_alloc)
 
 

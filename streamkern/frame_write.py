@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import define_op
+from ._backend import cxx, define_op, triton
 from .reference import frame_write as ref
 
 
@@ -46,20 +46,11 @@ def _values(pool_k, pool_v, k_mean, k_new, v_new, pages):
     ref.check_values(pages, pool_k.shape[2])
 
 
-def _extension(*args):
-    """``"cpu"`` and ``"cuda"``: one C++ op, dispatched on the tensors' device."""
-    torch.ops.streamkern_C.frame_write_(*args)
-
-
-def _triton(*args):
-    from streamkern.kernels.frame_write import frame_write
-
-    frame_write(*args)
-
-
 frame_write_op = define_op(
     "frame_write", "(Tensor(a!) pool_k, Tensor(b!) pool_v, Tensor(c!) k_mean, Tensor k_new, Tensor v_new, "
-    "Tensor pages) -> ()", {"torch": ref.frame_write, "cpu": _extension, "triton": _triton, "cuda": _extension},
+    "Tensor pages) -> ()",
+    {"torch": ref.frame_write, "cpu": cxx("frame_write_"), "triton": triton("frame_write:frame_write"),
+     "cuda": cxx("frame_write_")},
     check=_check, values=_values)
 
 

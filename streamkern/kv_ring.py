@@ -17,7 +17,7 @@ import threading
 import torch
 
 from . import _checks as check
-from ._backend import define_op
+from ._backend import cxx, define_op, triton
 from .reference import kv_ring as ref
 
 
@@ -48,32 +48,20 @@ def _check(cache_k, cache_v, k_new, v_new, start, sink):
     check.no_overlap("cache_v", cache_v, k_new=k_new, v_new=v_new, start=slot)
 
 
-def _extension(*args):
-    torch.ops.streamkern_C.ring_write_(*args)
-
-
-def _extension_at(*args):
-    torch.ops.streamkern_C.ring_write_at_(*args)
-
-
 def _start_values(cache_k, cache_v, k_new, v_new, start, sink):
     check.index_range("start", start, cache_k.shape[2])
 
 
-def _triton(*args):
-    from streamkern.kernels.kv_ring import ring_write
-
-    ring_write(*args)
-
-
 ring_write_op = define_op(
     "ring_write", "(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, int start, int sink) -> ()",
-    {"torch": ref.ring_write, "cpu": _extension, "triton": _triton, "cuda": _extension}, check=_check)
+    {"torch": ref.ring_write, "cpu": cxx("ring_write_"), "triton": triton("kv_ring:ring_write"),
+     "cuda": cxx("ring_write_")}, check=_check)
 # The same copy with ``start`` an int64 [] device tensor read by the kernel (capture-safe for CUDA graphs).
 ring_write_at_op = define_op(
     "ring_write_at",
     "(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, Tensor start, int sink) -> ()",
-    {"torch": ref.ring_write, "cpu": _extension_at, "triton": _triton, "cuda": _extension_at}, check=_check,
+    {"torch": ref.ring_write, "cpu": cxx("ring_write_at_"), "triton": triton("kv_ring:ring_write"),
+     "cuda": cxx("ring_write_at_")}, check=_check,
     values=_start_values)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, define_op
+from ._backend import Kernel, cxx, define_op, triton
 from .reference import pose_topk as ref
 
 MAX_ENTRIES = 4096             # "triton" and "cuda"
@@ -49,24 +49,20 @@ def _alloc(poses, valid, current, k, scale):
             torch.empty(k, dtype=torch.float32, device=poses.device))
 
 
-def _extension(out, poses, valid, current, k, scale):
-    torch.ops.streamkern_C.pose_topk_(*out, poses, valid, current, scale)
+def _extension_args(out, poses, valid, current, k, scale) -> tuple:
+    """The C++ kernel fills ``k = len(out[0])`` outputs."""
+    return (*out, poses, valid, current, scale)
 
 
-def _triton(poses, valid, current, k, scale):
-    from streamkern.kernels.pose_topk import pose_topk
-
-    return pose_topk(poses, valid, current, k, scale)
-
-
+_EXTENSION = cxx("pose_topk_", _extension_args)
 _ON_CHIP = _entries_at_most(MAX_ENTRIES, "one program sorts them all on chip")
 pose_topk_op = define_op(
     "pose_topk", "(Tensor poses, Tensor valid, Tensor current, int k, float scale) -> (Tensor, Tensor)", {
         "torch": ref.pose_topk,
-        "cpu": Kernel(_extension, out=True,
+        "cpu": Kernel(_EXTENSION, out=True,
                       supports=_entries_at_most(MAX_CPU_ENTRIES, "16 index bits in each packed key")),
-        "triton": Kernel(_triton, supports=_ON_CHIP),
-        "cuda": Kernel(_extension, out=True, supports=_ON_CHIP),
+        "triton": Kernel(triton("pose_topk:pose_topk"), supports=_ON_CHIP),
+        "cuda": Kernel(_EXTENSION, out=True, supports=_ON_CHIP),
     }, check=_check, alloc=_alloc)
 
 

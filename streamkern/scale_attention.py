@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, define_op
+from ._backend import Kernel, cxx, define_op, triton
 from .kernels.tile_classes import TILE_FULL, TILE_PARTIAL, TILE_SKIP
 from .reference import scale_attention as ref
 
@@ -156,16 +156,6 @@ def _check_ids(q, k, v, q_scale, k_scale, allow, *config) -> None:
     check.index_range("k_scale", k_scale, allow.shape[0])
 
 
-def _cpu(out, q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
-    torch.ops.streamkern_C.block_masked_attention_(out, q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
-
-
-def _triton(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale):
-    from streamkern.kernels.scale_attention import block_masked_attention as launch
-
-    return launch(q, k, v, q_scale, k_scale, allow, self_attend, sm_scale)
-
-
 def _triton_supports(q, *args) -> str:
     D = q.shape[-1]
     return "" if D <= MAX_TRITON_HEAD_DIM else (
@@ -177,8 +167,8 @@ block_masked_attention_op = define_op(
     "block_masked_attention", "(Tensor q, Tensor k, Tensor v, Tensor q_scale, Tensor k_scale, Tensor allow, "
     "bool self_attend, float sm_scale) -> Tensor", {
         "torch": ref.block_masked_attention,
-        "cpu": Kernel(_cpu, out=True),
-        "triton": Kernel(_triton, supports=_triton_supports),
+        "cpu": Kernel(cxx("block_masked_attention_"), out=True),
+        "triton": Kernel(triton("scale_attention:block_masked_attention"), supports=_triton_supports),
     }, check=_check, values=_check_ids, alloc=lambda q, *args: torch.empty(q.shape, dtype=q.dtype, device=q.device),
     missing={"cuda": "no CUDA C++ kernel (optional per issue 5): the Triton flash kernel is the GPU path"})
 

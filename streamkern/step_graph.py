@@ -147,7 +147,7 @@ class _Recorder(TorchDispatchMode):
         return outs[0]
 
     def replay(self) -> None:
-        with _disable_current_modes():
+        with _disable_current_modes(), torch.no_grad():   # a graph replays kernels, no autograd record
             for call in self.calls:
                 call.replay()
 

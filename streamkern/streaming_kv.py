@@ -14,8 +14,14 @@ kept frame's page, the ring slot takes the page the bank slot held (its old fram
 overwritten by the next chunk). No KV byte moves, where ``bank_insert`` copies a frame. :meth:`attend` runs
 ``frame_attention`` for one layer over sink ∪ window ∪ bank (all of it, or per head the ``frame_topk`` best bank
 frames of the query) ∪ the chunk's own keys; the page table is built on the device. :meth:`append` writes the
-clean chunk into its pages with one ``frame_write``. Which slots are live is host-side counting, so no step reads a
-device value (the ``"torch"``/``"cpu"`` backends' value checks aside).
+clean chunk into its pages with one ``frame_write``.
+
+Where the ring stands lives on the device: ``cursor`` (int64 ``[]``) counts the frames evicted from the window, and
+every ring slot (``(cursor + j) mod W``), bank frame id and page table is computed from it there; host ints (sinks
+and window frames held, frames evicted per chunk, bank slots) only decide shapes, which stop changing once the
+window and the bank are full. So no step reads a device value (the ``"torch"``/``"cpu"`` backends' value checks
+aside), and a steady-state chunk captured in a CUDA graph (:class:`~streamkern.step_graph.StepGraph`) advances the
+ring on every replay.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Sequence
 import torch
 
 from . import _checks as check
+from ._backend import _value_check
 from .bank_evict import bank_evict_select
 from .consensus import select_frame
 from .frame_attention import frame_attention
@@ -47,8 +54,14 @@ class StreamingKV:
 
     State (device tensors unless said): ``pool``; ``sink_pages [S]``, ``window_pages [B, W]``, ``bank_pages [B, M]``
     int64; ``bank_valid [M]`` bool, ``bank_scores [M]`` float32, ``bank_entities [M, E]`` bool, ``bank_frame_ids
-    [B, M]`` int64 (stream index of the frame each slot holds, -1 if empty); host ints ``count`` (frames appended),
-    ``n_sink``, ``n_window`` (frames held), ``n_evicted`` (frames that left the window).
+    [B, M]`` int64 (stream index of the frame each slot holds, -1 if empty); ``cursor []`` int64, the frames that
+    left the window (the ring slot of the oldest held frame is ``cursor mod W``); host ints ``count`` (frames
+    appended), ``n_sink``, ``n_window`` (frames held), ``n_evicted`` (frames that left the window).
+
+    The host ints count the host's own calls. After a captured chunk is replayed (a graph replay runs no Python),
+    ``cursor`` and every device list have advanced while ``count`` and ``n_evicted`` still count the chunk once, at
+    capture (``n_sink`` and ``n_window`` stay right: a steady-state chunk leaves them unchanged); :meth:`sync_count`
+    reads the cursor back into them.
     """
 
     def __init__(self, num_layers: int, batch: int, frame_len: int, heads: int, head_dim: int, *,
@@ -73,14 +86,16 @@ class StreamingKV:
         self.bank_scores = torch.zeros(self.M, dtype=torch.float32, device=dev)
         self.bank_entities = torch.zeros(self.M, num_entities, dtype=torch.bool, device=dev)
         self.bank_frame_ids = torch.full((batch, self.M), -1, dtype=torch.int64, device=dev)
+        self.cursor = torch.zeros((), dtype=torch.int64, device=dev)
         self.count = self.n_sink = self.n_window = self.n_evicted = 0
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None   # (recent, shared) until roll/append
 
-    # --- host-side bookkeeping -----------------------------------------------------------------------------------
+    # --- bookkeeping ---------------------------------------------------------------------------------------------
 
-    def _ring(self, first: int, n: int) -> torch.Tensor:
-        """Ring slots of non-sink frames ``first .. first + n - 1`` (built on the device from host ints)."""
-        return torch.arange(first, first + n, device=self.window_pages.device) % self.W
+    def _ring(self, offset: int, n: int) -> torch.Tensor:
+        """Ring slots ``[n]`` of the window frames ``offset .. offset + n - 1`` counted from the oldest held one:
+        ``(cursor + offset + j) mod W``, on the device."""
+        return (self.cursor + torch.arange(offset, offset + n, device=self.cursor.device)) % self.W
 
     def _split(self, frames: int) -> tuple[int, int]:
         """``(to sinks, to the window)`` of the next ``frames`` frames."""
@@ -89,15 +104,24 @@ class StreamingKV:
 
     # --- the lifecycle -------------------------------------------------------------------------------------------
 
+    def sync_count(self) -> int:
+        """Read ``cursor`` back into ``n_evicted`` and ``count`` (one host sync; for chunks advanced by graph
+        replays) and return ``count``."""
+        self.n_evicted = int(self.cursor)
+        self.count = self.n_sink + self.n_window + self.n_evicted
+        return self.count
+
     def roll(self, frames: int, *, text_k: torch.Tensor | None = None, entity_weights: torch.Tensor | None = None,
-             entities: Sequence[int] = ()) -> int:
+             entities: Sequence[int] | torch.Tensor = ()) -> int:
         """Make room for the next ``frames`` frames: evict the oldest window frames that would not fit.
 
         With a bank, the evicted frames are offered to it: ``text_k [NL, B, Ls, H, D]`` and ``entity_weights [Ls]``
         or ``[B, Ls]`` feed ``select_frame`` (scored on the evicted pages' ``k_mean``: a frame's mean key is what
-        the consensus score reads), ``entities`` (host ints in ``[0, E)``) become the kept frame's entity mask, and
-        the kept frame's page swaps owner with the page of the ``bank_evict_select`` slot. Returns the number of
-        frames evicted (a host int). No KV byte is read or written."""
+        the consensus score reads), ``entities`` (host ints in ``[0, E)``, or an int64 ``[n]`` tensor on the pool's
+        device: ids outside ``[0, E)`` then match no entity, checked only under ``STREAMKERN_DEBUG=1`` since that
+        reads them) become the kept frame's entity mask, and the kept frame's page swaps owner with the page of the
+        ``bank_evict_select`` slot. Returns the number of frames evicted (a host int). No KV byte is read or
+        written."""
         check.integer("frames", frames, low=1)
         _, to_window = self._split(frames)
         if to_window > self.W:
@@ -110,15 +134,28 @@ class StreamingKV:
             if text_k is None or entity_weights is None:
                 raise ValueError("text_k, entity_weights: expected tensors (the bank scores the evicted frames), "
                                  "got None")
-            for i, e in enumerate(entities):
-                check.integer(f"entities[{i}]", e, low=0, high=self.bank_entities.shape[1] - 1)
-            self._keep(self._ring(self.n_evicted, evict), text_k, entity_weights, entities)
+            self._keep(self._ring(0, evict), text_k, entity_weights, self._entity_mask(entities))
+        self.cursor.add_(evict)
         self.n_window -= evict
         self.n_evicted += evict
         self._tables = None
         return evict
 
-    def _keep(self, slots: torch.Tensor, text_k, entity_weights, entities) -> None:
+    def _entity_mask(self, entities) -> torch.Tensor:
+        """The ``[1, E]`` bool mask of ``entities`` (host ints, range-checked, or an int64 ``[n]`` device tensor)."""
+        E, dev = self.bank_entities.shape[1], self.bank_entities.device
+        ids = torch.arange(E, device=dev)
+        if isinstance(entities, torch.Tensor):
+            check.tensor("entities", entities, ndim=1, dtypes=check.INDEX, device=dev)
+            if check.debug_enabled():
+                _value_check(check.index_range, ("entities", entities, E))
+            return (ids == entities[:, None]).any(0, keepdim=True)
+        mask = torch.zeros(1, E, dtype=torch.bool, device=dev)
+        for i, e in enumerate(entities):
+            mask |= ids == check.integer(f"entities[{i}]", e, low=0, high=E - 1)
+        return mask
+
+    def _keep(self, slots: torch.Tensor, text_k, entity_weights, mask: torch.Tensor) -> None:
         """Offer the frames of ring ``slots`` to the bank and swap the kept frame's page into it."""
         pages = self.window_pages.index_select(1, slots)                                        # [B, e]
         rows = torch.arange(pages.shape[0], device=pages.device)[:, None]
@@ -132,15 +169,10 @@ class StreamingKV:
         freed = self.bank_pages.index_select(1, slot)                                           # [B, 1]
         self.bank_pages.index_copy_(1, slot, kept)
         self.window_pages.scatter_(1, slots.index_select(0, best)[:, None], freed)
-        ids = torch.arange(self.bank_entities.shape[1], device=slot.device)
-        mask = torch.zeros(1, self.bank_entities.shape[1], dtype=torch.bool, device=slot.device)
-        for e in entities:
-            mask |= ids == e
         self.bank_scores.index_copy_(0, slot, scores.gather(1, best[:, None]).mean().reshape(1))
         self.bank_entities.index_copy_(0, slot, mask)
         self.bank_valid.index_fill_(0, slot, True)
-        first = self.S + self.n_evicted
-        self.bank_frame_ids.index_copy_(1, slot, first + best[:, None])
+        self.bank_frame_ids.index_copy_(1, slot, self.cursor + (self.S + best[:, None]))
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write a clean chunk of ``n`` frames, ``k_new``/``v_new`` ``[NL, B, n·F, H, D]``: the first go to free
@@ -158,7 +190,7 @@ class StreamingKV:
                              f"call roll({n}) first")
         B = self.window_pages.shape[0]
         sinks = self.sink_pages[self.n_sink:self.n_sink + to_sink].expand(B, to_sink)
-        ring = self.window_pages.index_select(1, self._ring(self.n_evicted + self.n_window, to_window))
+        ring = self.window_pages.index_select(1, self._ring(self.n_window, to_window))
         self.pool.write(k_new, v_new, torch.cat([sinks, ring], dim=1))
         self.n_sink += to_sink
         self.n_window += to_window
@@ -175,7 +207,7 @@ class StreamingKV:
         on the query."""
         if self._tables is None:
             B = self.window_pages.shape[0]
-            live = self.window_pages.index_select(1, self._ring(self.n_evicted, self.n_window))
+            live = self.window_pages.index_select(1, self._ring(0, self.n_window))
             recent = torch.cat([self.sink_pages[:self.n_sink].expand(B, self.n_sink), live], dim=1)
             self._tables = recent, torch.cat([recent, torch.where(self.bank_valid, self.bank_pages, -1)], dim=1)
         recent, shared = self._tables

@@ -12,12 +12,12 @@ float scan). ``"triton"``: ``kernels/verify.py`` (one program per row, V tiles o
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 from . import _checks as check
-from ._backend import Kernel, define_op
+from ._backend import Kernel, cxx, define_op, triton
 from .reference import verify as ref
 
 MODES = ("greedy", "sample")
@@ -52,19 +52,16 @@ def _torch(*args):
     return tuple(o.contiguous() for o in ref.verify_scales(*args))
 
 
-def _extension(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
-    out = _outputs(logits, draft_tokens, len(offsets) - 1, greedy)
-    torch.ops.streamkern_C.verify_scales_(*out, logits, draft_tokens, draft_probs, uniforms, offsets, cfg, greedy,
-                                          threshold, temperature)
-    return out[:4]
+def _filling(launch: Callable) -> Callable:
+    """A backend whose ``launch`` fills the outputs (a scratch buffer last) with the same argument order."""
+    def run(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
+        out = _outputs(logits, draft_tokens, len(offsets) - 1, greedy)
+        launch(*out, logits, draft_tokens, draft_probs, uniforms, offsets, cfg, greedy, threshold, temperature)
+        return out[:4]
+    return run
 
 
-def _triton(logits, draft_tokens, offsets, greedy, threshold, draft_probs, uniforms, cfg, temperature):
-    from streamkern.kernels.verify import verify_scales as launch
-
-    out = _outputs(logits, draft_tokens, len(offsets) - 1, greedy)
-    launch(*out, logits, draft_tokens, draft_probs, uniforms, offsets, cfg, greedy, threshold, temperature)
-    return out[:4]
+_EXTENSION = _filling(cxx("verify_scales_"))
 
 
 def _cuda_supports(logits, draft_tokens, offsets, *config) -> str:
@@ -80,8 +77,8 @@ def _fake(logits, draft_tokens, offsets, *config):
 verify_scales_op = define_op(
     "verify_scales", "(Tensor logits, Tensor draft_tokens, int[] offsets, bool greedy, float threshold, "
     "Tensor? draft_probs, Tensor? uniforms, float[]? cfg, float temperature) -> (Tensor, Tensor, Tensor, Tensor)", {
-        "torch": _torch, "cpu": _extension, "triton": _triton,
-        "cuda": Kernel(_extension, supports=_cuda_supports),
+        "torch": _torch, "cpu": _EXTENSION, "triton": _filling(triton("verify:verify_scales")),
+        "cuda": Kernel(_EXTENSION, supports=_cuda_supports),
     }, values=_values, fake=_fake)
 
 

@@ -47,6 +47,8 @@ def poison_empty(monkeypatch):
 
 
 # Every (backend, device) pair an op's parity tests run on; unavailable pairs are skipped with the reason.
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]   # the storage dtypes every op takes
 BACKEND_DEVICES = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
                    ("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
 

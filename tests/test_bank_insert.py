@@ -3,7 +3,7 @@
 indices (raise on torch/cpu before writing; skipped rows on GPU backends), bad inputs, opcheck, compile, syncs."""
 import pytest
 import torch
-from conftest import assert_raises_untouched, backend_params
+from conftest import DTYPES, assert_raises_untouched, backend_params
 
 import streamkern
 from streamkern.reference import bank_insert as ref
@@ -16,7 +16,6 @@ CASES = [  # NL, B, M, F, fsl, H, D, broadcast
     pytest.param((2, 1, 2, 3, 13, 1, 16, False), id="fsl13-D16"),
     pytest.param((1, 0, 2, 2, 3, 2, 4, False), id="empty-B0"),
 ]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _case(case, dtype, device, strided=False):
@@ -54,7 +53,7 @@ def _check(bd, bank_k, bank_v, chunk_k, chunk_v, frame_idx, slot, fsl):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bd", backend_params())
 def test_parity(bd, dtype, case):
     _check(bd, *_case(case, dtype, bd[1]))

@@ -7,9 +7,8 @@ import streamkern
 from streamkern.reference import consensus as ref
 from streamkern.testing import assert_parity
 
-from conftest import backend_params
+from conftest import DTYPES, backend_params
 
-DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.float16, torch.bfloat16)]
 
 # (NL, B, F, frame_seq_len, S, H, D, layers, layer_weights, weights per batch row)
 CASES = [

@@ -6,15 +6,13 @@ import importlib
 
 import pytest
 import torch
-from conftest import backend_params
+from conftest import DTYPES, backend_params
 
 import streamkern
 from streamkern.reference import frame_attention as ref
 from streamkern.testing import assert_parity, count_launches
 
 fa = importlib.import_module("streamkern.frame_attention")   # the module (streamkern.frame_attention is the op)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
-          pytest.param(torch.bfloat16, id="bf16")]
 # no "cuda" backend: the Triton kernel is the GPU path
 ALL = backend_params(exclude=("cuda",), ops=[fa.frame_attention_op])
 GPU = backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.frame_attention_op])

@@ -6,15 +6,13 @@ import importlib
 
 import pytest
 import torch
-from conftest import backend_params
+from conftest import DTYPES, backend_params
 
 import streamkern
 from streamkern.reference import frame_topk as ref
 from streamkern.testing import count_launches
 
 ft = importlib.import_module("streamkern.frame_topk")   # the module (streamkern.frame_topk is the op)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
-          pytest.param(torch.bfloat16, id="bf16")]
 ALL = backend_params(ops=[ft.frame_topk_op])
 GPU = backend_params(exclude=("torch", "cpu"), ops=[ft.frame_topk_op])
 

@@ -6,15 +6,13 @@ import importlib
 
 import pytest
 import torch
-from conftest import backend_params
+from conftest import DTYPES, backend_params
 
 import streamkern
 from streamkern.reference import frame_write as ref
 from streamkern.testing import assert_parity, count_launches
 
 fw = importlib.import_module("streamkern.frame_write")   # the module (streamkern.frame_write is the op)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
-          pytest.param(torch.bfloat16, id="bf16")]
 ALL = backend_params(ops=[fw.frame_write_op])
 GPU = backend_params(exclude=("torch", "cpu"), ops=[fw.frame_write_op])
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import assert_raises_untouched, backend_params
+from conftest import DTYPES, assert_raises_untouched, backend_params
 
 import streamkern
 from streamkern.reference import kv_ring as ref
@@ -100,7 +100,6 @@ CASES = [  # NL, B, sink, window, H, D, T, start
     pytest.param((1, 2, 3, 5, 4, 16, 2, 3), id="start-at-sink-D16"),
     pytest.param((2, 1, 1, 3, 2, 4, 0, 2), id="empty-T0"),
 ]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _case(case, dtype, device, how="contiguous"):
@@ -133,7 +132,7 @@ def _check_against_reference64(bd, cache_k, cache_v, k_new, v_new, start, sink):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bd", backend_params())
 def test_ring_write_parity(bd, dtype, case):
     _check_against_reference64(bd, *_case(case, dtype, bd[1]))

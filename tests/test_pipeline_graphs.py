@@ -1,41 +1,162 @@
-"""Pipeline steps captured once and replayed (issue 16 item 2; the contract is ``streamkern.step_graph``).
-
-Each test builds two identical pipelines, runs both eagerly to steady state, captures one step of the second in a
-:class:`~streamkern.step_graph.StepGraph` (the CPU recorder here, a CUDA graph on a GPU), runs the same step of the
-first eagerly, then refills both pipelines' inputs identically before each replay and compares the replay with the
-eager step, carried state included: bit-exact on CPU (the same ops on the same values), within ``assert_parity``'s
-float32 tolerance on CUDA."""
+"""The pipelines' steps captured with :class:`~streamkern.step_graph.StepGraph` and replayed (issue 16 item 2):
+two identical pipelines, both run eagerly to steady state; one step of the second is captured (a StreamingGenerator
+block, a GatedPolicy control step, a SpeculativeVAR round), then each replay (inputs refilled in place) must equal
+the first pipeline's eager step, output and carried state alike: bit-exact on CPU (the same ops on the same
+values), within the fp32 parity bound on CUDA. On CPU (the recorder, backends "torch" ops, "cpu", interpreted
+"triton") here; on CUDA graphs where a GPU is present. Negative controls show the comparison fails when a step
+breaks a replay rule."""
 import pytest
 import torch
-
 from conftest import backend_params
+
 from streamkern import drift_gate
-from streamkern.pipelines import GatedPolicy, SpeculativeVAR
+from streamkern.pipelines import GatedPolicy, SpeculativeVAR, StreamingGenerator
 from streamkern.pipelines._tiny import randn
 from streamkern.pipelines.gated_policy import scripted_trajectory
 from streamkern.step_graph import CaptureError, StepGraph
-from streamkern.testing import TOLERANCE, rel_error
+from streamkern.streaming_kv import StreamingKV
+from streamkern.testing import assert_parity
 
-CPU = backend_params(exclude=("cuda", ("torch", "cuda"), ("triton", "cuda")))
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: these tiny models' ops are far too small to share, and on a loaded machine spinning
+    threads make a step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _equal(got, want, exact: bool) -> bool:
+    """Bit-equal (``exact``: the replay ran the eager step's ops) or, float tensors on CUDA, within the parity
+    bound of fp32 (a graph may pick other kernels than eager calls)."""
+    if exact or not got.is_floating_point():
+        return torch.equal(got, want)
+    try:
+        assert_parity(got, want, torch.float32, "replay")
+    except AssertionError:
+        return False
+    return True
+
+
+# --- StreamingGenerator ------------------------------------------------------------------------------------------
+
+# 3-frame blocks of 4-token frames, 1 sink frame, a 6-frame window (2 blocks), a bank of 3: blocks 2-4 fill the
+# bank, so from block 5 on every block evicts 3 frames into a full bank (steady state: constant shapes). Prompts
+# switch every 3 blocks and a block's α is 0, 0, then > 0 after a switch: the captured block 5 blends (α > 0), the
+# replays (blocks 6-9) cross two switches.
+TINY = dict(num_layers=2, heads=2, head_dim=8, frame_seq_len=4, frames_per_block=3, window_frames=6,
+            sink_frames=1, bank_size=3, num_entities=5, text_len=8, text_dim=16, switch_every=3, steps=1)
+WARM, REPLAYS = 5, 4
+
+
+def _frame_ops():
+    from streamkern.frame_attention import frame_attention_op
+    from streamkern.frame_topk import frame_topk_op
+    from streamkern.frame_write import frame_write_op
+
+    return frame_attention_op, frame_topk_op, frame_write_op
+
+
+def _carried(stream) -> dict:
+    """The state a block carries to the next: the block counter, the ring cursor, the pool, the page lists and
+    the bank's bookkeeping."""
+    kv = stream.cache.kv
+    names = ("cursor", "window_pages", "bank_pages", "bank_valid", "bank_scores", "bank_entities", "bank_frame_ids")
+    return dict(block=stream.block, k=kv.pool.k, v=kv.pool.v, k_mean=kv.pool.k_mean,
+                **{name: getattr(kv, name) for name in names})
+
+
+@torch.no_grad()     # inference, as ``run``: a replay records no autograd graph
+def streaming_replays(backend: str, device: str, sparse_bank=None) -> list[dict]:
+    """Blocks ``WARM + 1 ..`` of a captured ``BlockStream.step`` against eager steps of a twin: for the capture
+    and each replay, ``{what: equal}`` over the block latent and every carried tensor."""
+    gens = [StreamingGenerator(backend=backend, eager=False, device=device, sparse_bank=sparse_bank, **TINY)
+            for _ in range(2)]
+    eager, graphed = (g.stream() for g in gens)
+    for i in range(WARM):
+        for s in (eager, graphed):
+            s.noise.copy_(s.block_noise(i))
+            s.step()
+    exact = torch.device(device).type == "cpu"
+    results = []
+    for i in range(WARM, WARM + 1 + REPLAYS):
+        for s in (eager, graphed):
+            s.noise.copy_(s.block_noise(i))
+        if i == WARM:
+            graph = StepGraph(graphed.step, device)
+            got = graph.outputs
+        else:
+            got = graph.replay()
+        want = eager.step()
+        same = {"latent": _equal(got, want, exact)}
+        same.update({name: _equal(t, _carried(eager)[name], exact) for name, t in _carried(graphed).items()})
+        results.append(same)
+    assert graph.replays == REPLAYS and graphed.blocks == WARM + 1 and int(graphed.block) == WARM + 1 + REPLAYS
+    return results
+
+
+def _ring_from_host_count(self, offset: int, n: int) -> torch.Tensor:
+    """A rule broken on purpose: ring slots from the host count of evicted frames, frozen at capture."""
+    return torch.arange(self.n_evicted + offset, self.n_evicted + offset + n, device=self.cursor.device) % self.W
+
+
+def _block_from_host_count(real):
+    """A rule broken on purpose: the block index a tensor made from the host count, frozen at capture."""
+    def block(self, i, counter, *args):
+        return real(self, i, torch.tensor(i, device=counter.device), *args)
+    return block
+
+
+CPU_PATHS = [pytest.param(("torch", "cpu"), id="ops-torch-cpu")] + backend_params(exclude=("torch", "cuda"),
+                                                                                     ops=_frame_ops())
+CUDA_PATHS = [p for p in backend_params(exclude=("torch", "cpu"), ops=_frame_ops())
+              if p.values[0][1] == "cuda"] + [pytest.param(("auto", "cuda"), id="auto-cuda")]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("sparse", [None, 2], ids=["dense", "sparse"])
+@pytest.mark.parametrize("bd", CPU_PATHS)
+def test_streaming_generator_block_replays_as_the_next_block(bd, sparse):
+    results = streaming_replays(*bd, sparse_bank=sparse)
+    assert all(all(same.values()) for same in results), results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("sparse", [None, 2], ids=["dense", "sparse"])
+@pytest.mark.parametrize("bd", CUDA_PATHS)
+def test_streaming_generator_block_replays_as_the_next_block_on_cuda_graphs(bd, sparse):
+    results = streaming_replays(*bd, sparse_bank=sparse)
+    assert all(all(same.values()) for same in results), results
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("broken", ["ring-cursor", "block-index"])
+def test_streaming_generator_replay_diverges_with_a_host_count(monkeypatch, broken):
+    """The negative controls: ring slots built from the host count (what StreamingKV did before its device
+    cursor), or the block index taken from the host count (positions, prompt blend and entities of the captured
+    block): eager steps stay right, but every replay redoes the captured block and the stream diverges."""
+    if broken == "ring-cursor":
+        monkeypatch.setattr(StreamingKV, "_ring", _ring_from_host_count)
+    else:
+        monkeypatch.setattr(StreamingGenerator, "_block", _block_from_host_count(StreamingGenerator._block))
+    results = streaming_replays("cpu", "cpu")
+    assert all(results[0].values()), results[0]          # the capture itself ran the step eagerly
+    assert not any(same["latent"] or same["k"] for same in results[1:]), results[1:]
+
+
+# --- shared by GatedPolicy and SpeculativeVAR --------------------------------------------------------------------
+
+CPU_BACKENDS = backend_params(exclude=("cuda", ("torch", "cuda"), ("triton", "cuda")))
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
 def _mismatches(pairs, exact):
-    """``[(step, leaf)]`` where a replay's tensors differ from the eager step's; ``pairs`` is
-    ``[(replayed, eager)]``, each a list of tensors. Exact equality, or for floats on a GPU a relative error within
-    ``assert_parity``'s float32 tolerance."""
-    bad = []
-    for step, (got, want) in enumerate(pairs):
-        for i, (g, w) in enumerate(zip(got, want)):
-            if g.shape != w.shape:
-                same = False
-            elif exact or not g.is_floating_point():
-                same = torch.equal(g, w)
-            else:
-                same = rel_error(g, w) < TOLERANCE[torch.float32]
-            if not same:
-                bad.append((step, i))
-    return bad
+    """``[(step, leaf)]`` where a replay's tensors differ from the eager step's (:func:`_equal`); ``pairs`` is
+    ``[(replayed, eager)]``, each a list of tensors."""
+    return [(step, i) for step, (got, want) in enumerate(pairs) for i, (g, w) in enumerate(zip(got, want))
+            if not _equal(g, w, exact)]
 
 
 # --- GatedPolicy -------------------------------------------------------------------------------------------------
@@ -87,7 +208,8 @@ def _check_policy_replays(backend, device):
     assert 0 in reasons and any(r != 0 for r in reasons), f"replays must reuse and recompute, got {reasons}"
 
 
-@pytest.mark.parametrize("bd", CPU)
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("bd", CPU_BACKENDS)
 def test_gated_policy_step_replays_both_branches(bd):
     """The gate's decision picks the full pass + update or the reuse pass on the device at each replay; the gate
     carries its frame, importance, state and the prefix KV in place, so replays match eager steps."""
@@ -100,6 +222,7 @@ def test_gated_policy_step_replays_both_branches_on_cuda(backend):
     _check_policy_replays(backend, "cuda")
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_gated_policy_replay_diverges_when_the_gate_rebinds_its_state(monkeypatch):
     """Negative control: a gate that rebinds its pooled frame, state and KV to fresh tensors at each update (as
     it did before) leaves the captured step reading the buffers of the capture, and the replays diverge."""
@@ -162,8 +285,9 @@ def _check_var_round_replays(backend, device, mode):
     assert set(keeps) == {1, 2}, f"the replays must keep one and both drafted scales, got {keeps}"
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
-@pytest.mark.parametrize("bd", CPU)
+@pytest.mark.parametrize("bd", CPU_BACKENDS)
 def test_speculative_var_round_replays(bd, mode):
     """A round at a fixed scale (draft, one target pass, verify, masked write of the kept scales) replays on new
     labels and prefixes; the kept count changes between replays and the token buffer follows it on the device;

@@ -189,9 +189,11 @@ def test_streaming_generator_eager_baseline_syncs_are_counted():
     assert run.step_syncs[0] == 0 and sum(run.step_syncs) >= 6    # argmax().item() per evicted chunk, switches
 
 
-def test_streaming_generator_rejects_a_bad_sparse_bank():
+def test_streaming_generator_rejects_a_bad_sparse_bank_or_steps():
     with pytest.raises(ValueError, match="sparse_bank"):
         StreamingGenerator(sparse_bank=0, **SMALL_STREAM)
+    with pytest.raises(ValueError, match="steps: expected a positive int"):
+        StreamingGenerator(**dict(SMALL_STREAM, steps=0))
 
 
 def test_replaced_parts_are_timed_with_their_bytes_and_are_smaller_in_place():

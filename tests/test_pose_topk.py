@@ -10,9 +10,7 @@ from streamkern.pose_topk import MAX_ENTRIES, pose_topk_op
 from streamkern.reference import pose_topk as ref
 from streamkern.testing import assert_parity
 
-from conftest import assert_raises_untouched, backend_params
-
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+from conftest import DTYPES, assert_raises_untouched, backend_params
 
 
 def _python_topk(poses, valid, current, k, scale):
@@ -50,7 +48,7 @@ SHAPES = [pytest.param(N, P, k, id=f"N{N}-P{P}-k{k}") for N, P, k in
 
 
 @pytest.mark.parametrize("bd", backend_params())
-@DTYPES
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,P,k", SHAPES)
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 def test_against_reference(bd, dtype, N, P, k, ties):
@@ -84,7 +82,7 @@ def test_largest_buffer(bd):
 
 
 @pytest.mark.parametrize("bd", backend_params())
-@DTYPES
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous(bd, dtype):
     """Poses as a column-strided, transposed view, strided current and valid."""
     b, d = bd

@@ -11,10 +11,8 @@ from streamkern import scale_attention as sa
 from streamkern.reference import scale_attention as ref
 from streamkern.testing import assert_parity, rel_error
 
-from conftest import backend_params
+from conftest import DTYPES, backend_params
 
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
-          pytest.param(torch.bfloat16, id="bf16")]
 ALL = backend_params(exclude=("cuda",))  # no "cuda" backend: Triton is the GPU path (see test_cuda_backend_...)
 SMALL = (1, 2, 3, 4, 5)  # 55 tokens: scales straddle the interpreter's 16-token tiles
 

@@ -34,6 +34,18 @@ def test_replay_reruns_the_ops_on_the_captured_tensors(device):
     assert graph.replays == 3
 
 
+def test_replay_records_no_autograd():
+    """A step captured under ``no_grad`` that writes a view in place replays with grad mode on (a CUDA graph
+    replays kernels only; autograd would refuse the in-place write of a no-grad view)."""
+    w = torch.randn(4, requires_grad=True)
+    buf = torch.zeros(2, 4)
+    with torch.no_grad():
+        graph = StepGraph(lambda: buf[0].add_(w), "cpu")
+    assert torch.is_grad_enabled()
+    graph.replay()
+    assert torch.equal(buf[0], 2 * w.detach()) and not buf.requires_grad
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_warmup_runs_the_step_eagerly_before_the_capture(device):
     count = torch.zeros((), device=device)

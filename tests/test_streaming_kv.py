@@ -151,6 +151,52 @@ def test_no_host_sync_per_chunk(bd, monkeypatch):
     assert skv.n_evicted > 0 and bool(skv.bank_valid.any())
 
 
+@pytest.mark.parametrize("bd", ALL)
+def test_device_cursor_drives_the_ring(bd):
+    """Ring slots, bank frame ids and page tables come from the device ``cursor``, not from the host count: a twin
+    whose host ``n_evicted``/``count`` are wrong (as after graph replays) and whose entities are a device tensor
+    keeps every device list, the pool and the attention outputs equal; ``sync_count`` reads the cursor back."""
+    kw = dict(sink_frames=1, window_frames=4, bank_frames=2, num_entities=5, layers=LAYERS, layer_weights=WEIGHTS,
+              dtype=torch.float32, device=bd[1], backend=bd[0])
+    a, b = streamkern.StreamingKV(NL, B, F, H, D, **kw), streamkern.StreamingKV(NL, B, F, H, D, **kw)
+    for i, step in enumerate(_stream(5 if bd[0] == "triton" else 8)):
+        on = {k: v.to(bd[1]) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+        b.n_evicted, b.count = b.n_evicted + 7 * i, 0
+        ents = torch.tensor(step["entities"], device=bd[1])
+        for skv, e in ((a, step["entities"]), (b, ents)):
+            skv.roll(step["frames"], text_k=on["text_k"], entity_weights=on["weights"], entities=e)
+        outs = [skv.attend(1, on["q"], on["new_k"], on["new_v"], topk=1) for skv in (a, b)]
+        assert torch.equal(outs[0], outs[1]), f"step {i}: attention"
+        for skv in (a, b):
+            skv.append(on["k"], on["v"])
+        for name in ("cursor", "window_pages", "bank_pages", "bank_valid", "bank_scores", "bank_entities",
+                     "bank_frame_ids"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), f"step {i}: {name}"
+        assert torch.equal(a.pool.k, b.pool.k) and torch.equal(a.pool.v, b.pool.v), f"step {i}: pool"
+        assert int(a.cursor) == a.n_evicted
+    assert a.n_evicted >= 6 and bool(a.bank_valid.all())
+    assert b.sync_count() == a.count and b.n_evicted == a.n_evicted
+
+
+def test_device_entities_are_checked(monkeypatch):
+    skv = streamkern.StreamingKV(NL, B, F, H, D, window_frames=1, bank_frames=1, num_entities=5, layers=LAYERS,
+                                 layer_weights=WEIGHTS, dtype=torch.float32)
+    skv.append(torch.zeros(NL, B, F, H, D), torch.zeros(NL, B, F, H, D))
+    text = dict(text_k=torch.zeros(NL, B, 2, H, D), entity_weights=torch.ones(2))
+    with pytest.raises(TypeError, match="entities: expected dtype int64, got int32"):
+        skv.roll(1, entities=torch.tensor([1], dtype=torch.int32), **text)
+    with pytest.raises(ValueError, match="entities: expected a 1-d tensor"):
+        skv.roll(1, entities=torch.tensor(1), **text)
+    monkeypatch.setenv("STREAMKERN_DEBUG", "1")
+    with pytest.raises(ValueError, match="entities: expected values in \\[0, 5\\), got min 1, max 5"):
+        skv.roll(1, entities=torch.tensor([1, 5]), **text)
+    assert skv.n_window == 1 and int(skv.cursor) == 0 and not bool(skv.bank_valid.any())    # nothing written
+    monkeypatch.delenv("STREAMKERN_DEBUG")
+    with count_host_syncs(forbid=True):
+        assert skv.roll(1, entities=torch.tensor([1, 4]), **text) == 1
+    assert skv.bank_entities[0].tolist() == [False, True, False, False, True] and int(skv.cursor) == 1
+
+
 def test_bad_arguments():
     skv = streamkern.StreamingKV(NL, B, F, H, D, sink_frames=0, window_frames=3, bank_frames=1, dtype=torch.float32)
     with pytest.raises(ValueError, match="k_new: expected a positive multiple of frame_len=3"):

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import backend_params
+from conftest import DTYPES, backend_params
 
 import streamkern
 from streamkern import scale_layout
@@ -12,8 +12,6 @@ from streamkern.pipelines import count_host_syncs
 from streamkern.reference import verify as ref
 from streamkern.testing import assert_parity
 from streamkern.verify import verify_scales, verify_scales_op
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 LAYOUT = scale_layout((1, 2, 3, 4))
@@ -82,7 +80,7 @@ SHAPES = [  # (B, first, num, V, cfg, non-contiguous logits)
 
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
 @pytest.mark.parametrize("B,first,num,V,cfg,strided", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bd", backend_params())
 def test_parity(bd, dtype, B, first, num, V, cfg, strided, mode):
     backend, device = bd
@@ -107,7 +105,7 @@ TILED = pytest.param(1, (1, 1, 2), 2, 1, 9000, True, id="V9000-three-tiles-cfg")
 
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
 @pytest.mark.parametrize("B,patch_nums,first,num,V,cfg", GPU_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch", ("triton", "cpu"), ("cpu", "cpu"))))
 def test_parity_gpu_shapes(bd, dtype, B, patch_nums, first, num, V, cfg, mode):
     """VAR / LLM-sized rows on the GPU backends (too slow for the Triton interpreter)."""

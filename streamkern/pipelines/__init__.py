@@ -9,8 +9,8 @@ from ._runtime import HostSyncError, PipelineRun, count_host_syncs
 from .gated_policy import GatedPolicy
 from .memory_bank import MemoryBank
 from .speculative_var import SpeculativeVAR
-from .streaming import BlockState, StreamingGenerator
+from .streaming import BlockState, BlockStream, StreamingGenerator
 from .world_model import MemoryWorldModel
 
-__all__ = ["MemoryBank", "StreamingGenerator", "BlockState", "MemoryWorldModel", "GatedPolicy", "SpeculativeVAR",
-           "PipelineRun", "HostSyncError", "count_host_syncs"]
+__all__ = ["MemoryBank", "StreamingGenerator", "BlockStream", "BlockState", "MemoryWorldModel", "GatedPolicy",
+           "SpeculativeVAR", "PipelineRun", "HostSyncError", "count_host_syncs"]

@@ -18,10 +18,15 @@ frames whose mean key best matches its mean query (``qbar · kbar``, DESIGN.md �
   ``gather``-ed per head with sparse activation), the seed's bank (:class:`MemoryBank` eager), a Python scheduler
   fed by ``.item()``.
 * ``eager=False``: :class:`~streamkern.StreamingKV`, one ``FramePool`` page per latent frame: sink pages, a ring of
-  window pages and bank pages, whose ids live on the device. A clean chunk is written once (``frame_write``, all layers); attention reads sink ∪ window
-  ∪ bank (all, or ``frame_topk`` of it) ∪ the chunk in place (``frame_attention``); the bank keeps a frame leaving
-  the window by swapping its page id with the victim's (no KV bytes move), its decisions from the op-backed
-  :class:`MemoryBank` scored on the pages' mean keys; the schedule is computed on the device: no host sync.
+  window pages and bank pages, whose ids live on the device. A clean chunk is written once (``frame_write``, all
+  layers); attention reads sink ∪ window ∪ bank (all, or ``frame_topk`` of it) ∪ the chunk in place
+  (``frame_attention``); the bank keeps a frame leaving the window by swapping its page id with the victim's (no KV
+  bytes move), its decisions from the op-backed :class:`MemoryBank` scored on the pages' mean keys; the schedule is
+  computed on the device: no host sync. The block index is a device counter too, so once the window and the bank
+  are full one block (:meth:`BlockStream.step`) can be captured in a graph and replayed as every next block.
+
+``run`` streams through :meth:`StreamingGenerator.stream`, the step API a graph captures: a :class:`BlockStream`
+with a static ``noise`` input buffer and ``step()`` returning the block's latent.
 """
 from __future__ import annotations
 
@@ -63,16 +68,15 @@ def _compute_prompt_distance(cond_old: torch.Tensor, cond_new: torch.Tensor) -> 
     return 1.0 - torch.nn.functional.cosine_similarity(emb_old[None], emb_new[None]).item()
 
 
-def device_alpha(cond_old, cond_new, frames_since_switch: int, sched: AdaptiveScheduler) -> torch.Tensor:
-    """The same schedule as :class:`AdaptiveScheduler` evaluated on the device (float64 ``[]``), no host read."""
+def device_alpha(cond_old, cond_new, frames_since_switch: torch.Tensor, sched: AdaptiveScheduler) -> torch.Tensor:
+    """The same schedule as :class:`AdaptiveScheduler` evaluated on the device (float64 ``[]``), no host read;
+    ``frames_since_switch`` is an int64 ``[]`` device tensor (0 before the delay is chosen by ``torch.where``)."""
     emb_old, emb_new = cond_old.double().mean(dim=(0, 1)), cond_new.double().mean(dim=(0, 1))
     t = (1.0 - torch.nn.functional.cosine_similarity(emb_old[None], emb_new[None])[0]).clamp(0.0, 1.0)
     window = torch.floor(sched.min_window + t * (sched.max_window - sched.min_window))
     window = torch.clamp(torch.floor(window / sched.chunk) * sched.chunk, min=sched.chunk)
-    if frames_since_switch < sched.delay_frames:
-        return torch.zeros((), dtype=torch.float64, device=cond_old.device)
     p = torch.clamp((frames_since_switch - sched.delay_frames) / window, max=1.0)
-    return 0.5 * (1.0 - torch.cos(math.pi * p))
+    return torch.where(frames_since_switch < sched.delay_frames, 0.0, 0.5 * (1.0 - torch.cos(math.pi * p)))
 
 
 def _circular(start: int, length: int, window: int, offset: int) -> list[tuple[int, int]]:
@@ -190,7 +194,9 @@ class _ShiftCache:
 
 class _PagedCache:
     """The accelerated cache: :class:`~streamkern.StreamingKV` (sink pages, a ring of window pages and bank pages
-    on one ``FramePool``, page ids on the device) plus the host-side count of bank frames."""
+    on one ``FramePool``, page ids and ring cursor on the device) plus the host count of bank frames (it decides
+    shapes only; constant once the bank is full). :meth:`held` reads the host counts: it describes the blocks the
+    host ran, not graph replays."""
 
     def __init__(self, gen: "StreamingGenerator"):
         self.fsl, self.fpb, self.device, self.sparse, self.M = gen.fsl, gen.fpb, gen.device, gen.sparse_bank, gen.bank_size
@@ -244,7 +250,8 @@ class _PagedCache:
 
 class StreamingGenerator(nn.Module):
     """Tiny streaming video generator; ``run(num_blocks)`` returns a :class:`PipelineRun` whose outputs are the
-    block latents ``frames [N, B, fpb * fsl, C]`` and the bank's held frame indices ``bank_frames [B, M]``."""
+    block latents ``frames [N, B, fpb * fsl, C]`` and the bank's held frame indices ``bank_frames [B, M]``;
+    ``stream()`` gives the per-block step API it runs on (:class:`BlockStream`, capturable once steady)."""
 
     def __init__(self, *, backend: str = "torch", eager: bool | None = None, num_layers: int = 4, heads: int = 4,
                  head_dim: int = 32, frame_seq_len: int = 64, frames_per_block: int = 3, window_frames: int = 15,
@@ -254,6 +261,8 @@ class StreamingGenerator(nn.Module):
         super().__init__()
         if sparse_bank is not None and (not isinstance(sparse_bank, int) or sparse_bank < 1):
             raise ValueError(f"sparse_bank: expected None or a positive int (bank frames per head), got {sparse_bank!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected a positive int (denoising passes per block), got {steps!r}")
         self.backend, self.sparse_bank = backend, sparse_bank
         self.eager = backend == "torch" if eager is None else eager
         self.nl, self.h, self.d, self.fsl, self.fpb = num_layers, heads, head_dim, frame_seq_len, frames_per_block
@@ -267,33 +276,39 @@ class StreamingGenerator(nn.Module):
         base = randn((batch, text_len, text_dim), seed + 1, self.device, dtype)
         near = base + 0.3 * randn((batch, text_len, text_dim), seed + 2, self.device, dtype)
         far = randn((batch, text_len, text_dim), seed + 3, self.device, dtype)
-        self.prompts = [base, near, far]
+        self.prompts = torch.stack([base, near, far])     # [P, B, text_len, text_dim], cycled through
 
     # --- prompts and entities ------------------------------------------------------------------------------
 
-    def _entities(self, segment: int):
-        """Deterministic stand-in for the LLM agent: entity token weights ``[S]`` and entity ids of a segment."""
+    def _entities(self, segment):
+        """Deterministic stand-in for the LLM agent: entity token weights ``[S]`` and entity ids of a segment
+        (a host int: a list of ints; an int64 ``[]`` device tensor: an int64 ``[2]`` tensor)."""
         pos = torch.arange(self.text_len, device=self.device)
         focus = (pos - segment * 5) % self.text_len < 4     # 4 entity tokens, on the device (no copy from host)
         w = torch.where(focus, 1.0, 0.1).to(self.dtype)
-        return w, [segment % self.num_entities, (segment + 3) % self.num_entities]
+        ids = [segment % self.num_entities, (segment + 3) % self.num_entities]
+        return w, torch.stack(ids) if isinstance(segment, torch.Tensor) else ids
 
-    def _context(self, block: int, sched: AdaptiveScheduler, state: dict):
-        """Cross-attention context of ``block``: the blend of the previous and current prompts."""
+    def _context(self, block, sched: AdaptiveScheduler, state: dict):
+        """Cross-attention context of ``block`` (a host int eagerly, else an int64 ``[]`` device tensor): the
+        blend of the previous and current prompts, and the block's prompt segment."""
         segment = block // self.switch_every
+        since = (block - segment * self.switch_every) * self.fpb
+        if not self.eager:
+            new, old = (self.prompts.index_select(0, (s % len(self.prompts)).reshape(1))[0]
+                        for s in (segment, segment - 1))
+            alpha = device_alpha(old, new, since, sched)
+            blend = old * (1.0 - alpha).to(self.dtype) + new * alpha.to(self.dtype)
+            return torch.where(segment == 0, new, blend), segment
         new = self.prompts[segment % len(self.prompts)]
         if segment == 0:
             return new, segment
         old = self.prompts[(segment - 1) % len(self.prompts)]
-        since = (block - segment * self.switch_every) * self.fpb
-        if self.eager:
-            if since == 0:
-                sched.update_for_switch(_compute_prompt_distance(old, new))
-                state.setdefault("windows", []).append(sched.window_frames)
-            alpha = sched.get_alpha(since)
-            return old * (1.0 - alpha) + new * alpha, segment
-        alpha = device_alpha(old, new, since, sched)
-        return old * (1.0 - alpha).to(self.dtype) + new * alpha.to(self.dtype), segment
+        if since == 0:
+            sched.update_for_switch(_compute_prompt_distance(old, new))
+            state.setdefault("windows", []).append(sched.window_frames)
+        alpha = sched.get_alpha(since)
+        return old * (1.0 - alpha) + new * alpha, segment
 
     # --- one block -----------------------------------------------------------------------------------------
 
@@ -307,17 +322,19 @@ class StreamingGenerator(nn.Module):
             vs.append(v)
         return x, torch.stack(ks), torch.stack(vs)
 
-    def _block(self, i: int, noise, cache, sched, state, frames: list):
+    def _block(self, i: int, block, noise, cache, sched, state) -> torch.Tensor:
+        """Denoise and cache block ``i`` (host count; ``block`` is ``i`` eagerly, else the device block counter,
+        from which the positions, the context and the entities are computed) → its latent ``[B, T, C]``."""
         T, C = self.fpb * self.fsl, self.h * self.d
         n_win, n_total = state["n_win"], state["n_total"]
         s_new = min(T, max(0, self.sink - i * T))
         e = max(0, n_win + (T - s_new) - self.window)
-        context, segment = self._context(i, sched, state)
+        context, segment = self._context(block, sched, state)
         tk, tv = zip(*(blk.text_kv(context) for blk in self.blocks))
         text_kv = torch.stack(tk), torch.stack(tv)
         weights, entities = self._entities(segment)
         cache.start_block(e, text_kv[0], weights, entities, (self.sink + n_total - n_win) // self.fsl)
-        pos = sinusoid(torch.arange(i * self.fpb, (i + 1) * self.fpb, device=self.device), C)
+        pos = sinusoid(block * self.fpb + torch.arange(self.fpb, device=self.device), C)
         pos = pos.repeat_interleave(self.fsl, dim=0).to(self.dtype)
         x = noise
         for step in range(self.steps):
@@ -327,27 +344,69 @@ class StreamingGenerator(nn.Module):
         _, k_new, v_new = self._forward(x + pos, cache, text_kv)
         cache.append(k_new, v_new)
         state["n_win"], state["n_total"] = min(n_win + T - s_new, self.window), n_total + T - s_new
-        frames.append(x)
+        return x
+
+    def stream(self) -> "BlockStream":
+        """A fresh stream of blocks (empty cache, block 0 next): refill ``noise`` and call ``step()`` per block."""
+        return BlockStream(self)
 
     @torch.no_grad()
     def run(self, num_blocks: int, forbid_syncs: bool = False, progress=None,
             observe: Callable[[BlockState], None] | None = None) -> PipelineRun:
         """Stream ``num_blocks`` blocks; ``forbid_syncs`` makes any host read in a block raise; ``observe`` is
         called with a :class:`BlockState` after each block, outside the timed step (it may read the device)."""
-        cache = _ShiftCache(self) if self.eager else _PagedCache(self)
-        sched = AdaptiveScheduler(3, 15, 3, self.fpb)
-        state, frames = {"n_win": 0, "n_total": 0}, []
+        stream, frames = self.stream(), []
         record = PipelineRun("StreamingGenerator", self.backend if not self.eager else "torch (eager)", {})
-        T, C = self.fpb * self.fsl, self.h * self.d
         for i in range(num_blocks):
-            noise = randn((self.batch, T, C), self.seed * 1000 + i, self.device, self.dtype)   # input, untimed
-            timed_step(record, self.device, lambda: self._block(i, noise, cache, sched, state, frames),
-                       forbid=forbid_syncs)
+            stream.noise.copy_(stream.block_noise(i))                                           # input, untimed
+            timed_step(record, self.device, lambda: frames.append(stream.step()), forbid=forbid_syncs)
             if observe is not None:
-                observe(BlockState(i, frames[-1], *cache.held(), cache.held_frames()))
+                observe(BlockState(i, frames[-1], *stream.cache.held(), stream.cache.held_frames()))
             if progress is not None:
                 progress()
-        record.outputs = {"frames": torch.stack(frames), "bank_frames": cache.held_frames()}
-        record.info = {"bank_count": cache.bank_count, "windows": state.get("windows"),
+        record.outputs = {"frames": torch.stack(frames), "bank_frames": stream.cache.held_frames()}
+        record.info = {"bank_count": stream.cache.bank_count, "windows": stream.state.get("windows"),
                        "sparse_bank": self.sparse_bank}
         return record
+
+
+class BlockStream:
+    """One stream of :class:`StreamingGenerator` blocks, one :meth:`step` per block: the step API that ``run``
+    uses and that :class:`~streamkern.step_graph.StepGraph` can capture.
+
+    ``noise [B, fpb * fsl, C]`` is the static input buffer: refill it in place (``noise.copy_``) before each step;
+    :meth:`block_noise` gives ``run``'s noise of a block. ``step()`` denoises and caches the next block and returns
+    its latent ``[B, fpb * fsl, C]`` (a fresh tensor eagerly; a graph's replays overwrite the captured one).
+
+    Accelerated (``eager=False``): the block index is the device counter ``block`` (int64 ``[]``, advanced in place
+    by each step), and everything that changes per block is computed from it on the device: positions, prompt
+    segment and transition ``α``, entity ids, and (in :class:`~streamkern.StreamingKV`, from its ``cursor``) ring
+    slots, bank frame ids and page tables. The host ints (``blocks``, the window and bank counts) decide only
+    shapes, constant once the window and the bank are full, so a step captured then replays as the next block each
+    time. ``blocks`` counts the steps the host ran (a replay does not advance it; ``block`` does). Eager: the seed's
+    code, driven by the host count.
+    """
+
+    def __init__(self, gen: StreamingGenerator):
+        self.gen = gen
+        self.cache = _ShiftCache(gen) if gen.eager else _PagedCache(gen)
+        self.sched = AdaptiveScheduler(3, 15, 3, gen.fpb)
+        self.state = {"n_win": 0, "n_total": 0}
+        self.noise = torch.zeros(gen.batch, gen.fpb * gen.fsl, gen.h * gen.d, dtype=gen.dtype, device=gen.device)
+        self.blocks = 0
+        self.block = None if gen.eager else torch.zeros((), dtype=torch.int64, device=gen.device)
+
+    def block_noise(self, i: int) -> torch.Tensor:
+        """``run``'s input noise of block ``i`` (drawn on the CPU from the generator's seed)."""
+        g = self.gen
+        return randn(tuple(self.noise.shape), g.seed * 1000 + i, g.device, g.dtype)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Stream the next block; returns its latent ``[B, fpb * fsl, C]`` (no autograd)."""
+        x = self.gen._block(self.blocks, self.blocks if self.block is None else self.block, self.noise, self.cache,
+                            self.sched, self.state)
+        if self.block is not None:
+            self.block.add_(1)
+        self.blocks += 1
+        return x
