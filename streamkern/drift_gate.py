@@ -176,7 +176,8 @@ def _clone_tree(x):
     return x.clone() if isinstance(x, torch.Tensor) else type(x)(_clone_tree(i) for i in x)
 
 
-def _fresh(x):
+def _own(x):
+    """An op's fresh output, which the gate may keep as it is."""
     return x
 
 
@@ -354,8 +355,8 @@ class DriftGate:
             small = self._pending[1]
         else:
             small = ref.pooled(image, self.pool).to(ref.small_dtype(image))
-        self.prev_small = _carry(self.prev_small, small, _fresh)
-        self.prev_importance = _carry(self.prev_importance, importance, _fresh)
+        self.prev_small = _carry(self.prev_small, small, _own)
+        self.prev_importance = _carry(self.prev_importance, importance, _own)
         self.prev_state = _carry(self.prev_state, state, _contiguous_copy)
         self.prev_kv = _carry(self.prev_kv, kv_cache, _clone_tree) if _tensor_tree(kv_cache) else kv_cache
         self._pending = None

@@ -14,8 +14,9 @@ batch, the round keeps the scales every row got (``min_b accepted + 1``), which 
 * ``eager=True`` (``backend="torch"``): the seed's way — dense additive ``-inf`` bias with eager softmax attention,
   SDVAR's greedy check one scale at a time with ``.item()`` (``sdvar_greedy_check``), and in sample mode the same
   scale-by-scale loop for the lossless test.
-* ``eager=False``: ``block_masked_attention`` and one ``verify_scales`` per round; the accepted count is read once
-  per round (the loop's position depends on it).
+* ``eager=False``: ``block_masked_attention`` and one ``verify_scales`` per round; :meth:`SpeculativeVAR.round`
+  keeps the accepted scales with device-side masks and returns their count on the device, read once per round by
+  ``generate`` (the loop's position depends on it): a round at a given scale is a step a ``StepGraph`` replays.
 """
 from __future__ import annotations
 
