@@ -223,13 +223,25 @@ def test_gated_policy_step_replays_both_branches_on_cuda(backend):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_gated_policy_replay_diverges_when_the_gate_rebinds_its_state(monkeypatch):
-    """Negative control: a gate that rebinds its pooled frame, state and KV to fresh tensors at each update (as
-    it did before) leaves the captured step reading the buffers of the capture, and the replays diverge."""
-    monkeypatch.setattr(drift_gate, "_carry", lambda old, new, allocate: allocate(new))
+@pytest.mark.parametrize("rebound", ["frame-and-state", "kv"])
+def test_gated_policy_replay_diverges_when_the_gate_rebinds(monkeypatch, rebound):
+    """Negative controls: a gate that rebinds what it carries to fresh tensors at each update (as it did before).
+    Its pooled frame, importance and state rebound: the captured gate keeps reading the buffers of the capture, so
+    the replays after a recompute diverge. Its KV rebound: the reuse body, captured after the full body's Python
+    ran (both bodies run at capture), reads the KV that body produced instead of the cached one."""
+    real = drift_gate._carry
+
+    def carry(old, new, allocate):
+        return allocate(new) if isinstance(new, tuple) == (rebound == "kv") else real(old, new, allocate)
+
+    monkeypatch.setattr(drift_gate, "_carry", carry)
     pairs, reasons = _policy_replays("cpu", "cpu")
     diverged = {step for step, _ in _mismatches(pairs, exact=True)}
-    assert any(r != 0 for r in reasons) and diverged - {0}, f"replays {diverged} diverged, reasons {reasons}"
+    assert any(r != 0 for r in reasons), reasons
+    if rebound == "kv":
+        assert 0 in diverged, diverged
+    else:
+        assert diverged - {0}, diverged
 
 
 # --- SpeculativeVAR ----------------------------------------------------------------------------------------------
