@@ -27,6 +27,7 @@ taken are undone).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -126,25 +127,25 @@ class _Recorder(TorchDispatchMode):
     def branch(self, pred: torch.Tensor, if_true: Callable, if_false: Callable):
         with _disable_current_modes():
             taken = bool(torch._C.TensorBase.item(pred))
-        outer, bodies, outs = self.calls, [], []
-        for is_true, body in ((True, if_true), (False, if_false)):
+        outer, bodies = self.calls, []
+
+        @contextlib.contextmanager
+        def recording(is_true: bool):
+            """Record one body apart; the writes of the body not taken are undone after it."""
             self.calls, self._undo = [], (None if is_true == taken else [])
             try:
-                out = body()
-                if outs:
-                    _check_same_outputs(outs[0], out)
-                    for a, b in zip(tree_leaves(outs[0]), tree_leaves(out)):
-                        a.copy_(b)
-                outs.append(out)
+                yield
             finally:
                 undo, self._undo = self._undo, None
                 bodies.append(self.calls)
                 self.calls = outer
-                for t, before in reversed(undo or []):
-                    with _disable_current_modes():
+                with _disable_current_modes():
+                    for t, before in reversed(undo or []):
                         t.copy_(before)
+
+        out = _both_bodies(if_true, if_false, recording)
         self.calls.append(_Branch(pred, *bodies))
-        return outs[0]
+        return out
 
     def replay(self) -> None:
         with _disable_current_modes(), torch.no_grad():   # a graph replays kernels, no autograd record
@@ -244,16 +245,28 @@ def device_branch(pred: torch.Tensor, if_true: Callable[[], Any], if_false: Call
 
 def _cuda_branch(pred: torch.Tensor, if_true: Callable, if_false: Callable):
     graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
-    outs = []
-    for cond, body in ((pred, if_true), (torch.logical_not(pred), if_false)):
-        graph.begin_capture_to_if_node(cond)
+
+    @contextlib.contextmanager
+    def conditional(is_true: bool):
+        graph.begin_capture_to_if_node(pred if is_true else torch.logical_not(pred))
         try:
+            yield
+        finally:
+            graph.end_capture_to_conditional_node()
+
+    return _both_bodies(if_true, if_false, conditional)
+
+
+def _both_bodies(if_true: Callable, if_false: Callable, around: Callable[[bool], Any]):
+    """Run ``if_true`` then ``if_false``, each inside ``around(is_true)``; the false body copies its outputs into
+    the true body's, which are returned (the two bodies then share one set of outputs)."""
+    outs = []
+    for is_true, body in ((True, if_true), (False, if_false)):
+        with around(is_true):
             out = body()
             if outs:
                 _check_same_outputs(outs[0], out)
                 for a, b in zip(tree_leaves(outs[0]), tree_leaves(out)):
                     a.copy_(b)
             outs.append(out)
-        finally:
-            graph.end_capture_to_conditional_node()
     return outs[0]
