@@ -276,7 +276,7 @@ class Report(Bench):
             if other.op == op and other.case == case and other.median_ms:
                 if baseline and other.impl == baseline:
                     row.speedup = other.median_ms / row.median_ms
-                if other.impl == "compile-seed":
+                if other.impl.startswith("compile-"):   # torch.compile of the seed's (or MemFlow's) eager code
                     row.vs_compile = other.median_ms / row.median_ms
         self.rows.append(row)
         print("  " + self._line(row))

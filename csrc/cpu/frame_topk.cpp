@@ -1,6 +1,7 @@
 // frame_topk_ on the CPU (streamkern.frame_topk, backend "cpu"; DESIGN.md §4.5): the op schema and its kernel.
-// at::parallel_for over batch rows: qbar of every head (float64 sums of q read natively, any strides), the C
-// scores in float64 rounded to float32, then a stable partial sort of the valid candidates by frame_topk_before.
+// qbar of every head (float64 sums of q read natively, any strides; parallel over its columns), then
+// at::parallel_for over batch rows: the C scores in float64 rounded to float32 and a stable partial sort of the
+// valid candidates by frame_topk_before.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -12,16 +13,41 @@
 namespace streamkern {
 namespace {
 
-// Scores [H or 1, C] of batch row b (float32; invalid candidates get 0 and are never ranked).
+// qbar [B, H·D] (float64 sums of q over Lq in token order, rounded through float32): at::parallel_for over the
+// B·H·D columns, each range reading its columns of every token row (a contiguous run per head when D is).
 template <typename T>
-void row_scores(const FrameTopkParams& p, int64_t b, std::vector<double>& qbar, std::vector<float>& score) {
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
-  std::fill(qbar.begin(), qbar.end(), 0.0);
-  for (int64_t i = 0; i < p.Lq; ++i)
-    for (int64_t h = 0; h < p.H; ++h)
-      for (int64_t d = 0; d < p.D; ++d)
-        qbar[h * p.D + d] += static_cast<float>(q[i * p.q_stride[1] + h * p.q_stride[2] + d * p.q_stride[3]]);
-  for (double& v : qbar) v = static_cast<double>(static_cast<float>(v / static_cast<double>(p.Lq)));
+std::vector<double> mean_queries(const FrameTopkParams& p) {
+  const int64_t HD = p.H * p.D;
+  std::vector<double> qbar(p.B * HD, 0.0);
+  at::parallel_for(0, p.B * HD, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t start = begin; start < end;) {
+      const int64_t b = start / HD, c0 = start % HD, c1 = std::min(HD, c0 + (end - start));
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
+      double* acc = qbar.data() + b * HD;
+      for (int64_t i = 0; i < p.Lq; ++i) {
+        const T* row = q + i * p.q_stride[1];
+        for (int64_t c = c0; c < c1;) {
+          const int64_t h = c / p.D, d0 = c % p.D, d1 = std::min(p.D, d0 + (c1 - c));
+          const T* x = row + h * p.q_stride[2];
+          double* a = acc + h * p.D;
+          if (p.q_stride[3] == 1) {
+            for (int64_t d = d0; d < d1; ++d) a[d] += static_cast<float>(x[d]);
+          } else {
+            for (int64_t d = d0; d < d1; ++d) a[d] += static_cast<float>(x[d * p.q_stride[3]]);
+          }
+          c += d1 - d0;
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c)
+        acc[c] = static_cast<double>(static_cast<float>(acc[c] / static_cast<double>(p.Lq)));
+      start += c1 - c0;
+    }
+  });
+  return qbar;
+}
+
+// Scores [H or 1, C] of batch row b from its qbar (float32; invalid candidates get 0 and are never ranked).
+void row_scores(const FrameTopkParams& p, int64_t b, const double* qbar, std::vector<float>& score) {
   for (int64_t c = 0; c < p.C; ++c) {
     const int64_t id = p.candidates[b * p.cand_stride[0] + c * p.cand_stride[1]];
     const bool valid = id >= 0 && id < p.P;
@@ -41,12 +67,12 @@ void row_scores(const FrameTopkParams& p, int64_t b, std::vector<double>& qbar, 
 
 template <typename T>
 void frame_topk_kernel(const FrameTopkParams& p) {
+  const std::vector<double> qbar = mean_queries<T>(p);
   at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> qbar(p.H * p.D);
     std::vector<float> score((p.per_head ? p.H : 1) * p.C);
     std::vector<int64_t> order;
     for (int64_t b = begin; b < end; ++b) {
-      row_scores<T>(p, b, qbar, score);
+      row_scores(p, b, qbar.data() + b * p.H * p.D, score);
       for (int64_t h = 0; h < (p.per_head ? p.H : 1); ++h) {
         const float* s = score.data() + h * p.C;
         order.clear();

@@ -1,6 +1,7 @@
 // frame_write_ on the CPU (streamkern.frame_write, backend "cpu"; DESIGN.md §4.5): the op schema and its kernel.
-// at::parallel_for over (layer, batch row, frame, head): the F token rows of that head are copied for k and v
-// (memcpy of D elements when both rows are contiguous) and the keys summed in float64 for k_mean (float32).
+// at::parallel_for over (layer, batch row, frame, group of heads): the F token rows of those heads are copied for
+// k and v (one memcpy per row when its heads are contiguous in both) and the keys summed in float64 (in token
+// order, as before) for k_mean (float32).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,39 +14,59 @@
 namespace streamkern {
 namespace {
 
+// Sum of a run of n source elements into acc (float64), contiguous when stride == 1 (vectorised).
+template <typename T>
+void accumulate(double* acc, const T* src, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t e = 0; e < n; ++e) acc[e] += static_cast<double>(static_cast<float>(src[e]));
+  } else {
+    for (int64_t e = 0; e < n; ++e) acc[e] += static_cast<double>(static_cast<float>(src[e * stride]));
+  }
+}
+
 template <typename T>
 void frame_write_kernel(const FrameWriteParams& p) {
-  const int64_t tasks = p.NL * p.B * p.n * p.H;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.F * p.D));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<double> sum(p.D);
+  // A task is (layer, row, frame, group of G adjacent heads): whole token rows (G = H) when there are enough
+  // frames to keep every thread busy, else narrower groups.
+  const int64_t frames = p.NL * p.B * p.n;
+  const int64_t threads = at::get_num_threads();
+  const int64_t split = std::min<int64_t>(p.H, (threads + frames - 1) / std::max<int64_t>(1, frames));
+  const int64_t G = (p.H + split - 1) / split, groups = (p.H + G - 1) / G;
+  at::parallel_for(0, frames * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum(G * p.D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task % p.H, i = task / p.H % p.n, b = task / (p.H * p.n) % p.B, l = task / (p.H * p.n * p.B);
+      const int64_t g = task % groups, f = task / groups;
+      const int64_t i = f % p.n, b = f / p.n % p.B, l = f / (p.n * p.B);
       const int64_t page = p.pages[b * p.page_stride[0] + i * p.page_stride[1]];
       if (page < 0 || page >= p.P) continue;
+      const int64_t h0 = g * G, nh = std::min(G, p.H - h0);
       std::fill(sum.begin(), sum.end(), 0.0);
       for (int kv = 0; kv < 2; ++kv) {
         const int64_t* ps = p.pool_stride[kv];
         const int64_t* ss = p.src_stride[kv];
-        T* dst = static_cast<T*>(p.pool[kv]) + l * ps[0] + b * ps[1] + page * ps[2] + h * ps[4];
-        const T* src = static_cast<const T*>(p.src[kv]) + l * ss[0] + b * ss[1] + i * p.F * ss[2] + h * ss[3];
-        const bool rows_contiguous = p.D == 1 || (ps[5] == 1 && ss[4] == 1);
+        T* dst = static_cast<T*>(p.pool[kv]) + l * ps[0] + b * ps[1] + page * ps[2] + h0 * ps[4];
+        const T* src = static_cast<const T*>(p.src[kv]) + l * ss[0] + b * ss[1] + i * p.F * ss[2] + h0 * ss[3];
+        // the nh heads of a token row as one run of nh·D elements, in the page and in the source
+        const bool run = ps[5] == 1 && ss[4] == 1 && (nh == 1 || (ps[4] == p.D && ss[3] == p.D));
         for (int64_t t = 0; t < p.F; ++t) {
           T* drow = dst + t * ps[3];
           const T* srow = src + t * ss[2];
-          if (rows_contiguous) {
-            std::memcpy(drow, srow, static_cast<size_t>(p.D) * sizeof(T));
-          } else {
-            for (int64_t d = 0; d < p.D; ++d) drow[d * ps[5]] = srow[d * ss[4]];
+          if (run) {
+            std::memcpy(drow, srow, static_cast<size_t>(nh * p.D) * sizeof(T));
+            if (kv == 0) accumulate(sum.data(), srow, nh * p.D, 1);
+            continue;
           }
-          if (kv == 0)
-            for (int64_t d = 0; d < p.D; ++d) sum[d] += static_cast<double>(static_cast<float>(srow[d * ss[4]]));
+          for (int64_t h = 0; h < nh; ++h) {
+            for (int64_t d = 0; d < p.D; ++d) drow[h * ps[4] + d * ps[5]] = srow[h * ss[3] + d * ss[4]];
+            if (kv == 0) accumulate(sum.data() + h * p.D, srow + h * ss[3], p.D, ss[4]);
+          }
         }
       }
-      float* mean = p.k_mean + l * p.mean_stride[0] + b * p.mean_stride[1] + page * p.mean_stride[2] +
-                    h * p.mean_stride[3];
-      for (int64_t d = 0; d < p.D; ++d)
-        mean[d * p.mean_stride[4]] = static_cast<float>(sum[d] / static_cast<double>(p.F));
+      float* mean = p.k_mean + l * p.mean_stride[0] + b * p.mean_stride[1] + page * p.mean_stride[2];
+      for (int64_t h = 0; h < nh; ++h)
+        for (int64_t d = 0; d < p.D; ++d)
+          mean[(h0 + h) * p.mean_stride[3] + d * p.mean_stride[4]] =
+              static_cast<float>(sum[h * p.D + d] / static_cast<double>(p.F));
     }
   });
 }
