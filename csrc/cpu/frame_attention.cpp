@@ -4,11 +4,13 @@
 // new_k[b]; each page is attended where it lies, as a strided [F, D] block of the pool: no gather, no cat.
 // at::parallel_for runs over tasks (b, h, group of kGroup query tiles of kTileQ rows). A task walks the key
 // segments in kv tiles of at most kTileKV tokens (a segment is split into equal tiles) and, per kv tile:
-//   Kᵀ tile -> a thread-local pack [D, kv] (native dtype; reused by the kGroup query tiles of the task),
-//   S = Q·Kᵀ            (cpublas::brgemm: native fp32/fp16/bf16 inputs, float32 output),
+//   Kᵀ tile -> a thread-local float32 pack [D, kv] (reused by the kGroup query tiles of the task; the query tiles
+//   and, for fp16/bf16, the V tile are converted to float32 too),
+//   S = Q·Kᵀ            (cpublas::brgemm, float32: oneDNN's f32 ukernel, faster on CPUs without AMX than the
+//                        bf16 GEMM and keeping P in float32),
 //   online softmax of the rows of S in float32 (running max m and sum l in units of sm_scale·q·k, exp vectorised
 //   by the compiler's AVX-512/AVX2 clones), the accumulator rows rescaled,
-//   acc += P·V          (cpublas::brgemm, P in the input dtype as ATen's flash attention does, V read in place).
+//   acc += P·V          (cpublas::brgemm, float32; an fp32 V is read in place).
 // out = acc / l and lse = m + log l; a row with no key gets out 0 and lse -inf. A False gate writes exactly that
 // before any page or new_k is read. All offsets are int64.
 #include <ATen/ATen.h>
@@ -26,7 +28,7 @@
 
 #include "streamkern/ops/frame_attention.h"
 
-#if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
 #define STREAMKERN_HAVE_BRGEMM 1
 #endif
 
@@ -101,28 +103,7 @@ STREAMKERN_SIMD_CLONES void scale_row(float* a, int64_t n, float alpha) {
   for (int64_t j = 0; j < n; ++j) a[j] *= alpha;
 }
 
-// Float row -> bfloat16 bits, round to nearest even.
-STREAMKERN_SIMD_CLONES void to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t u = __builtin_bit_cast(uint32_t, src[j]);
-    dst[j] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
 #pragma GCC pop_options
-
-void to_f16_row(const float* src, at::Half* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::Half>(src[j]);
-}
-
-template <typename T>
-void store_probs(const float* s, T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    to_bf16_row(s, reinterpret_cast<uint16_t*>(p), n);
-  } else if constexpr (std::is_same_v<T, at::Half>) {
-    to_f16_row(s, p, n);
-  }
-}
 
 // A run of tokens of one (b, h): a page of the pool or the new keys; element (t, d) of k at k[t * k_t + d * k_d].
 template <typename T>
@@ -135,14 +116,6 @@ struct Segment {
 #ifdef STREAMKERN_HAVE_BRGEMM
 inline void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const float* a,
                    const float* b, float* c) {
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, a, b, c, false);
-}
-inline void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
-                   const at::BFloat16* a, const at::BFloat16* b, float* c) {
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, a, b, c, false);
-}
-inline void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
-                   const at::Half* a, const at::Half* b, float* c) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, a, b, c, false);
 }
 
@@ -181,12 +154,11 @@ void segments_of(const Problem<T>& p, int64_t b, int64_t h, std::vector<Segment<
 // Per-thread buffers of one task.
 template <typename T>
 struct Scratch {
-  std::vector<T> q, kt, v, probs;
-  std::vector<float> s, acc, m, l;
+  std::vector<float> q, kt, v, s, acc, m, l;
   std::vector<Segment<T>> segs;
   explicit Scratch(int64_t D)
-      : q(kGroup * kTileQ * D), kt(D * kTileKV), v(kTileKV * D), probs(kTileQ * kTileKV), s(kTileQ * kTileKV),
-        acc(kGroup * kTileQ * D), m(kGroup * kTileQ), l(kGroup * kTileQ) {}
+      : q(kGroup * kTileQ * D), kt(D * kTileKV), v(kTileKV * D), s(kTileQ * kTileKV), acc(kGroup * kTileQ * D),
+        m(kGroup * kTileQ), l(kGroup * kTileQ) {}
 };
 
 // Rows [q0, q0 + rows) of (b, h): out = acc / l, lse = m + log l (a row with l = 0: out 0, lse -inf).
@@ -215,7 +187,7 @@ void run_task(const Problem<T>& p, int64_t b, int64_t h, int64_t g, Scratch<T>& 
   }
   const T* qbh = p.q + b * p.qs[0] + h * p.qs[2];
   for (int64_t r = 0; r < q_rows; ++r)
-    for (int64_t d = 0; d < D; ++d) w.q[r * D + d] = qbh[(q_begin + r) * p.qs[1] + d * p.qs[3]];
+    for (int64_t d = 0; d < D; ++d) w.q[r * D + d] = static_cast<float>(qbh[(q_begin + r) * p.qs[1] + d * p.qs[3]]);
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.f);
@@ -226,17 +198,19 @@ void run_task(const Problem<T>& p, int64_t b, int64_t h, int64_t g, Scratch<T>& 
       const int64_t kv = std::min(tile, seg.n - k0);
       const T* kb = seg.k + k0 * seg.k_t;
       for (int64_t t = 0; t < kv; ++t)
-        for (int64_t d = 0; d < D; ++d) w.kt[d * kv + t] = kb[t * seg.k_t + d * seg.k_d];
-      const T* vb = seg.v + k0 * seg.v_t;
-      int64_t ldv = seg.v_t;
-      if (!(seg.v_d == 1 && (kv == 1 || seg.v_t >= D))) {  // an odd layout: pack the tile (never for a pool view)
-        for (int64_t t = 0; t < kv; ++t)
-          for (int64_t d = 0; d < D; ++d) w.v[t * D + d] = vb[t * seg.v_t + d * seg.v_d];
-        vb = w.v.data();
-        ldv = D;
-      } else if (kv == 1) {
-        ldv = D;
+        for (int64_t d = 0; d < D; ++d) w.kt[d * kv + t] = static_cast<float>(kb[t * seg.k_t + d * seg.k_d]);
+      const T* vt = seg.v + k0 * seg.v_t;
+      const float* vb = w.v.data();
+      int64_t ldv = D;
+      if constexpr (std::is_same_v<T, float>) {
+        if (seg.v_d == 1 && (kv == 1 || seg.v_t >= D)) {  // read in place (a pool view always is)
+          vb = vt;
+          ldv = kv == 1 ? D : seg.v_t;
+        }
       }
+      if (vb == w.v.data())
+        for (int64_t t = 0; t < kv; ++t)
+          for (int64_t d = 0; d < D; ++d) w.v[t * D + d] = static_cast<float>(vt[t * seg.v_t + d * seg.v_d]);
       for (int64_t i = 0; i < n_tiles; ++i) {
         const int64_t rows = std::min(kTileQ, q_rows - i * kTileQ);
         float* acc = w.acc.data() + i * kTileQ * D;
@@ -251,12 +225,7 @@ void run_task(const Problem<T>& p, int64_t b, int64_t h, int64_t g, Scratch<T>& 
           m[r] = m_new;
           scale_row(acc + r * D, D, alpha);
         }
-        if constexpr (std::is_same_v<T, float>) {
-          brgemm(rows, D, kv, kv, ldv, D, true, w.s.data(), vb, acc);
-        } else {
-          store_probs(w.s.data(), w.probs.data(), rows * kv);
-          brgemm(rows, D, kv, kv, ldv, D, true, w.probs.data(), vb, acc);
-        }
+        brgemm(rows, D, kv, kv, ldv, D, true, w.s.data(), vb, acc);
       }
     }
   }
