@@ -11,9 +11,11 @@ Formulas: ``streamkern/reference/drift_gate.py``.
 from __future__ import annotations
 
 import enum
+from functools import partial
 from typing import Any, Sequence
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 from . import _checks as check
 from ._backend import Kernel, capturing, cxx, define_op, triton
@@ -158,22 +160,10 @@ def _tensor_tree(x) -> bool:
 
 
 def _same_layout(old, new) -> bool:
-    if isinstance(new, torch.Tensor):
-        return isinstance(old, torch.Tensor) and (old.shape, old.dtype, old.device) == (new.shape, new.dtype,
-                                                                                         new.device)
-    return type(old) is type(new) and len(old) == len(new) and all(map(_same_layout, old, new))
-
-
-def _copy_tree(old, new) -> None:
-    if isinstance(new, torch.Tensor):
-        old.copy_(new)
-        return
-    for o, n in zip(old, new):
-        _copy_tree(o, n)
-
-
-def _clone_tree(x):
-    return x.clone() if isinstance(x, torch.Tensor) else type(x)(_clone_tree(i) for i in x)
+    """``old`` and ``new`` are tensor trees of one structure whose leaves agree in shape, dtype and device."""
+    return tree_structure(old) == tree_structure(new) and all(
+        isinstance(o, torch.Tensor) and (o.shape, o.dtype, o.device) == (n.shape, n.dtype, n.device)
+        for o, n in zip(tree_leaves(old), tree_leaves(new)))
 
 
 def _own(x):
@@ -189,7 +179,8 @@ def _carry(old, new, allocate):
     """The buffer that carries ``new`` (a tensor tree) to the next step: ``old`` overwritten in place when it has
     ``new``'s structure, shapes, dtypes and devices, else ``allocate(new)`` (the first update, or a new layout)."""
     if _same_layout(old, new):
-        _copy_tree(old, new)
+        for o, n in zip(tree_leaves(old), tree_leaves(new)):
+            o.copy_(n)
         return old
     return allocate(new)
 
@@ -358,7 +349,7 @@ class DriftGate:
         self.prev_small = _carry(self.prev_small, small, _own)
         self.prev_importance = _carry(self.prev_importance, importance, _own)
         self.prev_state = _carry(self.prev_state, state, _contiguous_copy)
-        self.prev_kv = _carry(self.prev_kv, kv_cache, _clone_tree) if _tensor_tree(kv_cache) else kv_cache
+        self.prev_kv = _carry(self.prev_kv, kv_cache, partial(tree_map, torch.clone)) if _tensor_tree(kv_cache) else kv_cache
         self._pending = None
 
     @property
