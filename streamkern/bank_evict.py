@@ -59,3 +59,16 @@ def bank_evict_select(scores: torch.Tensor, entity_mask: torch.Tensor, valid: to
         ``[]`` int64 slot index on the inputs' device (never read back to the host).
     """
     return bank_evict_select_op(scores, entity_mask, valid, backend=backend)
+
+
+def entity_mask(entities, num_entities: int, device) -> torch.Tensor:
+    """One bank slot's row of ``bank_evict_select``'s ``entity_mask``: ``[1, E]`` bool, True at the ids in
+    ``entities`` (host ints, built on the device without a host-to-device copy, or an int64 ``[n]`` tensor on
+    ``device``); ids outside ``[0, E)`` match nothing (callers check them where they may read them)."""
+    ids = torch.arange(num_entities, device=device)
+    if isinstance(entities, torch.Tensor):
+        return (ids == entities[:, None]).any(0, keepdim=True)
+    mask = torch.zeros(1, num_entities, dtype=torch.bool, device=device)
+    for e in entities:
+        mask |= ids == e
+    return mask

@@ -31,7 +31,7 @@ import torch
 
 from . import _checks as check
 from ._backend import _value_check
-from .bank_evict import bank_evict_select
+from .bank_evict import bank_evict_select, entity_mask
 from .consensus import select_frame
 from .frame_attention import frame_attention
 from .frame_pool import FramePool
@@ -144,16 +144,14 @@ class StreamingKV:
     def _entity_mask(self, entities) -> torch.Tensor:
         """The ``[1, E]`` bool mask of ``entities`` (host ints, range-checked, or an int64 ``[n]`` device tensor)."""
         E, dev = self.bank_entities.shape[1], self.bank_entities.device
-        ids = torch.arange(E, device=dev)
         if isinstance(entities, torch.Tensor):
             check.tensor("entities", entities, ndim=1, dtypes=check.INDEX, device=dev)
             if check.debug_enabled():
                 _value_check(check.index_range, ("entities", entities, E))
-            return (ids == entities[:, None]).any(0, keepdim=True)
-        mask = torch.zeros(1, E, dtype=torch.bool, device=dev)
-        for i, e in enumerate(entities):
-            mask |= ids == check.integer(f"entities[{i}]", e, low=0, high=E - 1)
-        return mask
+        else:
+            for i, e in enumerate(entities):
+                check.integer(f"entities[{i}]", e, low=0, high=E - 1)
+        return entity_mask(entities, E, dev)
 
     def _keep(self, slots: torch.Tensor, text_k, entity_weights, mask: torch.Tensor) -> None:
         """Offer the frames of ring ``slots`` to the bank and swap the kept frame's page into it."""

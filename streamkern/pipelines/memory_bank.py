@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..bank_evict import bank_evict_select
+from ..bank_evict import bank_evict_select, entity_mask
 from ..bank_insert import bank_insert
 from ..consensus import select_frame
 from ..reference.consensus import seed_fast_scores
@@ -121,10 +121,7 @@ class MemoryBank:
         with part("eviction", self.device) as moved:
             victim = bank_evict_select(self.scores, self.entity_mask, self.valid, backend=self.backend)
             slot = victim.reshape(1)
-            ids = torch.arange(self.num_entities, device=self.valid.device)
-            mask = torch.zeros(1, self.num_entities, dtype=torch.bool, device=self.valid.device)
-            for e in entities:    # built on the device from host ints: no host-to-device copy
-                mask |= ids == e
+            mask = entity_mask(entities, self.num_entities, self.valid.device)
             self.scores.index_copy_(0, slot, score)
             self.entity_mask.index_copy_(0, slot, mask)
             self.valid.index_fill_(0, slot, True)
