@@ -18,6 +18,12 @@ from streamkern.streaming_kv import StreamingKV
 from streamkern.testing import assert_parity
 
 
+# the accelerated path on each backend this CPU runs (the torch references, "cpu", interpreted "triton"); the
+# CUDA tests of each pipeline name their own backends
+CPU_PATHS = backend_params(exclude=("cuda", ("torch", "cuda"), ("triton", "cuda")))
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: these tiny models' ops are far too small to share, and on a loaded machine spinning
@@ -109,8 +115,6 @@ def _block_from_host_count(real):
     return block
 
 
-CPU_PATHS = [pytest.param(("torch", "cpu"), id="ops-torch-cpu")] + backend_params(exclude=("torch", "cuda"),
-                                                                                     ops=_frame_ops())
 CUDA_PATHS = [p for p in backend_params(exclude=("torch", "cpu"), ops=_frame_ops())
               if p.values[0][1] == "cuda"] + [pytest.param(("auto", "cuda"), id="auto-cuda")]
 
@@ -123,7 +127,7 @@ def test_streaming_generator_block_replays_as_the_next_block(bd, sparse):
     assert all(all(same.values()) for same in results), results
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@NO_CUDA
 @pytest.mark.parametrize("sparse", [None, 2], ids=["dense", "sparse"])
 @pytest.mark.parametrize("bd", CUDA_PATHS)
 def test_streaming_generator_block_replays_as_the_next_block_on_cuda_graphs(bd, sparse):
@@ -147,10 +151,6 @@ def test_streaming_generator_replay_diverges_with_a_host_count(monkeypatch, brok
 
 
 # --- shared by GatedPolicy and SpeculativeVAR --------------------------------------------------------------------
-
-CPU_BACKENDS = backend_params(exclude=("cuda", ("torch", "cuda"), ("triton", "cuda")))
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-
 
 def _mismatches(pairs, exact):
     """``[(step, leaf)]`` where a replay's tensors differ from the eager step's (:func:`_equal`); ``pairs`` is
@@ -209,7 +209,7 @@ def _check_policy_replays(backend, device):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("bd", CPU_BACKENDS)
+@pytest.mark.parametrize("bd", CPU_PATHS)
 def test_gated_policy_step_replays_both_branches(bd):
     """The gate's decision picks the full pass + update or the reuse pass on the device at each replay; the gate
     carries its frame, importance, state and the prefix KV in place, so replays match eager steps."""
@@ -299,7 +299,7 @@ def _check_var_round_replays(backend, device, mode):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
-@pytest.mark.parametrize("bd", CPU_BACKENDS)
+@pytest.mark.parametrize("bd", CPU_PATHS)
 def test_speculative_var_round_replays(bd, mode):
     """A round at a fixed scale (draft, one target pass, verify, masked write of the kept scales) replays on new
     labels and prefixes; the kept count changes between replays and the token buffer follows it on the device;
