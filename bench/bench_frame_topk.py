@@ -19,8 +19,10 @@ import torch
 from streamkern import frame_topk
 from streamkern.frame_topk import frame_topk_op
 
+from .bench_frame_attention import D, FRAME, H   # one transformer block of Wan2.1-1.3B as MemFlow runs it
+
 OP = "frame_topk"
-H, D, FRAME, DTYPE = 12, 128, 1560, torch.bfloat16
+DTYPE = torch.bfloat16
 FULL = dict(chunk=3, bank=6, topk=3)
 QUICK = dict(chunk=1, bank=2, topk=1)
 

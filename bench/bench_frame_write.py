@@ -22,8 +22,10 @@ import torch
 from streamkern import frame_write
 from streamkern.frame_write import frame_write_op
 
+from .bench_frame_attention import D, FRAME, H   # one transformer block of Wan2.1-1.3B as MemFlow runs it
+
 OP = "frame_write"
-H, D, FRAME, DTYPE = 12, 128, 1560, torch.bfloat16
+DTYPE = torch.bfloat16
 FULL = dict(layers=30, chunk=3, pages=3 + 9 + 3 + 3)
 QUICK = dict(layers=4, chunk=1, pages=1 + 2 + 1 + 1)
 
