@@ -224,3 +224,23 @@ def test_nccl_two_gpus_equal_one_device(sparse):
     ref = _stream(StreamingGenerator(backend="auto", eager=False, device="cuda", sparse_bank=sparse, **STREAM))
     outs = [o.result for o in run_local(_generator_rank, 2, (sparse, "cuda"), backend="nccl", timeout_s=120)]
     _assert_matches_one_device(outs, ref)
+
+
+def test_bench_distributed_dry_run(tmp_path):
+    """bench/bench_distributed.py --dry-run: 2 CPU ranks on gloo at tiny shapes, every number reported, the ranks'
+    banks equal and full."""
+    from streamkern.bench import bench_distributed
+
+    out = tmp_path / "distributed.json"
+    results = bench_distributed.main(["--dry-run", "--blocks", "2", "--out", str(out)])
+    assert out.exists() and len(results["runs"]) == 1
+    ranks = results["runs"][0]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 and r["heads_per_rank"] == 2 for r in ranks)
+    for r in ranks:
+        for name in ("block_ms", "a2a_ms", "attention_ms", "roll_ms", "append_a2a_ms", "append_write_ms"):
+            assert len(r[name]["raw"]) == 2 and all(t > 0 for t in r[name]["raw"]), (name, r[name])
+        assert r["block_ms"]["median"] >= r["a2a_ms"]["median"] + r["attention_ms"]["median"]
+        assert r["finite"] and r["n_bank"] == bench_distributed.DRY["bank"] and r["peak_bytes"] > r["pool_bytes"] > 0
+        assert r["a2a_bytes_sent_per_block"] > 0
+    assert ranks[0]["bank_frames"] == ranks[1]["bank_frames"]
+    assert "| 2 | 1 |" in bench_distributed.table(results)
