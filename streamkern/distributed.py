@@ -155,6 +155,8 @@ class HeadParallel:
         """Sequence-sharded to head-sharded, one all-to-all for all of ``xs``: each ``[..., T/world, H, D]`` (this
         rank's tokens, every head) becomes ``[..., T, H/world, D]`` (every token, this rank's heads; token order:
         rank 0's slice first)."""
+        if not xs:
+            raise ValueError("xs: expected at least one tensor [..., T/world, H, D], got none")
         for i, x in enumerate(xs):
             self._on_device(f"xs[{i}]", x)
             check.shape(f"xs[{i}]", x, xs[0].shape)

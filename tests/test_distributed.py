@@ -90,13 +90,14 @@ def _collectives_rank(rank, world):
     _poison_allocations()
     hp = HeadParallel()
     g = torch.Generator().manual_seed(7)
-    whole = [torch.randn(3, 2, 4 * world, 2 * world, 5, generator=g) for _ in range(3)]   # [NL, B, T, H, D]
-    mine = [hp.shard_seq(t, dim=2) for t in whole]
-    heads = hp.seq_to_heads(*mine)                 # strided views (a narrowed sequence) go in as they are
-    for t, h in zip(whole, heads):
-        assert torch.equal(h, hp.heads_of(t)), "seq_to_heads: every token of this rank's heads, in order"
-    assert torch.equal(hp.heads_to_seq(heads[1]), mine[1])
-    assert torch.equal(hp.gather_seq(mine[2], dim=2), whole[2])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        whole = [torch.randn(3, 2, 4 * world, 2 * world, 5, generator=g).to(dtype) for _ in range(3)]  # [NL,B,T,H,D]
+        mine = [hp.shard_seq(t, dim=2) for t in whole]
+        heads = hp.seq_to_heads(*mine)             # strided views (a narrowed sequence) go in as they are
+        for t, h in zip(whole, heads):
+            assert torch.equal(h, hp.heads_of(t)), "seq_to_heads: every token of this rank's heads, in order"
+        assert torch.equal(hp.heads_to_seq(heads[1]), mine[1])
+        assert torch.equal(hp.gather_seq(mine[2], dim=2), whole[2])
     scores = torch.tensor([[float(rank), 1.0, -2.0 * rank]])
     assert torch.equal(hp.reduce_scores(scores), torch.tensor([[(world - 1) / 2, 1.0, -(world - 1.0)]]))
     return True
