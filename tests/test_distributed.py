@@ -11,7 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import streamkern
-from conftest import poison_
+from conftest import backend_params, poison_
 from streamkern.distributed import CollectiveError, HeadParallel, run_local
 from streamkern.pipelines import StreamingGenerator, count_host_syncs
 from streamkern.testing import assert_parity
@@ -21,7 +21,6 @@ STREAM = dict(num_layers=3, heads=4, head_dim=8, frame_seq_len=4, window_frames=
               text_len=8, text_dim=16, switch_every=3, steps=1)
 BLOCKS = 10
 BACKEND = "cpu" if "cpu" in streamkern.available_backends("cpu") else "torch"
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
 def _poison_allocations() -> None:
@@ -202,20 +201,22 @@ def test_a_rank_that_raises_makes_the_others_fail_within_the_timeout(linger_s):
 
 # --- GPU: one NCCL rank --------------------------------------------------------------------------------------------
 
-def _nccl_rank(rank, world):
+def _nccl_rank(rank, world, backend):
     hp = HeadParallel()
     with pytest.raises(ValueError, match="group: its backend \\(nccl for cuda tensors\\) does not carry cpu tensors"):
         HeadParallel(device="cpu")
-    gen = StreamingGenerator(backend="auto", eager=False, device=hp.device, parallel=hp, **STREAM)
+    gen = StreamingGenerator(backend=backend, eager=False, device=hp.device, parallel=hp, **STREAM)
     return _stream(gen)
 
 
-@GPU
-def test_nccl_rank_on_a_gpu_equals_one_device_without_host_syncs():
-    """World 1 on NCCL (one GPU is all a test machine is sure to have): the all-to-alls, the score all-reduce and
-    the gather run on the device, with CUDA's sync debug mode set to error; NCCL refuses CPU tensors."""
-    ref = _stream(StreamingGenerator(backend="auto", eager=False, device="cuda", **STREAM))
-    outs = [o.result for o in run_local(_nccl_rank, 1, backend="nccl", timeout_s=120)]
+@pytest.mark.parametrize("backend_device", [p for p in backend_params(exclude=("torch", "cpu")) if "cuda" in p.id])
+def test_nccl_rank_on_a_gpu_equals_one_device_without_host_syncs(backend_device):
+    """World 1 on NCCL (one GPU is all a test machine is sure to have), dense stream: the all-to-alls, the score
+    all-reduce and the gather run on the device, with CUDA's sync debug mode set to error; NCCL refuses CPU
+    tensors."""
+    backend = backend_device[0]
+    ref = _stream(StreamingGenerator(backend=backend, eager=False, device="cuda", **STREAM))
+    outs = [o.result for o in run_local(_nccl_rank, 1, (backend,), backend="nccl", timeout_s=120)]
     _assert_matches_one_device(outs, ref)
 
 
