@@ -10,7 +10,6 @@ FastVideo's own denoising stage; ``stream_blocks`` calls a model block by block 
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import os
@@ -31,9 +30,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@functools.lru_cache(maxsize=1)
-def setup() -> None:
-    """Make fastvideo importable and runnable on this CPU (once per process)."""
+_SP_SIZE: int | None = None   # FastVideo's sequence-parallel size, once set up
+
+
+def setup(sp_size: int | None = None) -> None:
+    """Make fastvideo importable and runnable on this CPU (once per process). ``sp_size``: FastVideo's
+    sequence-parallel size, over the ranks of the torch.distributed group already initialised (default: the group
+    set up before, else 1 on a gloo rank of its own)."""
+    global _SP_SIZE
+    if _SP_SIZE is not None:
+        if sp_size not in (None, _SP_SIZE):
+            raise ValueError(f"sp_size: FastVideo is set up with sp_size={_SP_SIZE} in this process, got {sp_size}")
+        return
     for op in ("nms", "qnms"):
         try:
             torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
@@ -47,13 +55,14 @@ def setup() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     from fastvideo.distributed import maybe_init_distributed_environment_and_model_parallel
 
-    maybe_init_distributed_environment_and_model_parallel(1, 1)
+    maybe_init_distributed_environment_and_model_parallel(1, sp_size or 1)
     import fastvideo.distributed.parallel_state as state
 
     original = state.get_local_torch_device   # answers "mps" on any machine without CUDA or NPU
     for module in [m for name, m in sys.modules.items() if name.startswith("fastvideo")]:
         if getattr(module, "get_local_torch_device", None) is original:
             module.get_local_torch_device = lambda: torch.device("cpu")
+    _SP_SIZE = sp_size or 1
 
 
 def init_parameters(model: torch.nn.Module, seed: int) -> torch.nn.Module:
