@@ -1,10 +1,11 @@
 """Every Triton kernel of streamkern lowers to sm_90 and sm_89 cubin, on a machine without a GPU.
 
 How: the ``"triton"`` backend of every public op runs once on small inputs (under the interpreter here) and every
-launch is recorded as a specialisation: the kernel, a Triton signature built from the actual arguments (tensors
-``*<dtype>``; ints ``i32``/``i64``, with ``1`` made the constexpr ``1`` and multiples of 16 and 16-byte aligned
-pointers given the divisibility hint, as Triton's JIT specialises them; floats ``fp32``; bools ``i1``), the
-constexpr values and ``num_warps``/``num_stages``. One subprocess without ``TRITON_INTERPRET`` (so ``triton.jit``
+launch is recorded as the specialisation Triton's JIT would make of it on a GPU
+(``streamkern.testing.triton_specialisation``, Triton's own binder: tensors ``*<dtype>``; ints ``i32``/``i64``,
+with ``1`` made the constexpr ``1`` and multiples of 16 and 16-byte aligned pointers given the divisibility hint,
+except where the kernel's ``do_not_specialize`` lists say not; floats ``fp32``; bools ``u1``), the constexpr values
+and ``num_warps``/``num_stages``. One subprocess without ``TRITON_INTERPRET`` (so ``triton.jit``
 gives real JITFunctions) compiles each distinct specialisation with ``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)`` and ``GPUTarget("cuda", 89, 32)`` into an empty cache, and checks the kernel's shared
 memory against the per-block limit of the arch (227 KiB on sm_90, 99 KiB on sm_89). The scale-attention and
@@ -41,14 +42,11 @@ from triton.runtime.jit import KernelInterface  # noqa: E402
 import streamkern as sk  # noqa: E402
 import streamkern.kernels as kernels_pkg  # noqa: E402
 from streamkern._backend import triton_interpreting  # noqa: E402
-from streamkern.testing import triton_launches_wrapped  # noqa: E402
+from streamkern.testing import triton_launches_wrapped, triton_specialisation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"sm90": 90, "sm89": 89}
 DEVICE = "cpu" if triton_interpreting() else "cuda"
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                  torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-                  torch.bool: "i1"}
 _TL_DTYPES = ("float16", "bfloat16", "float32", "float64", "int1", "int8", "int16", "int32", "int64", "uint8")
 
 
@@ -74,11 +72,6 @@ ENTRY_KERNELS = _entry_kernels()
 # --- recording the launches --------------------------------------------------------------------------------------
 
 
-def _is_constexpr(param: inspect.Parameter) -> bool:
-    a = param.annotation
-    return a is tl.constexpr or (isinstance(a, str) and "constexpr" in a)
-
-
 def _constexpr_value(value):
     if isinstance(value, tl.dtype):
         return {"dtype": next(f"tl.{n}" for n in _TL_DTYPES if getattr(tl, n) == value)}
@@ -88,31 +81,16 @@ def _constexpr_value(value):
 
 
 def _spec(kernel: KernelInterface, args: tuple, kwargs: dict) -> dict:
-    """The specialisation of one launch (see the module doc), JSON-ready."""
-    params = inspect.signature(kernel.fn).parameters
-    bound = dict(zip(params, args))
-    bound.update((k, v) for k, v in kwargs.items() if k in params)
+    """The specialisation of one launch as Triton's JIT makes it (see the module doc), JSON-ready."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    specialisation, options = triton_specialisation(kernel, args, kwargs)
     signature, constexprs, divisible = {}, {}, []
-    for name, param in params.items():
-        value = bound[name] if name in bound else param.default
-        if _is_constexpr(param) or value is None or (type(value) is int and value == 1):
-            signature[name] = "constexpr"
-            constexprs[name] = _constexpr_value(value)
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_DTYPES[value.dtype]
-            if value.data_ptr() % 16 == 0:
-                divisible.append(name)
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-            if value % 16 == 0:
-                divisible.append(name)
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.fn.__name__}: argument {name}={value!r} has no Triton type here")
-    options = {k: v for k, v in kwargs.items() if k not in params}
+    for name, (ty, key) in zip(names, specialisation):
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = _constexpr_value(key)
+        elif key == "D":
+            divisible.append(name)
     return dict(module=kernel.fn.__module__, kernel=kernel.fn.__name__, signature=signature, constexprs=constexprs,
                 divisible=divisible, options=options)
 
