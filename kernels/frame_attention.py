@@ -34,7 +34,10 @@ def _attend(q, acc, m_i, l_i, K, V, offs_n, n_lim, skn, svn, offs_d, d_ok, skd, 
     return online_softmax_tile(q, kT, vt, n_ok[None, :], acc, m_i, l_i, qk_scale, PRECISION, DOT_DTYPE)
 
 
-@triton.jit
+# Not specialisation keys (Triton would compile a kernel per value 1 / multiple of 16 / 16-byte alignment): what
+# changes from call to call while a stream's window and bank fill, the page count, the chunk length and the table
+# (strides, address); all are loop bounds, masks or scalar loads, so no vector load loses its alignment.
+@triton.jit(do_not_specialize=["TABLE", "K", "Ln", "stb", "sth", "stk"])
 def _frame_attention_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F, K, Ln, qk_scale,
                             sqb, sql, sqh, sqd, skb, skp, skt, skh, skd, svb, svp, svt, svh, svd,
                             stb, sth, stk, snb, snl, snh, snd, sub, sul, suh, sud, sg,
