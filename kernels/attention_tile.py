@@ -9,6 +9,7 @@ default), and as plain TF32 (≈1e-3, the bf16 bound) when it is "high" or "medi
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -37,9 +38,10 @@ def fp32_dot_precision() -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+@functools.lru_cache(maxsize=None)
 def shared_memory_per_block(device: torch.device) -> int:
     """Bytes of shared memory one block may use on the CUDA ``device`` (the opt-in limit: 227 KiB on sm_90 and
-    sm_100, 163 KiB on sm_80, 99 KiB on sm_86, sm_89 and sm_120); torch caches the device's properties."""
+    sm_100, 163 KiB on sm_80, 99 KiB on sm_86, sm_89 and sm_120), read once per device."""
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
 
@@ -67,7 +69,7 @@ def tile_config(Lq: int, D: int, dtype: torch.dtype, device: torch.device) -> Ti
     are widened to fp32 first there, since the interpreter multiplies bf16 operands wrongly (it reads their raw
     bits)."""
     precision = fp32_dot_precision() if dtype == torch.float32 else "tf32"   # ignored for 16-bit operands
-    if triton_interpreting():
+    if triton_interpreting():                 # numpy's fp32 dots, whatever the precision says (see above)
         dot_dtype = tl.float32 if dtype in (torch.float32, torch.bfloat16) else tl.float16
         return TileConfig(16, 16, 1, 1, dot_dtype, precision)
     block_d = max(16, triton.next_power_of_2(D))

@@ -173,16 +173,14 @@ VAR_256 = pytest.param(((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 64), id="var256-D64",
 
 @pytest.mark.parametrize("case", [pytest.param((SMALL, 32), id="small-D32"), VAR_256])
 @pytest.mark.parametrize("setting, precision, bound", FP32_PRECISIONS)
-def test_fp32_precision_follows_torch_matmul_precision(setting, precision, bound, case):
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cpu", "cuda")))
+def test_fp32_precision_follows_torch_matmul_precision(bd, setting, precision, bound, case):
     """The launch's dot precision follows ``torch.get_float32_matmul_precision()``, and fp32 outputs meet the bound
     that precision carries (on CUDA; Triton's interpreter computes dots in fp32 under every setting)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "triton" not in streamkern.available_backends(device):
-        pytest.skip(f"triton cannot run on {device} tensors here")
     torch.set_float32_matmul_precision(setting)      # conftest restores "highest"
     patch_nums, D = case
     ids = streamkern.scale_layout(patch_nums).scale_of_token
-    q, k, v = _qkv(1, 2, ids.numel(), ids.numel(), D, torch.float32, device)
+    q, k, v = _qkv(1, 2, ids.numel(), ids.numel(), D, torch.float32, bd[1])
     launched = []
 
     def record(kernel, launch, args, kwargs):
@@ -191,8 +189,7 @@ def test_fp32_precision_follows_torch_matmul_precision(setting, precision, bound
         return launch(*args, **kwargs)
 
     with triton_launches_wrapped(record):
-        _check(("triton", device), torch.float32, q, k, v, ids, ids, streamkern.scale_allow(len(patch_nums)),
-               bound=bound)
+        _check(bd, torch.float32, q, k, v, ids, ids, streamkern.scale_allow(len(patch_nums)), bound=bound)
     assert launched == [precision]
 
 

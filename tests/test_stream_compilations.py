@@ -24,12 +24,14 @@ import pytest
 import torch
 
 import streamkern
+from conftest import backend_params
 from streamkern.pipelines import StreamingGenerator
 from streamkern.testing import triton_launches_wrapped, triton_specialisation
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+# the CUDA tests' one parameter, so that their ids name "triton-cuda" as bench/gpu_session.sh selects GPU tests
+TRITON_CUDA = [p for p in backend_params(exclude=("torch", "cpu", "cuda")) if p.id == "triton-cuda"]
 BLOCKS = 10
 # Small shapes whose window (8 frames) fills over blocks 0-4: the per-head page table grows 2 -> 9 pages (its batch
 # stride H·K is 16 at block 3), the bank's candidate list starts at page-table column 0, 2, 4, 6, 7 (its address
@@ -189,19 +191,19 @@ def _late(compiled: dict[str, list[int]]) -> dict[str, list[int]]:
     return {k: [s for s in steps if s > min(steps)] for k, steps in compiled.items() if max(steps) > min(steps)}
 
 
-@CUDA
-def test_streamed_generator_compiles_nothing_after_a_kernels_first_block_on_cuda():
+@pytest.mark.parametrize("bd", TRITON_CUDA)
+def test_streamed_generator_compiles_nothing_after_a_kernels_first_block_on_cuda(bd):
     compiled, step = {}, [0]
-    gen = StreamingGenerator(backend="triton", device=_device("cuda"), **STREAM)
+    gen = StreamingGenerator(backend=bd[0], device=bd[1], **STREAM)
     with _compilations_recorded(compiled, step):
         _stream(gen, lambda i: step.__setitem__(0, i))
     assert STREAM_KERNELS <= compiled.keys(), sorted(compiled)
     assert not _late(compiled), f"compilations after a kernel's first block (kernel: blocks): {_late(compiled)}"
 
 
-@CUDA
-def test_frame_attention_growing_table_compiles_once_on_cuda():
+@pytest.mark.parametrize("bd", TRITON_CUDA)
+def test_frame_attention_growing_table_compiles_once_on_cuda(bd):
     compiled, step = {}, [0]
     with _compilations_recorded(compiled, step):
-        _growing_table_calls(_device("cuda"), lambda k: step.__setitem__(0, k))
+        _growing_table_calls(bd[1], lambda k: step.__setitem__(0, k))
     assert compiled == {"_frame_attention_kernel": [0]}, compiled
