@@ -13,12 +13,13 @@ recorded with the tiles, dot dtypes and precisions they pick on each arch (fp16/
 with 3×TF32 and TF32 dots, 128-row tiles on sm_90 and smaller ones on sm_89), not the interpreter's, and each is
 compiled for its arch; ptxas's registers, spills and shared memory of each are printed.
 
-What it proves: each recorded specialisation lowers through Triton's passes and ptxas to a cubin for both
+What it proves: each recorded specialisation lowers through Triton's passes and ptxas to a cubin for its
 targets: no Triton-to-PTX type errors, no op the backend cannot lower for that arch, no layout or shared-memory
-allocation that fails, no shared-memory overflow (found at compile time instead of at the first launch); and
-every kernel launched from the host (a ``triton.jit`` function no other kernel calls) is launched by the calls
-below. What it does not prove: runtime correctness on a GPU (results, races, the drift gate's last-block hand-off),
-speed or occupancy, or specialisations not recorded here (other dtypes, shapes that pick other block sizes).
+allocation that fails, no shared-memory overflow (found at compile time instead of at the first launch); no
+attention tile spills more than ``SPILL_BUDGET`` bytes a thread; and every kernel launched from the host (a
+``triton.jit`` function no other kernel calls) is launched by the calls below. What it does not prove: runtime
+correctness on a GPU (results, races, the drift gate's last-block hand-off), speed or occupancy, or
+specialisations not recorded here (other dtypes, shapes that pick other block sizes).
 """
 from __future__ import annotations
 
