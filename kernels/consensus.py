@@ -23,7 +23,10 @@ from ._constants import DeviceConstants, to_device
 from ._grid import grid as launch_grid
 
 
-@triton.jit
+# Not specialisation keys: the chunk's token and frame counts (StreamingKV scores the frames it evicts, 1 to a
+# chunk's worth); loop bounds and scalar offsets. The chunk strides stay keys: their divisibility lets the
+# chunk-key loads vectorise.
+@triton.jit(do_not_specialize=["L", "F", "tokens_per_split"])
 def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
                       L, S, HD, D, F, fsl, tokens_per_split, n_hd_blocks,
                       sc_l, sc_b, sc_t, sc_h, sc_d,

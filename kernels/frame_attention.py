@@ -6,8 +6,9 @@ and no ``new_k`` is read. It then walks its row of the page table (``table[b, h,
 over heads): each entry is a page id read in the kernel; an id outside ``[0, P)`` (-1) runs no tile, a valid one
 runs ``ceil(F / BLOCK_N)`` key tiles of that page, the tail tile masked inside the page (F need not be a multiple of
 the tile). The new chunk is a last segment of ``ceil(Ln / BLOCK_N)`` tiles. Every tile does the online-softmax
-update of ``kernels/scale_attention.py`` (scores in log2 units, fp32 accumulation, ``input_precision="ieee"`` for
-fp32 so no TF32); at the end ``out = acc / l`` and ``lse = (m + log2 l)·ln 2``, with out 0 and lse -inf where no key
+update ``online_softmax_tile`` of ``kernels/attention_tile.py`` (scores in log2 units, fp32 accumulation; that
+module also picks the tiles and the dots' precision: 3×TF32 for fp32 inputs unless torch's float32 matmul precision
+allows TF32); at the end ``out = acc / l`` and ``lse = (m + log2 l)·ln 2``, with out 0 and lse -inf where no key
 was seen (``l = 0``). Page offsets are int64 (a layer of a pool may exceed 2³¹ elements).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scale_attention import LOG2E, _blocks, _dot_dtype
+from .attention_tile import LOG2E, online_softmax_tile, tile_config
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -24,24 +25,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _attend(q, acc, m_i, l_i, K, V, offs_n, n_lim, skn, svn, offs_d, d_ok, skd, svd, qk_scale,
             PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """One key tile (keys ``offs_n < n_lim`` of the segment at ``K``/``V``): the online-softmax update."""
+    """One key tile (keys ``offs_n < n_lim`` of the segment at ``K``/``V``) loaded and attended."""
     n_ok = offs_n < n_lim
     kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None],
                  other=0.0).to(DOT_DTYPE)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    base = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - base)
-    p = tl.exp2(s - base[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
     vt = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
                  other=0.0).to(DOT_DTYPE)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return online_softmax_tile(q, kT, vt, n_ok[None, :], acc, m_i, l_i, qk_scale, PRECISION, DOT_DTYPE)
 
 
-@triton.jit
+# Not specialisation keys (Triton would compile a kernel per value 1 / multiple of 16 / 16-byte alignment): what
+# changes from call to call while a stream's window and bank fill, the page count, the chunk length and the table
+# (strides, address); all are loop bounds, masks or scalar loads, so no vector load loses its alignment.
+@triton.jit(do_not_specialize=["TABLE", "K", "Ln", "stb", "sth", "stk"])
 def _frame_attention_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F, K, Ln, qk_scale,
                             sqb, sql, sqh, sqd, skb, skp, skt, skh, skd, svb, svp, svt, svh, svd,
                             stb, sth, stk, snb, snl, snh, snd, sub, sul, suh, sud, sg,
@@ -103,16 +99,15 @@ def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scal
     if out.numel() == 0:
         return out, lse
     Ln = 0 if new_k is None else new_k.shape[1]
-    block_m, block_n, warps, stages = _blocks(Lq, K * F + Ln, D, q.element_size())
-    dot_dtype = _dot_dtype(q.dtype)
+    cfg = tile_config(Lq, D, q.dtype, q.device)
     no_new = (0, 0, 0, 0)
     gate_u8 = None if gate is None else gate.view(torch.uint8)
-    _frame_attention_kernel[(triton.cdiv(Lq, block_m), B * H)](
+    _frame_attention_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
         q, k_pages, v_pages, page_table, new_k, new_v, gate_u8, out, lse, Lq, H, P, F, K, Ln, sm_scale * LOG2E,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *page_table.stride(),
         *(no_new if new_k is None else new_k.stride()), *(no_new if new_v is None else new_v.stride()),
         0 if gate is None else gate.stride(0), *out.stride(), *lse.stride(),
         HAS_NEW=new_k is not None, HAS_GATE=gate is not None, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
-        DOT_DTYPE=dot_dtype, num_warps=warps, num_stages=stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION=cfg.precision, DOT_DTYPE=cfg.dot_dtype,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse

@@ -9,7 +9,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Not specialisation keys: the candidate list (a slice of a page table whose offset and row stride change while a
+# stream's window fills) and its length; read once per program.
+@triton.jit(do_not_specialize=["CAND", "C", "scb", "scc"])
 def _frame_topk_kernel(Q, KM, CAND, OUT, Lq, H, D, P, C, k, inv_lq, inv_heads,
                        sqb, sql, sqh, sqd, smb, smp, smh, smd, scb, scc, sob, soh, sok,
                        PER_HEAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Not specialisation keys: the frame count of a call and its page list (scalar loads).
+@triton.jit(do_not_specialize=["PAGES", "n", "sgb", "sgn"])
 def _frame_write_kernel(PK, PV, KM, KN, VN, PAGES, B, n, P, F, H, D, inv_f,
                         spl, spb, spp, spt, sph, spd, sql, sqb, sqp, sqt, sqh, sqd, sml, smb, smp, smh, smd,
                         skl, skb, skt, skh, skd, svl, svb, svt, svh, svd, sgb, sgn,

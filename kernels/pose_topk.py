@@ -13,7 +13,8 @@ import triton.language as tl
 from .ordered_bits import ordered_bits
 
 
-@triton.jit
+# Not a specialisation key: the pose count, which grows with a caller's buffer (BLOCK, its power of two, does).
+@triton.jit(do_not_specialize=["N"])
 def _pose_topk_kernel(poses_ptr, valid_ptr, cur_ptr, scale_ptr, idx_ptr, sim_ptr, N, k, s_p0, s_p1, s_c, s_v,
                       BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK).to(tl.int64)  # int64 element offsets: strides arrive as i32

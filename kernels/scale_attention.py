@@ -8,12 +8,11 @@ Launch structure:
    their classes ``vcls`` and their count ``n_visit [nQ]``. It depends only on the scale layout, so one list
    serves every (batch, head); nothing is read back to the host.
 2. One kernel, grid ``(nQ, B * heads)``: a program keeps its ``BLOCK_M × D`` queries in registers and walks its
-   visit list only, so skipped tiles never load K/V. Per visited tile: ``S = Q·Kᵀ`` (fp32 accumulation, scores
-   in log2 units), the element-wise scale mask applied only on partial tiles (key scale ids + a gather from
-   ``allow``; an id outside ``[0, NS)`` allows nothing), the key-length bound on every tile, then the online
-   softmax update ``m' = max(m, rowmax S)``, ``l' = l·2^(m−m') + Σ 2^(S−m')``, ``acc' = acc·2^(m−m') + 2^(S−m')·V``.
-   A row that has seen no allowed key keeps ``m = −inf`` (its exponent base is taken as 0, so no NaN), and ends with
-   ``l = 0`` and output 0.
+   visit list only, so skipped tiles never load K/V. Per visited tile: the element-wise scale mask, applied only
+   on partial tiles (key scale ids + a gather from ``allow``; an id outside ``[0, NS)`` allows nothing), the
+   key-length bound on every tile, then the online-softmax update ``online_softmax_tile`` of
+   ``kernels/attention_tile.py`` (which also picks the tiles and the dots' precision). A row that has seen no
+   allowed key ends with ``l = 0`` and output 0.
 """
 from __future__ import annotations
 
@@ -21,12 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from streamkern._backend import triton_interpreting
-from .tile_classes import TILE_FULL, TILE_PARTIAL
-
 from ._grid import grid as launch_grid
-
-LOG2E = 1.4426950408889634
+from .attention_tile import LOG2E, online_softmax_tile, tile_config
+from .tile_classes import TILE_FULL, TILE_PARTIAL
 
 
 @triton.jit
@@ -103,7 +99,8 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
         n_ok = offs_n < Lk
         kT = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        vt = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
         keep = n_ok[None, :] & (offs_m >= 0)[:, None]
         if tl.load(VCLS + row + it) == PARTIAL:
             ks, k_ok = _scale_ids(KS, offs_n, Lk, sks, NS)
@@ -111,39 +108,10 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
             if SELF:
                 ok = ok | (offs_m[:, None] == offs_n[None, :])
             keep = keep & ok
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - base)
-        p = tl.exp2(s - base[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_tile(q, kT, vt, keep, acc, m_i, l_i, qk_scale, PRECISION, DOT_DTYPE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
-
-
-def _blocks(Lq: int, Lk: int, D: int, itemsize: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: small tiles for the interpreter (tests), 64×64 on GPU
-    (128 query rows when the head dim is small and the sequence long enough to keep every SM busy). K/V rows over
-    256 bytes (fp32 with a head dim over 64) take 32-key tiles: 64 would need 112 KiB of shared memory with two
-    pipeline stages, over the 99 KiB a block may use on sm_89 (tests/test_triton_lowering.py checks this)."""
-    if triton_interpreting():
-        return 16, 16, 1, 1
-    if D <= 64 and Lq >= 512:
-        return 128, 64, 8, 2
-    return 64, 32 if triton.next_power_of_2(D) * itemsize > 256 else 64, 4, 2
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """Operand type of the two dots: the input type (fp32 accumulation either way). The Triton interpreter
-    multiplies bf16 operands wrongly (it reads their raw bits), so there bf16 tiles are widened to fp32 first."""
-    if dtype == torch.bfloat16 and triton_interpreting():
-        return tl.float32
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def visit_lists(q_scale, k_scale, allow, self_attend: bool, block_m: int, block_n: int):
@@ -170,10 +138,9 @@ def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend: bool, 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_m, block_n, warps, stages = _blocks(Lq, k.shape[2], D, q.element_size())
-    visit, vcls, n_visit = visit_lists(q_scale, k_scale, allow, self_attend, block_m, block_n)
+    cfg = tile_config(Lq, D, q.dtype, q.device)
+    visit, vcls, n_visit = visit_lists(q_scale, k_scale, allow, self_attend, cfg.block_m, cfg.block_n)
     allow_u8 = allow.view(torch.uint8)
-    dot_dtype = _dot_dtype(q.dtype)
     launch = launch_grid("block_masked_attention", (visit.shape[0], "query tiles"), (B * H, "B*H"))
     _scale_attention_kernel[launch](
         q, k, v, out, q_scale, k_scale, allow_u8, visit, vcls, n_visit,
@@ -181,6 +148,6 @@ def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend: bool, 
         q_scale.stride(0), k_scale.stride(0), *allow_u8.stride(),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         SELF=self_attend, PARTIAL=TILE_PARTIAL, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
-        DOT_DTYPE=dot_dtype, num_warps=warps, num_stages=stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION=cfg.precision, DOT_DTYPE=cfg.dot_dtype,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -25,7 +25,10 @@ def _token_base(index_ptr, b, stride, limit, scale, offset, HAS_INDEX: tl.conste
     return offset + b * 0, 1
 
 
-@triton.jit
+# Not specialisation keys: the token count of a call, the first slot (a host-int ring cursor moves every call),
+# the source frame count, and the source's layer and batch strides (they scale with the token count; the loads
+# go through h = e // D, d = e % D and compile to scalar loads with or without their divisibility).
+@triton.jit(do_not_specialize=["T", "src_limit", "dst_offset", "ssk_l", "ssk_b", "ssv_l", "ssv_b"])
 def _token_copy_kernel(src_k, src_v, dst_k, dst_v, src_index, dst_index,
                        B, T, H, D,
                        ssk_l, ssk_b, ssk_t, ssk_h, ssk_d, ssv_l, ssv_b, ssv_t, ssv_h, ssv_d,

@@ -1,5 +1,5 @@
-"""The parity metric of DESIGN.md §3 and a kernel-launch counter, shared by the tests, the benchmarks and the
-demo."""
+"""The parity metric of DESIGN.md §3, a kernel-launch counter and Triton's specialisation of a launch, shared by
+the tests, the benchmarks and the demo."""
 from __future__ import annotations
 
 import contextlib
@@ -76,6 +76,50 @@ def triton_launches_wrapped(wrap: Callable):
         yield
     finally:
         KernelInterface.__getitem__ = original
+
+
+_BINDERS: dict = {}
+
+
+def _binder(kernel, honour_do_not_specialize: bool):
+    """Triton's own argument binder for ``kernel`` (the function its JIT builds to specialise a launch), made from
+    the kernel's signature and ``do_not_specialize`` lists whether ``triton.jit`` gave a JITFunction or, under
+    ``TRITON_INTERPRET=1``, an InterpretedFunction (which keeps the lists in ``kwargs``)."""
+    cached = _BINDERS.get((kernel, honour_do_not_specialize))
+    if cached is not None:
+        return cached
+    import inspect
+
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import KernelParam, create_function_from_signature
+
+    lists = getattr(kernel, "kwargs", None) or vars(kernel)
+    dns = set(lists.get("do_not_specialize") or ()) if honour_do_not_specialize else set()
+    dns_oa = set(lists.get("do_not_specialize_on_alignment") or ()) if honour_do_not_specialize else set()
+    signature = inspect.signature(kernel.fn)
+    params = [KernelParam(i, p, i in dns or p.name in dns, i in dns_oa or p.name in dns_oa)
+              for i, p in enumerate(signature.parameters.values())]
+    binder = _BINDERS[(kernel, honour_do_not_specialize)] = create_function_from_signature(signature, params,
+                                                                                            BaseBackend)
+    return binder
+
+
+def triton_specialisation(kernel, args: tuple, kwargs: dict, *,
+                          honour_do_not_specialize: bool = True) -> tuple[list, dict]:
+    """``(specialisation, options)`` of the launch ``kernel[grid](*args, **kwargs)`` as Triton's JIT computes them
+    on a GPU to look up (or else compile) its kernel: per parameter ``(type, key)`` — ``("constexpr", value)`` for
+    constexpr parameters, None and ints equal to 1; ``("i32", "D")`` for an int divisible by 16 and ``("*fp32",
+    "D")`` for a 16-byte aligned pointer, ``""`` otherwise, ``None`` where ``do_not_specialize`` drops the key; floats
+    ``("fp32", None)``, bools ``("u1", None)`` — and the launch options (``num_warps``, ``num_stages``). Two
+    launches of a kernel share a compiled binary exactly when both are equal (Triton's cache key is
+    ``str(specialisation) + str(options)``).
+
+    Computed by Triton's own binder (``create_function_from_signature`` over ``native_specialize_impl``, the same
+    in triton 3.6 and 3.9) on the actual arguments, so it also works under ``TRITON_INTERPRET=1``, where nothing
+    is compiled. ``honour_do_not_specialize=False``: as if the kernel had no ``do_not_specialize`` /
+    ``do_not_specialize_on_alignment`` lists (what they save is the difference)."""
+    _, specialisation, options = _binder(kernel, honour_do_not_specialize)(*args, **kwargs)
+    return specialisation, options
 
 
 def _in_profiler_range(kernel, launch, args, kwargs):

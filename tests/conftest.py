@@ -1,4 +1,5 @@
-"""Shared fixtures: Triton's interpreter on GPU-less machines, NaN-poisoned allocations, the backend matrix."""
+"""Shared fixtures: Triton's interpreter on GPU-less machines, NaN-poisoned allocations, torch's default float32
+matmul precision, the backend matrix."""
 import os
 
 import pytest
@@ -44,6 +45,16 @@ def poison_empty(monkeypatch):
     real_new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison_(real_new_empty(self, *a, **k)))
     yield
+
+
+@pytest.fixture(autouse=True)
+def fp32_matmul_precision_highest():
+    """Every test starts with torch's default float32 matmul precision, "highest" (fp32 attention dots on GPUs then
+    use 3xTF32 and meet the fp32 bound), and a test that changes it gets it back afterwards."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(saved)
 
 
 # Every (backend, device) pair an op's parity tests run on; unavailable pairs are skipped with the reason.

@@ -10,7 +10,7 @@ from conftest import DTYPES, backend_params
 
 import streamkern
 from streamkern.reference import frame_attention as ref
-from streamkern.testing import assert_parity, count_launches
+from streamkern.testing import assert_parity, count_launches, triton_launches_wrapped
 
 fa = importlib.import_module("streamkern.frame_attention")   # the module (streamkern.frame_attention is the op)
 # no "cuda" backend: the Triton kernel is the GPU path
@@ -69,17 +69,19 @@ def _reference(q, kp, vp, table, new_k, new_v, gate, sm_scale=None):
                                D ** -0.5 if sm_scale is None else sm_scale)
 
 
-def _check(bd, dtype, q, kp, vp, table, new_k, new_v, gate, sm_scale=None):
+def _check(bd, dtype, q, kp, vp, table, new_k, new_v, gate, sm_scale=None, bound=None):
+    """Parity of out and lse with the float64 reference: out at the bound of ``dtype``, lse at the fp32 bound, or
+    both at the bound of the dtype ``bound``."""
     out, lse = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate,
                                           sm_scale=sm_scale, return_lse=True, backend=bd[0])
     want, want_lse = _reference(q, kp, vp, table, new_k, new_v, gate, sm_scale)
     assert out.dtype == dtype and out.shape == q.shape and out.device.type == bd[1]
     assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
-    assert_parity(out, want, dtype, "out")
+    assert_parity(out, want, bound or dtype, "out")
     empty = torch.isinf(want_lse)
     assert torch.equal(torch.isinf(lse).cpu(), empty) and bool((lse.cpu()[empty] < 0).all())
-    assert_parity(torch.where(empty, 0.0, lse.cpu().double()), torch.where(empty, 0.0, want_lse), torch.float32,
-                  "lse")
+    assert_parity(torch.where(empty, 0.0, lse.cpu().double()), torch.where(empty, 0.0, want_lse),
+                  bound or torch.float32, "lse")
     return out
 
 
@@ -88,6 +90,36 @@ def _check(bd, dtype, q, kp, vp, table, new_k, new_v, gate, sm_scale=None):
 @pytest.mark.parametrize("bd", ALL)
 def test_parity(bd, dtype, case):
     _check(bd, dtype, *_case(case, dtype, bd[1]))
+
+
+# fp32 dots (DESIGN.md §4.5): 3xTF32 while torch's float32 matmul precision is "highest" (the fp32 bound), plain TF32
+# when it is "high" or "medium" (the bf16 bound): (setting, the kernel's input_precision, the bound that applies)
+FP32_PRECISIONS = [pytest.param("highest", "tf32x3", torch.float32, id="highest"),
+                   pytest.param("high", "tf32", torch.bfloat16, id="high"),
+                   pytest.param("medium", "tf32", torch.bfloat16, id="medium")]
+# the GPU's fp32 tiles: 128 query rows (Lq > 64), head dim 128 (16-key tiles with 3xTF32); only on CUDA
+GPU_TILES = pytest.param((2, 130, 2, 128, 5, 37, 4, 40, True, "mixed", "holes"), id="Lq130-D128-F37-Ln40",
+                         marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="no CUDA device on this machine (the interpreter runs "
+                                                         "16x16 tiles)"))
+
+
+@pytest.mark.parametrize("case", [CASES[6], GPU_TILES])
+@pytest.mark.parametrize("setting, precision, bound", FP32_PRECISIONS)
+@pytest.mark.parametrize("bd", GPU)
+def test_fp32_precision_follows_torch_matmul_precision(bd, setting, precision, bound, case):
+    """The launch's dot precision follows ``torch.get_float32_matmul_precision()``, and fp32 out and lse meet the
+    bound that precision carries (on CUDA; Triton's interpreter computes dots in fp32 under every setting)."""
+    torch.set_float32_matmul_precision(setting)      # conftest restores "highest"
+    launched = []
+
+    def record(kernel, launch, args, kwargs):
+        launched.append(kwargs["PRECISION"])
+        return launch(*args, **kwargs)
+
+    with triton_launches_wrapped(record):
+        _check(bd, torch.float32, *_case(case, torch.float32, bd[1]), bound=bound)
+    assert launched == [precision]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import streamkern
 from streamkern import scale_attention as sa
 from streamkern.reference import scale_attention as ref
-from streamkern.testing import assert_parity, rel_error
+from streamkern.testing import assert_parity, rel_error, triton_launches_wrapped
 
 from conftest import DTYPES, backend_params
 
@@ -39,10 +39,11 @@ def _reference(q, k, v, qs, ks, allow, self_attend=False, sm_scale=None):
                                       allow.cpu(), self_attend, sm)
 
 
-def _check(bd, dtype, q, k, v, qs, ks, allow, self_attend=False, sm_scale=None):
+def _check(bd, dtype, q, k, v, qs, ks, allow, self_attend=False, sm_scale=None, bound=None):
+    """Parity with the float64 reference at the bound of ``dtype`` (or of the dtype ``bound``)."""
     out = _run(bd, q, k, v, qs, ks, allow, self_attend=self_attend, sm_scale=sm_scale)
     assert out.dtype == dtype and out.shape == q.shape and out.device.type == bd[1]
-    assert_parity(out, _reference(q, k, v, qs, ks, allow, self_attend, sm_scale), dtype)
+    assert_parity(out, _reference(q, k, v, qs, ks, allow, self_attend, sm_scale), bound or dtype)
     return out
 
 
@@ -156,6 +157,40 @@ def test_random_allow_parity(bd, case, dtype):
     allow = torch.rand(len(sizes), len(sizes), generator=torch.Generator().manual_seed(D)) < 0.5
     q, k, v = _qkv(2, 3, qs.numel(), ids.numel(), D, dtype, bd[1], seed=D)
     _check(bd, dtype, q, k, v, qs, ids, allow, self_attend, sm_scale)
+
+
+# fp32 dots (DESIGN.md §4.5): 3xTF32 while torch's float32 matmul precision is "highest" (the fp32 bound), plain TF32
+# when it is "high" or "medium" (the bf16 bound): (setting, the kernel's input_precision, the bound that applies)
+FP32_PRECISIONS = [pytest.param("highest", "tf32x3", torch.float32, id="highest"),
+                   pytest.param("high", "tf32", torch.bfloat16, id="high"),
+                   pytest.param("medium", "tf32", torch.bfloat16, id="medium")]
+# VAR at 256 px (680 tokens, head dim 64): the GPU's fp32 tiles of 128 query rows; only on CUDA
+VAR_256 = pytest.param(((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 64), id="var256-D64",
+                       marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                reason="no CUDA device on this machine (the interpreter runs "
+                                                       "16x16 tiles)"))
+
+
+@pytest.mark.parametrize("case", [pytest.param((SMALL, 32), id="small-D32"), VAR_256])
+@pytest.mark.parametrize("setting, precision, bound", FP32_PRECISIONS)
+@pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cpu", "cuda")))
+def test_fp32_precision_follows_torch_matmul_precision(bd, setting, precision, bound, case):
+    """The launch's dot precision follows ``torch.get_float32_matmul_precision()``, and fp32 outputs meet the bound
+    that precision carries (on CUDA; Triton's interpreter computes dots in fp32 under every setting)."""
+    torch.set_float32_matmul_precision(setting)      # conftest restores "highest"
+    patch_nums, D = case
+    ids = streamkern.scale_layout(patch_nums).scale_of_token
+    q, k, v = _qkv(1, 2, ids.numel(), ids.numel(), D, torch.float32, bd[1])
+    launched = []
+
+    def record(kernel, launch, args, kwargs):
+        if "PRECISION" in kwargs:                    # the attention kernel, not the visit lists
+            launched.append(kwargs["PRECISION"])
+        return launch(*args, **kwargs)
+
+    with triton_launches_wrapped(record):
+        _check(bd, torch.float32, q, k, v, ids, ids, streamkern.scale_allow(len(patch_nums)), bound=bound)
+    assert launched == [precision]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
