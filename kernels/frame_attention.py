@@ -91,12 +91,11 @@ def _frame_attention_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F,
 
 # The Hopper kernel (kernels/attention_tile.py: where it runs, its configs). Page ids and the chunk length are
 # loop bounds and coordinates here, so they and the table are not specialisation keys either.
-@triton.jit(do_not_specialize=["TABLE", "K", "Ln", "stb", "sth", "stk"])
-def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F, K, Ln, qk_scale,
+@triton.jit(do_not_specialize=["TABLE", "K", "Ln", "stb", "sth", "stk", "per_head"])
+def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F, K, Ln, qk_scale, per_head,
                                 sqb, sql, sqh, skb, skp, skt, skh, svb, svp, svt, svh, stb, sth, stk,
                                 snb, snl, snh, sub, sul, suh, sg, sob, sol, soh, slb, slh, slm,
-                                HAS_NEW: tl.constexpr, HAS_GATE: tl.constexpr, PER_HEAD: tl.constexpr,
-                                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                HAS_NEW: tl.constexpr, HAS_GATE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 WARP_SPECIALIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_DTYPE: tl.constexpr,
                                 MAX_PAGES: tl.constexpr):
     """The attention of ``_frame_attention_kernel`` with every tile read by TMA, through descriptors over this
@@ -104,8 +103,9 @@ def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P
     t·BLOCK_N : +BLOCK_N, :]``) and the chunk ``[Ln, D]``; rows past F, Ln or Lq and columns past D read as zeros.
     The pages are one flat loop of ``K·ceil(F / BLOCK_N)`` tiles (page ``j`` and tile ``t`` carried), so the
     pipeline does not drain at the end of each page; an id outside ``[0, P)`` is read at coordinate P, wholly out
-    of bounds: zeros, every key masked. ``out`` is contiguous (the launcher's). ``PER_HEAD`` (the table kind) only
-    keys the autotuner."""
+    of bounds: zeros, every key masked. ``out`` is contiguous (the launcher's). ``per_head`` (the table kind, 0 or
+    1) only keys the autotuner: an int, not a constexpr, so a table that looks shared while it is empty (K = 0)
+    compiles nothing more."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -194,7 +194,7 @@ def _choose(key, Lq: int, ws_ok: bool) -> HopperConfig:
     return SMALL_LQ if Lq <= 64 else TILE_128x128
 
 
-HOPPER = HopperKernel(_frame_attention_tma_kernel, CONFIGS, _choose, ["D", "PER_HEAD"])
+HOPPER = HopperKernel(_frame_attention_tma_kernel, CONFIGS, _choose, ["D", "per_head"])
 
 
 def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale: float, config=None):
@@ -233,12 +233,13 @@ def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scal
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION=cfg.precision, DOT_DTYPE=cfg.dot_dtype,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, lse
-    per_head = page_table.stride(1) != 0 and H > 1
+    per_head = int(page_table.stride(1) != 0 and H > 1)
     key = (D, q.dtype, page_table.dtype, per_head, new_k is not None, gate is not None)
     HOPPER.launch(lambda block_m: (triton.cdiv(Lq, block_m), B * H), key, Lq,
-                  new_k is None and K <= WS_MAX_PAGES, config, *args, *q.stride()[:3], *k_pages.stride()[:4], *v_pages.stride()[:4],
-                  *page_table.stride(), *(no_new if new_k is None else new_k.stride())[:3],
+                  new_k is None and K <= WS_MAX_PAGES, config, *args, per_head, *q.stride()[:3],
+                  *k_pages.stride()[:4], *v_pages.stride()[:4], *page_table.stride(),
+                  *(no_new if new_k is None else new_k.stride())[:3],
                   *(no_new if new_v is None else new_v.stride())[:3], 0 if gate is None else gate.stride(0),
-                  *out.stride()[:3], *lse.stride(), HAS_NEW=new_k is not None, HAS_GATE=gate is not None,
-                  PER_HEAD=per_head, D=D, BLOCK_D=block_d, DOT_DTYPE=tma_dot_dtype(q.dtype), MAX_PAGES=WS_MAX_PAGES)
+                  *out.stride()[:3], *lse.stride(), HAS_NEW=new_k is not None, HAS_GATE=gate is not None, D=D,
+                  BLOCK_D=block_d, DOT_DTYPE=tma_dot_dtype(q.dtype), MAX_PAGES=WS_MAX_PAGES)
     return out, lse

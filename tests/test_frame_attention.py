@@ -566,7 +566,7 @@ def test_autotune_refuses_to_tune_inside_a_capture(monkeypatch):
     refused."""
     monkeypatch.setenv("STREAMKERN_AUTOTUNE", "1")
     monkeypatch.setattr(tiles, "triton_interpreting", lambda: False)
-    kernel = tiles.HopperKernel(kfa._frame_attention_tma_kernel, kfa.CONFIGS, kfa._choose, ["D", "PER_HEAD"])
+    kernel = tiles.HopperKernel(kfa._frame_attention_tma_kernel, kfa.CONFIGS, kfa._choose, ["D", "per_head"])
     launched = []
     monkeypatch.setattr(tiles, "launch_with_descriptor_scratch", lambda *a, **k: launched.append(a))
     for capturing, mode, why in ((True, 0, "inside a CUDA-graph capture"), (False, 2, "sync_debug_mode")):
