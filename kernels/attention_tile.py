@@ -197,7 +197,8 @@ def tma_unsupported(q: torch.Tensor, descriptor_tensors: dict, head_dim: int) ->
         return f"head dim {head_dim}"
     for name, (t, dims) in descriptor_tensors.items():
         if t is not None and not _strides_fit(t, dims):
-            return f"{name}'s strides {tuple(t.stride())} or address are not 16-byte multiples with a contiguous last dim"
+            return (f"{name}'s strides {tuple(t.stride())} or address are not 16-byte multiples with a contiguous "
+                    f"last dim")
     return ""
 
 

@@ -95,9 +95,9 @@ def _frame_attention_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F,
 def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F, K, Ln, qk_scale, per_head,
                                 sqb, sql, sqh, skb, skp, skt, skh, svb, svp, svt, svh, stb, sth, stk,
                                 snb, snl, snh, sub, sul, suh, sg, sob, sol, soh, slb, slh, slm,
-                                HAS_NEW: tl.constexpr, HAS_GATE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                WARP_SPECIALIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                                MAX_PAGES: tl.constexpr):
+                                HAS_NEW: tl.constexpr, HAS_GATE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                                LAZY_RESCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, MAX_PAGES: tl.constexpr):
     """The attention of ``_frame_attention_kernel`` with every tile read by TMA, through descriptors over this
     program's (b, h): queries ``[Lq, D]``, each pool layer ``[P, F, D]`` (a key tile is the box ``[page,
     t·BLOCK_N : +BLOCK_N, :]``) and the chunk ``[Ln, D]``; rows past F, Ln or Lq and columns past D read as zeros.
