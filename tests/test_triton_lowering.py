@@ -353,9 +353,10 @@ for i, spec in enumerate(request["specs"]):
             row["shared"] = out.metadata.shared
             if spec["kernel"].endswith("_tma_kernel") and "cubin" in out.asm:
                 code = sass(out.asm["cubin"])
+                ptx, ttgir = out.asm["ptx"], out.asm["ttgir"]
                 row["asm"] = dict(
-                    ptx_bulk_tensor="cp.async.bulk.tensor" in out.asm["ptx"], ptx_wgmma="wgmma.mma_async" in out.asm["ptx"],
-                    ptx_setmaxnreg="setmaxnreg" in out.asm["ptx"], ttgir_warp_specialize="ttg.warp_specialize" in out.asm["ttgir"],
+                    ptx_bulk_tensor="cp.async.bulk.tensor" in ptx, ptx_wgmma="wgmma.mma_async" in ptx,
+                    ptx_setmaxnreg="setmaxnreg" in ptx, ttgir_warp_specialize="ttg.warp_specialize" in ttgir,
                     sass_utmaldg=None if code is None else len(re.findall(r"\bUTMALDG\b", code)),
                     sass_hgmma=None if code is None else len(re.findall(r"\bHGMMA\b", code)))
             if "cubin" not in out.asm:
