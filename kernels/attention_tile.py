@@ -266,7 +266,9 @@ def autotune_enabled() -> bool:
 def _bench_briefly(kernel_call, quantiles):
     """The autotuner's timing of one config: 5 ms of warm-up, 20 ms of repeats (Triton's default 25 + 100 ms per
     config would make a first call of eight configs last seconds)."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 class HopperKernel:
