@@ -120,8 +120,8 @@ RESCALE_THRESHOLD = tl.constexpr(8.0)   # log2 units: a row's reference max move
 
 
 class HopperConfig(NamedTuple):
-    """One launch of a Hopper kernel: ``BLOCK_M`` query rows and ``BLOCK_N`` keys per tile, ``num_warps`` (of the
-    kernel, or of each consumer warp group with ``warp_specialize``), ``num_stages`` of the TMA pipeline,
+    """One launch of a Hopper kernel: ``BLOCK_M`` query rows and ``BLOCK_N`` keys per tile, ``num_warps`` (Triton's;
+    warp specialisation adds the warps of its partitions to them), ``num_stages`` of the TMA pipeline,
     ``warp_specialize`` (Triton's automatic warp specialisation of the key loop: a producer warp issues the copies,
     consumer warp groups the dots and softmax) and ``lazy_rescale`` (see ``online_softmax_tile_tma``)."""
     block_m: int

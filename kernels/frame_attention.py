@@ -10,6 +10,10 @@ update ``online_softmax_tile`` of ``kernels/attention_tile.py`` (scores in log2 
 module also picks the tiles and the dots' precision: 3×TF32 for fp32 inputs unless torch's float32 matmul precision
 allows TF32); at the end ``out = acc / l`` and ``lse = (m + log2 l)·ln 2``, with out 0 and lse -inf where no key
 was seen (``l = 0``). Page offsets are int64 (a layer of a pool may exceed 2³¹ elements).
+
+On sm_90 and later, fp16/bf16 inputs whose rows are 16-byte aligned run ``_frame_attention_tma_kernel`` instead: the
+same program and the same results, its tiles copied by TMA through tensor descriptors (docs/frame_attention.md,
+"The Hopper kernels"; the rule and the configs in ``kernels/attention_tile.py``). Either way one launch.
 """
 from __future__ import annotations
 
@@ -131,7 +135,7 @@ def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P
     if WARP_SPECIALIZE:   # the producer warp may not load through pointers: the table row waits in registers
         tl.static_assert(not HAS_NEW and not LAZY_RESCALE, "warp specialisation: one key loop, no branch in it")
         offs_k = tl.arange(0, MAX_PAGES)
-        ids = tl.load(TABLE + b * stb + h * sth + offs_k * stk, mask=offs_k < n_pages, other=-1)
+        ids = tl.load(TABLE + b * stb + h * sth + offs_k.to(tl.int64) * stk, mask=offs_k < n_pages, other=-1)
         ids = tl.where((ids >= 0) & (ids < P), ids, P).to(tl.int32)
     j = 0
     t = 0
@@ -139,7 +143,7 @@ def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P
         if WARP_SPECIALIZE:
             page = tl.sum(tl.where(offs_k == j, ids, 0))
         else:
-            page = tl.load(TABLE + b * stb + h * sth + j * stk)
+            page = tl.load(TABLE + b * stb + h * sth + j.to(tl.int64) * stk)
             page = tl.where((page >= 0) & (page < P), page, P).to(tl.int32)
         k = k_desc.load([page, t * BLOCK_N, 0]).reshape([BLOCK_N, BLOCK_D]).to(DOT_DTYPE)
         v = v_desc.load([page, t * BLOCK_N, 0]).reshape([BLOCK_N, BLOCK_D]).to(DOT_DTYPE)
@@ -160,14 +164,14 @@ def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P
             keep = (offs_n < n_new - t * BLOCK_N)[None, :]
             acc, m_i, l_i = online_softmax_tile_tma(q, k, v, keep, acc, m_i, l_i, qk_scale, LAZY_RESCALE,
                                                     DOT_DTYPE)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # stored through pointers: int64 offsets
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    tl.store(O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sol + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d < D)[None, :])
     tl.store(LSE + b * slb + h * slh + offs_m * slm, lse, mask=m_ok)
 
 

@@ -13,6 +13,10 @@ Launch structure:
    key-length bound on every tile, then the online-softmax update ``online_softmax_tile`` of
    ``kernels/attention_tile.py`` (which also picks the tiles and the dots' precision). A row that has seen no
    allowed key ends with ``l = 0`` and output 0.
+
+On sm_90 and later, fp16/bf16 q, k, v whose rows are 16-byte aligned (and at most ``MAX_TMA_SCALES`` scales) run
+``_scale_attention_tma_kernel`` in step 2: the same visit lists, its tiles copied by TMA (docs/frame_attention.md,
+"The Hopper kernels").
 """
 from __future__ import annotations
 
@@ -140,7 +144,7 @@ def _scale_attention_tma_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
     v_desc = tl.make_tensor_descriptor(V + b * svb + h * svh, shape=[Lk, D], strides=[svn, 1],
                                        block_shape=[BLOCK_N, BLOCK_D])
     q = q_desc.load([pid_m * BLOCK_M, 0]).to(DOT_DTYPE)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # read and stored through pointers: int64
     qs, q_ok = _scale_ids(QS, offs_m, Lq, sqs, NS)
     offs_s = tl.arange(0, MAX_TMA_SCALES)
     allowed = tl.load(ALLOW + qs[:, None] * sa0 + offs_s[None, :] * sa1,
@@ -154,7 +158,7 @@ def _scale_attention_tma_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
         kt = tl.load(VISIT + row + it)
         k = k_desc.load([kt * BLOCK_N, 0]).to(DOT_DTYPE)
         v = v_desc.load([kt * BLOCK_N, 0]).to(DOT_DTYPE)
-        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = kt.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         keep = (offs_n < Lk)[None, :] & (offs_m >= 0)[:, None]
         if tl.load(VCLS + row + it) == PARTIAL:
             ks, k_ok = _scale_ids(KS, offs_n, Lk, sks, NS)
@@ -165,8 +169,8 @@ def _scale_attention_tma_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
         acc, m_i, l_i = online_softmax_tile_tma(q, k, v, keep, acc, m_i, l_i, qk_scale, LAZY_RESCALE, DOT_DTYPE)
     offs_d = tl.arange(0, BLOCK_D)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * som + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
 
 
 # Candidate configs per tile pair (the visit lists are built for the tiles first, so the autotuner varies the rest).
