@@ -1,9 +1,14 @@
 """Smoke test of ``python -m streamkern.demo`` at tiny sizes: one table, JSON and PNG written, eager rows first."""
 import json
+from types import SimpleNamespace
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from streamkern import demo
+from streamkern._backend import OpBackends
+from streamkern.step_graph import StepGraph
 
 
 def test_demo_tiny_writes_table_json_and_chart(tmp_path, capsys):
@@ -35,3 +40,71 @@ def test_demo_compare_flags_a_changed_token_and_a_drifted_tensor():
     assert not demo.compare({"tokens": torch.arange(6).flip(0), "x": torch.ones(4)}, ref)[0]
     ok, err = demo.compare({"tokens": torch.arange(6), "x": torch.ones(4) * 1.01}, ref)
     assert not ok and abs(err - 0.01) < 1e-6
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: these tiny models' ops are far too small to share, and on a loaded machine spinning
+    threads make a step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _OpRecorder(TorchDispatchMode):
+    """The streamkern ops called inside the block (a dispatch mode routes them through their torch.library op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "streamkern":
+            self.ops.add(func._schema.name.split("::")[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_pipeline_ops_are_the_ops_each_pipeline_calls():
+    """The table the demo derives each pipeline's backends from lists exactly the ops its accelerated path calls."""
+    import streamkern.pipelines as pipelines
+
+    for label, cls_name, kwargs, args in demo.TINY:
+        with _OpRecorder() as rec:
+            getattr(pipelines, cls_name)(backend="torch", eager=False, **kwargs).run(*args)
+        assert rec.ops == {op.name for op in demo.pipeline_ops(label)}, label
+
+
+def test_backends_for_lists_only_backends_that_implement_every_op():
+    def op(*backends):
+        return SimpleNamespace(backends=OpBackends("op", {b: None for b in ("torch",) + backends}))
+
+    cpu = torch.device("cpu")
+    assert demo.backends_for(cpu, True, False, [op("cpu", "triton")]) == [("cpu", "cpu"), ("triton", "triton")]
+    assert demo.backends_for(cpu, True, False, [op("cpu", "triton"), op("triton")]) == [("triton", "triton")]
+    assert demo.backends_for(cpu, False, True, [op("triton")]) == [("torch-ops", "torch")]
+
+
+GRAPHS = demo.graph_configs(demo.with_dtypes(demo.TINY, ["fp32"]), demo.TINY, replays=2)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("graph", GRAPHS, ids=[g[0] for g in GRAPHS])
+def test_graph_row_replays_equal_eager_steps(graph):
+    """Each capturable step (StepGraph's recorded replay here, a CUDA graph on a GPU) replays equal to the same
+    step of its twin run eagerly, both timed."""
+    label, step, make, dtype = graph
+    cpu = torch.device("cpu")
+    row = demo.graph_row(label, step, lambda: make(cpu), cpu, dtype, 2)
+    assert row.error is None and row.identical and row.replays == 2 and row.replay_ms > 0 and row.eager_ms > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_graph_row_catches_a_stale_replay(monkeypatch):
+    """Negative control: a replay that does not run the step (it returns the capture's outputs) is reported NO."""
+    (label, step, make, dtype), = [g for g in GRAPHS if g[0] == "SpeculativeVAR sample"]
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(StepGraph, "replay", lambda self: self.outputs)
+    stale = demo.graph_row(label, step, lambda: make(cpu), cpu, dtype, 2)
+    assert stale.error is None and not stale.identical and " NO " in demo.format_graphs([stale])
