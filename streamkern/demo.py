@@ -27,8 +27,8 @@ references (the structure without the kernels).
 On CUDA the defaults are ``--shapes real --dtype bf16``, every path first runs one untimed round (Triton's
 compilation, cuBLAS and cuDNN set-up stay out of the numbers: ``--warmup``), and a second table times the
 pipelines' capturable steady-state steps replayed from a CUDA graph (:class:`~streamkern.step_graph.StepGraph`:
-``StreamingGenerator``'s block once its window and bank are full, ``GatedPolicy.step``, ``SpeculativeVAR.round``,
-the latter two at their default sizes), each replay against the same step of an identical pipeline run eagerly on
+``StreamingGenerator``'s block once its window and bank are full, at the first ``--dtype``, ``GatedPolicy.step``,
+``SpeculativeVAR.round``, the latter two at their default sizes), each replay against the same step of an identical pipeline run eagerly on
 the same backend (``auto``): outputs within the parity bound, milliseconds per step of both (``--no-graphs`` turns
 it off). ``--jsonl PATH`` appends every finished row to PATH as a JSON line (a time cap keeps what is done).
 """
@@ -462,14 +462,15 @@ GRAPH_REPLAYS = 20
 
 
 def graph_configs(configs, sizes, replays: int = GRAPH_REPLAYS) -> list[tuple]:
-    """``(label, step, make(device), dtype)`` of the capturable steps: ``StreamingGenerator``'s block for each of
-    its configs in the run (dtype included), ``GatedPolicy.step`` and ``SpeculativeVAR.round`` at ``sizes``'s
+    """``(label, step, make(device), dtype)`` of the capturable steps: ``StreamingGenerator``'s block at its
+    config's first dtype in the run (the others would only repeat it slower), ``GatedPolicy.step`` and
+    ``SpeculativeVAR.round`` at ``sizes``'s
     kwargs (the default or the tiny set); ``replays`` after the capture (the policy's trajectory has as many
     frames more)."""
     own = {label: kwargs for label, _, kwargs, _ in sizes}
     out = []
     for label, cls_name, kwargs, _, dtype, base in configs:
-        if base == "StreamingGenerator":
+        if base == "StreamingGenerator" and not any(o[1] == "BlockStream.step" for o in out):
             out.append((label, "BlockStream.step", lambda dev, kw=kwargs: _stream_pair(kw, "auto", dev), dtype))
     out.append(("GatedPolicy", "GatedPolicy.step",
                 lambda dev: _policy_pair(own["GatedPolicy"], "auto", dev, steps=replays), torch.float32))
@@ -615,6 +616,8 @@ def main(argv=None) -> list[Row]:
                         help="time the capturable steps replayed from a CUDA graph (default: on CUDA only; "
                              "on CPU StepGraph's recorded replay)")
     parser.add_argument("--jsonl", default=None, help="append each finished row to this file as a JSON line")
+    parser.add_argument("--pipelines", nargs="+", choices=list(PIPELINE_OPS), default=None,
+                        help="run only these pipelines (default: all of the chosen shapes)")
     parser.add_argument("--markdown", metavar="JSON", help="print the table of a stored demo.json and exit")
     args = parser.parse_args(argv)
     if args.markdown:
@@ -628,7 +631,8 @@ def main(argv=None) -> list[Row]:
     shapes = args.shapes or ("real" if cuda else "tiny")
     real = shapes == "real"
     sizes = TINY if args.tiny else DEFAULT
-    configs = with_dtypes(REAL if real else sizes, args.dtype or (["bf16"] if cuda else ["fp32"]))
+    chosen = [c for c in (REAL if real else sizes) if args.pipelines is None or c[0] in args.pipelines]
+    configs = with_dtypes(chosen, args.dtype or (["bf16"] if cuda else ["fp32"]))
     repeats = args.repeats or (1 if real else 2)
     warmup = args.warmup if args.warmup is not None else (1 if cuda else 0)
     graphs = cuda if args.graphs is None else args.graphs   # on CPU: StepGraph's recorded replay
@@ -652,6 +656,8 @@ def main(argv=None) -> list[Row]:
         progress.close()
     graph_rows = []
     for label, step, make, dtype in (graph_configs(configs, sizes) if graphs else []):
+        if step != "BlockStream.step" and args.pipelines is not None and label not in args.pipelines:
+            continue
         graph_rows.append(graph_row(label, step, lambda: make(device), device, dtype, GRAPH_REPLAYS))
         emit("graph", graph_rows[-1:])
     seconds = time.perf_counter() - start
