@@ -104,3 +104,22 @@ def test_gpu_session_dry_run(tmp_path):
     for test in PIPELINE_GRAPHS:
         assert ids.get(("test_pipeline_graphs", test)), test
     assert len([c for c in suites.iter("testcase")]) <= 150   # one pass, not every CPU parametrisation
+
+
+def test_junit_of_a_killed_chunk_is_read_from_its_log(tmp_path):
+    """A chunk stopped by its cap before pytest wrote its junit: the tests its verbose log reports as finished
+    (xdist's and plain pytest's line formats) are counted, a missing file without a log is listed as unreadable."""
+    from streamkern.bench import gpu_pack
+
+    (tmp_path / "junit-ops.log").write_text(
+        "[gw0] [ 10%] PASSED tests/test_kv_ring.py::test_ring_write_parity[triton-cuda-fp32-x]\n"
+        "[gw3] [ 20%] FAILED tests/test_frame_topk.py::test_parity[cuda-cuda-bf16-holes-per-head]\n"
+        "tests/test_gpu.py::test_attention_grid_limit_on_cuda SKIPPED (no CUDA device) [ 30%]\n"
+        "tests/test_verify.py::test_parity[triton-cuda-fp16-y] ERROR [ 40%]\n")
+    gpu_pack.merge_junit(str(tmp_path / "junit.xml"), [str(tmp_path / "junit-ops.xml"),
+                                                       str(tmp_path / "junit-graphs.xml")])
+    root = ET.parse(tmp_path / "junit.xml").getroot()
+    assert {k: root.get(k) for k in ("tests", "failures", "errors", "skipped")} == \
+        {"tests": "5", "failures": "1", "errors": "2", "skipped": "1"}
+    failed = [c.get("name") for c in root.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["test_parity[cuda-cuda-bf16-holes-per-head]"]
