@@ -40,9 +40,10 @@ WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 FASTVIDEO_LOGGING_LEVEL=WARNING
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton-cache}
 NPROC=$(nproc)
-# caps in seconds, per phase: 10 + 30 + 35 + (75 + 40) + (12 + 18) + 50 + (40 + 20 + 25) + 15 + 40 = 410
-CAP_ENV=10 CAP_BUILD=30 CAP_BUILD_FULL=300 CAP_SMOKE=35 CAP_TEST_OPS=75 CAP_TEST_GRAPHS=40 CAP_MEMCHECK=12
-CAP_RACECHECK=18 CAP_DEMO=50 CAP_BENCH_ATTENTION=40 CAP_BENCH_WRITES=20 CAP_BENCH_OTHERS=25 CAP_TUNE=15 CAP_FASTVIDEO=40
+# caps in seconds, per phase: 10 + 30 + 35 + (70 + 40) + (12 + 18) + 50 + (35 + 20 + 20 + 20) + 10 + 40 = 410
+CAP_ENV=10 CAP_BUILD=30 CAP_BUILD_FULL=300 CAP_SMOKE=35 CAP_TEST_OPS=70 CAP_TEST_GRAPHS=40 CAP_MEMCHECK=12
+CAP_RACECHECK=18 CAP_DEMO=50 CAP_BENCH_ATTENTION=35 CAP_BENCH_FP32=20 CAP_BENCH_WRITES=20 CAP_BENCH_OTHERS=20
+CAP_TUNE=10 CAP_FASTVIDEO=40
 BENCH_WRITES="frame_write kv_ring bank_insert"
 BENCH_OTHERS="consensus verify frame_topk pose_topk bank_evict scale_attention drift_gate"
 GRAPH_TESTS="tests/test_pipeline_graphs.py tests/test_step_graph.py tests/test_gpu.py"
@@ -159,25 +160,28 @@ phase_demo() {   # the streamed pipelines at real shapes first: StreamingGenerat
   return $rc
 }
 
-bench_ops() {   # cap ops...: one capped run of python -m streamkern.bench, its rows appended to bench.jsonl
-  local cap=$1; shift
-  # shellcheck disable=SC2086
-  capped "$cap" $PY -m streamkern.bench --device $BENCH_DEVICE --ops "$@" --no-compile --budget $BENCH_BUDGET \
-    $BENCH_QUICK --jsonl "$OUT/bench.jsonl" --out "$WORK/bench" >"$WORK/bench.log" 2>&1; local rc=$?
+bench_run() {   # cap module args...: one capped benchmark run, its rows appended to bench.jsonl as measured
+  local cap=$1 module=$2; shift 2
+  capped "$cap" $PY -m "$module" --device $BENCH_DEVICE --no-compile --budget $BENCH_BUDGET \
+    --jsonl "$OUT/bench.jsonl" --out "$WORK/bench" "$@" >"$WORK/bench.log" 2>&1; local rc=$?
   grep -v "^ " "$WORK/bench.log" | tail -8 >>"$OUT/session.log"
-  say "bench $* rc=$rc, $(grep -c '"kind": "row"' "$OUT/bench.jsonl") rows in bench.jsonl so far"
+  say "$module $* rc=$rc, $(grep -c '"kind": "row"' "$OUT/bench.jsonl") rows in bench.jsonl so far"
   return $rc
 }
 
-phase_bench() {   # the attention over the streaming memory, then the KV writes, then the other ops
-  BENCH_DEVICE=cuda BENCH_BUDGET=0.2 BENCH_QUICK=""
-  has_cuda || { BENCH_DEVICE=cpu BENCH_BUDGET=0.01 BENCH_QUICK=--smoke; skip "the GPU benchmarks; quick, on CPU"; }
-  local rc=0
-  if [ $DRY = 0 ]; then bench_ops $CAP_BENCH_ATTENTION frame_attention || rc=1; fi
+phase_bench() {   # the attention over the streaming memory (bf16 at every shape, then fp32), the KV writes, the rest
+  BENCH_DEVICE=cuda BENCH_BUDGET=0.2
+  local rc=0 quick=""
+  has_cuda || { BENCH_DEVICE=cpu BENCH_BUDGET=0.01 quick=--smoke; skip "the GPU benchmarks; quick, on CPU"; }
+  if [ $DRY = 0 ]; then
+    bench_run $CAP_BENCH_ATTENTION streamkern.bench.bench_frame_attention --shapes memflow mg2 wan14b oneframe \
+      --dtypes bf16 || rc=1
+    bench_run $CAP_BENCH_FP32 streamkern.bench.bench_frame_attention --shapes memflow --dtypes fp32 || rc=1
+  fi
   # shellcheck disable=SC2086
-  bench_ops $CAP_BENCH_WRITES $BENCH_WRITES || rc=1
+  bench_run $CAP_BENCH_WRITES streamkern.bench $quick --ops $BENCH_WRITES || rc=1
   # shellcheck disable=SC2086
-  bench_ops $CAP_BENCH_OTHERS $BENCH_OTHERS || rc=1
+  bench_run $CAP_BENCH_OTHERS streamkern.bench $quick --ops $BENCH_OTHERS || rc=1
   return $rc
 }
 
@@ -196,7 +200,9 @@ phase_tune() {
 
 phase_fastvideo() {
   (   # a subshell: PYTHONPATH only for this phase
-    if ls .whl/*.whl >/dev/null 2>&1; then
+    if [ $DRY = 1 ]; then
+      skip "installing .whl/ (the device's CPython 3.12 wheels)"
+    elif ls .whl/*.whl >/dev/null 2>&1; then
       $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$WORK/site" .whl/*.whl \
         >>"$OUT/session.log" 2>&1 || { say "installing .whl/ failed"; exit 1; }
       export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from ._checks import debug_enabled
+from ._checks import debug_enabled, reading_layout
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -270,8 +270,8 @@ _VALUE_CHECK_DEPTH = [0]
 
 
 def checking_values() -> bool:
-    """Whether an op's value check (which may read tensors on the host) is running right now."""
-    return _VALUE_CHECK_DEPTH[0] > 0
+    """Whether an op's value check, or a check of memory layout, may read tensors on the host right now."""
+    return _VALUE_CHECK_DEPTH[0] > 0 or reading_layout()
 
 
 def _value_check(values: Callable, args: Sequence) -> None:

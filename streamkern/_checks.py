@@ -6,6 +6,7 @@ their checks before allocating or writing anything.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Iterable, Sequence
@@ -188,6 +189,24 @@ def _extent(t: torch.Tensor) -> tuple[object, int, int]:
     return memory, first, first + span * t.element_size()
 
 
+_LAYOUT_READS = [0]
+
+
+@contextlib.contextmanager
+def layout_read():
+    """Marks a host read of a tensor the checks built on the host from sizes and strides (never from data): the
+    host-sync counter of ``streamkern.pipelines`` books it as a check, not as a read of the device."""
+    _LAYOUT_READS[0] += 1
+    try:
+        yield
+    finally:
+        _LAYOUT_READS[0] -= 1
+
+
+def reading_layout() -> bool:
+    return _LAYOUT_READS[0] > 0
+
+
 def no_internal_overlap(name: str, t: torch.Tensor) -> None:
     """Two elements of ``t`` never share memory (so writing ``t`` is well defined): ValueError naming ``name``
     otherwise, e.g. for a cache ``expand``ed with stride 0. Decided from sizes and strides alone where possible
@@ -207,7 +226,8 @@ def no_internal_overlap(name: str, t: torch.Tensor) -> None:
         if torch.compiler.is_compiling():
             return
         starts, run = _runs(name, t, drop_broadcast=False)
-        overlap = bool((starts[1:] - starts[:-1] < run).any())
+        with layout_read():
+            overlap = bool((starts[1:] - starts[:-1] < run).any())
     if overlap:
         raise ValueError(f"{name}: expected a tensor whose elements do not share memory (it is written), got shape "
                          f"{list(t.shape)} with strides {tuple(t.stride())} (an expand()ed or as_strided view?); "
@@ -236,6 +256,8 @@ def no_overlap(out_name: str, out: torch.Tensor, **inputs: torch.Tensor | None) 
         t_starts = t_starts + (t_lo - lo)
         last = torch.searchsorted(starts, t_starts + t_run) - 1  # out's last run starting before each input run ends
         hit = (last >= 0) & (starts[last.clamp(min=0)] + run > t_starts)
-        if bool(hit.any()):
+        with layout_read():
+            overlapping = bool(hit.any())
+        if overlapping:
             raise ValueError(f"{name}: expected a tensor that does not share memory with {out_name} (which is "
                              f"written), got an overlapping view; pass a copy (.clone())")

@@ -18,9 +18,9 @@ parts timed within it, so the parts' share reflects real proportions, not only t
 (``MemoryBank``, ``StreamingGenerator``, ``MemoryWorldModel``; labelled with it unless fp32); outputs are then
 compared within that dtype's parity bound.
 
-Rows: a pipeline's accelerated rows are the backends that implement every op it calls (``PIPELINE_OPS``, checked
-against the ops each pipeline really calls by tests/test_demo.py, and each op's backend table), and on CUDA an
-``auto`` row, every op on its fastest GPU backend. Triton runs on CPU tensors only through its interpreter, far too
+Rows: a pipeline's accelerated rows are the backends that implement every op it calls on the device (recorded in a
+tiny run: :func:`pipeline_ops`; each op's backend table says which backends it has), and on CUDA an ``auto`` row,
+every op on its fastest GPU backend. Triton runs on CPU tensors only through its interpreter, far too
 slow for a demo: ``--triton`` adds it anyway. ``--reference-ops`` adds the op path on the ops' own ``"torch"``
 references (the structure without the kernels).
 
@@ -35,6 +35,7 @@ it off). ``--jsonl PATH`` appends every finished row to PATH as a JSON line (a t
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import json
@@ -86,30 +87,49 @@ REAL = [
 ]
 
 
-# the streamkern ops each pipeline's accelerated path calls ("module.op": ``streamkern.<module>.<op>_op``); a named
-# backend gets a row only where it implements all of them
-PIPELINE_OPS = {
-    "MemoryBank": ("consensus.consensus_frame_scores", "bank_evict.bank_evict_select", "bank_insert.bank_insert"),
-    "StreamingGenerator": ("consensus.consensus_frame_scores", "bank_evict.bank_evict_select",
-                           "frame_write.frame_write", "frame_attention.frame_attention"),
-    "StreamingGenerator sparse": ("consensus.consensus_frame_scores", "bank_evict.bank_evict_select",
-                                  "frame_write.frame_write", "frame_attention.frame_attention",
-                                  "frame_topk.frame_topk"),
-    "MemoryWorldModel": ("pose_topk.pose_topk", "frame_write.frame_write", "frame_attention.frame_attention"),
-    "GatedPolicy": ("drift_gate.patch_importance", "drift_gate.drift_gate_step"),
-    "SpeculativeVAR greedy": ("scale_attention.block_masked_attention", "verify.verify_scales"),
-    "SpeculativeVAR sample": ("scale_attention.block_masked_attention", "verify.verify_scales"),
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LABELS = [label for label, *_ in TINY]
 
 
-def pipeline_ops(label: str) -> list:
-    """The declared ops (``Op`` objects) that pipeline ``label`` calls."""
-    ops = []
-    for name in PIPELINE_OPS[label]:
-        module, op = name.split(".")
-        ops.append(getattr(importlib.import_module(f"streamkern.{module}"), f"{op}_op"))
+@functools.lru_cache(maxsize=None)
+def declared_ops() -> dict:
+    """Every op declared with ``define_op`` in streamkern's modules (``Op`` objects, by name)."""
+    import pkgutil
+
+    import streamkern
+    from streamkern._backend import Op
+
+    ops = {}
+    for info in pkgutil.iter_modules(streamkern.__path__):
+        for value in vars(importlib.import_module(f"streamkern.{info.name}")).values():
+            if isinstance(value, Op):
+                ops[value.name] = value
     return ops
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline_ops(label: str, device: str = "cpu") -> tuple:
+    """The ops (``Op`` objects) the accelerated path of pipeline ``label`` calls on ``device``, recorded in one run
+    of its tiny configuration on the ops' ``"torch"`` references (which ops a path calls does not depend on its
+    sizes; where a step picks its kernel by backend, as ``StreamingKV``'s ``attention="auto"`` does, a named backend
+    picks an op only where it has it)."""
+    import streamkern.pipelines as pipelines
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "streamkern":
+                self.names.add(func._schema.name.split("::")[1])
+            return func(*args, **(kwargs or {}))
+
+    _, cls_name, kwargs, args = next(c for c in TINY if c[0] == label)
+    with Recorder() as rec:
+        getattr(pipelines, cls_name)(backend="torch", eager=False, device=device, **kwargs).run(*args)
+    return tuple(declared_ops()[name] for name in sorted(rec.names))
 
 
 @dataclass
@@ -616,7 +636,7 @@ def main(argv=None) -> list[Row]:
                         help="time the capturable steps replayed from a CUDA graph (default: on CUDA only; "
                              "on CPU StepGraph's recorded replay)")
     parser.add_argument("--jsonl", default=None, help="append each finished row to this file as a JSON line")
-    parser.add_argument("--pipelines", nargs="+", choices=list(PIPELINE_OPS), default=None,
+    parser.add_argument("--pipelines", nargs="+", choices=LABELS, default=None,
                         help="run only these pipelines (default: all of the chosen shapes)")
     parser.add_argument("--markdown", metavar="JSON", help="print the table of a stored demo.json and exit")
     args = parser.parse_args(argv)
@@ -638,7 +658,7 @@ def main(argv=None) -> list[Row]:
     graphs = cuda if args.graphs is None else args.graphs   # on CPU: StepGraph's recorded replay
 
     def accelerated(label):
-        return backends_for(device, args.triton, args.reference_ops, pipeline_ops(label))
+        return backends_for(device, args.triton, args.reference_ops, pipeline_ops(label, str(device)))
 
     def emit(kind, rows):
         if args.jsonl:

@@ -102,6 +102,10 @@ def _written(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return written
 
 
+# ops that return host values computed from tensor metadata alone (a CUDA capture allows them)
+_LAYOUT_OPS = frozenset({torch.ops.aten._fused_sdp_choice.default})
+
+
 class _Recorder(TorchDispatchMode):
     """Records the ops of a step on CPU tensors (see the module docstring)."""
 
@@ -116,6 +120,8 @@ class _Recorder(TorchDispatchMode):
         if self._undo is not None:
             self._undo += [(t, t.clone()) for t in _written(func, args, kwargs)]
         out = func(*args, **kwargs)
+        if func in _LAYOUT_OPS:
+            return out   # decided from sizes, strides and dtypes (no value read), the same at every replay
         if out is not None and not isinstance(out, (torch.Tensor, list, tuple)):
             if _backend.checking_values():
                 return out   # an op's value check reads at capture; it is not replayed

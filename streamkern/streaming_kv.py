@@ -1,24 +1,34 @@
 """The streaming memory of a causal video model on one frame-paged pool (DESIGN.md §4.5).
 
-:class:`StreamingKV` keeps three lists of page ids into one :class:`~streamkern.FramePool`, all device tensors:
+:class:`StreamingKV` lays one :class:`~streamkern.FramePool` out as three fixed regions of pages::
 
-* ``sink_pages [S]``: the first ``sink_frames`` frames ever appended (pages ``0 .. S-1``, kept forever);
-* ``window_pages [B, W]``: a ring of ``window_frames`` slots; the n-th non-sink frame sits in ring slot ``n mod W``;
-* ``bank_pages [B, M]``: the ``bank_frames`` memory slots (valid where ``bank_valid``).
+    pages [0, S)            sinks: the first ``sink_frames`` frames ever appended, kept forever
+    pages [S, S + W)        the window: a ring of ``window_frames`` slots; the n-th non-sink frame is in slot n mod W
+    pages [S + W, S + W + M) the memory bank: ``bank_frames`` slots, filled in slot order (``bank_evict_select``
+                            takes the first empty slot), so the valid ones are a prefix
 
-Lifecycle of a chunk: :meth:`roll` makes room in the window for the next chunk by evicting its oldest frames; with
-a bank, the evicted frames are offered to it the way :class:`~streamkern.pipelines.MemoryBank` does (the consensus
-score picks the best evicted frame per row with ``select_frame``, here on the pages' ``k_mean``; the victim slot
-comes from ``bank_evict_select``), and the kept frame changes owner by a page-id swap: the bank slot takes the
-kept frame's page, the ring slot takes the page the bank slot held (its old frame is dropped and the page is
-overwritten by the next chunk). No KV byte moves, where ``bank_insert`` copies a frame. :meth:`attend` runs
-``frame_attention`` for one layer over sink ∪ window ∪ bank (all of it, or per head the ``frame_topk`` best bank
-frames of the query) ∪ the chunk's own keys; the page table is built on the device. :meth:`append` writes the
-clean chunk into its pages with one ``frame_write``.
+so that everything a dense step attends to is **one contiguous range of pages**: sinks, the whole ring (the current
+chunk written into its ring slots before it is attended) and the valid bank prefix. Attention over that range is
+one ``[B, n·F, H, D]`` view of the pool, read in place by the device's fastest kernel (:mod:`.view_attention`:
+SDPA, cuDNN/flash on GPUs), or by ``frame_attention`` where that measures faster (the ``"cpu"`` backend on CPUs).
+
+Lifecycle of a chunk of ``n`` frames:
+
+1. :meth:`roll` makes room in the window by evicting its oldest frames. With a bank, the evicted frames are offered
+   to it the way :class:`~streamkern.pipelines.MemoryBank` does (``select_frame`` scores them on their pages'
+   ``k_mean``; the victim slot comes from ``bank_evict_select``) and the kept frame is **copied** into the victim's
+   bank page (one ``bank_insert``, every layer, k and v, plus its mean key): once per evicted chunk.
+2. :meth:`attend` (per layer, per denoising pass) writes the chunk's keys and values of that layer into the chunk's
+   pages (one ``frame_write``; each pass overwrites the last) and attends the query over the range. With ``topk``
+   (MemFlow's per-head sparse activation) the bank part is per head: ``frame_topk`` picks the bank pages; the dense
+   part (sinks + window) is the view, merged by lse with ``frame_attention`` over the picked pages
+   (``attention="sdpa"``), or everything is one ``frame_attention`` call with a per-head table
+   (``attention="frame_attention"``).
+3. :meth:`append` writes the clean chunk of every layer with one ``frame_write`` and counts it as held.
 
 Where the ring stands lives on the device: ``cursor`` (int64 ``[]``) counts the frames evicted from the window, and
 every ring slot (``(cursor + j) mod W``), bank frame id and page table is computed from it there; host ints (sinks
-and window frames held, frames evicted per chunk, bank slots) only decide shapes, which stop changing once the
+and window frames held, bank slots filled, frames per chunk) only decide shapes, which stop changing once the
 window and the bank are full. So no step reads a device value (the ``"torch"``/``"cpu"`` backends' value checks
 aside), and a steady-state chunk captured in a CUDA graph (:class:`~streamkern.step_graph.StepGraph`) advances the
 ring on every replay.
@@ -32,46 +42,69 @@ import torch
 from . import _checks as check
 from ._backend import _value_check
 from .bank_evict import bank_evict_select, entity_mask
+from .bank_insert import bank_insert
 from .consensus import select_frame
-from .frame_attention import frame_attention
+from .frame_attention import frame_attention, frame_attention_op
 from .frame_pool import FramePool
 from .frame_topk import frame_topk
+from .frame_write import frame_write
+from .view_attention import merge_attention, view_attention
+
+ATTENTION = ("auto", "sdpa", "frame_attention")
+
+
+def view_kernel(device: torch.device | str, backend: str | None = None) -> str:
+    """The measured-fastest kernel for dense attention over a contiguous range of pages on ``device``:
+    ``"sdpa"`` on GPUs (cuDNN ran MemFlow's step at 1.7× the paged Triton kernel on an H200), ``"frame_attention"``
+    on CPUs where it resolves to the ``"cpu"`` backend for ``backend`` (1.14–1.39× SDPA on the 2-core EPYC at
+    MemFlow's shapes), else ``"sdpa"``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "sdpa"
+    return "frame_attention" if frame_attention_op.backends.resolve(backend, device) == "cpu" else "sdpa"
 
 
 class StreamingKV:
-    """Sinks, a window ring and a memory bank of latent frames on one :class:`FramePool`.
+    """Sinks, a window ring and a memory bank of latent frames on one :class:`FramePool`, laid out so that a dense
+    step attends one contiguous range of pages.
 
     Args:
         num_layers, batch, frame_len, heads, head_dim: the pool's ``NL, B, F, H, D``; one page per latent frame
             (``pool.k/v [NL, B, S + W + M, F, H, D]``).
         sink_frames: ``S >= 0`` frames kept forever (the first ones appended).
-        window_frames: ``W >= 1`` most recent non-sink frames.
+        window_frames: ``W >= 1`` most recent non-sink frames, the current chunk's included while it is attended.
         bank_frames: ``M >= 0`` memory slots fed by the frames that leave the window.
         num_entities: ``E``, width of the bank's entity masks (``bank_evict_select``).
         layers, layer_weights: the layers that vote in the consensus score and their weights (default
             ``(0, NL // 2, NL - 1)`` and ``(0.2, 0.3, 0.5)``).
         dtype, device, backend: of the pool; ``backend`` is passed to every op.
+        attention: the kernel that reads the contiguous range: ``"sdpa"`` (:func:`view_attention`),
+            ``"frame_attention"`` (the paged op, ``backend``'s), or ``"auto"``: :func:`view_kernel` of the device.
 
-    State (device tensors unless said): ``pool``; ``sink_pages [S]``, ``window_pages [B, W]``, ``bank_pages [B, M]``
-    int64; ``bank_valid [M]`` bool, ``bank_scores [M]`` float32, ``bank_entities [M, E]`` bool, ``bank_frame_ids
-    [B, M]`` int64 (stream index of the frame each slot holds, -1 if empty); ``cursor []`` int64, the frames that
-    left the window (the ring slot of the oldest held frame is ``cursor mod W``); host ints ``count`` (frames
-    appended), ``n_sink``, ``n_window`` (frames held), ``n_evicted`` (frames that left the window).
+    State (device tensors unless said): ``pool``; ``sink_pages [S]``, ``window_pages [B, W]`` (ring slot j is page
+    ``S + j``), ``bank_pages [B, M]`` (slot i is page ``S + W + i``) int64, fixed; ``bank_valid [M]`` bool,
+    ``bank_scores [M]`` float32, ``bank_entities [M, E]`` bool, ``bank_frame_ids [B, M]`` int64 (stream index of the
+    frame each slot holds, -1 if empty); ``cursor []`` int64, the frames that left the window (the ring slot of the
+    oldest held frame is ``cursor mod W``); host ints ``count`` (frames appended), ``n_sink``, ``n_window`` (frames
+    held), ``n_bank`` (bank slots filled), ``n_evicted`` (frames that left the window).
 
     The host ints count the host's own calls. After a captured chunk is replayed (a graph replay runs no Python),
     ``cursor`` and every device list have advanced while ``count`` and ``n_evicted`` still count the chunk once, at
-    capture (``n_sink`` and ``n_window`` stay right: a steady-state chunk leaves them unchanged); :meth:`sync_count`
-    reads the cursor back into them.
+    capture (``n_sink``, ``n_window`` and ``n_bank`` stay right: a steady-state chunk leaves them unchanged);
+    :meth:`sync_count` reads the cursor back into them.
     """
 
     def __init__(self, num_layers: int, batch: int, frame_len: int, heads: int, head_dim: int, *,
                  sink_frames: int = 0, window_frames: int, bank_frames: int = 0, num_entities: int = 8,
                  layers: Sequence[int] | None = None, layer_weights: Sequence[float] = (0.2, 0.3, 0.5),
-                 dtype: torch.dtype = torch.bfloat16, device=None, backend: str | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, backend: str | None = None,
+                 attention: str = "auto"):
         self.S = check.integer("sink_frames", sink_frames, low=0)
         self.W = check.integer("window_frames", window_frames, low=1)
         self.M = check.integer("bank_frames", bank_frames, low=0)
         check.integer("num_entities", num_entities, low=1)
+        if attention not in ATTENTION:
+            raise ValueError(f"attention: expected one of {ATTENTION}, got {attention!r}")
         self.pool = FramePool(num_layers, batch, self.S + self.W + self.M, frame_len, heads, head_dim, dtype=dtype,
                               device=device, backend=backend)
         self.layers = check.int_tuple("layers", (0, num_layers // 2, num_layers - 1) if layers is None else layers,
@@ -79,6 +112,7 @@ class StreamingKV:
         self.layer_weights = check.float_tuple("layer_weights", layer_weights, length=len(self.layers))
         self.backend = backend
         dev = self.pool.k.device
+        self.attention = attention if attention != "auto" else view_kernel(dev, backend)
         self.sink_pages = torch.arange(self.S, device=dev)
         self.window_pages = torch.arange(self.S, self.S + self.W, device=dev).repeat(batch, 1)
         self.bank_pages = torch.arange(self.S + self.W, self.S + self.W + self.M, device=dev).repeat(batch, 1)
@@ -87,8 +121,8 @@ class StreamingKV:
         self.bank_entities = torch.zeros(self.M, num_entities, dtype=torch.bool, device=dev)
         self.bank_frame_ids = torch.full((batch, self.M), -1, dtype=torch.int64, device=dev)
         self.cursor = torch.zeros((), dtype=torch.int64, device=dev)
-        self.count = self.n_sink = self.n_window = self.n_evicted = 0
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None   # (recent, shared) until roll/append
+        self.count = self.n_sink = self.n_window = self.n_bank = self.n_evicted = 0
+        self._tables: dict = {}    # page tables of the current chunk, built once per roll/append
 
     # --- bookkeeping ---------------------------------------------------------------------------------------------
 
@@ -101,6 +135,39 @@ class StreamingKV:
         """``(to sinks, to the window)`` of the next ``frames`` frames."""
         to_sink = min(frames, self.S - self.n_sink)
         return to_sink, frames - to_sink
+
+    def _cached(self, key, build):
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = build()
+        return table
+
+    def _chunk_pages(self, frames: int) -> torch.Tensor:
+        """``[B, frames]`` the pages the next chunk goes to: free sink pages, then the window's next ring slots."""
+        def build():
+            to_sink, to_window = self._split(frames)
+            B = self.window_pages.shape[0]
+            ring = self.S + self._ring(self.n_window, to_window)
+            return torch.cat([self.sink_pages[self.n_sink:self.n_sink + to_sink], ring]).expand(B, frames)
+        return self._cached(("chunk", frames), build)
+
+    def _held(self, staged: int) -> tuple[int, int]:
+        """``(sink, window)`` frames attended with ``staged`` frames of the current chunk written."""
+        to_sink, to_window = self._split(staged)
+        return self.n_sink + to_sink, self.n_window + to_window
+
+    def _dense_pages(self, staged: int, with_bank: bool = True) -> int | None:
+        """The length ``n`` of the page range ``[0, n)`` that holds exactly what is attended (sinks, window with
+        ``staged`` chunk frames, then the valid bank prefix when ``with_bank``), or None when that is not one range:
+        a window that is neither full nor filled from slot 0 (attending after a roll without writing the chunk),
+        or bank frames beside a window that is not full."""
+        sink, window = self._held(staged)
+        bank = self.n_bank if with_bank else 0
+        if window == self.W:
+            return self.S + self.W + bank
+        if bank or (window and self.n_evicted):
+            return None
+        return sink + window
 
     # --- the lifecycle -------------------------------------------------------------------------------------------
 
@@ -119,9 +186,9 @@ class StreamingKV:
         or ``[B, Ls]`` feed ``select_frame`` (scored on the evicted pages' ``k_mean``: a frame's mean key is what
         the consensus score reads), ``entities`` (host ints in ``[0, E)``, or an int64 ``[n]`` tensor on the pool's
         device: ids outside ``[0, E)`` then match no entity, checked only under ``STREAMKERN_DEBUG=1`` since that
-        reads them) become the kept frame's entity mask, and the kept frame's page swaps owner with the page of the
-        ``bank_evict_select`` slot. Returns the number of frames evicted (a host int). No KV byte is read or
-        written."""
+        reads them) become the kept frame's entity mask, and the kept frame is copied into the page of the
+        ``bank_evict_select`` slot (``bank_insert``, every layer). Returns the number of frames evicted (a host
+        int)."""
         check.integer("frames", frames, low=1)
         _, to_window = self._split(frames)
         if to_window > self.W:
@@ -135,10 +202,11 @@ class StreamingKV:
                 raise ValueError("text_k, entity_weights: expected tensors (the bank scores the evicted frames), "
                                  "got None")
             self._keep(self._ring(0, evict), text_k, entity_weights, self._entity_mask(entities))
+            self.n_bank = min(self.n_bank + 1, self.M)
         self.cursor.add_(evict)
         self.n_window -= evict
         self.n_evicted += evict
-        self._tables = None
+        self._tables = {}
         return evict
 
     def _entity_mask(self, entities) -> torch.Tensor:
@@ -154,76 +222,129 @@ class StreamingKV:
         return entity_mask(entities, E, dev)
 
     def _keep(self, slots: torch.Tensor, text_k, entity_weights, mask: torch.Tensor) -> None:
-        """Offer the frames of ring ``slots`` to the bank and swap the kept frame's page into it."""
-        pages = self.window_pages.index_select(1, slots)                                        # [B, e]
-        rows = torch.arange(pages.shape[0], device=pages.device)[:, None]
-        means = torch.stack([self.pool.k_mean[layer][rows, pages] for layer in self.layers])    # [nl, B, e, H, D]
+        """Offer the frames of ring ``slots`` to the bank and copy the kept frame into the victim's bank page."""
+        pool, S, W = self.pool, self.S, self.W
+        B = self.window_pages.shape[0]
+        pages = (S + slots).expand(B, -1)                                                        # [B, e]
+        rows = torch.arange(B, device=pages.device)[:, None]
+        means = torch.stack([pool.k_mean[layer][rows, pages] for layer in self.layers])          # [nl, B, e, H, D]
         text = torch.stack([text_k[layer] for layer in self.layers]).float()
         best, scores = select_frame(means, text, entity_weights, 1, tuple(range(len(self.layers))),
                                     self.layer_weights, backend=self.backend)
-        slot = bank_evict_select(self.bank_scores, self.bank_entities, self.bank_valid,
-                                 backend=self.backend).reshape(1)
-        kept = pages.gather(1, best[:, None])                                                   # [B, 1]
-        freed = self.bank_pages.index_select(1, slot)                                           # [B, 1]
-        self.bank_pages.index_copy_(1, slot, kept)
-        self.window_pages.scatter_(1, slots.index_select(0, best)[:, None], freed)
+        slot = bank_evict_select(self.bank_scores, self.bank_entities, self.bank_valid, backend=self.backend)
+        ring = slots.index_select(0, best)                                                       # [B] ring slots
+        window = (t[:, :, S:S + W].flatten(2, 3) for t in (pool.k, pool.v))
+        bank_k, bank_v = (t[:, :, S + W:].flatten(2, 3) for t in (pool.k, pool.v))
+        bank_insert(bank_k, bank_v, *window, ring, slot, pool.frame_len, backend=self.backend)
+        slot = slot.reshape(1)
+        pool.k_mean[:, rows[:, 0], (S + W + slot).expand(B)] = pool.k_mean[:, rows[:, 0], S + ring]
         self.bank_scores.index_copy_(0, slot, scores.gather(1, best[:, None]).mean().reshape(1))
         self.bank_entities.index_copy_(0, slot, mask)
         self.bank_valid.index_fill_(0, slot, True)
-        self.bank_frame_ids.index_copy_(1, slot, self.cursor + (self.S + best[:, None]))
+        self.bank_frame_ids.index_copy_(1, slot, self.cursor + (S + best[:, None]))
+
+    def _check_chunk(self, name: str, k: torch.Tensor) -> int:
+        """The frames of a chunk of ``k.shape[-3]`` tokens, checked to be whole frames that fit the window."""
+        F = self.pool.frame_len
+        tokens = k.shape[-3]
+        if tokens % F or tokens == 0:
+            raise ValueError(f"{name}: expected a positive multiple of frame_len={F} tokens (dim {k.dim() - 3}), "
+                             f"got {tokens}")
+        n = tokens // F
+        _, to_window = self._split(n)
+        if self.n_window + to_window > self.W:
+            raise ValueError(f"{name}: {to_window} frames do not fit the window ({self.n_window} of {self.W} held);"
+                             f" call roll({n}) first")
+        return n
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write a clean chunk of ``n`` frames, ``k_new``/``v_new`` ``[NL, B, n·F, H, D]``: the first go to free
         sink pages, the rest to the window's next ring slots (call :meth:`roll` first when the window is full).
-        One ``frame_write`` for every layer, k and v."""
+        One ``frame_write`` for every layer, k and v (means included)."""
         check.tensor("k_new", k_new, ndim=5)
-        F = self.pool.frame_len
-        if k_new.shape[2] % F or k_new.shape[2] == 0:
-            raise ValueError(f"k_new: expected a positive multiple of frame_len={F} tokens (dim 2), got "
-                             f"{k_new.shape[2]}")
-        n = k_new.shape[2] // F
+        n = self._check_chunk("k_new", k_new)
+        self.pool.write(k_new, v_new, self._chunk_pages(n))
         to_sink, to_window = self._split(n)
-        if self.n_window + to_window > self.W:
-            raise ValueError(f"k_new: {to_window} frames do not fit the window ({self.n_window} of {self.W} held); "
-                             f"call roll({n}) first")
-        B = self.window_pages.shape[0]
-        sinks = self.sink_pages[self.n_sink:self.n_sink + to_sink].expand(B, to_sink)
-        ring = self.window_pages.index_select(1, self._ring(self.n_window, to_window))
-        self.pool.write(k_new, v_new, torch.cat([sinks, ring], dim=1))
         self.n_sink += to_sink
         self.n_window += to_window
         self.count += n
-        self._tables = None
+        self._tables = {}
 
     # --- attention -----------------------------------------------------------------------------------------------
 
-    def page_table(self, topk: int | None = None, q: torch.Tensor | None = None,
-                   layer: int | None = None) -> torch.Tensor:
-        """The pages attended now: ``[B, n_sink + n_window + M]`` (bank slots not yet filled are -1) or, with
-        ``topk``, ``[B, H, n_sink + n_window + topk]`` whose bank part is ``frame_topk`` of ``q [B, Lq, H, D]``
-        over the bank's pages in ``layer``. Built on the device, once per chunk for the parts that do not depend
-        on the query."""
-        if self._tables is None:
+    def page_table(self, topk: int | None = None, q: torch.Tensor | None = None, layer: int | None = None,
+                   staged: int = 0) -> torch.Tensor:
+        """The pages attended now, oldest first: ``[B, sinks + window + M]`` (sinks, the window from its oldest
+        frame, ``staged`` frames of the current chunk, then the bank slots, -1 where empty) or, with ``topk``,
+        ``[B, H, sinks + window + topk]`` whose bank part is ``frame_topk`` of ``q [B, Lq, H, D]`` over the bank's
+        pages in ``layer``. Built on the device, once per chunk for the parts that do not depend on the query."""
+        def build():
             B = self.window_pages.shape[0]
-            live = self.window_pages.index_select(1, self._ring(0, self.n_window))
-            recent = torch.cat([self.sink_pages[:self.n_sink].expand(B, self.n_sink), live], dim=1)
-            self._tables = recent, torch.cat([recent, torch.where(self.bank_valid, self.bank_pages, -1)], dim=1)
-        recent, shared = self._tables
+            sink, window = self._held(staged)
+            recent = torch.cat([self.sink_pages[:sink], self.S + self._ring(0, window)]).expand(B, sink + window)
+            return recent, torch.cat([recent, torch.where(self.bank_valid, self.bank_pages, -1)], dim=1)
+        recent, shared = self._cached(("table", staged), build)
         if topk is None:
             return shared
-        check.integer("topk", topk, low=0)
         if q is None or layer is None:
             raise ValueError("q, layer: expected the query and its layer to choose the top-k bank frames, got None")
-        bank = shared[:, recent.shape[1]:]
-        best = frame_topk(q, self.pool.k_mean[layer], bank, topk, per_head=True, backend=self.backend)
+        best = self._bank_topk(q, layer, topk)
         return torch.cat([recent[:, None].expand(-1, best.shape[1], -1), best], dim=2)
+
+    def _bank_topk(self, q: torch.Tensor, layer: int, topk: int) -> torch.Tensor:
+        """``[B, H, topk]`` the bank pages whose mean key in ``layer`` best matches each head's mean query (-1 pads)."""
+        check.integer("topk", topk, low=0)
+        bank = self._cached("bank", lambda: torch.where(self.bank_valid, self.bank_pages, -1))
+        return frame_topk(q, self.pool.k_mean[layer], bank, topk, per_head=True, backend=self.backend)
 
     def attend(self, layer: int, q: torch.Tensor, new_k: torch.Tensor | None = None,
                new_v: torch.Tensor | None = None, *, topk: int | None = None, gate: torch.Tensor | None = None,
                sm_scale: float | None = None, return_lse: bool = False):
-        """``frame_attention`` of ``q [B, Lq, H, D]`` in ``layer`` over sinks, window and bank (all slots, or per
-        head the ``topk`` best by ``frame_topk``) followed by the chunk's own ``new_k/new_v [B, Ln, H, D]``."""
+        """Attention of ``q [B, Lq, H, D]`` in ``layer`` over sinks, window and bank (all valid slots, or per head
+        the ``topk`` best by ``frame_topk``), and the current chunk ``new_k/new_v [B, n·F, H, D]`` (whole frames,
+        after :meth:`roll` made room), which is first written into its pages of ``layer``: each call overwrites
+        them, :meth:`append` makes them held. ``gate`` bool ``[B]`` or ``[]``: rows whose gate is False give zeros
+        (lse -inf). Returns ``out [B, Lq, H, D]`` (and ``lse [B, H, Lq]`` float32)."""
         check.integer("layer", layer, low=0, high=self.pool.k.shape[0] - 1)
-        table = self.page_table(topk, q, layer)
-        return frame_attention(q, self.pool.k[layer], self.pool.v[layer], table, new_k=new_k, new_v=new_v,
-                               gate=gate, sm_scale=sm_scale, return_lse=return_lse, backend=self.backend)
+        if (new_k is None) != (new_v is None):
+            raise ValueError("new_k, new_v: expected both or neither")
+        staged = 0
+        if new_k is not None:
+            check.tensor("new_k", new_k, ndim=4)
+            staged = self._check_chunk("new_k", new_k)
+            frame_write(self.pool.k[layer:layer + 1], self.pool.v[layer:layer + 1],
+                        self.pool.k_mean[layer:layer + 1], new_k[None], new_v[None], self._chunk_pages(staged),
+                        backend=self.backend)
+        k_pages, v_pages = self.pool.k[layer], self.pool.v[layer]
+        dense = self._dense_pages(staged, with_bank=topk is None)
+        if self.attention == "sdpa" and dense is not None:
+            k, v = k_pages[:, :dense].flatten(1, 2), v_pages[:, :dense].flatten(1, 2)
+            if topk is None:
+                out, lse = self._gated(view_attention(q, k, v, sm_scale=sm_scale, return_lse=return_lse), gate)
+                return (out, lse) if return_lse else out
+            picked = self._bank_topk(q, layer, topk)
+            out, lse = merge_attention(*view_attention(q, k, v, sm_scale=sm_scale, return_lse=True),
+                                       *frame_attention(q, k_pages, v_pages, picked, sm_scale=sm_scale,
+                                                        return_lse=True, backend=self.backend))
+            out, lse = self._gated((out, lse), gate)
+            return (out, lse) if return_lse else out
+        if topk is None and dense is not None:
+            table = self._cached(("dense", dense), lambda: torch.arange(dense, device=q.device).expand(q.shape[0],
+                                                                                                      dense))
+        else:
+            table = self.page_table(topk, q, layer, staged)
+        return frame_attention(q, k_pages, v_pages, table, gate=gate, sm_scale=sm_scale, return_lse=return_lse,
+                               backend=self.backend)
+
+    @staticmethod
+    def _gated(result, gate: torch.Tensor | None):
+        """``(out, lse)`` with the rows whose ``gate`` is False set to 0 and -inf (lse may be None)."""
+        out, lse = result if isinstance(result, tuple) else (result, None)
+        if gate is None:
+            return out, lse
+        check.tensor("gate", gate, ndim=(0, 1))
+        if gate.dtype != torch.bool:
+            raise TypeError(f"gate: expected dtype bool, got {check.dtype_name(gate.dtype)}")
+        open_ = gate.expand(out.shape[0])
+        out = torch.where(open_[:, None, None, None], out, 0.0)
+        return out, None if lse is None else torch.where(open_[:, None, None], lse, float("-inf"))

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from streamkern import demo
 from streamkern._backend import OpBackends
@@ -52,28 +51,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class _OpRecorder(TorchDispatchMode):
-    """The streamkern ops called inside the block (a dispatch mode routes them through their torch.library op)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "streamkern":
-            self.ops.add(func._schema.name.split("::")[1])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.usefixtures("one_thread")
-def test_pipeline_ops_are_the_ops_each_pipeline_calls():
-    """The table the demo derives each pipeline's backends from lists exactly the ops its accelerated path calls."""
-    import streamkern.pipelines as pipelines
-
-    for label, cls_name, kwargs, args in demo.TINY:
-        with _OpRecorder() as rec:
-            getattr(pipelines, cls_name)(backend="torch", eager=False, **kwargs).run(*args)
-        assert rec.ops == {op.name for op in demo.pipeline_ops(label)}, label
+def test_pipeline_ops_are_recorded_from_a_tiny_run():
+    """The ops a pipeline's accelerated path calls, from which the demo derives its backends: recorded, not listed
+    (StreamingGenerator's memory attention is SDPA or frame_attention depending on the backend and device)."""
+    names = {label: {op.name for op in demo.pipeline_ops(label)} for label in
+             ("MemoryBank", "StreamingGenerator sparse", "SpeculativeVAR greedy")}
+    assert names["MemoryBank"] == {"consensus_frame_scores", "bank_evict_select", "bank_insert"}
+    assert {"frame_write", "frame_topk", "frame_attention"} <= names["StreamingGenerator sparse"]
+    assert names["SpeculativeVAR greedy"] == {"block_masked_attention", "verify_scales"}
+    assert set(demo.declared_ops()) >= set().union(*names.values())
 
 
 def test_backends_for_lists_only_backends_that_implement_every_op():

@@ -176,6 +176,19 @@ def test_streaming_generator_sparse_activation_matches_eager_and_changes_the_fra
 
 
 @pytest.mark.parametrize("sparse", [None, 2], ids=["dense", "sparse"])
+@pytest.mark.parametrize("attention", ["sdpa", "frame_attention"])
+def test_streaming_generator_attention_kernels_match_eager(attention, sparse):
+    """Both kernels that read StreamingKV's contiguous range (SDPA over the view, with the sparse bank merged by lse;
+    frame_attention) reproduce MemFlow's eager cache, batch 2, on the C++ ops (the reference ops without them)."""
+    backend = "cpu" if "cpu" in streamkern.available_backends("cpu") else "torch"
+    kw = dict(SMALL_STREAM, batch=2, sparse_bank=sparse)
+    eager = StreamingGenerator(**kw).run(9)
+    accel = StreamingGenerator(backend=backend, attention=attention, **kw).run(9)
+    assert_parity(accel.outputs["frames"], eager.outputs["frames"], torch.float32, "frames")
+    assert torch.equal(accel.outputs["bank_frames"], eager.outputs["bank_frames"])
+
+
+@pytest.mark.parametrize("sparse", [None, 2], ids=["dense", "sparse"])
 @pytest.mark.parametrize("backend_device", _no_interpreter(FRAME_ACCEL, "a second stream"))
 def test_streaming_generator_accelerated_loop_never_syncs(backend_device, sparse):
     backend, device = backend_device

@@ -1,6 +1,8 @@
 """StreamingKV (DESIGN.md §4.5) over a long stream — sinks, window rolls, bank keeps, sparse activation — against
 a reference that keeps the frames as tensors and concatenates them (MemFlow's way): equal attention outputs at
-every step and the same frames in the bank; a bank keep moves no KV byte; no host sync per chunk."""
+every step, through both attention kernels (SDPA over the contiguous view, frame_attention), and the same frames in
+the bank; a bank keep copies exactly the kept frame into the victim's page; dense attention reads a view of the pool;
+no host sync per chunk."""
 import importlib
 
 import pytest
@@ -90,46 +92,68 @@ def _stream(steps, seed=0):
         yield dict(
             k=torch.randn(NL, B, frames * F, H, D, generator=gen),
             v=torch.randn(NL, B, frames * F, H, D, generator=gen),
-            q=torch.randn(B, 4, H, D, generator=gen), new_k=torch.randn(B, 5, H, D, generator=gen),
-            new_v=torch.randn(B, 5, H, D, generator=gen), text_k=torch.randn(NL, B, 7, H, D, generator=gen),
+            q=torch.randn(B, 4, H, D, generator=gen), text_k=torch.randn(NL, B, 7, H, D, generator=gen),
             weights=torch.rand(7, generator=gen), entities=(i % 5, (i * 3) % 5), frames=frames)
 
 
-def _run(bd, sink, window, bank, topk, steps):
+def _run(bd, sink, window, bank, topk, steps, attention="auto"):
     device = bd[1]
     skv = streamkern.StreamingKV(NL, B, F, H, D, sink_frames=sink, window_frames=window, bank_frames=bank,
                                  num_entities=5, layers=LAYERS, layer_weights=WEIGHTS, dtype=torch.float32,
-                                 device=device, backend=bd[0])
+                                 device=device, backend=bd[0], attention=attention)
     ref = CatMemory(sink, window, bank, 5)
+    empty = torch.zeros(B, 0, H, D)
     for step in _stream(steps):
         on = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
         before = skv.pool.k.clone(), skv.pool.v.clone()
+        kept = ref.bank_ids()
         evicted = skv.roll(step["frames"], text_k=on["text_k"], entity_weights=on["weights"],
                            entities=step["entities"])
         assert evicted == ref.roll(step["frames"], step["text_k"], step["weights"], step["entities"])
-        assert torch.equal(skv.pool.k, before[0]) and torch.equal(skv.pool.v, before[1])   # no KV byte moved
         assert torch.equal(skv.bank_frame_ids.cpu(), ref.bank_ids())
+        _check_keep_copied(skv, before, kept, ref.bank_ids())
         for layer in range(NL):
             for k in (None, topk):
-                out = skv.attend(layer, on["q"], on["new_k"], on["new_v"], topk=k)
-                assert_parity(out, ref.attend(layer, step["q"], step["new_k"], step["new_v"], k), torch.float32,
-                              f"step output, layer {layer}, topk {k}")
+                out = skv.attend(layer, on["q"], topk=k)      # the held frames only (no chunk written yet)
+                assert_parity(out, ref.attend(layer, step["q"], empty, empty, k), torch.float32,
+                              f"held frames, layer {layer}, topk {k}")
+                new_k, new_v = on["k"][layer], on["v"][layer]
+                out = skv.attend(layer, on["q"], new_k, new_v, topk=k)
+                assert_parity(out, ref.attend(layer, step["q"], step["k"][layer], step["v"][layer], k),
+                              torch.float32, f"step output, layer {layer}, topk {k}")
         skv.append(on["k"], on["v"])
         ref.append(step["k"], step["v"])
     return skv, ref
 
 
+def _check_keep_copied(skv, before, old_ids, new_ids):
+    """A roll writes nothing but the kept frame, copied (k, v, mean key) into the bank slot whose frame changed."""
+    S, W = skv.S, skv.W
+    expect_k, expect_v = before[0].clone(), before[1].clone()
+    for slot in range(skv.M):
+        for b in range(B):
+            if int(new_ids[b, slot]) != int(old_ids[b, slot]):
+                # the kept frame's ring slot: window frames are held in slots (stream index - S) mod W
+                src = S + (int(new_ids[b, slot]) - S) % W
+                expect_k[:, b, S + W + slot], expect_v[:, b, S + W + slot] = before[0][:, b, src], before[1][:, b, src]
+                assert torch.equal(skv.pool.k_mean[:, b, S + W + slot], skv.pool.k_mean[:, b, src])
+    assert torch.equal(skv.pool.k, expect_k.to(skv.pool.k.device)) and torch.equal(skv.pool.v, expect_v.to(
+        skv.pool.v.device))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "frame_attention"])
 @pytest.mark.parametrize("bd", ALL)
-def test_long_stream_matches_cat_reference(bd):
+def test_long_stream_matches_cat_reference(bd, attention):
     """Evictions of 2, 1, 3, 3 (, 3, 3, 2) frames: the bank of 3 fills at step 4 and is replaced from step 5 on
     (the interpreter runs the first 6 steps only)."""
-    skv, ref = _run(bd, sink=1, window=6, bank=3, topk=2, steps=6 if bd[0] == "triton" else 9)
+    skv, ref = _run(bd, sink=1, window=6, bank=3, topk=2, steps=6 if bd[0] == "triton" else 9, attention=attention)
     assert skv.n_evicted >= 9 and bool(skv.bank_valid.all())
 
 
-def test_stream_without_sinks_or_bank_and_with_topk_over_a_larger_bank():
-    _run(("torch", "cpu"), sink=0, window=3, bank=0, topk=0, steps=5)
-    _run(("torch", "cpu"), sink=4, window=3, bank=4, topk=3, steps=7)
+@pytest.mark.parametrize("attention", ["sdpa", "frame_attention"])
+def test_stream_without_sinks_or_bank_and_with_topk_over_a_larger_bank(attention):
+    _run(("torch", "cpu"), sink=0, window=3, bank=0, topk=0, steps=5, attention=attention)
+    _run(("torch", "cpu"), sink=4, window=3, bank=4, topk=3, steps=7, attention=attention)
 
 
 @pytest.mark.parametrize("bd", backend_params(exclude=("torch", "cuda"), ops=OPS))
@@ -144,8 +168,8 @@ def test_no_host_sync_per_chunk(bd, monkeypatch):
         on = {k: v.to(bd[1]) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
         with count_host_syncs(forbid=True) as count:
             skv.roll(step["frames"], text_k=on["text_k"], entity_weights=on["weights"], entities=step["entities"])
-            skv.attend(1, on["q"], on["new_k"], on["new_v"], topk=1)
-            skv.attend(0, on["q"], on["new_k"], on["new_v"])
+            skv.attend(1, on["q"], on["k"][1], on["v"][1], topk=1)
+            skv.attend(0, on["q"], on["k"][0], on["v"][0])
             skv.append(on["k"], on["v"])
         assert count.total == 0, count.by_kind
     assert skv.n_evicted > 0 and bool(skv.bank_valid.any())
@@ -165,7 +189,7 @@ def test_device_cursor_drives_the_ring(bd):
         ents = torch.tensor(step["entities"], device=bd[1])
         for skv, e in ((a, step["entities"]), (b, ents)):
             skv.roll(step["frames"], text_k=on["text_k"], entity_weights=on["weights"], entities=e)
-        outs = [skv.attend(1, on["q"], on["new_k"], on["new_v"], topk=1) for skv in (a, b)]
+        outs = [skv.attend(1, on["q"], on["k"][1], on["v"][1], topk=1) for skv in (a, b)]
         assert torch.equal(outs[0], outs[1]), f"step {i}: attention"
         for skv in (a, b):
             skv.append(on["k"], on["v"])
@@ -216,3 +240,67 @@ def test_bad_arguments():
         streamkern.StreamingKV(NL, B, F, H, D, window_frames=0)
     with pytest.raises(ValueError, match="layers\\[1\\]: expected an int in \\[0, 1\\]"):
         streamkern.StreamingKV(NL, B, F, H, D, window_frames=2, layers=(0, 2), layer_weights=(0.5, 0.5))
+
+
+@pytest.mark.parametrize("topk", [None, 2], ids=["dense", "sparse"])
+def test_dense_attention_reads_one_view_of_the_pool(topk, monkeypatch):
+    """With ``attention="sdpa"`` the sinks, the window (the chunk written into its ring pages first) and the bank
+    are one range of pages: SDPA gets views of the pool's own storage, no gathered or concatenated copy; with
+    ``topk`` the view is sinks + window and the picked bank pages go through ``frame_attention``."""
+    import streamkern.streaming_kv as skv_module
+
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append((k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr(), k.shape[1]))
+        return skv_module.view_attention.__wrapped__(q, k, v, **kw)
+
+    spy.__wrapped__ = skv_module.view_attention
+    monkeypatch.setattr(skv_module, "view_attention", spy)
+    skv, _ = _run(("torch", "cpu"), sink=1, window=6, bank=3, topk=topk, steps=7, attention="sdpa")
+    pool = (skv.pool.k.untyped_storage().data_ptr(), skv.pool.v.untyped_storage().data_ptr())
+    assert seen and all(s[:2] == pool for s in seen)
+    full = (skv.S + skv.W + (skv.M if topk is None else 0)) * F     # steady state: the whole range, one view
+    assert seen[-1][2] == full
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "frame_attention"])
+def test_nothing_outside_the_attended_pages_reaches_the_output(attention):
+    """Free sink pages, ring slots not yet written and bank slots not yet filled hold NaN and ±inf (a pool made
+    with torch.empty holds any bits): the outputs stay equal to the reference; a closed gate gives zeros and lse
+    -inf on both kernels."""
+    skv = streamkern.StreamingKV(NL, B, F, H, D, sink_frames=2, window_frames=6, bank_frames=3, num_entities=5,
+                                 layers=LAYERS, layer_weights=WEIGHTS, dtype=torch.float32, attention=attention)
+    for t in (skv.pool.k, skv.pool.v):
+        t[..., 0::3, :, :] = float("nan")
+        t[..., 1::3, :, :] = float("inf")
+        t[..., 2::3, :, :] = float("-inf")
+    ref = CatMemory(2, 6, 3, 5)
+    gate = torch.tensor([True, False])
+    for i, step in enumerate(_stream(6)):
+        skv.roll(step["frames"], text_k=step["text_k"], entity_weights=step["weights"], entities=step["entities"])
+        ref.roll(step["frames"], step["text_k"], step["weights"], step["entities"])
+        out, lse = skv.attend(1, step["q"], step["k"][1], step["v"][1], gate=gate, return_lse=True)
+        expect = ref.attend(1, step["q"], step["k"][1], step["v"][1])
+        assert_parity(out[:1], expect[:1], torch.float32, f"step {i}, open row")
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and bool((lse[1] == float("-inf")).all())
+        assert bool(torch.isfinite(lse[0]).all())
+        skv.append(step["k"], step["v"])
+        ref.append(step["k"], step["v"])
+    assert skv.n_bank == 3
+
+
+def test_attend_checks_the_chunk():
+    skv = streamkern.StreamingKV(NL, B, F, H, D, sink_frames=1, window_frames=3, bank_frames=1, dtype=torch.float32)
+    q = torch.zeros(B, 4, H, D)
+    with pytest.raises(ValueError, match="new_k: expected a positive multiple of frame_len=3 tokens"):
+        skv.attend(0, q, torch.zeros(B, 4, H, D), torch.zeros(B, 4, H, D))
+    with pytest.raises(ValueError, match="new_k, new_v: expected both or neither"):
+        skv.attend(0, q, torch.zeros(B, 3, H, D))
+    skv.append(torch.zeros(NL, B, 12, H, D), torch.zeros(NL, B, 12, H, D))    # 1 sink + 3 window: full
+    before = skv.pool.k.clone()
+    with pytest.raises(ValueError, match="new_k: 1 frames do not fit the window .* call roll\\(1\\) first"):
+        skv.attend(0, q, torch.ones(B, 3, H, D), torch.ones(B, 3, H, D))
+    assert torch.equal(skv.pool.k, before)                                    # nothing written
+    with pytest.raises(ValueError, match="attention: expected one of"):
+        streamkern.StreamingKV(NL, B, F, H, D, window_frames=2, attention="flash")

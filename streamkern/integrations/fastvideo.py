@@ -15,10 +15,11 @@ Layer l's cache is FastVideo's own ``kv_cache[l]["k"]``/``["v"]`` ``[B, C, H, D]
    the same slots: the clean pass's keys are the ones that stay);
 3. attends (softmax, no mask) over slots ``[0, min(current_start + T, C))`` of the storage in place: the sink
    frames, the newest ``C - sink`` tokens, current chunk included, which is the set FastVideo attends to after its
-   roll, clone and slice. ``attention="frame"`` (default): ``frame_attention`` with pages = FastVideo's latent
-   frames (the storage viewed as ``[B, C / frame_seqlen, frame_seqlen, H, D]``, table = the valid frames);
-   ``attention="sdpa"``: torch's ``scaled_dot_product_attention`` over the same slots (a view), for devices where
-   ``frame_attention`` has no in-place backend (its ``"torch"`` reference gathers the pages).
+   roll, clone and slice. ``attention="sdpa"``: torch's ``scaled_dot_product_attention`` over those slots (a view);
+   ``attention="frame"``: ``frame_attention`` with pages = FastVideo's latent frames (the storage viewed as
+   ``[B, C / frame_seqlen, frame_seqlen, H, D]``, table = the valid frames); ``attention="auto"`` (default) takes
+   the one measured faster on the device (``streamkern.streaming_kv.view_kernel``: SDPA on GPUs, ``frame`` where
+   ``frame_attention`` runs on the ``"cpu"`` backend).
 
 No ``.item()``: the position in the stream is kept on the host per cache tensor (``_STREAMS``), so the
 ``global_end_index``/``local_end_index`` tensors of the cache dicts are neither read nor updated. Matrix-Game 2.0's
@@ -35,6 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._backend import _check_name
 from ..frame_attention import frame_attention
 from ..kv_ring import ring_write
+from ..streaming_kv import view_kernel
 
 _WAN_GLOBAL_FRAMES = 21   # causal_wanvideo.GLOBAL_ATTN_COMPAT_MAX_LATENT_FRAMES: the window when local_attn_size=-1
 _MG2_GLOBAL_FRAMES = 15   # matrixgame2/causal_model.py: the window when local_attn_size=-1
@@ -50,7 +52,7 @@ class _Stream:
 
 _STREAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()   # kv_cache["k"] tensor -> _Stream
 _TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}   # (device, K) -> arange(K): the valid pages, in order
-ATTENTION = ("frame", "sdpa")
+ATTENTION = ("auto", "frame", "sdpa")
 
 
 def _check_order(cache_k: torch.Tensor, start: int, end: int) -> None:
@@ -75,7 +77,10 @@ class _Options:
 def _attend(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: int, frame_seqlen: int,
             scale: float | None, options: _Options) -> torch.Tensor:
     """Softmax attention of ``q`` ``[B, T, H, D]`` over slots ``[0, valid)`` of the ``[B, C, H, D]`` storage."""
-    if options.attention == "sdpa":
+    attention = options.attention
+    if attention == "auto":
+        attention = "sdpa" if view_kernel(q.device, options.backend) == "sdpa" else "frame"
+    if attention == "sdpa":
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), cache_k[:, :valid].transpose(1, 2), cache_v[:, :valid].transpose(1, 2), scale=scale)
         return out.transpose(1, 2)
@@ -181,7 +186,7 @@ def _fastvideo():
     return FV
 
 
-def accelerate(model: torch.nn.Module, *, backend: str | None = None, attention: str = "frame") -> torch.nn.Module:
+def accelerate(model: torch.nn.Module, *, backend: str | None = None, attention: str = "auto") -> torch.nn.Module:
     """Run the causal self-attention of a FastVideo causal Wan / Matrix-Game 2.0 model on streamkern's ring cache.
 
     Args:
@@ -190,8 +195,9 @@ def accelerate(model: torch.nn.Module, *, backend: str | None = None, attention:
             in it. Calling ``accelerate`` again only changes ``backend`` and ``attention``.
         backend: the backend of ``ring_write`` and ``frame_attention`` (``"torch" | "cpu" | "triton" | "cuda" |
             "auto"``, ``None`` for the default in force at each call), resolved per op as every streamkern op is.
-        attention: ``"frame"`` (``frame_attention``, pages = latent frames) or ``"sdpa"`` (torch's
-            ``scaled_dot_product_attention`` over the same slots, in place).
+        attention: ``"frame"`` (``frame_attention``, pages = latent frames), ``"sdpa"`` (torch's
+            ``scaled_dot_product_attention`` over the same slots, in place) or ``"auto"``: the one measured faster
+            on the device of each call (SDPA on GPUs).
 
     Returns:
         ``model``. Its outputs equal FastVideo's own path (float32 within 1e-5 relative error, bf16 within 1e-2),

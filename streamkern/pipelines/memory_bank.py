@@ -10,7 +10,7 @@ slot), and the frame's KV for all layers is copied into that slot.
   with ``torch.cat`` on every read.
 * ``eager=False``: ``select_frame`` → ``bank_evict_select`` → ``bank_insert`` on preallocated storage
   ``k, v [NL, B, M * frame_seq_len, H, D]``; every decision stays on the device (no host sync).
-  (``StreamingKV`` makes the same decisions and keeps the frame by a page-id swap instead of the copy.)
+  (``StreamingKV`` makes the same decisions on its pages' mean keys and copies the kept frame into its bank region.)
 
 ``run(steps)`` streams ``steps`` random evicted chunks through the bank (the demo's ``MemoryBank`` row).
 """

@@ -17,12 +17,13 @@ frames whose mean key best matches its mean query (``qbar · kbar``, DESIGN.md �
   full, the sink and window parts cloned and ``torch.cat``-ed with the bank on every pass (the top-k bank frames
   ``gather``-ed per head with sparse activation), the seed's bank (:class:`MemoryBank` eager), a Python scheduler
   fed by ``.item()``.
-* ``eager=False``: :class:`~streamkern.StreamingKV`, one ``FramePool`` page per latent frame: sink pages, a ring of
-  window pages and bank pages, whose ids live on the device. A clean chunk is written once (``frame_write``, all
-  layers); attention reads sink ∪ window ∪ bank (all, or ``frame_topk`` of it) ∪ the chunk in place
-  (``frame_attention``); the bank keeps a frame leaving the window by swapping its page id with the victim's (no KV
-  bytes move), its decisions from the op-backed :class:`MemoryBank` scored on the pages' mean keys; the schedule is
-  computed on the device: no host sync. The block index is a device counter too, so once the window and the bank
+* ``eager=False``: :class:`~streamkern.StreamingKV`, one ``FramePool`` page per latent frame, laid out as sink
+  pages, a ring of window pages and bank pages so that what a pass attends is one contiguous range: each pass writes
+  the block's keys and values of a layer into its ring pages (``frame_write``) and attends that range as one view
+  of the pool (SDPA, cuDNN/flash on GPUs, or ``frame_attention``: ``attention=``, see ``StreamingKV``); sparse
+  activation picks the bank pages per head (``frame_topk``) and merges their ``frame_attention`` by lse. The bank
+  keeps a frame leaving the window by copying it into its region (``bank_insert``), its decisions from the same ops
+  as :class:`MemoryBank`'s, scored on the pages' mean keys; the schedule is computed on the device: no host sync. The block index is a device counter too, so once the window and the bank
   are full one block (:meth:`BlockStream.step`) can be captured in a graph and replayed as every next block.
 
 ``run`` streams through :meth:`StreamingGenerator.stream`, the step API a graph captures: a :class:`BlockStream`
@@ -36,7 +37,6 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..frame_attention import frame_attention
 from ..streaming_kv import StreamingKV
 from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, randn, sdpa, seeded, sinusoid
@@ -77,16 +77,6 @@ def device_alpha(cond_old, cond_new, frames_since_switch: torch.Tensor, sched: A
     window = torch.clamp(torch.floor(window / sched.chunk) * sched.chunk, min=sched.chunk)
     p = torch.clamp((frames_since_switch - sched.delay_frames) / window, max=1.0)
     return torch.where(frames_since_switch < sched.delay_frames, 0.0, 0.5 * (1.0 - torch.cos(math.pi * p)))
-
-
-def _circular(start: int, length: int, window: int, offset: int) -> list[tuple[int, int]]:
-    """Slot ranges ``[a, b)`` of ring indices ``start .. start+length-1`` taken mod ``window``, plus ``offset``."""
-    if length <= 0:
-        return []
-    a = start % window
-    if a + length <= window:
-        return [(offset + a, offset + a + length)]
-    return [(offset + a, offset + window), (offset, offset + a + length - window)]
 
 
 class BlockState(NamedTuple):
@@ -193,39 +183,37 @@ class _ShiftCache:
 
 
 class _PagedCache:
-    """The accelerated cache: :class:`~streamkern.StreamingKV` (sink pages, a ring of window pages and bank pages
-    on one ``FramePool``, page ids and ring cursor on the device) plus the host count of bank frames (it decides
-    shapes only; constant once the bank is full). :meth:`held` reads the host counts: it describes the blocks the
-    host ran, not graph replays."""
+    """The accelerated cache: :class:`~streamkern.StreamingKV` (sinks, a ring of window pages and bank pages laid
+    out as one contiguous range on one ``FramePool``, page ids and ring cursor on the device). :meth:`held` reads
+    the host counts: it describes the blocks the host ran, not graph replays."""
 
     def __init__(self, gen: "StreamingGenerator"):
-        self.fsl, self.fpb, self.device, self.sparse, self.M = gen.fsl, gen.fpb, gen.device, gen.sparse_bank, gen.bank_size
+        self.fsl, self.fpb, self.device, self.sparse = gen.fsl, gen.fpb, gen.device, gen.sparse_bank
         self.kv = StreamingKV(gen.nl, gen.batch, gen.fsl, gen.h, gen.d, sink_frames=gen.sink // gen.fsl,
                               window_frames=gen.window // gen.fsl, bank_frames=gen.bank_size,
-                              num_entities=gen.num_entities, dtype=gen.dtype, device=gen.device, backend=gen.backend)
-        self.bank_count = 0     # bank frames held: slots fill in order, so the valid slots are a prefix
+                              num_entities=gen.num_entities, dtype=gen.dtype, device=gen.device, backend=gen.backend,
+                              attention=gen.attention)
+
+    @property
+    def bank_count(self) -> int:
+        return self.kv.n_bank
 
     def start_block(self, e: int, text_k, weights, entities, first_frame: int) -> None:
-        """Evict the window frames the block pushes out; the bank keeps one by a page-id swap (no KV byte moves)."""
+        """Evict the window frames the block pushes out; the bank copies the one it keeps into its region."""
         with part("eviction", self.device) as moved:
             evicted = self.kv.roll(self.fpb, text_k=text_k, entity_weights=weights, entities=entities)
-            moved(nbytes(self.kv.pool.k_mean[:, :, 0]) * evicted + nbytes(text_k[0]) * len(self.kv.layers))
-        self.bank_count = min(self.bank_count + (1 if evicted else 0), self.M)
-        self.n_pages = self.kv.n_sink + self.kv.n_window + self.bank_count
+            frame = nbytes(self.kv.pool.k[:, :, 0])
+            moved(nbytes(self.kv.pool.k_mean[:, :, 0]) * evicted + nbytes(text_k[0]) * len(self.kv.layers)
+                  + (4 * frame if evicted and self.kv.M else 0))
 
     def attend(self, layer: int, q, k, v):
-        n_pages = self.n_pages
-        if self.sparse is not None:
-            with part("retrieval", self.device) as moved:
-                table = self.kv.page_table(self.sparse, q, layer)
-                moved(nbytes(q, table) + nbytes(self.kv.pool.k_mean[layer, :, 0]) * self.M)
-            n_pages += min(self.sparse, self.bank_count) - self.bank_count
+        kv = self.kv
+        pages = kv.n_sink + kv.n_window + self.fpb + (kv.n_bank if self.sparse is None else
+                                                      min(self.sparse, kv.n_bank))
         with part("memory attention", self.device) as moved:
-            if self.sparse is None:
-                table = self.kv.page_table()
-            out = frame_attention(q, self.kv.pool.k[layer], self.kv.pool.v[layer], table, new_k=k, new_v=v,
-                                  backend=self.kv.backend)
-            moved(2 * n_pages * nbytes(self.kv.pool.k[layer, :, 0]) + nbytes(q, k, v, out, table))
+            out = kv.attend(layer, q, k, v, topk=self.sparse)
+            moved(2 * pages * nbytes(kv.pool.k[layer, :, 0]) + 2 * nbytes(k, v) + nbytes(q, out)
+                  + (nbytes(q, kv.pool.k_mean[layer, :, 0]) * kv.M if self.sparse is not None else 0))
             return out
 
     def append(self, k_new, v_new) -> None:
@@ -245,25 +233,29 @@ class _PagedCache:
 
     def held_frames(self) -> torch.Tensor:
         """Stream indices of the bank's frames, ``[B, count]`` sorted per row."""
-        return self.kv.bank_frame_ids[:, :self.bank_count].sort(dim=1).values.cpu()
+        return self.kv.bank_frame_ids[:, :self.kv.n_bank].sort(dim=1).values.cpu()
 
 
 class StreamingGenerator(nn.Module):
     """Tiny streaming video generator; ``run(num_blocks)`` returns a :class:`PipelineRun` whose outputs are the
     block latents ``frames [N, B, fpb * fsl, C]`` and the bank's held frame indices ``bank_frames [B, M]``;
-    ``stream()`` gives the per-block step API it runs on (:class:`BlockStream`, capturable once steady)."""
+    ``stream()`` gives the per-block step API it runs on (:class:`BlockStream`, capturable once steady).
+
+    ``attention`` (accelerated path only): the kernel that reads the memory, ``StreamingKV``'s ``attention=``
+    (``"auto"``: SDPA on GPUs, ``frame_attention`` where it resolves to the ``"cpu"`` backend)."""
 
     def __init__(self, *, backend: str = "torch", eager: bool | None = None, num_layers: int = 4, heads: int = 4,
                  head_dim: int = 32, frame_seq_len: int = 64, frames_per_block: int = 3, window_frames: int = 15,
                  sink_frames: int = 1, bank_size: int = 6, num_entities: int = 8, text_len: int = 16,
                  text_dim: int = 64, batch: int = 1, steps: int = 2, switch_every: int = 4,
-                 dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, sparse_bank: int | None = None):
+                 dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, sparse_bank: int | None = None,
+                 attention: str = "auto"):
         super().__init__()
         if sparse_bank is not None and (not isinstance(sparse_bank, int) or sparse_bank < 1):
             raise ValueError(f"sparse_bank: expected None or a positive int (bank frames per head), got {sparse_bank!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected a positive int (denoising passes per block), got {steps!r}")
-        self.backend, self.sparse_bank = backend, sparse_bank
+        self.backend, self.sparse_bank, self.attention = backend, sparse_bank, attention
         self.eager = backend == "torch" if eager is None else eager
         self.nl, self.h, self.d, self.fsl, self.fpb = num_layers, heads, head_dim, frame_seq_len, frames_per_block
         self.window, self.sink = window_frames * frame_seq_len, sink_frames * frame_seq_len
