@@ -107,21 +107,23 @@ def _tests(out_dir: str) -> list[str]:
     skipped = sum(c.find("skipped") is not None for c in cases)
     lines = [f"tests: {len(cases) - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped "
              f"(of {len(cases)})"]
-    for c in failed[:12]:
+    for c in failed[:8]:
         lines.append(f"  FAILED {c.get('classname', '')}::{c.get('name')}")
-    if len(failed) > 12:
-        lines.append(f"  ... and {len(failed) - 12} more (junit.xml)")
+    if len(failed) > 8:
+        lines.append(f"  ... and {len(failed) - 8} more (junit.xml)")
     return lines
 
 
 def _smoke(out_dir: str) -> list[str]:
-    rows = [r for r in _jsonl(os.path.join(out_dir, "smoke.jsonl")) if "case" in r]
+    lines = _jsonl(os.path.join(out_dir, "smoke.jsonl"))
+    rows = [r for r in lines if "case" in r]
     if not rows:
         return ["smoke: no checks recorded"]
     bad = [r for r in rows if not r["ok"]]
-    ended = any(r.get("summary") for r in _jsonl(os.path.join(out_dir, "smoke.jsonl")))
+    parts = {r.get("part", "0/1") for r in rows}
+    ended = {r.get("part", "0/1") for r in lines if r.get("summary")} >= parts   # every part wrote its summary
     lines = [f"smoke: {len(rows) - len(bad)}/{len(rows)} checks passed" + ("" if ended else " (cut short)")]
-    lines += [f"  FAILED {r['case']} [{r['backend']}] {r['check']}: {r.get('error', '')[:90]}" for r in bad[:6]]
+    lines += [f"  FAILED {r['case']} [{r['backend']}] {r['check']}: {r.get('error', '')[:90]}" for r in bad[:4]]
     return lines
 
 
@@ -156,19 +158,28 @@ def _key_ratios(out_dir: str) -> list[str]:
                      f"replay {g['replay_ms']:.2f} vs eager {g['eager_ms']:.2f} ms ({g['speedup']:.2f}x)"
                      + ("" if g["identical"] else " DIFFER")))
     op = "frame_attention_step"
-    for case in sorted({c for o, c, _ in bench if o == op and "-dense-" in c}):
-        ours = bench.get((op, case, "triton")) or bench.get((op, case, "cuda"))
+    dense = sorted({c for o, c, _ in bench if o == op and "-dense-" in c})
+    if dense:
+        lines.append("memory attention, dense: speed-up (baseline ms / ms, > 1 faster) vs SDPA over pre-concatenated "
+                     "keys (cuDNN) and MemFlow's eager step")
+    for case in dense:
         cudnn, eager = bench.get((op, case, "sdpa-precat-cudnn")), bench.get((op, case, "eager-memflow"))
         sdpa = bench.get((op, case, "sdpa-precat"))
-        if ours is None:
-            continue
-        tf = ours.get("tflop_per_s")
-        line = (f"{case:24s} frame_attention {_ms(ours) or float('nan'):7.3f} ms ({tf or 0:5.1f} TF/s): "
-                f"vs cuDNN {_ratio(_ms(cudnn), _ms(ours))}, vs MemFlow eager {_ratio(_ms(eager), _ms(ours))}")
-        if case.endswith("fp32") and sdpa:
-            line = (f"{case:24s} frame_attention {tf or 0:5.1f} TF/s vs SDPA fp32 {sdpa.get('tflop_per_s') or 0:5.1f}"
-                    f" TF/s (vs MemFlow eager {_ratio(_ms(eager), _ms(ours))})")
-        lines.append(line)
+        for impl in ("view-sdpa", "triton", "cuda"):
+            ours = bench.get((op, case, impl))
+            if ours is None:
+                continue
+            if ours.get("error"):
+                lines.append(f"  {case:20s} {impl:9s} FAILED {ours['error'][:60]}")
+                continue
+            tf = ours.get("tflop_per_s") or 0.0
+            if case.endswith("fp32"):
+                lines.append(f"  {case:20s} {impl:9s} {tf:6.1f} TF/s vs SDPA fp32 "
+                             f"{(sdpa or {}).get('tflop_per_s') or 0:6.1f} TF/s, vs MemFlow eager "
+                             f"{_ratio(_ms(eager), _ms(ours))}")
+            else:
+                lines.append(f"  {case:20s} {impl:9s} {_ms(ours):8.3f} ms ({tf:5.1f} TF/s): vs cuDNN "
+                             f"{_ratio(_ms(cudnn), _ms(ours))}, vs MemFlow eager {_ratio(_ms(eager), _ms(ours))}")
     for o in ("frame_write", "ring_append"):
         for (op_, case, impl), r in sorted(bench.items()):
             if op_ == o and impl in ("triton", "cuda"):
@@ -196,11 +207,13 @@ def _key_ratios(out_dir: str) -> list[str]:
 def summary(out_dir: str) -> str:
     try:
         with open(os.path.join(out_dir, "summary.txt")) as f:
-            phases = [line.rstrip() for line in f if " rc=" in line]
+            phases = [line.strip() for line in f if re.fullmatch(r"\w+ rc=-?\d+ \d+s", line.strip())]
     except OSError:
         phases = []
-    text = "\n".join(["== summary", "phases: " + "; ".join(phases)] + _tests(out_dir) + _smoke(out_dir)
-                     + _key_ratios(out_dir))
+    import textwrap
+
+    text = "\n".join(["== summary"] + textwrap.wrap("phases: " + "; ".join(phases), 118, subsequent_indent="  ")
+                     + _tests(out_dir) + _smoke(out_dir) + _key_ratios(out_dir))
     with open(os.path.join(out_dir, "summary.txt"), "a") as f:
         f.write(text + "\n")
     return text

@@ -9,7 +9,7 @@
 #   session.log  every phase's log, appended                                                               (all)
 #   summary.txt  "phase rc=N Ns" per phase, then the one-screen summary that is also printed last            (all)
 #   smoke.jsonl  bench/gpu_smoke.py: each op once per GPU backend vs torch, under sync debug mode "error",
-#                replayed from a CUDA graph; the verify threshold for every n in 1..1024                    (smoke)
+#                replayed from a CUDA graph; the verify threshold for every n in 1..1024; 3 processes  (smoke)
 #   junit.xml    the GPU test tier (pytest -m gpu_tier: tests/conftest.py GPU_TIER), in two capped chunks (op
 #                parity; graph replays and CUDA-only checks), each on all cores (pytest-xdist), per-test
 #                timeouts (pytest-timeout), merged; a chunk killed before writing its junit is read from its log (test)
@@ -47,9 +47,10 @@ CAP_TUNE=10 CAP_FASTVIDEO=40
 BENCH_WRITES="frame_write kv_ring bank_insert"
 BENCH_OTHERS="consensus verify frame_topk pose_topk bank_evict scale_attention drift_gate"
 GRAPH_TESTS="tests/test_pipeline_graphs.py tests/test_step_graph.py tests/test_gpu.py"
+SMOKE_PARTS=3
 if [ $DRY = 1 ]; then   # the same commands, on this CPU, small
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
-  CAP_SMOKE=60 CAP_TEST_OPS=120 CAP_TEST_GRAPHS=120 CAP_DEMO=120 CAP_BENCH_WRITES=120 BENCH_WRITES="frame_write"
+  CAP_SMOKE=60 SMOKE_PARTS=2 CAP_TEST_OPS=120 CAP_TEST_GRAPHS=120 CAP_DEMO=120 CAP_BENCH_WRITES=120 BENCH_WRITES="frame_write"
   CAP_BENCH_OTHERS=120 BENCH_OTHERS="bank_evict"
 fi
 log() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$OUT/session.log"; }
@@ -96,14 +97,21 @@ print('streamkern._C', _C.__file__, 'cuda built', _C.cuda_built(), 'backends', s
 sys.exit(torch.cuda.is_available() and not _C.cuda_built())" 2>&1 | tee -a "$OUT/session.log"
 }
 
-phase_smoke() {
-  if has_cuda; then
-    capped $CAP_SMOKE $PY -m streamkern.bench.gpu_smoke --out "$OUT/smoke.jsonl" >>"$OUT/session.log" 2>&1
-  else
-    skip "the CUDA checks of the smoke run; its eager part and the threshold check run on the cpu backend"
-    capped $CAP_SMOKE $PY -m streamkern.bench.gpu_smoke --device cpu --backends cpu --out "$OUT/smoke.jsonl" \
-      >>"$OUT/session.log" 2>&1
-  fi
+phase_smoke() {   # SMOKE_PARTS processes at once, each every SMOKE_PARTS-th check (they share Triton's compiling)
+  local args="" pids="" rc=0
+  has_cuda || { args="--device cpu --backends cpu"
+                skip "the CUDA checks of the smoke run; its eager part and the threshold check run on the cpu backend"; }
+  : >"$OUT/smoke.jsonl"
+  for i in $(seq 0 $((SMOKE_PARTS - 1))); do
+    # shellcheck disable=SC2086
+    capped $CAP_SMOKE $PY -m streamkern.bench.gpu_smoke $args --part "$i/$SMOKE_PARTS" --out "$OUT/smoke.jsonl" \
+      >"$WORK/smoke-$i.log" 2>&1 &
+    pids="$pids $!"
+  done
+  for pid in $pids; do wait "$pid" || rc=1; done
+  for i in $(seq 0 $((SMOKE_PARTS - 1))); do grep -v '^{' "$WORK/smoke-$i.log" | tail -5; done >>"$OUT/session.log"
+  say "smoke: $(grep -c '"ok": true' "$OUT/smoke.jsonl") checks passed, $(grep -c '"ok": false' "$OUT/smoke.jsonl") failed"
+  return $rc
 }
 
 test_chunk() {   # name cap pytest-args...: one capped pytest of the tier, its junit and its verbose log in $WORK

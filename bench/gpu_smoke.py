@@ -9,7 +9,9 @@ Order (cheap and important first): every case on the ``cuda`` backend (no compil
 kernels (the slowest to compile) last.
 
 ``python -m streamkern.bench.gpu_smoke --out smoke.jsonl`` on a GPU; ``--device cpu --backends cpu`` runs the eager
-part and the threshold check on this CPU (the session script's dry run), skipping what needs CUDA.
+part and the threshold check on this CPU (the session script's dry run), skipping what needs CUDA. ``--part I/N``
+runs every N-th check of that order from the I-th (0-based), so that N processes started at once share the Triton
+compilation (each appends its lines to ``--out`` and ends with its own summary line).
 """
 from __future__ import annotations
 
@@ -80,12 +82,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backends", nargs="*", default=["triton", "cuda"])
     parser.add_argument("--out", default=None, help="JSON lines file (appended row by row)")
+    parser.add_argument("--part", default="0/1", help="I/N: every N-th (case, backend) of the run order from the I-th")
     args = parser.parse_args(argv)
+    index, parts = (int(x) for x in args.part.split("/"))
     on_gpu = args.device.startswith("cuda")
     checks = [("eager", gc.check_eager)] + ([("no_sync", gc.check_no_sync), ("graph", gc.check_graph)]
                                             if on_gpu else [])
     failures = 0
-    out = open(args.out, "w") if args.out else None
+    out = open(args.out, "a") if args.out else None
 
     def record(**row):
         line = json.dumps(row)
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
             out.write(line + "\n")
             out.flush()   # a later timeout keeps what is written
 
-    for name, backend in plan(tuple(args.backends), on_gpu):
+    for name, backend in plan(tuple(args.backends), on_gpu)[index::parts]:
         if name == THRESHOLD:
             todo = [("eager", lambda: threshold_every_n(args.device, backend))]
         else:
@@ -103,12 +107,13 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             try:
                 run()
-                record(case=name, backend=backend, check=what, ok=True, s=round(time.perf_counter() - t0, 3))
+                record(case=name, backend=backend, check=what, ok=True, s=round(time.perf_counter() - t0, 3),
+                       part=args.part)
             except Exception as exc:  # one failing check must not hide the others
                 failures += 1
                 record(case=name, backend=backend, check=what, ok=False, error=f"{type(exc).__name__}: {exc}",
-                       trace=traceback.format_exc(limit=3), s=round(time.perf_counter() - t0, 3))
-    record(summary=True, failures=failures)
+                       trace=traceback.format_exc(limit=3), s=round(time.perf_counter() - t0, 3), part=args.part)
+    record(summary=True, part=args.part, failures=failures)
     return 1 if failures else 0
 
 

@@ -66,16 +66,32 @@ class MissingPackage(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__getattr__ = missing
 
 
+def _torchvision_ops_load() -> bool:
+    """torchvision's compiled ops load into this torch (a torchvision built for it, e.g. 0.26.0+cu130 next to torch
+    2.11.0+cu130); loading them registers their schemas, which a later ``import torchvision`` finds."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    library = os.path.join(list(spec.submodule_search_locations)[0], "_C.so")
+    try:
+        torch.ops.load_library(library)
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def setup() -> None:
     """Make fastvideo importable and runnable here, on the CPU or a GPU (once per process)."""
     if importlib.util.find_spec("scipy") is None:
         sys.meta_path.append(MissingPackage("scipy"))
-    for op in ("nms", "qnms"):
-        try:
-            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        except RuntimeError:   # torchvision's own ops are loaded (a torchvision built for this torch)
-            pass
+    if not _torchvision_ops_load():   # a torchvision built for another torch: its import needs these schemas
+        for op in ("nms", "qnms"):
+            try:
+                torch.library.define(f"torchvision::{op}",
+                                     "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            except RuntimeError:   # defined already
+                pass
     from fastvideo.platforms.cpu import CpuPlatform
 
     CpuPlatform.get_attn_backend_cls = classmethod(
