@@ -207,7 +207,7 @@ def _key_ratios(out_dir: str) -> list[str]:
 def summary(out_dir: str) -> str:
     try:
         with open(os.path.join(out_dir, "summary.txt")) as f:
-            phases = [line.strip() for line in f if re.fullmatch(r"\w+ rc=-?\d+ \d+s", line.strip())]
+            phases = [line.rstrip("\n") for line in f if re.fullmatch(r"\w+ rc=-?\d+ \d+s", line.rstrip("\n"))]
     except OSError:
         phases = []
     import textwrap
