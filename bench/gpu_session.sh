@@ -199,7 +199,8 @@ phase_tune() {
   fi
   has_cuda || { skip "tune_attention"; return 0; }
   local extra=""
-  $PY -m streamkern.bench.tune_attention --help 2>/dev/null | grep -q -- "--jsonl" && extra="--jsonl $OUT/bench.jsonl"
+  capped $CAP_TUNE $PY -m streamkern.bench.tune_attention --help 2>/dev/null | grep -q -- "--jsonl" \
+    && extra="--jsonl $OUT/bench.jsonl"
   # shellcheck disable=SC2086
   capped $CAP_TUNE $PY -m streamkern.bench.tune_attention $extra >"$WORK/tune.log" 2>&1; local rc=$?
   tail -30 "$WORK/tune.log" >>"$OUT/session.log"
