@@ -11,7 +11,7 @@
 #   smoke.jsonl  bench/gpu_smoke.py: each op once per GPU backend vs torch, under sync debug mode "error",
 #                replayed from a CUDA graph; the verify threshold for every n in 1..1024; 3 processes  (smoke)
 #   junit.xml    the GPU test tier (pytest -m gpu_tier: tests/conftest.py GPU_TIER), in two capped chunks (op
-#                parity; graph replays and CUDA-only checks), each on all cores (pytest-xdist), per-test
+#                parity; graph replays, NCCL and CUDA-only checks), each on all cores (pytest-xdist), per-test
 #                timeouts (pytest-timeout), merged; a chunk killed before writing its junit is read from its log (test)
 #   sanitize.txt compute-sanitizer memcheck over the op cases on the cuda backend, racecheck on the gate  (sanitize)
 #   demo.json    python -m streamkern.demo: the streamed pipelines at real shapes, bf16 and fp32, warm, and the
@@ -46,7 +46,7 @@ CAP_RACECHECK=18 CAP_DEMO=50 CAP_BENCH_ATTENTION=35 CAP_BENCH_FP32=20 CAP_BENCH_
 CAP_TUNE=10 CAP_FASTVIDEO=40
 BENCH_WRITES="frame_write kv_ring bank_insert"
 BENCH_OTHERS="consensus verify frame_topk pose_topk bank_evict scale_attention drift_gate"
-GRAPH_TESTS="tests/test_pipeline_graphs.py tests/test_step_graph.py tests/test_gpu.py"
+GRAPH_TESTS="tests/test_pipeline_graphs.py tests/test_step_graph.py tests/test_gpu.py tests/test_distributed.py"
 SMOKE_PARTS=3
 if [ $DRY = 1 ]; then   # the same commands, on this CPU, small
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""

@@ -35,7 +35,7 @@ ring on every replay.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -80,6 +80,10 @@ class StreamingKV:
         dtype, device, backend: of the pool; ``backend`` is passed to every op.
         attention: the kernel that reads the contiguous range: ``"sdpa"`` (:func:`view_attention`),
             ``"frame_attention"`` (the paged op, ``backend``'s), or ``"auto"``: :func:`view_kernel` of the device.
+        reduce_scores: ``None``, or a function of the ``[B, e]`` float32 consensus scores of the evicted frames
+            that returns the scores over every head when this pool holds only some of them (head parallelism:
+            :meth:`streamkern.distributed.HeadParallel.reduce_scores`, an all-reduce on the device). The bank keeps
+            the argmax of what it returns and records its score, so every rank keeps the same frame.
 
     State (device tensors unless said): ``pool``; ``sink_pages [S]``, ``window_pages [B, W]`` (ring slot j is page
     ``S + j``), ``bank_pages [B, M]`` (slot i is page ``S + W + i``) int64, fixed; ``bank_valid [M]`` bool,
@@ -98,19 +102,22 @@ class StreamingKV:
                  sink_frames: int = 0, window_frames: int, bank_frames: int = 0, num_entities: int = 8,
                  layers: Sequence[int] | None = None, layer_weights: Sequence[float] = (0.2, 0.3, 0.5),
                  dtype: torch.dtype = torch.bfloat16, device=None, backend: str | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", reduce_scores: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.S = check.integer("sink_frames", sink_frames, low=0)
         self.W = check.integer("window_frames", window_frames, low=1)
         self.M = check.integer("bank_frames", bank_frames, low=0)
         check.integer("num_entities", num_entities, low=1)
         if attention not in ATTENTION:
             raise ValueError(f"attention: expected one of {ATTENTION}, got {attention!r}")
+        if reduce_scores is not None and not callable(reduce_scores):
+            raise TypeError(f"reduce_scores: expected None or a function of the scores, got "
+                            f"{type(reduce_scores).__name__}")
         self.pool = FramePool(num_layers, batch, self.S + self.W + self.M, frame_len, heads, head_dim, dtype=dtype,
                               device=device, backend=backend)
         self.layers = check.int_tuple("layers", (0, num_layers // 2, num_layers - 1) if layers is None else layers,
                                       low=0, high=num_layers - 1)
         self.layer_weights = check.float_tuple("layer_weights", layer_weights, length=len(self.layers))
-        self.backend = backend
+        self.backend, self.reduce_scores = backend, reduce_scores
         dev = self.pool.k.device
         self.attention = attention if attention != "auto" else view_kernel(dev, backend)
         self.sink_pages = torch.arange(self.S, device=dev)
@@ -231,6 +238,9 @@ class StreamingKV:
         text = torch.stack([text_k[layer] for layer in self.layers]).float()
         best, scores = select_frame(means, text, entity_weights, 1, tuple(range(len(self.layers))),
                                     self.layer_weights, backend=self.backend)
+        if self.reduce_scores is not None:   # this pool's heads scored a part of the mean over heads
+            scores = self.reduce_scores(scores)
+            best = scores.argmax(dim=-1)
         slot = bank_evict_select(self.bank_scores, self.bank_entities, self.bank_valid, backend=self.backend)
         ring = slots.index_select(0, best)                                                       # [B] ring slots
         window = (t[:, :, S:S + W].flatten(2, 3) for t in (pool.k, pool.v))

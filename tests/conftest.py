@@ -120,6 +120,8 @@ GPU_TIER = {
     "test_gpu.py::test_ring_append_replays_with_the_device_cursor": EVERY,
     "test_gpu.py::test_gate_hand_off_stress_two_streams": EVERY,
     "test_gpu.py::test_attention_grid_limit_on_cuda": EVERY,
+    "test_distributed.py::test_nccl_rank_on_a_gpu_equals_one_device_without_host_syncs": EVERY,
+    "test_distributed.py::test_nccl_two_gpus_equal_one_device": EVERY,
 }
 
 

@@ -304,3 +304,34 @@ def test_attend_checks_the_chunk():
     assert torch.equal(skv.pool.k, before)                                    # nothing written
     with pytest.raises(ValueError, match="attention: expected one of"):
         streamkern.StreamingKV(NL, B, F, H, D, window_frames=2, attention="flash")
+
+
+def test_reduce_scores_decides_what_the_bank_keeps():
+    """``reduce_scores`` (head parallelism's all-reduce) receives the ``[B, e]`` consensus scores of the evicted
+    frames; the bank keeps the argmax of what it returns and records that score. Here it negates them: the bank
+    keeps each row's worst frame."""
+    seen = []
+
+    def negate(scores):
+        seen.append(scores.clone())
+        return -scores
+
+    skv = streamkern.StreamingKV(NL, B, F, H, D, sink_frames=1, window_frames=3, bank_frames=2, num_entities=5,
+                                 layers=LAYERS, layer_weights=WEIGHTS, dtype=torch.float32, reduce_scores=negate)
+    plain = streamkern.StreamingKV(NL, B, F, H, D, sink_frames=1, window_frames=3, bank_frames=2, num_entities=5,
+                                   layers=LAYERS, layer_weights=WEIGHTS, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(NL, B, 4 * F, H, D, generator=gen), torch.randn(NL, B, 4 * F, H, D, generator=gen)
+    text_k, weights = torch.randn(NL, B, 5, H, D, generator=gen), torch.rand(5, generator=gen)
+    for kv in (skv, plain):
+        kv.append(k, v)                                                   # 1 sink + 3 window frames: full
+        assert kv.roll(3, text_k=text_k, entity_weights=weights, entities=(1,)) == 3   # frames 1, 2, 3 leave
+    (scores,) = seen
+    assert scores.shape == (B, 3) and scores.dtype == torch.float32
+    worst, best = scores.argmin(dim=1), scores.argmax(dim=1)
+    assert not torch.equal(worst, best)
+    assert torch.equal(skv.bank_frame_ids[:, 0], 1 + worst) and torch.equal(plain.bank_frame_ids[:, 0], 1 + best)
+    assert torch.equal(skv.bank_scores[0], -scores.gather(1, worst[:, None]).mean())
+    assert torch.equal(plain.bank_scores[0], scores.gather(1, best[:, None]).mean())   # the hook saw these scores
+    with pytest.raises(TypeError, match="reduce_scores: expected None or a function"):
+        streamkern.StreamingKV(NL, B, F, H, D, window_frames=2, reduce_scores=1.0)

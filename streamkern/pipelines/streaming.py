@@ -28,9 +28,15 @@ frames whose mean key best matches its mean query (``qbar · kbar``, DESIGN.md �
 
 ``run`` streams through :meth:`StreamingGenerator.stream`, the step API a graph captures: a :class:`BlockStream`
 with a static ``noise`` input buffer and ``step()`` returning the block's latent.
+
+``parallel=`` (a :class:`streamkern.distributed.HeadParallel`, accelerated path) runs the stream head-parallel on
+its process group (Ulysses): each rank computes its ``T / world`` tokens of a block and keeps the memory of its
+``heads / world`` heads; all-to-alls around each attention and before ``append``, the bank's consensus scores
+all-reduced, the block gathered at the end (docs/distributed.md).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -189,7 +195,9 @@ class _PagedCache:
 
     def __init__(self, gen: "StreamingGenerator"):
         self.fsl, self.fpb, self.device, self.sparse = gen.fsl, gen.fpb, gen.device, gen.sparse_bank
-        self.kv = StreamingKV(gen.nl, gen.batch, gen.fsl, gen.h, gen.d, sink_frames=gen.sink // gen.fsl,
+        self.parallel = gen.parallel
+        make = StreamingKV if gen.parallel is None else gen.parallel.streaming_kv   # this rank's heads
+        self.kv = make(gen.nl, gen.batch, gen.fsl, gen.h, gen.d, sink_frames=gen.sink // gen.fsl,
                               window_frames=gen.window // gen.fsl, bank_frames=gen.bank_size,
                               num_entities=gen.num_entities, dtype=gen.dtype, device=gen.device, backend=gen.backend,
                               attention=gen.attention)
@@ -200,6 +208,8 @@ class _PagedCache:
 
     def start_block(self, e: int, text_k, weights, entities, first_frame: int) -> None:
         """Evict the window frames the block pushes out; the bank copies the one it keeps into its region."""
+        if self.parallel is not None:
+            text_k = self.parallel.heads_of(text_k, dim=3)
         with part("eviction", self.device) as moved:
             evicted = self.kv.roll(self.fpb, text_k=text_k, entity_weights=weights, entities=entities)
             frame = nbytes(self.kv.pool.k[:, :, 0])
@@ -207,6 +217,13 @@ class _PagedCache:
                   + (4 * frame if evicted and self.kv.M else 0))
 
     def attend(self, layer: int, q, k, v):
+        """This block's attention of layer ``layer``; with ``parallel``, ``q, k, v`` are this rank's tokens and the
+        memory holds this rank's heads: Ulysses all-to-alls around the memory's attention."""
+        if self.parallel is not None:
+            return self.parallel.attention(functools.partial(self._attend, layer), q, k, v)
+        return self._attend(layer, q, k, v)
+
+    def _attend(self, layer: int, q, k, v):
         kv = self.kv
         pages = kv.n_sink + kv.n_window + self.fpb + (kv.n_bank if self.sparse is None else
                                                       min(self.sparse, kv.n_bank))
@@ -217,12 +234,15 @@ class _PagedCache:
             return out
 
     def append(self, k_new, v_new) -> None:
+        if self.parallel is not None:
+            k_new, v_new = self.parallel.seq_to_heads(k_new, v_new)
         with part("cache", self.device) as moved:
             self.kv.append(k_new, v_new)
             moved(2 * nbytes(k_new, v_new) + nbytes(self.kv.pool.k_mean[:, :, 0]) * (k_new.shape[2] // self.fsl))
 
     def held(self):
-        """``(positions [n], k, v [NL, B, n, H, D])`` read from the pool's pages, sinks then the window oldest first."""
+        """``(positions [n], k, v [NL, B, n, H, D])`` read from the pool's pages, sinks then the window oldest first
+        (with ``parallel``: this rank's heads)."""
         pages = self.kv.page_table()[:, :self.kv.n_sink + self.kv.n_window]
         NL, B, _, F, H, D = self.kv.pool.k.shape
         idx = pages[None, :, :, None, None, None].expand(NL, -1, -1, F, H, D)
@@ -236,26 +256,50 @@ class _PagedCache:
         return self.kv.bank_frame_ids[:, :self.kv.n_bank].sort(dim=1).values.cpu()
 
 
+def _check_parallel(parallel, backend: str, eager: bool | None, heads: int, block_tokens: int, device) -> None:
+    """``StreamingGenerator(parallel=...)``'s arguments, checked before anything is allocated."""
+    if eager or (eager is None and backend == "torch"):
+        raise ValueError("parallel: head parallelism runs on the accelerated path (eager=False, or an accelerated "
+                         "backend); the eager path is MemFlow's single-device cache")
+    parallel.local_heads(heads)
+    if block_tokens % parallel.world:
+        raise ValueError(f"frames_per_block, frame_seq_len: a block of {block_tokens} tokens is split over the "
+                         f"sequence; expected a multiple of the world size {parallel.world}")
+    device = torch.device(device)
+    if device.type != parallel.device.type or device.index not in (None, parallel.device.index):
+        raise ValueError(f"device: expected this rank's device {parallel.device} (the parallel group's), got {device}")
+
+
 class StreamingGenerator(nn.Module):
     """Tiny streaming video generator; ``run(num_blocks)`` returns a :class:`PipelineRun` whose outputs are the
     block latents ``frames [N, B, fpb * fsl, C]`` and the bank's held frame indices ``bank_frames [B, M]``;
     ``stream()`` gives the per-block step API it runs on (:class:`BlockStream`, capturable once steady).
 
     ``attention`` (accelerated path only): the kernel that reads the memory, ``StreamingKV``'s ``attention=``
-    (``"auto"``: SDPA on GPUs, ``frame_attention`` where it resolves to the ``"cpu"`` backend)."""
+    (``"auto"``: SDPA on GPUs, ``frame_attention`` where it resolves to the ``"cpu"`` backend).
+
+    ``parallel`` (accelerated path only): a :class:`streamkern.distributed.HeadParallel` to run the stream head-parallel
+    over its process group (Ulysses): every rank builds the same generator (same seed, so the same weights and noise),
+    runs everything but attention on its ``T / world`` tokens of a block and keeps the memory of its
+    ``heads / world`` heads; ``step()`` returns the whole block on every rank, equal to a single-device run within
+    the parity metric, and every rank's bank holds the same frames. ``heads`` and the block's
+    ``frames_per_block · frame_seq_len`` tokens must divide by the world size (``ValueError`` before anything is
+    allocated)."""
 
     def __init__(self, *, backend: str = "torch", eager: bool | None = None, num_layers: int = 4, heads: int = 4,
                  head_dim: int = 32, frame_seq_len: int = 64, frames_per_block: int = 3, window_frames: int = 15,
                  sink_frames: int = 1, bank_size: int = 6, num_entities: int = 8, text_len: int = 16,
                  text_dim: int = 64, batch: int = 1, steps: int = 2, switch_every: int = 4,
                  dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, sparse_bank: int | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", parallel=None):
+        if parallel is not None:
+            _check_parallel(parallel, backend, eager, heads, frames_per_block * frame_seq_len, device)
         super().__init__()
         if sparse_bank is not None and (not isinstance(sparse_bank, int) or sparse_bank < 1):
             raise ValueError(f"sparse_bank: expected None or a positive int (bank frames per head), got {sparse_bank!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected a positive int (denoising passes per block), got {steps!r}")
-        self.backend, self.sparse_bank, self.attention = backend, sparse_bank, attention
+        self.backend, self.sparse_bank, self.attention, self.parallel = backend, sparse_bank, attention, parallel
         self.eager = backend == "torch" if eager is None else eager
         self.nl, self.h, self.d, self.fsl, self.fpb = num_layers, heads, head_dim, frame_seq_len, frames_per_block
         self.window, self.sink = window_frames * frame_seq_len, sink_frames * frame_seq_len
@@ -328,6 +372,8 @@ class StreamingGenerator(nn.Module):
         cache.start_block(e, text_kv[0], weights, entities, (self.sink + n_total - n_win) // self.fsl)
         pos = sinusoid(block * self.fpb + torch.arange(self.fpb, device=self.device), C)
         pos = pos.repeat_interleave(self.fsl, dim=0).to(self.dtype)
+        if self.parallel is not None:   # this rank's tokens of the block
+            noise, pos = self.parallel.shard_seq(noise), self.parallel.shard_seq(pos, dim=0)
         x = noise
         for step in range(self.steps):
             pred, _, _ = self._forward(x + pos, cache, text_kv)
@@ -336,7 +382,7 @@ class StreamingGenerator(nn.Module):
         _, k_new, v_new = self._forward(x + pos, cache, text_kv)
         cache.append(k_new, v_new)
         state["n_win"], state["n_total"] = min(n_win + T - s_new, self.window), n_total + T - s_new
-        return x
+        return x if self.parallel is None else self.parallel.gather_seq(x)
 
     def stream(self) -> "BlockStream":
         """A fresh stream of blocks (empty cache, block 0 next): refill ``noise`` and call ``step()`` per block."""

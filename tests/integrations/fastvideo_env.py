@@ -13,7 +13,6 @@ stage; ``stream_blocks`` calls a model block by block as the stages do, in any d
 """
 from __future__ import annotations
 
-import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -80,9 +79,18 @@ def _torchvision_ops_load() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
-def setup() -> None:
-    """Make fastvideo importable and runnable here, on the CPU or a GPU (once per process)."""
+_SP_SIZE: int | None = None   # FastVideo's sequence-parallel size, once set up
+
+
+def setup(sp_size: int | None = None) -> None:
+    """Make fastvideo importable and runnable here, on the CPU or a GPU (once per process). ``sp_size``: FastVideo's
+    sequence-parallel size, over the ranks of the torch.distributed group already initialised (default: the group
+    set up before, else 1 on a rank of its own)."""
+    global _SP_SIZE
+    if _SP_SIZE is not None:
+        if sp_size not in (None, _SP_SIZE):
+            raise ValueError(f"sp_size: FastVideo is set up with sp_size={_SP_SIZE} in this process, got {sp_size}")
+        return
     if importlib.util.find_spec("scipy") is None:
         sys.meta_path.append(MissingPackage("scipy"))
     if not _torchvision_ops_load():   # a torchvision built for another torch: its import needs these schemas
@@ -100,15 +108,15 @@ def setup() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     from fastvideo.distributed import maybe_init_distributed_environment_and_model_parallel
 
-    maybe_init_distributed_environment_and_model_parallel(1, 1)
-    if torch.cuda.is_available():
-        return
-    import fastvideo.distributed.parallel_state as state
+    maybe_init_distributed_environment_and_model_parallel(1, sp_size or 1)
+    if not torch.cuda.is_available():
+        import fastvideo.distributed.parallel_state as state
 
-    original = state.get_local_torch_device   # answers "mps" on any machine without CUDA or NPU
-    for module in [m for name, m in sys.modules.items() if name.startswith("fastvideo")]:
-        if getattr(module, "get_local_torch_device", None) is original:
-            module.get_local_torch_device = lambda: torch.device("cpu")
+        original = state.get_local_torch_device   # answers "mps" on any machine without CUDA or NPU
+        for module in [m for name, m in sys.modules.items() if name.startswith("fastvideo")]:
+            if getattr(module, "get_local_torch_device", None) is original:
+                module.get_local_torch_device = lambda: torch.device("cpu")
+    _SP_SIZE = sp_size or 1
 
 
 def init_parameters(model: torch.nn.Module, seed: int) -> torch.nn.Module:
