@@ -172,7 +172,7 @@ def _policy_replays(backend, device, frames=(0, 1, 2, 4, 5, 10), warmup=2):
     against an identical policy stepped eagerly; each pair holds the actions, reason, drift and what the gate
     carries (pooled frame, importance, state, KV)."""
     pipes = [GatedPolicy(backend=backend, eager=False, device=device, **SMALL_POLICY) for _ in range(2)]
-    gates = [p._gate() for p in pipes]
+    gates = [p.gate() for p in pipes]
     images, states = scripted_trajectory(12, 1, 0, device)
     A = SMALL_POLICY["action_tokens"]
     noises = [randn((1, A, 7), 1000 + t, device) for t in range(12)]
