@@ -178,8 +178,8 @@ def _dense(bench, label, s: Step, compile_rows: bool, flex_rows: bool):
                      lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                                     v.transpose(1, 2)),
                      [(s.q, k_all, v_all)], **precat)
-    if bench.device.type == "cuda":
-        for kernel in ("cudnn", "flash", "efficient"):
+    if bench.device.type == "cuda":   # cuDNN's and flash's SDPA kernels take fp16/bf16 only
+        for kernel in ("cudnn", "flash", "efficient") if s.dtype != torch.float32 else ("efficient",):
             yield bench.case(OP, label, f"sdpa-precat-{kernel}", _sdpa_forced(kernel), [(s.q, k_all, v_all)],
                              **precat)
     del k_all, v_all
