@@ -96,6 +96,25 @@ def test_non_contiguous_q_and_k_mean(bd):
     assert torch.equal(out.cpu(), _reference(q, k_mean, cand, k, True))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("per_head", [True, False], ids=["per-head", "shared"])
+@pytest.mark.parametrize("bd", ALL)
+def test_means_of_pages_not_listed_never_count(bd, per_head, value):
+    """``k_mean`` of every page a row does not list (page 0 among them, the clamp target of -1; pages the other
+    row lists) holds ``value`` (a pool made with torch.empty): the ranking equals the one over a clean k_mean."""
+    gen = torch.Generator().manual_seed(3)
+    q, k_mean = torch.randn(2, 3, 2, 8, generator=gen), torch.randn(2, 6, 2, 8, generator=gen)
+    cand = torch.tensor([[3, -1, 5, 1], [-1, 2, 4, -1]])
+    want = _reference(q, k_mean, cand, 4, per_head)
+    unlisted = torch.ones(2, 6, dtype=torch.bool)
+    for b, row in enumerate(cand.tolist()):
+        unlisted[b, [c for c in row if c >= 0]] = False
+    poisoned = k_mean.masked_fill(unlisted[:, :, None, None], value)
+    out = streamkern.frame_topk(q.to(bd[1]), poisoned.to(bd[1]), cand.to(bd[1]), 4, per_head=per_head,
+                                backend=bd[0])
+    assert torch.equal(out.cpu(), want)
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [9, -2], ids=["high", "below-minus-one"])
