@@ -192,11 +192,16 @@ class OpBackends:
 RECORDERS: list = []   # the CPU recordings of ``streamkern.step_graph.StepGraph`` in progress, innermost last
 
 
+def cuda_capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream and ``device`` is a CUDA device."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def capturing(device: torch.device) -> bool:
     """A step is being captured on ``device``: a CUDA-graph capture on its current stream, or on CPU a
     ``StepGraph`` recording."""
     if device.type == "cuda":
-        return torch.cuda.is_current_stream_capturing()
+        return cuda_capturing(device)
     return device.type == "cpu" and bool(RECORDERS)
 
 
@@ -274,7 +279,13 @@ def checking_values() -> bool:
     return _VALUE_CHECK_DEPTH[0] > 0
 
 
-def _value_check(values: Callable, args: Sequence) -> None:
+def run_value_check(values: Callable, args: Sequence) -> None:
+    """``values(*args)``, a check that reads tensor values on the host, flagged by :func:`checking_values` while it
+    runs. Skipped while the tensors' device is being captured in a CUDA graph: a host read there invalidates the
+    capture, and the eager call that precedes every capture (the warm-up) has checked the same kind of values."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if device is not None and cuda_capturing(device):
+        return
     _VALUE_CHECK_DEPTH[0] += 1
     try:
         values(*args)
@@ -316,7 +327,7 @@ class Op:
     def _runner(self, backend_name: str, kernel: Kernel) -> Callable:
         def run(*args):
             if self._values is not None and (backend_name in ("torch", "cpu") or debug_enabled()):
-                _value_check(self._values, args)
+                run_value_check(self._values, args)
             if not kernel.out:
                 return kernel.fn(*args)
             out = self._alloc(*args)
@@ -349,7 +360,9 @@ def define_op(name: str, schema: str, backends: Mapping[str, Callable | Kernel],
             or the arguments normalised (a tuple of them all), which every backend then receives.
         values: ``values(*args)`` checks values held in tensors (index ranges, token ids) and may read them: it
             runs before the ``"torch"`` and ``"cpu"`` backends, and before the GPU ones only with
-            ``STREAMKERN_DEBUG=1``; the host-sync counter of ``streamkern.pipelines`` books its reads as checks.
+            ``STREAMKERN_DEBUG=1``; never while the tensors' device is being captured in a CUDA graph (the read
+            would invalidate the capture; the eager warm-up call before it checked). The host-sync counter
+            (``streamkern.host_sync``) books its reads as checks.
         alloc: ``alloc(*args)`` allocates the outputs that ``out=True`` kernels fill (also the fake kernel).
         fake: the fake (meta) kernel when it differs from ``alloc``; mutating ops without outputs need neither.
         missing: backend -> why this op has no such implementation.
