@@ -189,20 +189,9 @@ class OpBackends:
         return self(name)(*args)
 
 
-RECORDERS: list = []   # the CPU recordings of ``streamkern.step_graph.StepGraph`` in progress, innermost last
-
-
 def cuda_capturing(device: torch.device) -> bool:
     """A CUDA graph is being captured on the current stream and ``device`` is a CUDA device."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def capturing(device: torch.device) -> bool:
-    """A step is being captured on ``device``: a CUDA-graph capture on its current stream, or on CPU a
-    ``StepGraph`` recording."""
-    if device.type == "cuda":
-        return cuda_capturing(device)
-    return device.type == "cpu" and bool(RECORDERS)
 
 
 def device_guard(device: torch.device):

@@ -346,7 +346,7 @@ def test_one_launch_per_call(bd, monkeypatch):
 
 @pytest.mark.parametrize("bd", GPU)
 def test_no_host_sync(bd, monkeypatch):
-    from streamkern.pipelines._runtime import count_host_syncs
+    from streamkern.host_sync import count_host_syncs
 
     monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
     q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])

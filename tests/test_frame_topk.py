@@ -203,7 +203,7 @@ def test_one_launch_per_call(bd, monkeypatch):
 
 @pytest.mark.parametrize("bd", GPU)
 def test_no_host_sync(bd, monkeypatch):
-    from streamkern.pipelines._runtime import count_host_syncs
+    from streamkern.host_sync import count_host_syncs
 
     monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
     q, k_mean, cand, k = _case(CASES[1].values[0], torch.float32, bd[1])
