@@ -46,13 +46,14 @@ _NO_KERNEL = frozenset({
 })
 
 
-def _launches(event) -> int:
+def _launches(event) -> list[str]:
+    """The names of the launches under one CPU profiler event (see :func:`launch_names`)."""
     if event.name.startswith("triton::"):
-        return 1
-    inner = sum(_launches(child) for child in event.cpu_children)
+        return [event.name]
+    inner = [name for child in event.cpu_children for name in _launches(child)]
     if inner or event.name in _NO_KERNEL or "::" not in event.name:
         return inner
-    return 1
+    return [event.name]
 
 
 @contextlib.contextmanager
@@ -99,14 +100,21 @@ def _stderr_silenced():
             os.close(saved)
 
 
-def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", **kwargs) -> int:
-    """Kernel launches made by one call ``fn(*args, **kwargs)``.
+def launch_names(fn: Callable, *args, device: torch.device | str = "cpu", warmup: bool = False,
+                 **kwargs) -> list[str]:
+    """The kernel launches made by one call ``fn(*args, **kwargs)``, by name, in the order recorded.
 
     On CUDA: the device activities the profiler records (kernels, memsets, copies). On CPU: the operator calls
     that do work (the innermost ATen and extension operators, not allocations, views or operators that only
-    forward to others) plus Triton launches (under the interpreter). The CPU count stands for what the same
-    code launches on a GPU; a scalar conversion inside an operator can make it differ by one."""
+    forward to others) plus Triton launches (``triton::<kernel>``, under the interpreter). The CPU count stands for
+    what the same code launches on a GPU; a scalar conversion inside an operator can make it differ by one.
+
+    ``warmup=True`` makes one unprofiled call first, so that what is counted is a steady-state call: the first call
+    of a freshly specialised Triton kernel compiles and loads it, and the device tables of the launchers and the
+    drift gate's counter are made then. "Launches per call" means a call after that first one."""
     device = torch.device(device)
+    if warmup:
+        fn(*args, **kwargs)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -124,5 +132,10 @@ def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", **kw
                 prof.__exit__(None, None, None)
     events = prof.events()
     if device.type == "cuda":
-        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
-    return sum(_launches(e) for e in events if e.cpu_parent is None)
+        return [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [name for e in events if e.cpu_parent is None for name in _launches(e)]
+
+
+def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", warmup: bool = False, **kwargs) -> int:
+    """How many kernel launches one call ``fn(*args, **kwargs)`` makes: ``len(launch_names(...))``."""
+    return len(launch_names(fn, *args, device=device, warmup=warmup, **kwargs))

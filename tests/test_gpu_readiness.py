@@ -244,6 +244,18 @@ def test_gpu_cases_replay_here(name):
     gc.check_graph(_case_here(name), replays=2)
 
 
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_cases_launch_as_designed_here(name, monkeypatch):
+    """The launch count tests/test_gpu.py checks on CUDA, here on Triton's interpreter (the operators and Triton
+    launches of a steady-state call): a fill, copy or small tensor made per call by a launcher shows here too."""
+    from streamkern.bench import gpu_cases as gc
+
+    if not gc.has_backend(name, "triton") or "triton" not in streamkern.available_backends("cpu"):
+        pytest.skip(f"{name}: no triton backend to interpret here")
+    monkeypatch.undo()                                       # poisoned allocations would count as fills
+    gc.check_launches(gc.CASES[name]("cpu", "triton"))
+
+
 @pytest.mark.parametrize("name", ["bank_insert", "drift_gate"])
 def test_inductor_adds_no_copies_of_mutated_arguments(name):
     """``torch.compile(fullgraph=True)`` with Inductor of an op that writes its arguments (the bank, the gate's
