@@ -5,8 +5,10 @@ implements (an :class:`OpBackends` table); :func:`resolve` picks one for the op'
 
 * an explicit ``backend=`` argument wins, then :func:`backend` / :func:`set_backend`, then the
   ``STREAMKERN_BACKEND`` environment variable, else ``"auto"``;
-* ``"auto"`` takes the op's fastest backend that can run on the device (CPU tensors: ``"cpu"`` if the
-  extension is built, else ``"torch"``);
+* ``"auto"`` takes the op's fastest backend that can run on the device: the first of the device's order that can
+  take the inputs (CUDA tensors ``"cuda"``, ``"triton"``, ``"torch"``; CPU tensors ``"cpu"`` if the extension is
+  built, else ``"torch"``), or of the op's own order where its ``define_op(auto_order=...)`` declares one from
+  measurements;
 * a named backend that cannot run raises :class:`BackendUnavailable` saying why, never falls back.
 
 :func:`define_op` declares an op once: its schema, argument check, value check, output allocation (also its fake
@@ -27,7 +29,7 @@ import torch
 from ._checks import debug_enabled
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}   # device type -> "auto"'s order
 
 
 class BackendUnavailable(RuntimeError):
@@ -145,6 +147,7 @@ class OpBackends:
     impls: Mapping[str, Callable]
     missing: Mapping[str, str] = field(default_factory=dict)  # backend -> why this op has no such implementation
     supports: Mapping[str, Callable[..., str]] = field(default_factory=dict)  # backend -> why not these inputs
+    auto_order: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device type -> this op's "auto" order
 
     def why_not(self, name: str, device: torch.device, args: Sequence = ()) -> str:
         """Empty string when backend ``name`` of this op can take ``args`` on ``device``, else the reason."""
@@ -154,10 +157,10 @@ class OpBackends:
 
     def resolve(self, requested: str | None, device: torch.device, args: Sequence = ()) -> str:
         """The backend to run: ``requested``, else the current default; ``"auto"`` takes the first of the device's
-        order that can take ``args`` (``"torch"`` as the last resort)."""
+        order (the op's own where it declares one) that can take ``args`` (``"torch"`` as the last resort)."""
         name = _check_name(requested) if requested is not None else current_backend()
         if name == "auto":
-            for cand in _AUTO_ORDER.get(device.type, ("torch",)):
+            for cand in self.auto_order.get(device.type) or _AUTO_ORDER.get(device.type, ("torch",)):
                 if not self.why_not(cand, device, args):
                     return cand
             return "torch"
@@ -297,7 +300,8 @@ class Op:
 
     def __init__(self, name: str, schema: str, backends: Mapping[str, Callable | Kernel], *,
                  check: Callable | None = None, values: Callable | None = None, alloc: Callable | None = None,
-                 fake: Callable | None = None, missing: Mapping[str, str] | None = None):
+                 fake: Callable | None = None, missing: Mapping[str, str] | None = None,
+                 auto_order: Mapping[str, Sequence[str]] | None = None):
         self.name = name
         self._check, self._values, self._alloc = check, values, alloc
         kernels = {b: k if isinstance(k, Kernel) else Kernel(k) for b, k in backends.items()}
@@ -305,8 +309,10 @@ class Op:
             _check_name(b, allow_auto=False)
             if k.out and alloc is None:
                 raise ValueError(f"{name}: backend {b!r} fills outputs (out=True) but the op has no alloc")
+        order = {dev: tuple(_check_name(b, allow_auto=False) for b in names)
+                 for dev, names in (auto_order or {}).items()}
         self.backends = OpBackends(name, {b: self._runner(b, k) for b, k in kernels.items()}, dict(missing or {}),
-                                   {b: k.supports for b, k in kernels.items() if k.supports is not None})
+                                   {b: k.supports for b, k in kernels.items() if k.supports is not None}, order)
         full, mutates = _with_backend(schema)
         self.custom_op = torch.library.custom_op(f"streamkern::{name}", self._body, mutates_args=mutates,
                                                  schema=full)
@@ -338,7 +344,7 @@ class Op:
 
 def define_op(name: str, schema: str, backends: Mapping[str, Callable | Kernel], *, check: Callable | None = None,
               values: Callable | None = None, alloc: Callable | None = None, fake: Callable | None = None,
-              missing: Mapping[str, str] | None = None) -> Op:
+              missing: Mapping[str, str] | None = None, auto_order: Mapping[str, Sequence[str]] | None = None) -> Op:
     """Declare op ``streamkern::<name>``.
 
     Args:
@@ -355,5 +361,9 @@ def define_op(name: str, schema: str, backends: Mapping[str, Callable | Kernel],
         alloc: ``alloc(*args)`` allocates the outputs that ``out=True`` kernels fill (also the fake kernel).
         fake: the fake (meta) kernel when it differs from ``alloc``; mutating ops without outputs need neither.
         missing: backend -> why this op has no such implementation.
+        auto_order: device type -> the order in which ``"auto"`` tries this op's backends there, where
+            measurements show it differs from the default (``"cuda"`` before ``"triton"`` on CUDA tensors);
+            declared in the op's module with the figures that justify it.
     """
-    return Op(name, schema, backends, check=check, values=values, alloc=alloc, fake=fake, missing=missing)
+    return Op(name, schema, backends, check=check, values=values, alloc=alloc, fake=fake, missing=missing,
+              auto_order=auto_order)

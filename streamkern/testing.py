@@ -104,9 +104,11 @@ def launch_names(fn: Callable, *args, device: torch.device | str = "cpu", warmup
                  **kwargs) -> list[str]:
     """The kernel launches made by one call ``fn(*args, **kwargs)``, by name, in the order recorded.
 
-    On CUDA: the device activities the profiler records (kernels, memsets, copies). On CPU: the operator calls
-    that do work (the innermost ATen and extension operators, not allocations, views or operators that only
-    forward to others) plus Triton launches (``triton::<kernel>``, under the interpreter). The CPU count stands for
+    On CUDA: the device activities the profiler records (kernels, memsets, copies), not the device-side spans of
+    ``record_function`` ranges (user annotations: a range around a kernel is recorded as one more device event,
+    which made the H200 run of 2026-12-04 count 2 per Triton launch). On CPU: the operator calls that do work (the
+    innermost ATen and extension operators, not allocations, views or operators that only forward to others) plus
+    Triton launches (``triton::<kernel>`` ranges, under the interpreter). The CPU count stands for
     what the same code launches on a GPU; a scalar conversion inside an operator can make it differ by one.
 
     ``warmup=True`` makes one unprofiled call first, so that what is counted is a steady-state call: the first call
@@ -120,7 +122,8 @@ def launch_names(fn: Callable, *args, device: torch.device | str = "cpu", warmup
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
     prof = torch.profiler.profile(activities=activities)
-    with triton_launches_wrapped(_in_profiler_range):
+    ranges = triton_launches_wrapped(_in_profiler_range) if device.type == "cpu" else contextlib.nullcontext()
+    with ranges:
         with _stderr_silenced():                      # the profiler's start/stop log lines
             prof.__enter__()
         try:
@@ -131,8 +134,9 @@ def launch_names(fn: Callable, *args, device: torch.device | str = "cpu", warmup
             with _stderr_silenced():
                 prof.__exit__(None, None, None)
     events = prof.events()
-    if device.type == "cuda":
-        return [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if device.type == "cuda":   # a record_function range around kernels is a device event too: not a launch
+        return [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False)]
     return [name for e in events if e.cpu_parent is None for name in _launches(e)]
 
 

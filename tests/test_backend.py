@@ -208,6 +208,16 @@ def test_define_op_declares_supports_values_and_outputs(monkeypatch):
         m.setattr(_backend, "cuda_capturing", lambda device: True)
         assert op(x, 1, backend="torch").tolist() == [1.0] * 3 and len(seen) == 4
     torch.library.opcheck(op.custom_op, (torch.zeros(3), 1, "cpu"))
+    cuda, impls = torch.device("cuda"), {"torch": lambda x: x, "cuda": lambda x: x, "triton": lambda x: x}
+    plain = _backend.define_op("test_define_op_default_order", "(Tensor x) -> Tensor", impls)
+    ordered = _backend.define_op("test_define_op_auto_order", "(Tensor x) -> Tensor", impls,
+                                 auto_order={"cuda": ("triton", "cuda", "torch")})
+    assert plain.backends.resolve("auto", cuda) == "cuda"       # the default order: "cuda", "triton", "torch"
+    assert ordered.backends.resolve("auto", cuda) == "triton"   # the op's own order on CUDA tensors
+    assert ordered.backends.resolve("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        _backend.define_op("test_define_op_bad_order", "(Tensor x) -> Tensor", {"torch": lambda x: x},
+                           auto_order={"cuda": ("tpu",)})
     with pytest.raises(ValueError, match="out=True"):
         _backend.define_op("test_define_op_no_alloc", "(Tensor x) -> Tensor",
                            {"torch": _backend.Kernel(lambda out, x: None, out=True)})

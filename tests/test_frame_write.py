@@ -24,6 +24,9 @@ CASES = [  # NL, B, P, F, H, D, n, shared pages
     pytest.param((1, 2, 4, 1, 2, 16, 4, False), id="F1-every-page"),
     pytest.param((2, 1, 6, 3, 1, 5, 0, True), id="n0"),
     pytest.param((1, 1, 2, 70, 1, 64, 1, True), id="F70-D64-tiles-per-frame"),
+    # rows of 200 values: several column groups of the CUDA kernel, the last one partial, F not a multiple of its
+    # token lanes
+    pytest.param((2, 1, 3, 37, 5, 40, 2, False), id="F37-rows-of-200"),
 ]
 
 
