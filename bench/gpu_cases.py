@@ -280,7 +280,7 @@ def check_compiled(case: OpCase, compiler: str = "inductor") -> tuple[int, int]:
     compiled = torch.compile(lambda inputs: case.call(inputs, case.backend), fullgraph=True, backend=compiler)
     ref = case.reference()
     compare(case, compiled(case.inputs), ref, compiler)
-    eager_n = count_launches(case.run, device=case.device)
-    compiled_n = count_launches(compiled, case.inputs, device=case.device)
+    eager_n = count_launches(case.run, device=case.device, warmup=True)
+    compiled_n = count_launches(compiled, case.inputs, device=case.device, warmup=True)
     assert compiled_n <= eager_n, f"{case.name} [{case.backend}]: {compiled_n} launches compiled vs {eager_n} eager"
     return eager_n, compiled_n
