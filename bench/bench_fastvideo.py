@@ -107,7 +107,7 @@ class Block:
 def attention_syncs(model, counts: list) -> list:
     """Wrap every causal self-attention call of ``model`` in its own host-sync count (appended to ``counts``);
     returns what ``unwrap`` needs to put the forwards back."""
-    from streamkern.pipelines._runtime import count_host_syncs
+    from streamkern.host_sync import count_host_syncs
 
     saved = []
     for block in model.blocks:
@@ -134,7 +134,7 @@ def unwrap(saved: list) -> None:
 def prepare(case_name: str, impl: str, base) -> tuple[dict, Block | None]:
     """The row of ``impl`` on ``case_name``, with its warm-up block measured (bytes, syncs, on CUDA peak memory),
     and its ``Block``."""
-    from streamkern.pipelines._runtime import count_host_syncs
+    from streamkern.host_sync import count_host_syncs
 
     case = CASES[case_name]
     attention = IMPLS[impl]

@@ -13,7 +13,7 @@ from streamkern import drift_gate
 from streamkern.pipelines import GatedPolicy, SpeculativeVAR, StreamingGenerator
 from streamkern.pipelines._tiny import randn
 from streamkern.pipelines.gated_policy import scripted_trajectory
-from streamkern.step_graph import CaptureError, StepGraph
+from streamkern.step_graph import CaptureError, StepGraph, conditional_nodes_supported
 from streamkern.streaming_kv import StreamingKV
 from streamkern.testing import assert_parity
 
@@ -217,6 +217,7 @@ def test_gated_policy_step_replays_both_branches(bd):
 
 
 @NO_CUDA
+@pytest.mark.skipif(bool(conditional_nodes_supported()), reason=conditional_nodes_supported())
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gated_policy_step_replays_both_branches_on_cuda(backend):
     _check_policy_replays(backend, "cuda")
