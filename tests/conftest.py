@@ -57,6 +57,16 @@ def fp32_matmul_precision_highest():
     torch.set_float32_matmul_precision(saved)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: these tiny models' ops are far too small to share, and on a loaded machine spinning
+    threads make a step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Every (backend, device) pair an op's parity tests run on; unavailable pairs are skipped with the reason.
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]   # the storage dtypes every op takes

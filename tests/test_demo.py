@@ -41,16 +41,6 @@ def test_demo_compare_flags_a_changed_token_and_a_drifted_tensor():
     assert not ok and abs(err - 0.01) < 1e-6
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: these tiny models' ops are far too small to share, and on a loaded machine spinning
-    threads make a step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_pipeline_ops_are_recorded_from_a_tiny_run():
     """The ops a pipeline's accelerated path calls, from which the demo derives its backends: recorded, not listed

@@ -2,10 +2,8 @@
 so that the script that a GPU session runs keeps working. Checks that each phase ran, wrote its file under $OUT
 and passed, that the caps fit the session's budget, and that the GPU test tier (``-m gpu_tier``, collected here and
 skipped) holds every op on each GPU backend it has, in every dtype, and each pipeline's CUDA-graph replay."""
-import importlib
 import json
 import os
-import pkgutil
 import re
 import subprocess
 import sys
@@ -14,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import streamkern
-from streamkern._backend import Op
+from streamkern import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("env", "build", "smoke", "test", "sanitize", "demo", "bench", "tune", "fastvideo")
@@ -40,16 +37,6 @@ OP_TESTS = {
 PIPELINE_GRAPHS = ("test_streaming_generator_block_replays_as_the_next_block_on_cuda_graphs",
                    "test_gated_policy_step_replays_both_branches_on_cuda", "test_speculative_var_round_replays_on_cuda")
 DTYPE_IDS = (("fp32", "f32"), ("fp16", "f16"), ("bf16",))
-
-
-def _ops() -> dict:
-    """Every op declared with ``define_op`` in streamkern's modules, by name."""
-    ops = {}
-    for info in pkgutil.iter_modules(streamkern.__path__):
-        for value in vars(importlib.import_module(f"streamkern.{info.name}")).values():
-            if isinstance(value, Op):
-                ops[value.name] = value
-    return ops
 
 
 def test_caps_fit_the_budget():
@@ -91,7 +78,7 @@ def test_gpu_session_dry_run(tmp_path):
     for case in suites.iter("testcase"):
         name, _, params = case.get("name").partition("[")
         ids.setdefault((case.get("classname").split(".")[-1], name), []).append(params.rstrip("]"))
-    ops = _ops()
+    ops = demo.declared_ops()
     assert set(ops) == set(OP_TESTS), "every declared op needs its test in the GPU tier (tests/conftest.py)"
     for name, (module, test, by_dtype) in OP_TESTS.items():
         params = [p.split("-") for p in ids.get((module, test), [])]

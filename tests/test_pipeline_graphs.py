@@ -24,16 +24,6 @@ CPU_PATHS = backend_params(exclude=("cuda", ("torch", "cuda"), ("triton", "cuda"
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: these tiny models' ops are far too small to share, and on a loaded machine spinning
-    threads make a step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _equal(got, want, exact: bool) -> bool:
     """Bit-equal (``exact``: the replay ran the eager step's ops) or, float tensors on CUDA, within the parity
     bound of fp32 (a graph may pick other kernels than eager calls)."""
