@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${1:-2.11.0} ARCH=${2:-9.0}
 PY=${DEVICE_PYTHON:-python3.12} VENV=${DEVICE_VENV:-.venv-device}
-NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc)
+NVCC=$(readlink -f "$(command -v nvcc || ls /usr/local/cuda/bin/nvcc)")   # CUDA_HOME is two levels up
 if ! [ -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH')"; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q "torch==$TORCH" numpy setuptools ninja wheel   # about 5 GB with its CUDA wheels
