@@ -2,7 +2,10 @@
 
 Options: ``--device cpu|cuda`` (default: cuda when present), ``--ops name ...`` (default: every
 ``bench/bench_<name>.py``), ``--out DIR`` (default ``bench/results``), ``--budget SECONDS`` per timed implementation,
-``--smoke`` (only each op's first case, no torch.compile rows: checks that the benchmark runs).
+``--smoke`` (only each op's first case, no torch.compile rows: checks that the benchmark runs), ``--no-compile``
+(every case, but no torch.compile'd row: neither Inductor nor FlexAttention is imported or compiled, which takes
+tens of seconds per row), ``--jsonl PATH`` (append each row to PATH as one JSON line the moment it is measured, so
+that a run stopped by a time cap keeps every row measured so far; the first line is the device info).
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--budget", type=float, default=None, help="seconds of timed calls per implementation")
     parser.add_argument("--smoke", action="store_true",
                         help="only each op's first case, no torch.compile rows (checks the benchmark runs)")
+    parser.add_argument("--no-compile", action="store_true", help="no torch.compile'd rows (Inductor, FlexAttention)")
+    parser.add_argument("--jsonl", default=None, help="append each row to this file as a JSON line when measured")
     args = parser.parse_args(argv)
-    report = Report(args.device, budget_s=args.budget, smoke=args.smoke)
+    report = Report(args.device, budget_s=args.budget, smoke=args.smoke, compile=not args.no_compile,
+                    jsonl=args.jsonl)
     print(f"streamkern bench on {report.info['name']} (torch {report.info['torch']}, triton {report.info['triton']}, "
           f"commit {report.info['commit']}); copy bandwidth {report.copy_bw / 1e9:.1f} GB/s")
     for name in args.ops:

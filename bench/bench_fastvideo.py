@@ -1,8 +1,10 @@
 """FastVideo's own KV cache vs ``streamkern.integrations.fastvideo.accelerate``, one streamed block at a time.
 
-Run in the FastVideo venv (``make test-fastvideo`` builds it), from the repository root:
-``.venv-fastvideo/bin/python bench/bench_fastvideo.py [--cases NAME ...] [--blocks N]``; writes
-``bench/results/<cpu>-<date>-fastvideo.json``.
+Run where fastvideo is importable, from the repository root: on a CPU in the FastVideo venv (``make
+test-fastvideo`` builds it), ``.venv-fastvideo/bin/python bench/bench_fastvideo.py [--cases NAME ...] [--blocks N]``;
+on a GPU ``python -m streamkern.bench.bench_fastvideo --device cuda`` (the GPU session installs FastVideo's wheels
+from ``.whl/`` first: docs/fastvideo.md). Writes ``bench/results/<machine>-<date>-fastvideo.json``; ``--jsonl PATH``
+also appends each row to PATH as one JSON line the moment its case is done.
 
 A block is what FastVideo's causal stages run per chunk: ``steps`` denoising calls and the clean t=0 pass, all at
 the same ``current_start``. The caches are first brought to the steady state of a long stream (window full, so
@@ -13,10 +15,12 @@ tensors; streamkern: its host-side stream position). The first block of each is 
 * host syncs per block (``count_host_syncs``): of the whole model and of the causal self-attention alone,
 then ``--blocks`` more blocks of each are timed (wall clock; the implementations take turns block by block;
 median and 10th/90th percentiles).
-Cases: the tiny test models, and the Wan2.1-1.3B per-block shapes of DESIGN.md §6 with two layers (12 heads × 128,
+Cases: the tiny test models, and the Wan2.1-1.3B per-block shapes of DESIGN.md §6 (12 heads × 128,
 1560 tokens per latent frame, 3-frame blocks; causal Wan with a 12-frame window and 3 sink frames as
-MemFlow/LongLive keep it; Matrix-Game 2.0 with 880-token frames, a 6-frame window, no sink), bf16 as FastVideo's
-stages run them.
+MemFlow/LongLive keep it; Matrix-Game 2.0 with 880-token frames, a 6-frame window, no sink), bf16 under the bf16
+autocast FastVideo's stages run them in. On a CPU (the default there: every case) the models have two layers; on
+CUDA (default: the two real-shape cases) all 30 layers of Wan2.1-1.3B, six timed blocks after the warm-up one, and
+each row also holds the peak GPU memory of its warm-up block (absolute, and above what was allocated before it).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -53,10 +58,10 @@ IMPLS = {"fastvideo": None, "streamkern-sdpa": "sdpa", "streamkern-frame": "fram
 REFERENCE_MAX_TOKENS = 10_000
 
 
-def build(case: dict, layers: int):
+def build(case: dict, layers: int, device: torch.device):
     builder = env.wan if case["model"] == "wan" else env.matrixgame2
     return builder(local_attn_size=case["local"], sink_size=case["sink"], frames_per_block=3, seed=0,
-                   dtype=case["dtype"], **{**case["arch"], "num_layers": layers})
+                   dtype=case["dtype"], device=device, **{**case["arch"], "num_layers": layers})
 
 
 class Block:
@@ -64,42 +69,45 @@ class Block:
 
     def __init__(self, model, case: dict, accelerated: bool):
         self.model, self.case = model, case
+        self.device = model.proj_out.weight.device
         self.frame_len = env.frame_seq_length(case["height"], case["width"])
         cond = env.conditioning(model, 1, seed=1)
-        self.kv, self.cross = env.caches(model, 1, self.frame_len, case["dtype"], cond.pop("text_len"))
+        self.kv, self.cross = env.caches(model, 1, self.frame_len, case["dtype"], cond.pop("text_len"), self.device)
         self.text, self.cond = cond.pop("encoder_hidden_states"), cond
-        gen = torch.Generator().manual_seed(2)
+        gen = torch.Generator(device=self.device).manual_seed(2)
         size = self.kv[0]["k"].shape[1]
         self.start = (case["local"] + 4) * self.frame_len      # a block well past the first window
         for c in self.kv:
             for key in ("k", "v"):
-                c[key].copy_(torch.randn(c[key].shape, generator=gen))
+                c[key].copy_(torch.randn(c[key].shape, generator=gen, device=self.device))
             c["global_end_index"].fill_(self.start)
             c["local_end_index"].fill_(size)
         if accelerated:
             from streamkern.integrations import fastvideo as skfv
             for c in self.kv:   # what the stream so far would have left: the newest block ends at self.start
                 skfv._STREAMS[c["k"]] = skfv._Stream(self.start - 3 * self.frame_len, self.start)
-        self.x = torch.randn(1, model.in_channels, 3, case["height"], case["width"], generator=gen).to(case["dtype"])
+        self.x = torch.randn(1, model.in_channels, 3, case["height"], case["width"], generator=gen,
+                             device=self.device).to(case["dtype"])
+        self.timesteps = [torch.full((1, 3), 0 if i == case["steps"] else int(1000 * (1 - i / case["steps"])),
+                                     dtype=torch.long, device=self.device) for i in range(case["steps"] + 1)]
 
     def run(self) -> None:
         from fastvideo.forward_context import set_forward_context
 
         frame = self.start // self.frame_len
         # FastVideo's stages autocast to bf16 on CUDA; on CPU the same autocast (Matrix-Game 2.0 mixes dtypes)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.case["dtype"] == torch.bfloat16)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.case["dtype"] == torch.bfloat16)
         with torch.no_grad(), autocast, set_forward_context(current_timestep=0, attn_metadata=None):
-            for i in range(self.case["steps"] + 1):
-                t = 0 if i == self.case["steps"] else int(1000 * (1 - i / self.case["steps"]))
-                self.model(self.x, self.text, torch.full((1, 3), t, dtype=torch.long), kv_cache=self.kv,
-                           crossattn_cache=self.cross, current_start=self.start, start_frame=frame, **self.cond)
+            for t in self.timesteps:
+                self.model(self.x, self.text, t, kv_cache=self.kv, crossattn_cache=self.cross,
+                           current_start=self.start, start_frame=frame, **self.cond)
         self.start += 3 * self.frame_len
 
 
 def attention_syncs(model, counts: list) -> list:
     """Wrap every causal self-attention call of ``model`` in its own host-sync count (appended to ``counts``);
     returns what ``unwrap`` needs to put the forwards back."""
-    from streamkern.pipelines._runtime import count_host_syncs
+    from streamkern.host_sync import count_host_syncs
 
     saved = []
     for block in model.blocks:
@@ -124,17 +132,19 @@ def unwrap(saved: list) -> None:
 
 
 def prepare(case_name: str, impl: str, base) -> tuple[dict, Block | None]:
-    """The row of ``impl`` on ``case_name``, with its warm-up block measured (bytes, syncs), and its ``Block``."""
-    from streamkern.pipelines._runtime import count_host_syncs
+    """The row of ``impl`` on ``case_name``, with its warm-up block measured (bytes, syncs, on CUDA peak memory),
+    and its ``Block``."""
+    from streamkern.host_sync import count_host_syncs
 
     case = CASES[case_name]
     attention = IMPLS[impl]
-    row = {"case": case_name, "impl": impl, "layers": len(base.blocks), "steps": case["steps"],
-           "frame_seqlen": env.frame_seq_length(case["height"], case["width"]), "local_attn_size": case["local"],
-           "sink_size": case["sink"], "dtype": str(case["dtype"]).replace("torch.", "")}
+    device = base.proj_out.weight.device
+    row = {"source": "fastvideo", "case": case_name, "impl": impl, "device": device.type, "layers": len(base.blocks),
+           "steps": case["steps"], "frame_seqlen": env.frame_seq_length(case["height"], case["width"]),
+           "local_attn_size": case["local"], "sink_size": case["sink"], "dtype": str(case["dtype"]).replace("torch.", "")}
     if attention == "frame":
         from streamkern.frame_attention import frame_attention_op
-        row["frame_attention_backend"] = frame_attention_op.backends.resolve(None, torch.device("cpu"))
+        row["frame_attention_backend"] = frame_attention_op.backends.resolve(None, device)
         if row["frame_attention_backend"] == "torch" and 3 * row["frame_seqlen"] > REFERENCE_MAX_TOKENS:
             row["skipped"] = ("frame_attention resolves to its 'torch' reference here, which gathers pages and "
                               "materialises a dense mask: not timed at this shape")
@@ -146,9 +156,18 @@ def prepare(case_name: str, impl: str, base) -> tuple[dict, Block | None]:
     block = Block(model, case, attention is not None)
     inner_counts: list[int] = []
     saved = attention_syncs(model, inner_counts)   # for the measured (warm-up) block only
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     with count_host_syncs() as count, env.CacheTraffic(block.kv) as traffic:
         block.run()
     unwrap(saved)
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        row.update(peak_mib=peak / 2 ** 20, peak_over_start_mib=(peak - before) / 2 ** 20)
     row.update(cache_bytes_per_block=traffic.bytes, cache_ops_per_block=traffic.ops,
                host_syncs_per_block=count.total, host_syncs_by_kind=dict(count.by_kind),
                self_attention_host_syncs_per_block=sum(inner_counts), block_ms=[])
@@ -161,8 +180,10 @@ def time_round_robin(prepared: list[tuple[dict, Block | None]], blocks: int) -> 
     for _ in range(blocks):
         for row, block in prepared:
             if block is not None:
+                _sync(block.device)
                 t0 = time.perf_counter()
                 block.run()
+                _sync(block.device)
                 row["block_ms"].append(round((time.perf_counter() - t0) * 1e3, 3))
     for row, _ in prepared:
         times = sorted(row.get("block_ms", []))
@@ -171,29 +192,59 @@ def time_round_robin(prepared: list[tuple[dict, Block | None]], blocks: int) -> 
                        p90_block_ms=times[-1 - len(times) // 10])
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--cases", nargs="*", default=None, choices=list(CASES),
+                        help="default: every case on a CPU, the two real-shape ones on CUDA")
     parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
-    parser.add_argument("--blocks", type=int, default=3, help="timed blocks per case and implementation")
-    parser.add_argument("--layers", type=int, default=2, help="transformer blocks of each model")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="timed blocks per case and implementation (default 3 on a CPU, 6 on CUDA)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="transformer blocks of each model (default 2 on a CPU, Wan2.1-1.3B's 30 on CUDA)")
+    parser.add_argument("--jsonl", default=None, help="append each row to this file as a JSON line")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    cases = args.cases or (["wan-1.3b", "matrixgame2-1.3b"] if cuda else list(CASES))
+    blocks = args.blocks or (6 if cuda else 3)
+    layers = args.layers or (30 if cuda else 2)
     env.setup()
     rows = []
-    for name in args.cases:
-        base = build(CASES[name], args.layers)
-        prepared = [prepare(name, impl, base) for impl in args.impls]
-        time_round_robin(prepared, args.blocks)
-        for row, _ in prepared:
+    for name in cases:
+        base = prepared = None
+        try:
+            base = build(CASES[name], layers, device)
+            prepared = [prepare(name, impl, base) for impl in args.impls]
+            time_round_robin(prepared, blocks)
+        except Exception as exc:   # a row with the error, the next case still runs
+            traceback.print_exc(limit=4)
+            prepared = [({"source": "fastvideo", "case": name, "device": device.type,
+                          "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}, None)]
+        for row, block in prepared:
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "block_ms"}), flush=True)
+            line = json.dumps({k: v for k, v in row.items() if k != "block_ms"})
+            print(line, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(line + "\n")
+        del base, prepared
+        if cuda:
+            torch.cuda.empty_cache()
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "date": datetime.date.today().isoformat()}
     import fastvideo
     info["fastvideo"] = getattr(fastvideo, "__version__", "0.2.1")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{_cpu_tag()}-{info['date']}-fastvideo.json")
+    tag = "-".join(info["device"].lower().split()[:2]) if cuda else _cpu_tag()
+    path = os.path.join(args.out, f"{tag}-{info['date']}-fastvideo.json")
     with open(path, "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
     print(f"wrote {path}")

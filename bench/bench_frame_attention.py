@@ -27,7 +27,7 @@ The ``triton`` backend is not timed on CPU: under the interpreter it is a correc
 shapes (it is timed on GPUs). ``extra.cache_bytes`` counts the bytes the step's cache handling moves (clone, cat
 and gather: each read once and written once); FLOP counts ``4·Lq·Lk·D`` per (b, h). Run alone:
 ``python -m streamkern.bench.bench_frame_attention [--quick] [--shapes memflow mg2 ...] [--budget S]
-[--dtypes bf16 fp32] [--no-compile]``.
+[--dtypes bf16 fp32] [--no-compile] [--jsonl PATH]`` (``--jsonl``: each row appended as a JSON line when measured).
 """
 from __future__ import annotations
 
@@ -178,8 +178,8 @@ def _dense(bench, label, s: Step, compile_rows: bool, flex_rows: bool):
                      lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                                     v.transpose(1, 2)),
                      [(s.q, k_all, v_all)], **precat)
-    if bench.device.type == "cuda":
-        for kernel in ("cudnn", "flash", "efficient"):
+    if bench.device.type == "cuda":   # cuDNN's and flash's SDPA kernels take fp16/bf16 only
+        for kernel in ("cudnn", "flash", "efficient") if s.dtype != torch.float32 else ("efficient",):
             yield bench.case(OP, label, f"sdpa-precat-{kernel}", _sdpa_forced(kernel), [(s.q, k_all, v_all)],
                              **precat)
     del k_all, v_all
@@ -256,10 +256,10 @@ def _sparse(bench, label, s: Step, compile_rows: bool):
 def cases(bench, dtypes: tuple[str, ...] = ("bf16", "fp32"), sparse: bool = True, shapes: tuple[str, ...] = ("memflow",),
           compile_rows: bool | None = None):
     """The shapes named (``SHAPES``), or the quick ones when ``bench.frame_quick`` is set (this module's
-    ``--quick``). ``compile_rows`` (default: not ``bench.no_compile``) adds the torch.compile and FlexAttention
-    rows."""
+    ``--quick``). ``compile_rows`` (default: ``bench.compile``, off with ``--no-compile`` and ``--smoke``) adds the
+    torch.compile and FlexAttention rows."""
     if compile_rows is None:
-        compile_rows = not getattr(bench, "no_compile", False) and not getattr(bench, "smoke", False)
+        compile_rows = bench.compile
     named = [("quick", QUICK)] if getattr(bench, "frame_quick", False) else [(n, SHAPES[n]) for n in shapes]
     for tag, shape in named:
         for name in dtypes:
@@ -285,9 +285,10 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--shapes", nargs="*", default=["memflow"], choices=list(SHAPES))
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile / FlexAttention rows")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timed calls per implementation")
+    parser.add_argument("--jsonl", default=None, help="append each row to this file as a JSON line when measured")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
-    report = Report(args.device, budget_s=args.budget)
+    report = Report(args.device, budget_s=args.budget, compile=not args.no_compile, jsonl=args.jsonl)
     report.frame_quick = args.quick
     report.run(cases(report, tuple(args.dtypes), not args.no_sparse, tuple(args.shapes), not args.no_compile))
     print("\n" + report.table())

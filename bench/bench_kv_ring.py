@@ -60,6 +60,7 @@ def _ring(bench, NL, name, H, D, fsl, window, sink):
         if compile_it:  # the steady-state shift itself (fill == S), so that no host counter changes between calls
             shift = bench.compiled(ring_ref.shift_write)
             fn = (lambda k, v, _c=cache: shift(_c.k, _c.v, k, v, _c.size, _c.sink))
+            fn.inductor = shift.inductor   # a compiled row (left out by --smoke and --no-compile)
         yield bench.case(op, name, impl, fn, sets, **common)
         del cache, fn
         gc.collect()

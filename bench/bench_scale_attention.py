@@ -58,11 +58,12 @@ def _case(bench, case, B, H, layout, window, dtype):
     yield bench.case(OP, case, "compile-seed", bench.compiled(seed), sets, **common)
     yield bench.case(OP, case, "sdpa-mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                                            scale=1.0), sets, **common)
-    try:
-        flex, unavailable = _flex(qs, ks, allow, B, H, Lq, Lk, dev), None
-    except Exception as exc:  # a failed row in a report, a skipped test under pytest
-        flex, unavailable = None, f"{type(exc).__name__}: {exc}"
-    yield bench.case(OP, case, "flex-attention", flex, sets, unavailable=unavailable, **common)
+    if bench.compile:
+        try:
+            flex, unavailable = _flex(qs, ks, allow, B, H, Lq, Lk, dev), None
+        except Exception as exc:  # a failed row in a report, a skipped test under pytest
+            flex, unavailable = None, f"{type(exc).__name__}: {exc}"
+        yield bench.case(OP, case, "flex-attention", flex, sets, unavailable=unavailable, **common)
     for name in bench.backends(block_masked_attention_op):
         yield bench.case(OP, case, name, lambda q, k, v, name=name: block_masked_attention(
             q, k, v, qs, ks, allow, sm_scale=1.0, backend=name), sets, **common)

@@ -26,6 +26,7 @@ class OpCase:
     mutated: tuple = ()   # input names the op writes (references run on copies of them)
     exact: tuple = ()     # output positions compared exactly (indices, booleans)
     input_dtype: torch.dtype = torch.float32   # sets the parity tolerance
+    launches: int = 1     # kernel launches of a steady-state call on the GPU backends, as the op is designed
 
     @property
     def device(self) -> torch.device:
@@ -66,7 +67,8 @@ def consensus(device, backend):
              w=_rand(g, 12, device=device))
     return OpCase("select_frame", x, lambda i, b: sk.select_frame(i["chunk_k"], i["text_k"], i["w"], 8,
                                                                   (0, 2, 3), (0.2, 0.3, 0.5), backend=b),
-                  backend, exact=(0,), input_dtype=torch.bfloat16)
+                  backend, exact=(0,), input_dtype=torch.bfloat16,
+                  launches=3)   # zero fill of the scores (the kernel's splits add into them), kernel, argmax
 
 
 def bank_evict(device, backend):
@@ -104,7 +106,7 @@ def patch_importance(device, backend):
     x = dict(attn=_rand(g, 4, 2, 2, 30, 30, dtype=torch.bfloat16, device=device))
     return OpCase("patch_importance", x, lambda i, b: (sk.patch_importance(i["attn"], (1, 3), 16, 5, (4, 4),
                                                                            backend=b),), backend,
-                  input_dtype=torch.bfloat16)
+                  input_dtype=torch.bfloat16, launches=2)   # per-split partial sums, then their fixed-order sum
 
 
 def weighted_drift(device, backend):
@@ -141,7 +143,7 @@ def attention(device, backend):
     allow = sk.scale_allow(4).to(device)
     return OpCase("block_masked_attention", x,
                   lambda i, b: (sk.block_masked_attention(i["q"], i["k"], i["v"], ids, ids, allow, backend=b),),
-                  backend, input_dtype=torch.float16)
+                  backend, input_dtype=torch.float16, launches=2)   # the visit lists, then the attention
 
 
 def frame_write(device, backend):
@@ -187,7 +189,7 @@ def verify(device, backend):
                                                                                    device=device), _draft_high=V)
     return OpCase("verify_scales", x, lambda i, b: tuple(sk.verify_scales(i["logits"], i["draft"], layout, 0, 4,
                                                                           cfg=[1.5, 1.0, 0.5, 0.25], backend=b)),
-                  backend, exact=(0, 1, 3))
+                  backend, exact=(0, 1, 3), launches=2)   # greedy: per-row matches, then the per-scale decisions
 
 
 CASES: dict[str, Callable[[str, str], OpCase]] = {
@@ -235,6 +237,17 @@ def check_eager(case: OpCase) -> None:
     compare(case, case.run(), ref, "eager")
 
 
+def check_launches(case: OpCase) -> None:
+    """A steady-state call (after one that compiles and makes the device tables) launches ``case.launches``
+    kernels: no fill, copy, conversion or small tensor made per call beside the op's own kernels. On CPU (Triton's
+    interpreter) the count is of the operators and Triton launches that do work (``streamkern.testing``)."""
+    from streamkern.testing import launch_names
+
+    names = launch_names(case.run, device=case.device, warmup=True)
+    assert len(names) == case.launches, (f"{case.name} [{case.backend}]: {len(names)} launches per call, designed "
+                                         f"{case.launches}: {names}")
+
+
 def check_no_sync(case: OpCase) -> None:
     """A warmed-up call under ``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation raises."""
     case.run()
@@ -267,7 +280,7 @@ def check_compiled(case: OpCase, compiler: str = "inductor") -> tuple[int, int]:
     compiled = torch.compile(lambda inputs: case.call(inputs, case.backend), fullgraph=True, backend=compiler)
     ref = case.reference()
     compare(case, compiled(case.inputs), ref, compiler)
-    eager_n = count_launches(case.run, device=case.device)
-    compiled_n = count_launches(compiled, case.inputs, device=case.device)
+    eager_n = count_launches(case.run, device=case.device, warmup=True)
+    compiled_n = count_launches(compiled, case.inputs, device=case.device, warmup=True)
     assert compiled_n <= eager_n, f"{case.name} [{case.backend}]: {compiled_n} launches compiled vs {eager_n} eager"
     return eager_n, compiled_n

@@ -1,45 +1,64 @@
 #!/usr/bin/env bash
-# One GPU session in at most ~9 minutes (the device tool allows 10 per call), run from the repo root:
-#   bash bench/gpu_session.sh [--dry-run] [PHASE ...]      phases: env build smoke test sanitize bench (default: all)
-# Each phase has its own time cap and writes its results under $OUT as soon as it ends, so a later timeout loses
-# nothing earlier; at most 8 files come back, so results are packed:
-#   env.txt      device, driver, torch/triton/nvcc/compute-sanitizer versions              (env)
-#   session.log  every phase's log, appended                                                (all)
-#   summary.txt  one line per phase: exit status and seconds                                (all)
-#   smoke.json   each op once per accelerated backend vs torch, under sync debug mode "error", replayed from a
-#                CUDA graph; the verify threshold for every n in 1..1024                    (smoke)
-#   junit.xml    the CUDA and Triton-on-CUDA parity tests (ids *-cuda-cuda, *-triton-cuda; not the torch-on-CUDA
-#                duplicates), tests/test_gpu.py and the CUDA-graph replays of tests/test_step_graph.py and
-#                tests/test_pipeline_graphs.py, in parallel processes with per-test timeouts, merged     (test)
-#   sanitize.txt compute-sanitizer memcheck over the op cases on the cuda backend, racecheck on the gate   (sanitize)
-#   bench.json   python -m streamkern.bench, one op per process with a short budget, merged            (bench)
-# build installs against the machine's own torch and triton (no internet there): pip install --no-build-isolation
-# --no-deps -e ., TORCH_CUDA_ARCH_LIST of the device found, all cores.
+# One GPU session, every number in one device call of about 7 minutes, run from the repo root:
+#   bash bench/gpu_session.sh [--dry-run] [PHASE ...]
+#   phases: env build smoke test sanitize demo bench tune fastvideo (default: all, in this order; name one or more
+#   to rerun them alone). Each phase has its own time cap (CAP_* below: 410 s for all, under the 420 s the session
+#   may take) and writes its results under $OUT as it goes, so a cap or a kill loses only what was not yet done.
+# What comes back ($OUT, 8 files):
+#   env.txt      device, driver, torch/triton/nvcc/compute-sanitizer versions, the interpreter's packages  (env)
+#   session.log  every phase's log, appended                                                               (all)
+#   summary.txt  "phase rc=N Ns" per phase, then the one-screen summary that is also printed last            (all)
+#   smoke.jsonl  bench/gpu_smoke.py: each op once per GPU backend vs torch, under sync debug mode "error",
+#                replayed from a CUDA graph; the verify threshold for every n in 1..1024; 3 processes  (smoke)
+#   junit.xml    the GPU test tier (pytest -m gpu_tier: tests/conftest.py GPU_TIER), in two capped chunks (op
+#                parity; graph replays, NCCL and CUDA-only checks), each on all cores (pytest-xdist), per-test
+#                timeouts (pytest-timeout), merged; a chunk killed before writing its junit is read from its log (test)
+#   sanitize.txt compute-sanitizer memcheck over the op cases on the cuda backend, racecheck on the gate  (sanitize)
+#   demo.json    python -m streamkern.demo: the streamed pipelines at real shapes, bf16 and fp32, warm, and the
+#                capturable steps replayed from CUDA graphs                                                 (demo)
+#   bench.jsonl  every benchmark row, one JSON line appended the moment it is measured: the demo's rows, then
+#                frame_attention at the GPU shapes, the KV writes against copy bandwidth, the other ops (no
+#                torch.compile rows: --no-compile), then tune_attention's and bench_fastvideo's rows  (demo bench tune
+#                fastvideo)
+# build: with the prebuilt streamkern/_C<this Python's extension suffix>.so in the tree (carried in), only
+# `STREAMKERN_NO_EXT=1 pip install --no-build-isolation --no-deps -e .`; without it a real build (CAP_BUILD_FULL,
+# far over the session's budget: a fallback). Then `_C` must import and, on a GPU, have its CUDA kernels.
+# fastvideo: FastVideo is not on the device; its wheels travel in .whl/ (tools/fetch_device_wheels.sh) and are
+# installed into a folder of this session (pip --no-index --no-deps --target) put first on PYTHONPATH for the phase.
+# Triton compiles into one cache for the whole session (TRITON_CACHE_DIR, under the session's work folder unless
+# set): the smoke run warms it for the tests, the tests for the benchmarks.
 # --dry-run: every phase's logic on this CPU without a device, skipping (and saying so) what needs one; CI runs it
 # through tests/test_gpu_session.py. PYTHON overrides the interpreter (default python3).
 set -uo pipefail
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-phases=${*:-env build smoke test sanitize bench}
+ALL="env build smoke test sanitize demo bench tune fastvideo"
+phases=${*:-$ALL}
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 FASTVIDEO_LOGGING_LEVEL=WARNING
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton-cache}
 NPROC=$(nproc)
-# caps in seconds: 30 + 150 + 40 + 110 + 75 + 135 = 540 of the ~540 available (CAP_ENV only guards a hang)
-CAP_ENV=30 CAP_BUILD=150 CAP_SMOKE=40 CAP_TEST=110 CAP_MEMCHECK=45 CAP_RACECHECK=30 CAP_BENCH_OP=15 CAP_BENCH_FRAME=45
-BENCH_OPS="consensus verify scale_attention drift_gate kv_ring,bank_insert bank_evict,pose_topk frame_attention"
-# a,b: one capped run; frame_attention (MemFlow's shape, with torch.compile and FlexAttention rows) gets CAP_BENCH_FRAME
-GPU_K="cuda-cuda or triton-cuda"
-if [ $DRY = 1 ]; then   # tiny, quick stand-ins of the same commands
-  export TRITON_INTERPRET=1
-  CAP_SMOKE=60 CAP_TEST=90 CAP_BENCH_OP=60 BENCH_OPS="bank_evict"
-  GPU_K="grid_limits or device_start_equals_host_start or positions_follow"
+# caps in seconds, per phase: 10 + 30 + 35 + (70 + 40) + (12 + 18) + 50 + (35 + 20 + 20 + 20) + 10 + 40 = 410
+CAP_ENV=10 CAP_BUILD=30 CAP_BUILD_FULL=300 CAP_SMOKE=35 CAP_TEST_OPS=70 CAP_TEST_GRAPHS=40 CAP_MEMCHECK=12
+CAP_RACECHECK=18 CAP_DEMO=50 CAP_BENCH_ATTENTION=35 CAP_BENCH_FP32=20 CAP_BENCH_WRITES=20 CAP_BENCH_OTHERS=20
+CAP_TUNE=10 CAP_FASTVIDEO=40
+BENCH_WRITES="frame_write kv_ring bank_insert"
+BENCH_OTHERS="consensus verify frame_topk pose_topk bank_evict scale_attention drift_gate"
+GRAPH_TESTS="tests/test_pipeline_graphs.py tests/test_step_graph.py tests/test_gpu.py tests/test_distributed.py"
+SMOKE_PARTS=3
+if [ $DRY = 1 ]; then   # the same commands, on this CPU, small
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  CAP_SMOKE=60 SMOKE_PARTS=2 CAP_TEST_OPS=120 CAP_TEST_GRAPHS=120 CAP_DEMO=120 CAP_BENCH_WRITES=120
+  BENCH_WRITES="frame_write bank_evict" BENCH_OTHERS=""
 fi
 log() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$OUT/session.log"; }
-capped() { local cap=$1; shift; timeout -k 5 -s INT "$cap" "$@"; }
-skip() { echo "skipped: $* (dry run: no CUDA device on this machine)" | tee -a "$OUT/session.log"; }
+capped() { local cap=$1; shift; timeout -k 15 -s INT "$cap" "$@"; }
+say() { echo "$*" | tee -a "$OUT/session.log"; }
+skip() { say "skipped: $* (dry run: no CUDA device on this machine)"; }
 has_cuda() { [ $DRY = 0 ] && $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; }
+has_module() { $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 status=0
 
 phase_env() {
@@ -50,60 +69,74 @@ phase_env() {
 triton.__version__, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
     command -v nvcc >/dev/null && nvcc --version | tail -1
     command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -1
+    echo "packages:"; capped $CAP_ENV $PY -m pip list --format=freeze 2>/dev/null | tr '\n' ' '; echo
   } >"$OUT/env.txt" 2>&1
   cat "$OUT/env.txt" >>"$OUT/session.log"
 }
 
 phase_build() {
+  local so
+  so=streamkern/_C$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
   if [ $DRY = 1 ]; then
-    skip "pip install --no-build-isolation --no-deps -e . (the extension here is built by make ext)"
+    skip "pip install -e . (this checkout's venv has the package and make ext built $so)"
+  elif [ -f "$so" ]; then
+    say "prebuilt $so: installing the package without compiling"
+    STREAMKERN_NO_EXT=1 capped $CAP_BUILD $PY -m pip install --no-build-isolation --no-deps -e . \
+      >"$WORK/build.log" 2>&1; local rc=$?
+    tail -5 "$WORK/build.log" >>"$OUT/session.log"; [ $rc = 0 ] || return $rc
   else
     local arch
     arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-    echo "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$NPROC" >>"$OUT/session.log"
-    TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$NPROC capped $CAP_BUILD $PY -m pip install --no-build-isolation \
+    say "no $so in the tree: building it (TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$NPROC, cap ${CAP_BUILD_FULL}s)"
+    TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$NPROC capped $CAP_BUILD_FULL $PY -m pip install --no-build-isolation \
       --no-deps -e . >"$WORK/build.log" 2>&1; local rc=$?
     tail -40 "$WORK/build.log" >>"$OUT/session.log"; [ $rc = 0 ] || return $rc
   fi
-  $PY -c "import streamkern; from streamkern import _C; print('cuda built', _C.cuda_built(),
-'backends', streamkern.available_backends())" 2>&1 | tee -a "$OUT/session.log"
+  $PY -c "import sys, torch, streamkern; from streamkern import _C
+print('streamkern._C', _C.__file__, 'cuda built', _C.cuda_built(), 'backends', streamkern.available_backends())
+sys.exit(torch.cuda.is_available() and not _C.cuda_built())" 2>&1 | tee -a "$OUT/session.log"
 }
 
-phase_smoke() {
-  if has_cuda; then
-    capped $CAP_SMOKE $PY -m streamkern.bench.gpu_smoke --out "$OUT/smoke.json" >>"$OUT/session.log" 2>&1
-  else
-    skip "the CUDA checks of the smoke run; its eager part runs on the cpu backend"
-    capped $CAP_SMOKE $PY -m streamkern.bench.gpu_smoke --device cpu --backends cpu --out "$OUT/smoke.json" \
-      >>"$OUT/session.log" 2>&1
-  fi
+phase_smoke() {   # SMOKE_PARTS processes at once, each every SMOKE_PARTS-th check (they share Triton's compiling)
+  local args="" pids="" rc=0
+  has_cuda || { args="--device cpu --backends cpu"
+                skip "the CUDA checks of the smoke run; its eager part and the threshold check run on the cpu backend"; }
+  : >"$OUT/smoke.jsonl"
+  for i in $(seq 0 $((SMOKE_PARTS - 1))); do
+    # shellcheck disable=SC2086
+    capped $CAP_SMOKE $PY -m streamkern.bench.gpu_smoke $args --part "$i/$SMOKE_PARTS" --out "$OUT/smoke.jsonl" \
+      >"$WORK/smoke-$i.log" 2>&1 &
+    pids="$pids $!"
+  done
+  for pid in $pids; do wait "$pid" || rc=1; done
+  for i in $(seq 0 $((SMOKE_PARTS - 1))); do grep -v '^{' "$WORK/smoke-$i.log" | tail -5; done >>"$OUT/session.log"
+  say "smoke: $(grep -c '"ok": true' "$OUT/smoke.jsonl") checks passed, $(grep -c '"ok": false' "$OUT/smoke.jsonl") failed"
+  return $rc
+}
+
+test_chunk() {   # name cap pytest-args...: one capped pytest of the tier, its junit and its verbose log in $WORK
+  local name=$1 cap=$2; shift 2
+  # shellcheck disable=SC2086
+  capped "$cap" $PY -m pytest -v -p no:cacheprovider -m gpu_tier $TEST_OPTS --junitxml="$WORK/junit-$name.xml" "$@" \
+    >"$WORK/junit-$name.log" 2>&1; local rc=$?
+  { echo "-- $name (rc=$rc)"; grep -E "^(FAILED|ERROR) " "$WORK/junit-$name.log" | head -20
+    tail -3 "$WORK/junit-$name.log"; } >>"$OUT/session.log"
+  return $rc
 }
 
 phase_test() {
-  local timeout_opt="" pids="" files procs=3
-  $PY -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout=60"
-  files=$(ls tests/test_*.py | grep -v -e test_gpu.py -e test_triton_lowering.py -e test_gpu_session.py \
-    -e test_step_graph.py -e test_pipeline_graphs.py)
-  [ $DRY = 1 ] && files="tests/test_kv_ring.py tests/test_gpu_readiness.py" procs=1
-  # $procs processes over the parity files (round-robin), one more on tests/test_gpu.py
-  for n in $(seq 0 $((procs - 1))); do
-    local part
-    part=$(echo "$files" | tr ' ' '\n' | awk -v n=$n -v p=$procs 'NF && (NR - 1) % p == n')
-    [ -n "$part" ] || continue
-    # shellcheck disable=SC2086
-    capped $CAP_TEST $PY -m pytest -q -p no:cacheprovider $timeout_opt -k "$GPU_K" --junitxml="$WORK/junit-$n.xml" \
-      $part >"$WORK/test-$n.log" 2>&1 &
-    pids="$pids $!"
-  done
-  # shellcheck disable=SC2046
-  capped $CAP_TEST $PY -m pytest -q -p no:cacheprovider $timeout_opt -k "not cpu" tests/test_gpu.py \
-    $(ls tests/test_step_graph.py tests/test_pipeline_graphs.py 2>/dev/null) \
-    --junitxml="$WORK/junit-gpu.xml" >"$WORK/test-gpu.log" 2>&1 &
-  pids="$pids $!"
-  local rc=0
-  for pid in $pids; do wait "$pid" || rc=1; done
-  for f in "$WORK"/test-*.log; do echo "-- $(basename "$f")"; tail -15 "$f"; done >>"$OUT/session.log"
-  $PY -m streamkern.bench.gpu_pack junit "$OUT/junit.xml" "$WORK"/junit-*.xml 2>&1 | tee -a "$OUT/session.log"
+  TEST_OPTS="-rfE"
+  has_module pytest_timeout && TEST_OPTS="$TEST_OPTS --timeout=60"
+  has_module xdist && TEST_OPTS="$TEST_OPTS -n $NPROC --dist load"
+  [ $DRY = 1 ] || has_cuda || say "no CUDA device: every test of the tier will be skipped"
+  local rc=0 ignore=""
+  for f in $GRAPH_TESTS; do ignore="$ignore --ignore=$f"; done
+  # shellcheck disable=SC2086
+  test_chunk ops $CAP_TEST_OPS tests $ignore --ignore=tests/integrations || rc=1
+  # shellcheck disable=SC2086
+  test_chunk graphs $CAP_TEST_GRAPHS $GRAPH_TESTS || rc=1
+  $PY -m streamkern.bench.gpu_pack junit "$OUT/junit.xml" "$WORK/junit-ops.xml" "$WORK/junit-graphs.xml" 2>&1 \
+    | tee -a "$OUT/session.log"
   return $rc
 }
 
@@ -124,23 +157,84 @@ phase_sanitize() {
   [ $m = 0 ] && [ $r = 0 ]
 }
 
-phase_bench() {
-  local device=cuda budget=0.3 rc=0 quick=""
-  has_cuda || { device=cpu budget=0.01 quick=--smoke; skip "the GPU benchmarks; one op on the CPU instead"; }
-  for op in $BENCH_OPS; do
-    local cap=$CAP_BENCH_OP
-    [ "$op" = frame_attention ] && [ $DRY = 0 ] && cap=$CAP_BENCH_FRAME
-    # shellcheck disable=SC2086
-    capped $cap $PY -m streamkern.bench --device $device --ops ${op//,/ } --budget $budget $quick \
-      --out "$WORK/bench-$op" >"$WORK/bench-$op.log" 2>&1 || rc=1
-    tail -12 "$WORK/bench-$op.log" >>"$OUT/session.log"
-    $PY -m streamkern.bench.gpu_pack bench "$OUT/bench.json" "$WORK" >>"$OUT/session.log" 2>&1
-  done
+phase_demo() {   # the streamed pipelines at real shapes first: StreamingGenerator bf16 and fp32, MemoryWorldModel
+  local args="--device cuda --dtype bf16 fp32"
+  has_cuda || { args="--device cpu --tiny --repeats 1 --pipelines MemoryBank"; skip "the demo on CUDA; tiny, on CPU"; }
+  # shellcheck disable=SC2086
+  capped $CAP_DEMO $PY -m streamkern.demo $args --out "$WORK/demo" --jsonl "$OUT/bench.jsonl" \
+    >"$WORK/demo.log" 2>&1; local rc=$?
+  grep -v "step/s\|it/s" "$WORK/demo.log" | tail -40 >>"$OUT/session.log"
+  cp "$WORK"/demo/demo*.json "$OUT/demo.json" 2>/dev/null
   return $rc
 }
 
+bench_run() {   # cap module args...: one capped benchmark run, its rows appended to bench.jsonl as measured
+  local cap=$1 module=$2; shift 2
+  capped "$cap" $PY -m "$module" --device $BENCH_DEVICE --no-compile --budget $BENCH_BUDGET \
+    --jsonl "$OUT/bench.jsonl" --out "$WORK/bench" "$@" >"$WORK/bench.log" 2>&1; local rc=$?
+  grep -v "^ " "$WORK/bench.log" | tail -8 >>"$OUT/session.log"
+  say "$module $* rc=$rc, $(grep -c '"kind": "row"' "$OUT/bench.jsonl") rows in bench.jsonl so far"
+  return $rc
+}
+
+phase_bench() {   # the attention over the streaming memory (bf16 at every shape, then fp32), the KV writes, the rest
+  BENCH_DEVICE=cuda BENCH_BUDGET=0.2
+  local rc=0 quick=""
+  has_cuda || { BENCH_DEVICE=cpu BENCH_BUDGET=0.01 quick=--smoke; skip "the GPU benchmarks; quick, on CPU"; }
+  if [ $DRY = 0 ]; then
+    bench_run $CAP_BENCH_ATTENTION streamkern.bench.bench_frame_attention --shapes memflow mg2 wan14b oneframe \
+      --dtypes bf16 || rc=1
+    bench_run $CAP_BENCH_FP32 streamkern.bench.bench_frame_attention --shapes memflow --dtypes fp32 || rc=1
+  fi
+  # shellcheck disable=SC2086
+  bench_run $CAP_BENCH_WRITES streamkern.bench $quick --ops $BENCH_WRITES || rc=1
+  if [ -n "$BENCH_OTHERS" ]; then
+    # shellcheck disable=SC2086
+    bench_run $CAP_BENCH_OTHERS streamkern.bench $quick --ops $BENCH_OTHERS || rc=1
+  fi
+  return $rc
+}
+
+phase_tune() {
+  if ! has_module streamkern.bench.tune_attention; then
+    say "skipped: streamkern.bench.tune_attention does not exist in this tree"; return 0
+  fi
+  has_cuda || { skip "tune_attention"; return 0; }
+  local extra=""
+  capped $CAP_TUNE $PY -m streamkern.bench.tune_attention --help 2>/dev/null | grep -q -- "--jsonl" \
+    && extra="--jsonl $OUT/bench.jsonl"
+  # shellcheck disable=SC2086
+  capped $CAP_TUNE $PY -m streamkern.bench.tune_attention $extra >"$WORK/tune.log" 2>&1; local rc=$?
+  tail -30 "$WORK/tune.log" >>"$OUT/session.log"
+  return $rc
+}
+
+phase_fastvideo() {
+  (   # a subshell: PYTHONPATH only for this phase
+    if [ $DRY = 1 ]; then
+      skip "installing .whl/ (the device's CPython 3.12 wheels)"
+    elif ls .whl/*.whl >/dev/null 2>&1; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$WORK/site" .whl/*.whl \
+        >>"$OUT/session.log" 2>&1 || { say "installing .whl/ failed"; exit 1; }
+      export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+      say "installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into the session's site folder"
+    fi
+    if ! has_module fastvideo; then
+      say "skipped: fastvideo is not importable (no .whl/: run tools/fetch_device_wheels.sh before the session)"
+      exit 0
+    fi
+    has_cuda || { skip "bench_fastvideo on CUDA"; exit 0; }
+    capped $CAP_FASTVIDEO $PY -m streamkern.bench.bench_fastvideo --device cuda --jsonl "$OUT/bench.jsonl" \
+      --out "$WORK/fastvideo" >"$WORK/fastvideo.log" 2>&1; rc=$?
+    grep -v "^\[rank" "$WORK/fastvideo.log" | tail -20 >>"$OUT/session.log"
+    exit $rc
+  )
+}
+
 for p in $phases; do
-  case $p in env|build|smoke|test|sanitize|bench) ;; *) echo "unknown phase $p"; exit 2 ;; esac
+  case " $ALL " in *" $p "*) ;; *) echo "unknown phase $p (phases: $ALL)"; exit 2 ;; esac
+done
+for p in $phases; do
   log "$p"
   t0=$(date +%s)
   "phase_$p"; rc=$?
@@ -149,4 +243,5 @@ for p in $phases; do
   if [ "$p" = build ] && [ $rc != 0 ]; then log "build failed: later phases skipped"; break; fi
 done
 log "done (status $status)"
+$PY -m streamkern.bench.gpu_pack summary "$OUT" 2>&1 | tee -a "$OUT/session.log"
 exit $status

@@ -182,11 +182,13 @@ def count_syncs(fn: Callable, args: tuple, device: torch.device) -> int | None:
 
 class Bench:
     """What a bench module's ``cases`` needs: the device, whether to run the quick (CPU) set, input rotation,
-    the op's backends to time, and torch.compile."""
+    the op's backends to time, and torch.compile (``compile=False``: no torch.compile'd row is built or timed; a
+    bench module builds its other compiled rows, e.g. FlexAttention, only when ``bench.compile``)."""
 
-    def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None):
+    def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None, compile: bool = True):
         self.device = torch.device(device)
         self.quick = self.device.type == "cpu" if quick is None else quick
+        self.compile = compile
 
     def input_sets(self, bytes_per_set: int, limit: int = 8) -> int:
         """How many distinct input sets to rotate so the working set is over twice the last-level cache
@@ -203,10 +205,10 @@ class Bench:
         return [b for b in BACKENDS if b != "torch" and b in op.backends.impls and not why_not(b, self.device)
                 and not (b == "triton" and self.device.type == "cpu")]
 
-    @staticmethod
-    def compiled(fn: Callable) -> Callable:
-        """``torch.compile(fn)``; a compile failure surfaces at the first call (a failed row, a failed test)."""
-        compiled = torch.compile(fn, dynamic=False)
+    def compiled(self, fn: Callable) -> Callable:
+        """``torch.compile(fn)``; a compile failure surfaces at the first call (a failed row, a failed test).
+        Without ``compile`` a stand-in that is never timed (``Report.run`` leaves its row out)."""
+        compiled = torch.compile(fn, dynamic=False) if self.compile else _raiser(RuntimeError("compile=False"))
         compiled.inductor = True   # on CPU its kernels are C++ loops the profiler does not see as operators
         return compiled
 
@@ -221,14 +223,21 @@ class Report(Bench):
     """Times cases into rows for one device; see the module docstring."""
 
     def __init__(self, device: str | torch.device = "cpu", quick: bool | None = None, budget_s: float | None = None,
-                 smoke: bool = False):
-        super().__init__(device, quick)
+                 smoke: bool = False, compile: bool = True, jsonl: str | None = None):
+        super().__init__(device, quick, compile=compile and not smoke)
         self.smoke = smoke   # only each op's first case, no torch.compile rows (their compilation takes minutes)
         self.budget_s = budget_s if budget_s is not None else (0.5 if self.quick else 1.0)
         self.info = device_info(self.device)
         self.rows: list[Row] = []
         self.copy_bw = self._copy_bandwidth()
         self.info["copy_bytes_per_s"] = self.copy_bw
+        self.jsonl = jsonl   # each row appended here as one JSON line as soon as it is measured
+        self._emit({"kind": "info", **self.info})
+
+    def _emit(self, record: dict) -> None:
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"source": "bench", **record}) + "\n")
 
     def _copy_bandwidth(self) -> float:
         n = (1 << 30 if self.device.type == "cuda" else 1 << 28) // 4
@@ -241,6 +250,8 @@ class Report(Bench):
     def run(self, cases) -> None:
         """Time every case of a bench module's ``cases(self)``."""
         for c in cases:
+            if not self.compile and getattr(c.fn, "inductor", False):
+                continue
             fn = c.fn if c.unavailable is None else _raiser(RuntimeError(c.unavailable))
             self.add(c.op, c.case, c.impl, fn, c.inputs, **c.options)
 
@@ -261,7 +272,7 @@ class Report(Bench):
         except Exception as exc:  # an impl that fails is recorded with its error, never dropped
             row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             row.extra["traceback"] = traceback.format_exc(limit=3)[-2000:]
-            self.rows.append(row)
+            self._record(row)
             print(f"  {op:28s} {case:26s} {impl:16s} FAILED {row.error}")
             return row
         q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
@@ -278,9 +289,13 @@ class Report(Bench):
                     row.speedup = other.median_ms / row.median_ms
                 if other.impl.startswith("compile-"):   # torch.compile of the seed's (or MemFlow's) eager code
                     row.vs_compile = other.median_ms / row.median_ms
-        self.rows.append(row)
+        self._record(row)
         print("  " + self._line(row))
         return row
+
+    def _record(self, row: Row) -> None:
+        self.rows.append(row)
+        self._emit({"kind": "row", **{k: v for k, v in asdict(row).items() if k != "raw_ms"}})
 
     @staticmethod
     def _line(r: Row) -> str:

@@ -5,8 +5,10 @@ implements (an :class:`OpBackends` table); :func:`resolve` picks one for the op'
 
 * an explicit ``backend=`` argument wins, then :func:`backend` / :func:`set_backend`, then the
   ``STREAMKERN_BACKEND`` environment variable, else ``"auto"``;
-* ``"auto"`` takes the op's fastest backend that can run on the device (CPU tensors: ``"cpu"`` if the
-  extension is built, else ``"torch"``);
+* ``"auto"`` takes the op's fastest backend that can run on the device: the first of the device's order that can
+  take the inputs (CUDA tensors ``"cuda"``, ``"triton"``, ``"torch"``; CPU tensors ``"cpu"`` if the extension is
+  built, else ``"torch"``), or of the op's own order where its ``define_op(auto_order=...)`` declares one from
+  measurements;
 * a named backend that cannot run raises :class:`BackendUnavailable` saying why, never falls back.
 
 :func:`define_op` declares an op once: its schema, argument check, value check, output allocation (also its fake
@@ -27,7 +29,7 @@ import torch
 from ._checks import debug_enabled, reading_layout
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}   # device type -> "auto"'s order
 
 
 class BackendUnavailable(RuntimeError):
@@ -145,6 +147,7 @@ class OpBackends:
     impls: Mapping[str, Callable]
     missing: Mapping[str, str] = field(default_factory=dict)  # backend -> why this op has no such implementation
     supports: Mapping[str, Callable[..., str]] = field(default_factory=dict)  # backend -> why not these inputs
+    auto_order: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device type -> this op's "auto" order
 
     def why_not(self, name: str, device: torch.device, args: Sequence = ()) -> str:
         """Empty string when backend ``name`` of this op can take ``args`` on ``device``, else the reason."""
@@ -154,10 +157,10 @@ class OpBackends:
 
     def resolve(self, requested: str | None, device: torch.device, args: Sequence = ()) -> str:
         """The backend to run: ``requested``, else the current default; ``"auto"`` takes the first of the device's
-        order that can take ``args`` (``"torch"`` as the last resort)."""
+        order (the op's own where it declares one) that can take ``args`` (``"torch"`` as the last resort)."""
         name = _check_name(requested) if requested is not None else current_backend()
         if name == "auto":
-            for cand in _AUTO_ORDER.get(device.type, ("torch",)):
+            for cand in self.auto_order.get(device.type) or _AUTO_ORDER.get(device.type, ("torch",)):
                 if not self.why_not(cand, device, args):
                     return cand
             return "torch"
@@ -189,15 +192,9 @@ class OpBackends:
         return self(name)(*args)
 
 
-RECORDERS: list = []   # the CPU recordings of ``streamkern.step_graph.StepGraph`` in progress, innermost last
-
-
-def capturing(device: torch.device) -> bool:
-    """A step is being captured on ``device``: a CUDA-graph capture on its current stream, or on CPU a
-    ``StepGraph`` recording."""
-    if device.type == "cuda":
-        return torch.cuda.is_current_stream_capturing()
-    return device.type == "cpu" and bool(RECORDERS)
+def cuda_capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream and ``device`` is a CUDA device."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def device_guard(device: torch.device):
@@ -274,7 +271,13 @@ def checking_values() -> bool:
     return _VALUE_CHECK_DEPTH[0] > 0 or reading_layout()
 
 
-def _value_check(values: Callable, args: Sequence) -> None:
+def run_value_check(values: Callable, args: Sequence) -> None:
+    """``values(*args)``, a check that reads tensor values on the host, flagged by :func:`checking_values` while it
+    runs. Skipped while the tensors' device is being captured in a CUDA graph: a host read there invalidates the
+    capture, and the eager call that precedes every capture (the warm-up) has checked the same kind of values."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if device is not None and cuda_capturing(device):
+        return
     _VALUE_CHECK_DEPTH[0] += 1
     try:
         values(*args)
@@ -297,7 +300,8 @@ class Op:
 
     def __init__(self, name: str, schema: str, backends: Mapping[str, Callable | Kernel], *,
                  check: Callable | None = None, values: Callable | None = None, alloc: Callable | None = None,
-                 fake: Callable | None = None, missing: Mapping[str, str] | None = None):
+                 fake: Callable | None = None, missing: Mapping[str, str] | None = None,
+                 auto_order: Mapping[str, Sequence[str]] | None = None):
         self.name = name
         self._check, self._values, self._alloc = check, values, alloc
         kernels = {b: k if isinstance(k, Kernel) else Kernel(k) for b, k in backends.items()}
@@ -305,8 +309,10 @@ class Op:
             _check_name(b, allow_auto=False)
             if k.out and alloc is None:
                 raise ValueError(f"{name}: backend {b!r} fills outputs (out=True) but the op has no alloc")
+        order = {dev: tuple(_check_name(b, allow_auto=False) for b in names)
+                 for dev, names in (auto_order or {}).items()}
         self.backends = OpBackends(name, {b: self._runner(b, k) for b, k in kernels.items()}, dict(missing or {}),
-                                   {b: k.supports for b, k in kernels.items() if k.supports is not None})
+                                   {b: k.supports for b, k in kernels.items() if k.supports is not None}, order)
         full, mutates = _with_backend(schema)
         self.custom_op = torch.library.custom_op(f"streamkern::{name}", self._body, mutates_args=mutates,
                                                  schema=full)
@@ -316,7 +322,7 @@ class Op:
     def _runner(self, backend_name: str, kernel: Kernel) -> Callable:
         def run(*args):
             if self._values is not None and (backend_name in ("torch", "cpu") or debug_enabled()):
-                _value_check(self._values, args)
+                run_value_check(self._values, args)
             if not kernel.out:
                 return kernel.fn(*args)
             out = self._alloc(*args)
@@ -338,7 +344,7 @@ class Op:
 
 def define_op(name: str, schema: str, backends: Mapping[str, Callable | Kernel], *, check: Callable | None = None,
               values: Callable | None = None, alloc: Callable | None = None, fake: Callable | None = None,
-              missing: Mapping[str, str] | None = None) -> Op:
+              missing: Mapping[str, str] | None = None, auto_order: Mapping[str, Sequence[str]] | None = None) -> Op:
     """Declare op ``streamkern::<name>``.
 
     Args:
@@ -349,9 +355,15 @@ def define_op(name: str, schema: str, backends: Mapping[str, Callable | Kernel],
             or the arguments normalised (a tuple of them all), which every backend then receives.
         values: ``values(*args)`` checks values held in tensors (index ranges, token ids) and may read them: it
             runs before the ``"torch"`` and ``"cpu"`` backends, and before the GPU ones only with
-            ``STREAMKERN_DEBUG=1``; the host-sync counter of ``streamkern.pipelines`` books its reads as checks.
+            ``STREAMKERN_DEBUG=1``; never while the tensors' device is being captured in a CUDA graph (the read
+            would invalidate the capture; the eager warm-up call before it checked). The host-sync counter
+            (``streamkern.host_sync``) books its reads as checks.
         alloc: ``alloc(*args)`` allocates the outputs that ``out=True`` kernels fill (also the fake kernel).
         fake: the fake (meta) kernel when it differs from ``alloc``; mutating ops without outputs need neither.
         missing: backend -> why this op has no such implementation.
+        auto_order: device type -> the order in which ``"auto"`` tries this op's backends there, where
+            measurements show it differs from the default (``"cuda"`` before ``"triton"`` on CUDA tensors);
+            declared in the op's module with the figures that justify it.
     """
-    return Op(name, schema, backends, check=check, values=values, alloc=alloc, fake=fake, missing=missing)
+    return Op(name, schema, backends, check=check, values=values, alloc=alloc, fake=fake, missing=missing,
+              auto_order=auto_order)

@@ -14,20 +14,36 @@ read and write per step. The table is also written as JSON and a PNG chart (both
 1560-token frames; one transformer block and one-frame chunks on a CPU) and ``MemoryWorldModel`` at the CDiT-L/2
 shapes (16 heads × 64, 196-token frames, buffer 50, k = 8; 4 blocks, the later two with memory), one round with the
 parts timed within it, so the parts' share reflects real proportions, not only the tiny models' matmuls.
+``--dtype`` (one or more of fp32, bf16, fp16) sets the storage dtype of the pipelines that take one
+(``MemoryBank``, ``StreamingGenerator``, ``MemoryWorldModel``; labelled with it unless fp32); outputs are then
+compared within that dtype's parity bound.
 
-Triton runs on CPU tensors only through its interpreter, far too slow for a demo: ``--triton`` adds it anyway.
-``--reference-ops`` adds the op path on the ops' own ``"torch"`` references (the structure without the kernels).
-On CUDA an ``auto`` row runs every op on its fastest GPU backend (a backend an op lacks fails its row, by name).
+Rows: a pipeline's accelerated rows are the backends that implement every op it calls on the device (recorded in a
+tiny run: :func:`pipeline_ops`; each op's backend table says which backends it has), and on CUDA an ``auto`` row,
+every op on its fastest GPU backend. Triton runs on CPU tensors only through its interpreter, far too
+slow for a demo: ``--triton`` adds it anyway. ``--reference-ops`` adds the op path on the ops' own ``"torch"``
+references (the structure without the kernels).
+
+On CUDA the defaults are ``--shapes real --dtype bf16``, every path first runs one untimed round (Triton's
+compilation, cuBLAS and cuDNN set-up stay out of the numbers: ``--warmup``), and a second table times the
+pipelines' capturable steady-state steps replayed from a CUDA graph (:class:`~streamkern.step_graph.StepGraph`:
+``StreamingGenerator``'s block once its window and bank are full, at the first ``--dtype``, ``GatedPolicy.step``,
+``SpeculativeVAR.round``, the latter two at their default sizes), each replay against the same step of an identical pipeline run eagerly on
+the same backend (``auto``): outputs within the parity bound, milliseconds per step of both (``--no-graphs`` turns
+it off). ``--jsonl PATH`` appends every finished row to PATH as a JSON line (a time cap keeps what is done).
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import inspect
 import json
 import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -69,6 +85,51 @@ REAL = [
      dict(depth=4, heads=16, head_dim=64, frame_len=196, buffer_size=50, k=8, steps=1, trajectory_period=8),
      (10,)),
 ]
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LABELS = [label for label, *_ in TINY]
+
+
+@functools.lru_cache(maxsize=None)
+def declared_ops() -> dict:
+    """Every op declared with ``define_op`` in streamkern's modules (``Op`` objects, by name)."""
+    import pkgutil
+
+    import streamkern
+    from streamkern._backend import Op
+
+    ops = {}
+    for info in pkgutil.iter_modules(streamkern.__path__):
+        for value in vars(importlib.import_module(f"streamkern.{info.name}")).values():
+            if isinstance(value, Op):
+                ops[value.name] = value
+    return ops
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline_ops(label: str, device: str = "cpu") -> tuple:
+    """The ops (``Op`` objects) the accelerated path of pipeline ``label`` calls on ``device``, recorded in one run
+    of its tiny configuration on the ops' ``"torch"`` references (which ops a path calls does not depend on its
+    sizes; where a step picks its kernel by backend, as ``StreamingKV``'s ``attention="auto"`` does, a named backend
+    picks an op only where it has it)."""
+    import streamkern.pipelines as pipelines
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "streamkern":
+                self.names.add(func._schema.name.split("::")[1])
+            return func(*args, **(kwargs or {}))
+
+    _, cls_name, kwargs, args = next(c for c in TINY if c[0] == label)
+    with Recorder() as rec:
+        getattr(pipelines, cls_name)(backend="torch", eager=False, device=device, **kwargs).run(*args)
+    return tuple(declared_ops()[name] for name in sorted(rec.names))
 
 
 @dataclass
@@ -118,9 +179,9 @@ class Progress:
             print(file=sys.stderr)
 
 
-def compare(outputs: dict, reference: dict) -> tuple[bool, float]:
-    """Integer outputs equal exactly; float outputs within the float32 parity tolerance. ``(identical, max rel
-    error over the float outputs)``."""
+def compare(outputs: dict, reference: dict, dtype: torch.dtype = torch.float32) -> tuple[bool, float]:
+    """Integer outputs equal exactly; float outputs within the parity tolerance of ``dtype`` (the pipeline's
+    storage dtype). ``(identical, max rel error over the float outputs)``."""
     from streamkern.testing import TOLERANCE, rel_error
 
     ok, worst = True, 0.0
@@ -129,7 +190,7 @@ def compare(outputs: dict, reference: dict) -> tuple[bool, float]:
         if ref.is_floating_point():
             err = rel_error(out, ref) if out.shape == ref.shape else float("inf")
             worst = max(worst, err)
-            ok &= err < TOLERANCE[torch.float32]
+            ok &= err < TOLERANCE[dtype]
         else:
             ok &= out.shape == ref.shape and torch.equal(out.cpu(), ref.cpu())
     return bool(ok), worst
@@ -151,17 +212,16 @@ def notes(run) -> str:
     return ""
 
 
-def backends_for(device: torch.device, triton: bool, reference_ops: bool) -> list[tuple[str, str]]:
-    """``(label, backend)`` of the accelerated runs on ``device``."""
-    from streamkern._backend import why_not
-
+def backends_for(device: torch.device, triton: bool, reference_ops: bool, ops=()) -> list[tuple[str, str]]:
+    """``(label, backend)`` of the accelerated runs on ``device`` of a pipeline calling ``ops``: each backend that
+    runs here and that every one of ``ops`` implements, then on CUDA ``auto`` (each op's fastest GPU backend)."""
     chosen = [("torch-ops", "torch")] if reference_ops else []
     for name in ("cpu", "triton", "cuda"):
         if name == "triton" and device.type == "cpu" and not triton:
             continue
-        if not why_not(name, device):
+        if all(not op.backends.why_not(name, device) for op in ops):
             chosen.append((name, name))
-    if device.type == "cuda":   # each op's fastest GPU backend (block_masked_attention has Triton only)
+    if device.type == "cuda":
         chosen.append(("auto", "auto"))
     return chosen
 
@@ -182,30 +242,53 @@ def measured(make, args, progress, parts: bool):
                                                 for name in sorted(times.seconds)})
 
 
+def with_dtypes(configs, dtypes) -> list[tuple]:
+    """``(label, class, kwargs, args, dtype)`` per config and dtype: pipelines whose constructor takes ``dtype``
+    once per dtype (labelled with it unless fp32), the others once, in their own float32."""
+    import streamkern.pipelines as pipelines
+
+    out = []
+    for label, cls_name, kwargs, args in configs:
+        takes = "dtype" in inspect.signature(getattr(pipelines, cls_name).__init__).parameters
+        for name in (dtypes if takes else ["fp32"]):
+            dtype = DTYPES[name]
+            shown = label if dtype == torch.float32 else f"{label} {name}"
+            out.append((shown, cls_name, dict(kwargs, dtype=dtype) if takes else kwargs, args, dtype, label))
+    return out
+
+
 def run_demo(device: torch.device, configs, accelerated, progress, repeats: int = 2,
-             parts_in_run: bool = False) -> list[Row]:
-    """Each pipeline: the eager run, then every accelerated backend, the whole round ``repeats`` times (the
-    best median per backend is kept: a shared machine's bursts of load hit one round, rarely all); then one run
-    per path with the replaced parts timed alone (``parts_in_run``: timed within the single round instead, whose
-    end-to-end times then include the parts' synchronisations; for the slow ``--shapes real`` runs)."""
+             parts_in_run: bool = False, warmup: int = 0, on_rows=None) -> list[Row]:
+    """Each pipeline: ``warmup`` untimed rounds of every path, then the eager run and every accelerated backend
+    (``accelerated``: a list, or a function of the pipeline's base label giving its list), the whole round
+    ``repeats`` times (the best median per backend is kept: a shared machine's bursts of load hit one round, rarely
+    all); then one run per path with the replaced parts timed alone (``parts_in_run``: timed within the single
+    round instead, whose end-to-end times then include the parts' synchronisations; for the slow ``--shapes real``
+    runs). ``configs`` as :func:`with_dtypes` makes them (plain 4-tuples: float32); ``on_rows(rows)`` is called
+    with each pipeline's finished rows."""
     import streamkern.pipelines as pipelines
 
     rows = []
-    for label, cls_name, kwargs, args in configs:
+    for config in configs:
+        label, cls_name, kwargs, args = config[:4]
+        dtype, base = (config[4], config[5]) if len(config) > 4 else (torch.float32, label)
+        paths = accelerated(base) if callable(accelerated) else accelerated
         cls = getattr(pipelines, cls_name)
         best: dict[str, Row] = {}
         makers = {"eager": lambda: cls(backend="torch", device=device, **kwargs)}
         makers.update({name: (lambda backend=backend: cls(backend=backend, eager=False, device=device, **kwargs))
-                       for name, backend in accelerated})
+                       for name, backend in paths})
         parts = {}
-        for _ in range(repeats):
-            progress.describe(f"{label} eager")
+        for round_ in range(warmup + repeats):
+            timed = round_ >= warmup   # the warm-up rounds' results are dropped (a failure is still recorded)
+            progress.describe(f"{label} eager" + ("" if timed else " (warm-up)"))
             eager, parts["eager"] = measured(makers["eager"], args, progress, parts_in_run)
-            row = best.setdefault("eager", Row(label, "torch (eager)", True, 0.0, float("inf"), 1.0,
-                                               eager.syncs_per_step, notes(eager)))
-            row.latency_ms = min(row.latency_ms, eager.latency * 1e3)
-            for name, _ in accelerated:
-                progress.describe(f"{label} {name}")
+            if timed:
+                row = best.setdefault("eager", Row(label, "torch (eager)", True, 0.0, float("inf"), 1.0,
+                                                   eager.syncs_per_step, notes(eager)))
+                row.latency_ms = min(row.latency_ms, eager.latency * 1e3)
+            for name, _ in paths:
+                progress.describe(f"{label} {name}" + ("" if timed else " (warm-up)"))
                 if name in best and best[name].error:
                     continue
                 try:
@@ -214,7 +297,9 @@ def run_demo(device: torch.device, configs, accelerated, progress, repeats: int 
                     best[name] = Row(label, name, error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
                     traceback.print_exc(limit=2, file=sys.stderr)
                     continue
-                identical, err = compare(run.outputs, eager.outputs)
+                if not timed:
+                    continue
+                identical, err = compare(run.outputs, eager.outputs, dtype)
                 row = best.setdefault(name, Row(label, name, True, 0.0, float("inf"), None, run.syncs_per_step,
                                                 notes(run)))
                 row.identical &= identical
@@ -232,7 +317,200 @@ def run_demo(device: torch.device, configs, accelerated, progress, repeats: int 
             row.speedup = best["eager"].latency_ms / row.latency_ms
             row.parts_speedup = best["eager"].parts_ms / row.parts_ms if row.parts_ms else None
         rows += best.values()
+        if on_rows is not None:
+            on_rows(list(best.values()))
     return rows
+
+
+# --- steady-state steps replayed from a CUDA graph -----------------------------------------------------------------
+
+@dataclass
+class GraphRow:
+    pipeline: str
+    step: str
+    backend: str
+    identical: bool | None = None   # every replay within the parity bound of the eager step (integers: equal)
+    max_error: float | None = None
+    eager_ms: float | None = None   # median ms of the same steps run eagerly on the same backend
+    replay_ms: float | None = None  # median ms of a replay
+    speedup: float | None = None    # eager_ms / replay_ms
+    replays: int = 0
+    error: str | None = None
+
+
+def _sync_ms(fn, device: torch.device):
+    """``(fn(), ms)``: one call between device synchronisations."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def _stream_pair(kwargs: dict, backend: str, device: torch.device):
+    """Two identical accelerated ``StreamingGenerator`` streams run eagerly until the window and the bank are
+    full and one block more (every steady-state kernel compiled); ``(refill, eager_step, graphed_step)``."""
+    from streamkern.pipelines import StreamingGenerator
+
+    gens = [StreamingGenerator(backend=backend, eager=False, device=device, **kwargs) for _ in range(2)]
+    twin, graphed = (g.stream() for g in gens)
+    g = gens[0]
+    warm = -(-(g.sink + g.window + g.bank_size * g.fsl) // (g.fpb * g.fsl)) + 2
+    block = [0]
+
+    def refill(_):
+        for s in (twin, graphed):
+            s.noise.copy_(s.block_noise(block[0]))
+        block[0] += 1
+
+    for _ in range(warm):
+        refill(None)
+        twin.step()
+        graphed.step()
+    if graphed.cache.bank_count != g.bank_size:
+        raise RuntimeError(f"StreamingGenerator: bank holds {graphed.cache.bank_count} of {g.bank_size} frames "
+                           f"after {warm} blocks: not yet in its steady state")
+    return refill, lambda: [twin.step()], lambda: [graphed.step()]
+
+
+def _policy_pair(kwargs: dict, backend: str, device: torch.device, steps: int):
+    """Two identical accelerated ``GatedPolicy`` pipelines on :func:`scripted_trajectory`, warmed on its first two
+    frames (both branches of the gate taken); static image/state/noise buffers; ``(refill, eager_step,
+    graphed_step)``; a step returns the actions, the gate's reason and drift."""
+    from streamkern.pipelines import GatedPolicy
+    from streamkern.pipelines._tiny import randn
+    from streamkern.pipelines.gated_policy import scripted_trajectory
+
+    pipes = [GatedPolicy(backend=backend, eager=False, device=device, **kwargs) for _ in range(2)]
+    gates = [p.gate() for p in pipes]
+    images, states = scripted_trajectory(steps + 3, pipes[0].batch, pipes[0].seed, device)
+    shape = (pipes[0].batch, pipes[0].policy.action_tokens, pipes[0].policy.action_dim)
+    noises = [randn(shape, 1000 + t, device) for t in range(steps + 3)]
+    inputs = [(images[0].clone(), states[0].clone(), noises[0].clone()) for _ in pipes]
+    frame = [0]
+
+    def refill(_):
+        t = frame[0]
+        for buffers in inputs:
+            for buf, value in zip(buffers, (images[t], states[t], noises[t])):
+                buf.copy_(value)
+        frame[0] += 1
+
+    def stepper(i):
+        return lambda: list(pipes[i].step(gates[i], *inputs[i]))
+
+    for _ in range(2):
+        refill(None)
+        stepper(0)()
+        stepper(1)()
+    return refill, stepper(0), stepper(1)
+
+
+def _var_pair(kwargs: dict, backend: str, device: torch.device, pos: int = 1):
+    """Two identical accelerated ``SpeculativeVAR`` decoders, one round at scale ``pos`` each warmed; refills
+    write fresh prefixes and labels into static token and label buffers; the sample mode draws from generators
+    the graph advances; ``(refill, eager_step, graphed_step, generators)``; a step returns the kept count and the
+    whole token buffer."""
+    from streamkern.pipelines import SpeculativeVAR
+
+    pipes = [SpeculativeVAR(backend=backend, eager=False, device=device, **kwargs) for _ in range(2)]
+    m, B = pipes[0].model, pipes[0].batch
+    gens = [torch.Generator(device).manual_seed(7) for _ in pipes]
+    host = torch.Generator().manual_seed(2)
+    inputs = [(torch.full((B, m.end[-1]), -1, dtype=torch.int64, device=device),
+               torch.zeros(B, dtype=torch.int64, device=device)) for _ in pipes]
+    stats = {"draft_calls": 0, "target_calls": 0}
+
+    def refill(_):
+        prefix = torch.randint(0, m.vocab, (B, m.begin[pos]), generator=host)
+        labels = torch.randint(0, m.num_classes, (B,), generator=host)
+        for tokens, lab in inputs:
+            tokens.fill_(-1)
+            tokens[:, :m.begin[pos]] = prefix
+            lab.copy_(labels)
+
+    def stepper(i):
+        return lambda: [pipes[i].round(*inputs[i], gens[i], pos, stats), inputs[i][0]]
+
+    refill(None)
+    stepper(0)()
+    stepper(1)()
+    return refill, stepper(0), stepper(1), (gens[1],)
+
+
+def graph_row(label: str, step: str, make, device: torch.device, dtype: torch.dtype, replays: int) -> GraphRow:
+    """Capture the graphed pipeline's step once (after ``make()`` warmed both twins), then ``replays`` times:
+    refill both, replay the graph and run the twin's step eagerly, each timed alone; every output compared."""
+    from streamkern.step_graph import StepGraph
+
+    row = GraphRow(label, step, "auto")
+    try:
+        refill, eager_step, graphed_step, *gens = make()
+        refill(0)
+        graph = StepGraph(lambda: graphed_step(), device, generators=gens[0] if gens else ())
+        eager_ms, replay_ms, worst, same = [], [], 0.0, True
+
+        def check(got, want):
+            nonlocal worst, same
+            outs = {str(i): g.clone() for i, g in enumerate(got)}
+            ok, err = compare(outs, {str(i): w for i, w in enumerate(want)}, dtype)
+            same &= ok
+            worst = max(worst, err)
+
+        check(graph.outputs, eager_step())
+        for i in range(replays):
+            refill(i + 1)
+            got, ms = _sync_ms(graph.replay, device)
+            replay_ms.append(ms)
+            got = [g.clone() for g in got]
+            want, ms = _sync_ms(eager_step, device)
+            eager_ms.append(ms)
+            check(got, want)
+    except Exception as exc:  # recorded in the table, never dropped
+        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        traceback.print_exc(limit=3, file=sys.stderr)
+        return row
+    row.identical, row.max_error, row.replays = bool(same), worst, replays
+    row.eager_ms, row.replay_ms = sorted(eager_ms)[len(eager_ms) // 2], sorted(replay_ms)[len(replay_ms) // 2]
+    row.speedup = row.eager_ms / row.replay_ms
+    return row
+
+
+GRAPH_REPLAYS = 20
+
+
+def graph_configs(configs, sizes, replays: int = GRAPH_REPLAYS) -> list[tuple]:
+    """``(label, step, make(device), dtype)`` of the capturable steps: ``StreamingGenerator``'s block at its
+    config's first dtype in the run (the others would only repeat it slower), ``GatedPolicy.step`` and
+    ``SpeculativeVAR.round`` at ``sizes``'s
+    kwargs (the default or the tiny set); ``replays`` after the capture (the policy's trajectory has as many
+    frames more)."""
+    own = {label: kwargs for label, _, kwargs, _ in sizes}
+    out = []
+    for label, cls_name, kwargs, _, dtype, base in configs:
+        if base == "StreamingGenerator" and not any(o[1] == "BlockStream.step" for o in out):
+            out.append((label, "BlockStream.step", lambda dev, kw=kwargs: _stream_pair(kw, "auto", dev), dtype))
+    out.append(("GatedPolicy", "GatedPolicy.step",
+                lambda dev: _policy_pair(own["GatedPolicy"], "auto", dev, steps=replays), torch.float32))
+    for label in ("SpeculativeVAR greedy", "SpeculativeVAR sample"):
+        out.append((label, "SpeculativeVAR.round", lambda dev, kw=own[label]: _var_pair(kw, "auto", dev),
+                    torch.float32))
+    return out
+
+
+def format_graphs(rows: list[GraphRow]) -> str:
+    head = (f"{'pipeline':26s} {'step (graph, auto)':24s} {'identical':9s} {'max rel err':>11s} "
+            f"{'eager ms':>9s} {'replay ms':>9s} {'speed-up':>8s} replays")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.error:
+            lines.append(f"{r.pipeline:26s} {r.step:24s} {'FAILED':9s} {r.error}")
+            continue
+        lines.append(f"{r.pipeline:26s} {r.step:24s} {'yes' if r.identical else 'NO':9s} {r.max_error:11.1e} "
+                     f"{r.eager_ms:9.3f} {r.replay_ms:9.3f} {r.speedup:7.2f}x {r.replays:7d}")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -345,10 +623,21 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--triton", action="store_true", help="also run Triton on CPU through its interpreter")
     parser.add_argument("--reference-ops", action="store_true", help="also run the op path on the torch references")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--shapes", choices=("tiny", "real"), default="tiny",
-                        help="'real': StreamingGenerator and MemoryWorldModel at DESIGN.md §6 shapes (one round)")
+    parser.add_argument("--shapes", choices=("tiny", "real"), default=None,
+                        help="'real': StreamingGenerator and MemoryWorldModel at DESIGN.md §6 shapes (one round); "
+                             "default: real on CUDA, tiny on CPU")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
+                        help="storage dtype(s) of the pipelines that take one (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="rounds per pipeline; the best median is kept (default 2, 1 with --shapes real)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed rounds of every path first (default: 1 on CUDA, 0 on CPU)")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the capturable steps replayed from a CUDA graph (default: on CUDA only; "
+                             "on CPU StepGraph's recorded replay)")
+    parser.add_argument("--jsonl", default=None, help="append each finished row to this file as a JSON line")
+    parser.add_argument("--pipelines", nargs="+", choices=LABELS, default=None,
+                        help="run only these pipelines (default: all of the chosen shapes)")
     parser.add_argument("--markdown", metavar="JSON", help="print the table of a stored demo.json and exit")
     args = parser.parse_args(argv)
     if args.markdown:
@@ -356,30 +645,55 @@ def main(argv=None) -> list[Row]:
             print(markdown(json.load(f)))
         return []
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     if args.triton and device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-    configs = REAL if args.shapes == "real" else TINY if args.tiny else DEFAULT
-    repeats = args.repeats or (1 if args.shapes == "real" else 2)
-    accelerated = backends_for(device, args.triton, args.reference_ops)
-    real = args.shapes == "real"
-    steps = sum(a[0] for *_, a in configs) * (1 + len(accelerated)) * (repeats + (0 if real else 1))
+    shapes = args.shapes or ("real" if cuda else "tiny")
+    real = shapes == "real"
+    sizes = TINY if args.tiny else DEFAULT
+    chosen = [c for c in (REAL if real else sizes) if args.pipelines is None or c[0] in args.pipelines]
+    configs = with_dtypes(chosen, args.dtype or (["bf16"] if cuda else ["fp32"]))
+    repeats = args.repeats or (1 if real else 2)
+    warmup = args.warmup if args.warmup is not None else (1 if cuda else 0)
+    graphs = cuda if args.graphs is None else args.graphs   # on CPU: StepGraph's recorded replay
+
+    def accelerated(label):
+        return backends_for(device, args.triton, args.reference_ops, pipeline_ops(label, str(device)))
+
+    def emit(kind, rows):
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                for r in rows:
+                    f.write(json.dumps({"source": "demo", "kind": kind, **asdict(r)}) + "\n")
+
+    steps = sum(c[3][0] * (1 + len(accelerated(c[5]))) for c in configs) * (warmup + repeats + (0 if real else 1))
     progress = Progress(steps)
     start = time.perf_counter()
     try:
-        rows = run_demo(device, configs, accelerated, progress, repeats, parts_in_run=real)
+        rows = run_demo(device, configs, accelerated, progress, repeats, parts_in_run=real, warmup=warmup,
+                        on_rows=lambda done: emit("row", done))
     finally:
         progress.close()
+    graph_rows = []
+    for label, step, make, dtype in (graph_configs(configs, sizes) if graphs else []):
+        if step != "BlockStream.step" and args.pipelines is not None and label not in args.pipelines:
+            continue
+        graph_rows.append(graph_row(label, step, lambda: make(device), device, dtype, GRAPH_REPLAYS))
+        emit("graph", graph_rows[-1:])
     seconds = time.perf_counter() - start
     where = machine()
-    print(f"streamkern demo on {device} ({torch.get_num_threads()} threads, {where}), shapes {args.shapes}, "
-          f"{seconds:.0f} s\n{format_table(rows)}\n\n{closing_note(rows)}")
+    dtypes = sorted({str(c[4]).replace("torch.", "") for c in configs})
+    print(f"streamkern demo on {device} ({torch.get_num_threads()} threads, {where}), shapes {shapes}, "
+          f"{seconds:.0f} s\n{format_table(rows)}\n\n{closing_note(rows)}"
+          + (f"\n\n{format_graphs(graph_rows)}" if graph_rows else ""))
     os.makedirs(args.out, exist_ok=True)
-    name = "demo-real" if args.shapes == "real" else "demo"
+    name = "demo-real" if real else "demo"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump({"device": str(device), "torch": torch.__version__, "tiny": args.tiny, "shapes": args.shapes,
+        json.dump({"device": str(device), "torch": torch.__version__, "tiny": args.tiny, "shapes": shapes,
+                   "dtypes": dtypes, "warmup_rounds": warmup,
                    "commit": commit(), "machine": where, "threads": torch.get_num_threads(),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(seconds, 1),
-                   "rows": [r.__dict__ for r in rows]}, f, indent=1)
+                   "rows": [r.__dict__ for r in rows], "graphs": [asdict(r) for r in graph_rows]}, f, indent=1)
     why = write_chart(rows, os.path.join(args.out, f"{name}.png"), device)
     print(why or f"wrote {args.out}/{name}.json and {args.out}/{name}.png")
     return rows

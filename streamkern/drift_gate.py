@@ -18,8 +18,9 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 from . import _checks as check
-from ._backend import Kernel, capturing, cxx, define_op, triton
+from ._backend import Kernel, cxx, define_op, triton
 from .reference import drift_gate as ref
+from .step_graph import capturing
 
 IMAGE_DTYPES = check.FLOATS + (torch.uint8,)
 

@@ -46,12 +46,16 @@ def _values(pool_k, pool_v, k_mean, k_new, v_new, pages):
     ref.check_values(pages, pool_k.shape[2])
 
 
+# "auto" on CUDA tensors, from H200 measurements of MemFlow's chunk write (30 layers, 3 frames of 1560 tokens,
+# 12x128 bf16): "cuda" first. The first GPU run (2026-12-04, streamkern.bench) had the Triton kernel at 82.7 % of
+# copy bandwidth and the first CUDA kernel at 29.8 %; the rewritten CUDA kernel (csrc/cuda/frame_write.cu) measured
+# 90.8 % against Triton's 80.5 % in the same run (its launcher called directly, not yet through this op's bench).
 frame_write_op = define_op(
     "frame_write", "(Tensor(a!) pool_k, Tensor(b!) pool_v, Tensor(c!) k_mean, Tensor k_new, Tensor v_new, "
     "Tensor pages) -> ()",
     {"torch": ref.frame_write, "cpu": cxx("frame_write_"), "triton": triton("frame_write:frame_write"),
      "cuda": cxx("frame_write_")},
-    check=_check, values=_values)
+    check=_check, values=_values, auto_order={"cuda": ("cuda", "triton", "torch")})
 
 
 def frame_write(pool_k: torch.Tensor, pool_v: torch.Tensor, k_mean: torch.Tensor, k_new: torch.Tensor,

@@ -23,7 +23,11 @@ caller refills in place before each replay.
 :func:`device_branch` is the one data-dependent branch a step may take: eagerly it reads its predicate once
 (a declared host read); under a capture both bodies are captured and the device chooses at each replay (CUDA
 conditional nodes, which need CUDA 12.4 or newer; on CPU both bodies are recorded and the writes of the one not
-taken are undone).
+taken are undone). :func:`conditional_nodes_supported` says whether this torch can capture them.
+
+The captures in progress are a stack of :class:`StepGraph` objects kept here (each owns the ``CUDAGraph`` or the
+CPU recorder it captures into), so :func:`device_branch` needs no lookup of torch's current graph, and
+:func:`capturing` tells the ops (device tables, the drift gate's counter) that a capture is running.
 """
 from __future__ import annotations
 
@@ -36,8 +40,9 @@ from torch.utils._pytree import tree_leaves, tree_structure
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from . import _backend
+from .host_sync import count_host_syncs, host_read
 
-__all__ = ["CaptureError", "StepGraph", "device_branch"]
+__all__ = ["CaptureError", "StepGraph", "capturing", "conditional_nodes_supported", "device_branch"]
 
 
 class CaptureError(RuntimeError):
@@ -171,6 +176,36 @@ def _check_same_outputs(a, b) -> None:
                              f"{list(y.shape)} in if_false")
 
 
+_CAPTURES: list = []   # the StepGraph captures in progress, innermost last
+
+
+def capturing(device: torch.device) -> bool:
+    """A step is being captured on ``device``: a CUDA-graph capture on its current stream (a StepGraph's or any
+    other), or on CPU a ``StepGraph`` recording."""
+    if device.type == "cuda":
+        return _backend.cuda_capturing(device)
+    return device.type == "cpu" and any(g.device.type == "cpu" for g in _CAPTURES)
+
+
+_CONDITIONAL_API = ("begin_capture_to_if_node", "end_capture_to_conditional_node")
+
+
+def conditional_nodes_supported() -> str:
+    """``""`` when :func:`device_branch` can capture CUDA conditional nodes with this torch, else why not: it needs
+    ``torch.cuda.CUDAGraph.begin_capture_to_if_node`` / ``end_capture_to_conditional_node`` (torch 2.13 has them)
+    and CUDA 12.4 or newer, and the message names the torch and CUDA installed."""
+    cuda = torch.version.cuda
+    installed = f"installed: torch {torch.__version__}, CUDA {cuda or 'none (a CPU build)'}"
+    missing = [name for name in _CONDITIONAL_API if not hasattr(torch.cuda.CUDAGraph, name)]
+    if missing:
+        return (f"device_branch under a CUDA capture needs CUDA graph conditional nodes: a torch whose "
+                f"torch.cuda.CUDAGraph has {' and '.join(_CONDITIONAL_API)} (torch 2.13 has them) and CUDA 12.4 or "
+                f"newer; {installed}, whose CUDAGraph lacks {' and '.join(missing)}")
+    if cuda is None or tuple(int(x) for x in cuda.split(".")[:2]) < (12, 4):
+        return f"device_branch under a CUDA capture needs CUDA 12.4 or newer (conditional nodes); {installed}"
+    return ""
+
+
 class StepGraph:
     """``StepGraph(step, device, generators=(), warmup=0)``: ``warmup`` eager steps, then capture ``step()`` on
     ``device`` and run it once.
@@ -193,19 +228,20 @@ class StepGraph:
             self._graph = torch.cuda.CUDAGraph()
             for g in generators:
                 self._graph.register_generator_state(g)
-            with torch.cuda.graph(self._graph):
-                self.outputs = step()
-            self._graph.replay()
+            capture = torch.cuda.graph(self._graph)
         else:
-            from .pipelines._runtime import count_host_syncs   # also the reads that bypass dispatch (tolist)
-
-            self._graph = _Recorder()
-            _backend.RECORDERS.append(self._graph)
-            try:
-                with self._graph, count_host_syncs(True, CaptureError, "inside a captured step"):
-                    self.outputs = step()
-            finally:
-                _backend.RECORDERS.pop()
+            self._graph = _Recorder()   # the host-sync guard also sees the reads that bypass dispatch (tolist)
+            capture = contextlib.ExitStack()
+            capture.enter_context(self._graph)
+            capture.enter_context(count_host_syncs(True, CaptureError, "inside a captured step"))
+        _CAPTURES.append(self)
+        try:
+            with capture:
+                self.outputs = step()
+        finally:
+            _CAPTURES.pop()
+        if self.device.type == "cuda":
+            self._graph.replay()
 
     def replay(self) -> Any:
         """Run the captured step again; returns :attr:`outputs`, overwritten."""
@@ -241,16 +277,22 @@ def device_branch(pred: torch.Tensor, if_true: Callable[[], Any], if_false: Call
     if not isinstance(pred, torch.Tensor) or pred.dtype != torch.bool or pred.dim() != 0:
         got = f"{pred.dtype} of shape {list(pred.shape)}" if isinstance(pred, torch.Tensor) else type(pred).__name__
         raise ValueError(f"pred: expected a 0-d bool tensor, got {got}")
-    if _backend.capturing(pred.device):
+    if capturing(pred.device):
+        owner = next((g for g in reversed(_CAPTURES) if g.device.type == pred.device.type), None)
+        if owner is None:
+            raise CaptureError("device_branch: a CUDA graph is being captured, but not by a StepGraph; capture the "
+                               "step with streamkern.step_graph.StepGraph (the conditional nodes go into its graph)")
         if pred.device.type == "cpu":
-            return _backend.RECORDERS[-1].branch(pred, if_true, if_false)
-        return _cuda_branch(pred, if_true, if_false)
-    from .pipelines._runtime import host_read   # the pipelines package imports this module
+            return owner._graph.branch(pred, if_true, if_false)
+        return _cuda_branch(owner._graph, pred, if_true, if_false)
     return if_true() if host_read(pred) else if_false()
 
 
-def _cuda_branch(pred: torch.Tensor, if_true: Callable, if_false: Callable):
-    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+def _cuda_branch(graph: torch.cuda.CUDAGraph, pred: torch.Tensor, if_true: Callable, if_false: Callable):
+    """Both bodies captured into conditional nodes of ``graph`` (two IF nodes, on ``pred`` and on its negation)."""
+    why = conditional_nodes_supported()
+    if why:
+        raise RuntimeError(why)
 
     @contextlib.contextmanager
     def conditional(is_true: bool):

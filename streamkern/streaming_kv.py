@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import _checks as check
-from ._backend import _value_check
+from ._backend import run_value_check
 from .bank_evict import bank_evict_select, entity_mask
 from .bank_insert import bank_insert
 from .consensus import select_frame
@@ -222,7 +222,7 @@ class StreamingKV:
         if isinstance(entities, torch.Tensor):
             check.tensor("entities", entities, ndim=1, dtypes=check.INDEX, device=dev)
             if check.debug_enabled():
-                _value_check(check.index_range, ("entities", entities, E))
+                run_value_check(check.index_range, ("entities", entities, E))
         else:
             for i, e in enumerate(entities):
                 check.integer(f"entities[{i}]", e, low=0, high=E - 1)

@@ -46,13 +46,14 @@ _NO_KERNEL = frozenset({
 })
 
 
-def _launches(event) -> int:
+def _launches(event) -> list[str]:
+    """The names of the launches under one CPU profiler event (see :func:`launch_names`)."""
     if event.name.startswith("triton::"):
-        return 1
-    inner = sum(_launches(child) for child in event.cpu_children)
+        return [event.name]
+    inner = [name for child in event.cpu_children for name in _launches(child)]
     if inner or event.name in _NO_KERNEL or "::" not in event.name:
         return inner
-    return 1
+    return [event.name]
 
 
 @contextlib.contextmanager
@@ -143,20 +144,30 @@ def _stderr_silenced():
             os.close(saved)
 
 
-def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", **kwargs) -> int:
-    """Kernel launches made by one call ``fn(*args, **kwargs)``.
+def launch_names(fn: Callable, *args, device: torch.device | str = "cpu", warmup: bool = False,
+                 **kwargs) -> list[str]:
+    """The kernel launches made by one call ``fn(*args, **kwargs)``, by name, in the order recorded.
 
-    On CUDA: the device activities the profiler records (kernels, memsets, copies). On CPU: the operator calls
-    that do work (the innermost ATen and extension operators, not allocations, views or operators that only
-    forward to others) plus Triton launches (under the interpreter). The CPU count stands for what the same
-    code launches on a GPU; a scalar conversion inside an operator can make it differ by one."""
+    On CUDA: the device activities the profiler records (kernels, memsets, copies), not the device-side spans of
+    ``record_function`` ranges (user annotations: a range around a kernel is recorded as one more device event,
+    which made the H200 run of 2026-12-04 count 2 per Triton launch). On CPU: the operator calls that do work (the
+    innermost ATen and extension operators, not allocations, views or operators that only forward to others) plus
+    Triton launches (``triton::<kernel>`` ranges, under the interpreter). The CPU count stands for
+    what the same code launches on a GPU; a scalar conversion inside an operator can make it differ by one.
+
+    ``warmup=True`` makes one unprofiled call first, so that what is counted is a steady-state call: the first call
+    of a freshly specialised Triton kernel compiles and loads it, and the device tables of the launchers and the
+    drift gate's counter are made then. "Launches per call" means a call after that first one."""
     device = torch.device(device)
+    if warmup:
+        fn(*args, **kwargs)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
     prof = torch.profiler.profile(activities=activities)
-    with triton_launches_wrapped(_in_profiler_range):
+    ranges = triton_launches_wrapped(_in_profiler_range) if device.type == "cpu" else contextlib.nullcontext()
+    with ranges:
         with _stderr_silenced():                      # the profiler's start/stop log lines
             prof.__enter__()
         try:
@@ -167,6 +178,12 @@ def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", **kw
             with _stderr_silenced():
                 prof.__exit__(None, None, None)
     events = prof.events()
-    if device.type == "cuda":
-        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
-    return sum(_launches(e) for e in events if e.cpu_parent is None)
+    if device.type == "cuda":   # a record_function range around kernels is a device event too: not a launch
+        return [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False)]
+    return [name for e in events if e.cpu_parent is None for name in _launches(e)]
+
+
+def count_launches(fn: Callable, *args, device: torch.device | str = "cpu", warmup: bool = False, **kwargs) -> int:
+    """How many kernel launches one call ``fn(*args, **kwargs)`` makes: ``len(launch_names(...))``."""
+    return len(launch_names(fn, *args, device=device, warmup=warmup, **kwargs))

@@ -57,6 +57,16 @@ def fp32_matmul_precision_highest():
     torch.set_float32_matmul_precision(saved)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: these tiny models' ops are far too small to share, and on a loaded machine spinning
+    threads make a step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Every (backend, device) pair an op's parity tests run on; unavailable pairs are skipped with the reason.
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]   # the storage dtypes every op takes
@@ -95,3 +105,71 @@ def assert_raises_untouched(fn, args, exc, match):
     for a, b in zip(args, before):
         if b is not None:
             assert torch.equal(a, b), "inputs must be left untouched"
+
+
+# --- the GPU tier ------------------------------------------------------------------------------------------------
+# ``pytest -m gpu_tier`` (bench/gpu_session.sh runs it on the GPU, one pass, in parallel): each op once on every GPU
+# backend and dtype, each pipeline's CUDA-graph replay against eager, the CUDA-only checks. Per test:
+# ``(where, per)``: one parametrisation per (backend-device, dtype, *per params) among those whose id contains
+# ``where``, on the "triton" and "cuda" backends on CUDA; ``EVERY``: each parametrisation on CUDA (a test without a
+# backend-device or device parameter is listed only if it is CUDA-only). tests/test_gpu_session.py checks that the
+# tier holds every op on each GPU backend it has, in every dtype.
+EVERY = None
+GPU_TIER = {
+    "test_consensus.py::test_parity_large_on_gpu": ("seed-12x128", ()),
+    "test_kv_ring.py::test_ring_write_parity": ("wrap-NL3-B2-H3-D5", ()),
+    "test_kv_ring.py::test_ring_write_device_start_equals_host_start": ("", ()),
+    "test_bank_evict.py::test_random_against_reference": ("M37-E5", ()),
+    "test_bank_insert.py::test_parity": ("NL3-B2-M3-F4-fsl5-D5", ()),
+    "test_pose_topk.py::test_against_reference": ("random-N50-P5-k8-", ()),
+    "test_drift_gate.py::test_patch_importance_parity": ("strided", ()),
+    "test_drift_gate.py::test_drift_parity": ("strided", ()),
+    "test_drift_gate.py::test_gate_step_parity": ("strided", ()),
+    "test_scale_attention.py::test_presets_parity": ("var-self", ()),
+    "test_verify.py::test_parity": ("B2-s1x2-V37-cfg-strided", ("mode",)),
+    "test_frame_write.py::test_parity": ("P7-F5-rows", ()),
+    "test_frame_attention.py::test_parity": ("F7-perhead-holes-gate", ()),
+    "test_frame_topk.py::test_parity": ("holes-per-head", ()),
+    "test_streaming_kv.py::test_long_stream_matches_cat_reference": ("", ()),
+    "test_step_graph.py::test_replay_reruns_the_ops_on_the_captured_tensors": EVERY,
+    "test_step_graph.py::test_warmup_runs_the_step_eagerly_before_the_capture": EVERY,
+    "test_step_graph.py::test_ring_append_replays_only_with_the_device_cursor": EVERY,
+    "test_step_graph.py::test_device_branch_replays_both_bodies": EVERY,
+    "test_pipeline_graphs.py::test_streaming_generator_block_replays_as_the_next_block_on_cuda_graphs": EVERY,
+    "test_pipeline_graphs.py::test_gated_policy_step_replays_both_branches_on_cuda": EVERY,
+    "test_pipeline_graphs.py::test_speculative_var_round_replays_on_cuda": EVERY,
+    "test_gpu.py::test_ring_append_replays_with_the_device_cursor": EVERY,
+    "test_gpu.py::test_gate_hand_off_stress_two_streams": EVERY,
+    "test_gpu.py::test_attention_grid_limit_on_cuda": EVERY,
+    "test_distributed.py::test_nccl_rank_on_a_gpu_equals_one_device_without_host_syncs": EVERY,
+    "test_distributed.py::test_nccl_two_gpus_equal_one_device": EVERY,
+}
+
+
+def _on_cuda(item, backends=None) -> bool:
+    """The item runs on CUDA (with one of ``backends`` when it has a backend-device parameter and they are given)."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    if "bd" in params:
+        return params["bd"][1] == "cuda" and (backends is None or params["bd"][0] in backends)
+    if "device" in params:
+        return params["device"] == "cuda"
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the GPU tier's items ``gpu_tier`` (before ``-m`` selects)."""
+    taken = set()
+    for item in items:
+        entry = GPU_TIER.get(f"{item.path.name}::{item.originalname}", False)
+        if entry is False or not _on_cuda(item, None if entry is EVERY else ("triton", "cuda")):
+            continue
+        if entry is not EVERY:
+            where, per = entry
+            params = item.callspec.params if hasattr(item, "callspec") else {}
+            key = (item.path.name, item.originalname, str(params.get("bd")), str(params.get("dtype")),
+                   *(str(params.get(p)) for p in per))
+            if where not in item.name or key in taken:
+                continue
+            taken.add(key)
+        item.add_marker(pytest.mark.gpu_tier)

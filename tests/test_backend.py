@@ -182,7 +182,8 @@ def test_run_skips_the_custom_op_wrapper_only_in_plain_eager():
 def test_define_op_declares_supports_values_and_outputs(monkeypatch):
     """One declaration: the check normalises, alloc serves out=True kernels (and the fake kernel), a backend's
     supports steers "auto" and is the reason a request by name gives, and the value check runs on "torch"/"cpu"
-    (on GPU backends only with STREAMKERN_DEBUG=1), flagged as a value check while it runs."""
+    (on GPU backends only with STREAMKERN_DEBUG=1, never during a CUDA capture), flagged as a value check while it
+    runs."""
     seen = []
 
     def values(x, n):
@@ -203,7 +204,20 @@ def test_define_op_declares_supports_values_and_outputs(monkeypatch):
     assert "cpu     at most 4 values, got 5" in str(info.value) and "torch   ok" in str(info.value)
     assert "triton  test_define_op has no 'triton' backend" in str(info.value)
     assert seen == [True] * 4 and not _backend.checking_values()
+    with monkeypatch.context() as m:   # a CUDA capture of the tensors' device in progress: no value check runs
+        m.setattr(_backend, "cuda_capturing", lambda device: True)
+        assert op(x, 1, backend="torch").tolist() == [1.0] * 3 and len(seen) == 4
     torch.library.opcheck(op.custom_op, (torch.zeros(3), 1, "cpu"))
+    cuda, impls = torch.device("cuda"), {"torch": lambda x: x, "cuda": lambda x: x, "triton": lambda x: x}
+    plain = _backend.define_op("test_define_op_default_order", "(Tensor x) -> Tensor", impls)
+    ordered = _backend.define_op("test_define_op_auto_order", "(Tensor x) -> Tensor", impls,
+                                 auto_order={"cuda": ("triton", "cuda", "torch")})
+    assert plain.backends.resolve("auto", cuda) == "cuda"       # the default order: "cuda", "triton", "torch"
+    assert ordered.backends.resolve("auto", cuda) == "triton"   # the op's own order on CUDA tensors
+    assert ordered.backends.resolve("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        _backend.define_op("test_define_op_bad_order", "(Tensor x) -> Tensor", {"torch": lambda x: x},
+                           auto_order={"cuda": ("tpu",)})
     with pytest.raises(ValueError, match="out=True"):
         _backend.define_op("test_define_op_no_alloc", "(Tensor x) -> Tensor",
                            {"torch": _backend.Kernel(lambda out, x: None, out=True)})

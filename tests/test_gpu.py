@@ -1,5 +1,5 @@
 """CUDA-only checks (issue 16), skipped on machines without a GPU: every op's call on CUDA against "torch", under
-``torch.cuda.set_sync_debug_mode("error")``, captured in a CUDA graph and replayed, compiled with Inductor (launch
+``torch.cuda.set_sync_debug_mode("error")``, its launches per call, captured in a CUDA graph and replayed, compiled with Inductor (launch
 count); the ring's device cursor across replays; the drift gate's last-block hand-off under stress and on two
 streams; Triton launches on a second GPU; grid limits. The cases are ``streamkern.bench.gpu_cases``; the CPU side of
 these checks is tests/test_gpu_readiness.py. ``bench/gpu_session.sh`` runs this file on the GPU."""
@@ -30,6 +30,12 @@ def test_op_on_cuda(name, backend):
 @pytest.mark.parametrize("name, backend", PAIRS)
 def test_op_never_syncs_in_sync_debug_mode(name, backend):
     gc.check_no_sync(gc.CASES[name]("cuda", backend))
+
+
+@pytest.mark.parametrize("name, backend", PAIRS)
+def test_op_launches_as_designed(name, backend, monkeypatch):
+    monkeypatch.undo()                                       # poisoned allocations would count as fills
+    gc.check_launches(gc.CASES[name]("cuda", backend))
 
 
 @pytest.mark.parametrize("name, backend", PAIRS)

@@ -9,7 +9,7 @@ import torch
 from conftest import backend_params
 
 import streamkern
-from streamkern import _backend
+from streamkern import _backend, step_graph
 
 SIZES = range(1, 1025)
 
@@ -128,7 +128,7 @@ def test_device_tables_are_made_outside_capture(call, module, cache, monkeypatch
     tables = getattr(importlib.import_module(module), cache).tables
     tables.clear()
     with monkeypatch.context() as m:
-        m.setattr(_backend, "capturing", lambda device: True)
+        m.setattr(step_graph, "capturing", lambda device: True)
         with pytest.raises(RuntimeError, match="during CUDA graph capture; run the op once eagerly"):
             call()
         assert not tables
@@ -136,7 +136,7 @@ def test_device_tables_are_made_outside_capture(call, module, cache, monkeypatch
     built = dict(tables)
     assert len(built) == 1
     with monkeypatch.context() as m:
-        m.setattr(_backend, "capturing", lambda device: True)
+        m.setattr(step_graph, "capturing", lambda device: True)
         got = call()
     assert tables == built and all(tables[k] is built[k] for k in built)
     for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
@@ -242,6 +242,18 @@ def test_gpu_cases_replay_here(name):
     from streamkern.bench import gpu_cases as gc
 
     gc.check_graph(_case_here(name), replays=2)
+
+
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_cases_launch_as_designed_here(name, monkeypatch):
+    """The launch count tests/test_gpu.py checks on CUDA, here on Triton's interpreter (the operators and Triton
+    launches of a steady-state call): a fill, copy or small tensor made per call by a launcher shows here too."""
+    from streamkern.bench import gpu_cases as gc
+
+    if not gc.has_backend(name, "triton") or "triton" not in streamkern.available_backends("cpu"):
+        pytest.skip(f"{name}: no triton backend to interpret here")
+    monkeypatch.undo()                                       # poisoned allocations would count as fills
+    gc.check_launches(gc.CASES[name]("cpu", "triton"))
 
 
 @pytest.mark.parametrize("name", ["bank_insert", "drift_gate"])

@@ -10,7 +10,8 @@ import streamkern
 from conftest import backend_params
 from streamkern.pipelines import (GatedPolicy, HostSyncError, MemoryBank, MemoryWorldModel, SpeculativeVAR,
                                   StreamingGenerator, count_host_syncs)
-from streamkern.pipelines._runtime import host_read, measure_parts
+from streamkern.host_sync import host_read
+from streamkern.pipelines._runtime import measure_parts
 from streamkern.pipelines.speculative_var import guided
 from streamkern.pipelines.world_model import MemoryBuffer, camera_trajectory
 from streamkern.testing import assert_parity, rel_error

@@ -5,14 +5,17 @@ import torch
 
 import streamkern as sk
 from streamkern.kv_ring import ring_write_at_op
-from streamkern.pipelines._runtime import count_host_syncs
-from streamkern.step_graph import CaptureError, StepGraph, device_branch
+from streamkern.host_sync import count_host_syncs
+from streamkern import step_graph
+from streamkern.step_graph import CaptureError, StepGraph, conditional_nodes_supported, device_branch
 
 from conftest import backend_params
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="no CUDA device on this machine"))]
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=NO_CUDA)]
+# device_branch captured on CUDA: conditional nodes, which this torch may lack (then the reason is the skip's)
+BRANCH_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[
+    NO_CUDA, pytest.mark.skipif(bool(conditional_nodes_supported()), reason=conditional_nodes_supported())])]
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_replay_reruns_the_ops_on_the_captured_tensors(device):
@@ -94,7 +97,7 @@ def _branchy(state: torch.Tensor, x: torch.Tensor):
     return step
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", BRANCH_DEVICES)
 @pytest.mark.parametrize("first", [1.0, -1.0], ids=["captured-taking-true", "captured-taking-false"])
 def test_device_branch_replays_both_bodies(first, device):
     """Captured while taking either body, the replay takes the body the device value chooses (on CUDA a
@@ -116,6 +119,27 @@ def test_device_branch_replays_both_bodies(first, device):
         taken.add(bool(new.sum() > 0))
         assert torch.equal(got[0], want[0]) and torch.equal(state, estate)
     assert taken == {True, False}
+
+
+def test_conditional_nodes_need_the_graph_api_and_cuda_12_4(monkeypatch):
+    """What device_branch needs under a CUDA capture: both CUDAGraph methods and CUDA >= 12.4. Where either is
+    missing, the reason names the torch and CUDA installed, and the branch raises it as a RuntimeError before
+    touching the graph (torch 2.11 lacks the lookup the first version called: an AttributeError mid-capture)."""
+    for name in ("begin_capture_to_if_node", "end_capture_to_conditional_node"):
+        monkeypatch.setattr(torch.cuda.CUDAGraph, name, lambda self, *args: None, raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert conditional_nodes_supported() == ""
+    monkeypatch.setattr(torch.version, "cuda", "12.3")
+    assert conditional_nodes_supported().endswith(f"needs CUDA 12.4 or newer (conditional nodes); installed: torch "
+                                                  f"{torch.__version__}, CUDA 12.3")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delattr(torch.cuda.CUDAGraph, "end_capture_to_conditional_node")
+    why = conditional_nodes_supported()
+    assert "(torch 2.13 has them)" in why and why.endswith(f"installed: torch {torch.__version__}, CUDA 13.0, whose "
+                                                           f"CUDAGraph lacks end_capture_to_conditional_node")
+    with pytest.raises(RuntimeError) as info:
+        step_graph._cuda_branch(None, torch.tensor(True), lambda: None, lambda: None)
+    assert str(info.value) == why
 
 
 def test_device_branch_eagerly_is_one_declared_read():

@@ -143,7 +143,9 @@ class GatedPolicy:
         self.thresholds = dict(drift_threshold=drift_threshold, state_threshold=state_threshold)
         self.dilation = dilation
 
-    def _gate(self):
+    def gate(self):
+        """A fresh gate for :meth:`step`: the seed's ``ProAttentionGate`` (eager), else a :class:`DriftGate` on the
+        pipeline's backend (it carries the previous frame, state and KV from step to step)."""
         if self.eager:
             return ProAttentionGate(dilation_kernel=self.dilation, **self.thresholds)
         return DriftGate(dilation=self.dilation, pool=8, layer_range=(14, 18), num_vision_tokens=256,
@@ -200,7 +202,7 @@ class GatedPolicy:
         """Run one scripted episode of ``steps`` frames. Outputs: ``actions [steps, B, A, 7]``,
         ``reasons [steps]`` int64 (``GateReason`` codes), ``drift [steps]`` float64."""
         images, states = scripted_trajectory(steps, self.batch, self.seed, self.device)
-        gate, log = self._gate(), []
+        gate, log = self.gate(), []
         record = PipelineRun("GatedPolicy", "torch (eager)" if self.eager else self.backend, {})
         for t in range(steps):
             noise = randn((self.batch, self.policy.action_tokens, self.policy.action_dim), self.seed * 7919 + t,

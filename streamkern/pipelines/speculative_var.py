@@ -29,8 +29,9 @@ from torch import nn
 from ..reference.scale_attention import seed_attention, seed_bias
 from ..reference.verify import inverse_cdf, sdvar_greedy_check
 from ..scale_attention import block_masked_attention, scale_allow, scale_layout
+from ..host_sync import host_read
 from ..verify import verify_scales
-from ._runtime import PipelineRun, host_read, nbytes, part, timed_step
+from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, seeded
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)

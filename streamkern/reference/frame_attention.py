@@ -10,7 +10,10 @@ with the entries -1 dropped (and nothing at all when ``gate[b]`` is False), and
     out[b, :, h] = softmax(sm_scale · q[b, :, h] · keys(b, h)ᵀ) · values(b, h)        (softmax in float32)
     lse[b, h, i] = log Σ_j exp(sm_scale · q[b, i, h] · keys(b, h)_j)                 (natural log)
 
-A (b, h) with no key gives out 0 and lse -inf.
+A (b, h) with no key gives out 0 and lse -inf. Nothing outside the listed pages and the chunk reaches the output,
+whatever bits it holds (a pool made with ``torch.empty``, the padding of padded pages, the pages of a closed row):
+the gathered tokens that are not listed are zeroed before any product, since a masked score or a zero weight would
+still turn a NaN or an infinity into NaN (``0 · NaN``).
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ def _gather(pages: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale: float):
-    """The ``"torch"`` backend: gather the listed pages, append the new chunk, one masked
-    ``scaled_dot_product_attention`` in float32 (float64 for float64 inputs). Returns ``(out, lse)``."""
+    """The ``"torch"`` backend: gather the listed pages, append the new chunk, zero the tokens not listed (-1
+    entries, closed rows), one masked ``scaled_dot_product_attention`` in float32 (float64 for float64 inputs).
+    Returns ``(out, lse)``."""
     B, Lq, H, D = q.shape
     P, Fl = k_pages.shape[1], k_pages.shape[2]
     work = torch.promote_types(q.dtype, torch.float32)
@@ -50,6 +54,7 @@ def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scal
         listed = torch.cat([listed, listed.new_ones(B, H, new_k.shape[1])], dim=2)
     if gate is not None:
         listed = listed & gate.expand(B)[:, None, None]
+    keys, values = keys.where(listed[..., None], 0.0), values.where(listed[..., None], 0.0)
     mask = listed[:, :, None, :].expand(B, H, Lq, listed.shape[-1])               # [B, H, Lq, Lk]
     queries = q.to(work).transpose(1, 2)                                           # [B, H, Lq, D]
     scores = torch.where(mask, sm_scale * queries @ keys.transpose(-1, -2), float("-inf"))

@@ -1,15 +1,20 @@
-"""FastVideo on a CPU machine, for the client tests and bench/bench_fastvideo.py (never imported by the library).
+"""FastVideo on a CPU machine or a GPU one, for the client tests and bench/bench_fastvideo.py (never imported by the
+library).
 
-``setup()`` applies the shims a CPU install needs (found by trying; see docs/fastvideo.md): torchvision's compiled
-ops do not load on CPU torch, so their ``nms``/``qnms`` schemas are defined before it is imported; FastVideo's
-``CpuPlatform`` names no attention backend, so it is pointed at FastVideo's SDPA backend; the models' forward needs
-FastVideo's distributed state (one gloo rank on 127.0.0.1); its ``get_local_torch_device`` answers "mps"
-without CUDA, so it is pointed at the CPU. ``wan``/``matrixgame2`` build tiny random-weight models
-with every parameter initialised (several layers allocate theirs with ``torch.empty``); ``run_stage`` drives
-FastVideo's own denoising stage; ``stream_blocks`` calls a model block by block as the stages do, in any dtype.
+``setup()`` applies the shims an install without FastVideo's full dependency set needs (found by trying; see
+docs/fastvideo.md): torchvision's compiled ops do not load on CPU torch, so their ``nms``/``qnms`` schemas are
+defined before it is imported; without scipy (not carried to the GPU machine: 35 MB, and only FastVideo's
+schedulers, unused here, call it) ``scipy`` is a stand-in whose every function raises; FastVideo's ``CpuPlatform``
+names no attention backend, so it is pointed at FastVideo's SDPA backend; the models' forward needs FastVideo's
+distributed state (one rank on 127.0.0.1); without CUDA its ``get_local_torch_device`` answers "mps", so it is
+pointed at the CPU. ``wan``/``matrixgame2`` build random-weight models (on a ``device``) with every parameter
+initialised (several layers allocate theirs with ``torch.empty``); ``run_stage`` drives FastVideo's own denoising
+stage; ``stream_blocks`` calls a model block by block as the stages do, in any dtype.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -30,23 +35,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class MissingPackage(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Stand-in modules for package ``top`` and its submodules, found only where the package is not installed
+    (the finder comes last): their attributes are functions that raise ``ModuleNotFoundError`` naming what was
+    called, so importing works and any use fails loudly."""
+
+    def __init__(self, top: str):
+        self.top = top
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.top or name.startswith(self.top + "."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+        def missing(attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+
+            def call(*args, **kwargs):
+                raise ModuleNotFoundError(f"{module.__name__}.{attr}: {self.top} is not installed here (a stand-in "
+                                          f"from tests/integrations/fastvideo_env.py)")
+            return call
+        module.__getattr__ = missing
+
+
+def _torchvision_ops_load() -> bool:
+    """torchvision's compiled ops load into this torch (a torchvision built for it, e.g. 0.26.0+cu130 next to torch
+    2.11.0+cu130); loading them registers their schemas, which a later ``import torchvision`` finds."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    library = os.path.join(list(spec.submodule_search_locations)[0], "_C.so")
+    try:
+        torch.ops.load_library(library)
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
 _SP_SIZE: int | None = None   # FastVideo's sequence-parallel size, once set up
 
 
 def setup(sp_size: int | None = None) -> None:
-    """Make fastvideo importable and runnable on this CPU (once per process). ``sp_size``: FastVideo's
+    """Make fastvideo importable and runnable here, on the CPU or a GPU (once per process). ``sp_size``: FastVideo's
     sequence-parallel size, over the ranks of the torch.distributed group already initialised (default: the group
-    set up before, else 1 on a gloo rank of its own)."""
+    set up before, else 1 on a rank of its own)."""
     global _SP_SIZE
     if _SP_SIZE is not None:
         if sp_size not in (None, _SP_SIZE):
             raise ValueError(f"sp_size: FastVideo is set up with sp_size={_SP_SIZE} in this process, got {sp_size}")
         return
-    for op in ("nms", "qnms"):
-        try:
-            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        except RuntimeError:   # torchvision's own ops are loaded (a torchvision built for this torch)
-            pass
+    if importlib.util.find_spec("scipy") is None:
+        sys.meta_path.append(MissingPackage("scipy"))
+    if not _torchvision_ops_load():   # a torchvision built for another torch: its import needs these schemas
+        for op in ("nms", "qnms"):
+            try:
+                torch.library.define(f"torchvision::{op}",
+                                     "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            except RuntimeError:   # defined already
+                pass
     from fastvideo.platforms.cpu import CpuPlatform
 
     CpuPlatform.get_attn_backend_cls = classmethod(
@@ -56,27 +109,30 @@ def setup(sp_size: int | None = None) -> None:
     from fastvideo.distributed import maybe_init_distributed_environment_and_model_parallel
 
     maybe_init_distributed_environment_and_model_parallel(1, sp_size or 1)
-    import fastvideo.distributed.parallel_state as state
+    if not torch.cuda.is_available():
+        import fastvideo.distributed.parallel_state as state
 
-    original = state.get_local_torch_device   # answers "mps" on any machine without CUDA or NPU
-    for module in [m for name, m in sys.modules.items() if name.startswith("fastvideo")]:
-        if getattr(module, "get_local_torch_device", None) is original:
-            module.get_local_torch_device = lambda: torch.device("cpu")
+        original = state.get_local_torch_device   # answers "mps" on any machine without CUDA or NPU
+        for module in [m for name, m in sys.modules.items() if name.startswith("fastvideo")]:
+            if getattr(module, "get_local_torch_device", None) is original:
+                module.get_local_torch_device = lambda: torch.device("cpu")
     _SP_SIZE = sp_size or 1
 
 
 def init_parameters(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter drawn from N(0, 1/fan_in) (1-D ones around 1 for scales, 0 for the rest)."""
-    gen = torch.Generator().manual_seed(seed)
+    """Every parameter drawn from N(0, 1/fan_in) (1-D ones around 1 for scales, 0 for the rest), on the
+    parameters' device (the same values on every CPU; a GPU draws its own)."""
+    gens = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            noise = torch.randn(p.shape, generator=gen, device=p.device)
             if p.dim() >= 2:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+                p.copy_(noise / math.sqrt(math.prod(p.shape[1:])))
             elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1 + 0.1 * noise)
             else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(0.1 * noise)
     return model
 
 
@@ -92,8 +148,9 @@ TINY = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_cha
 
 
 def wan(*, local_attn_size: int, sink_size: int, frames_per_block: int = 3, seed: int = 0, dtype=torch.float32,
-        **arch) -> torch.nn.Module:
-    """A tiny random-weight ``CausalWanTransformer3DModel`` (Self-Forcing-style causal Wan)."""
+        device="cpu", **arch) -> torch.nn.Module:
+    """A random-weight ``CausalWanTransformer3DModel`` (Self-Forcing-style causal Wan; tiny unless ``arch`` says
+    otherwise), built on ``device``."""
     setup()
     from fastvideo.configs.models.dits import WanVideoConfig
     from fastvideo.models.dits.causal_wanvideo import CausalWanTransformer3DModel
@@ -101,13 +158,15 @@ def wan(*, local_attn_size: int, sink_size: int, frames_per_block: int = 3, seed
     config = _arch(WanVideoConfig(), **{**TINY, "text_dim": 16, "text_len": 8, "local_attn_size": local_attn_size,
                                        "sink_size": sink_size, "num_frames_per_block": frames_per_block,
                                        "sliding_window_num_frames": max(local_attn_size, 1), **arch})
-    model = CausalWanTransformer3DModel(config, {})
-    return init_parameters(model, seed).to(dtype).eval()
+    with torch.device(device):
+        model = CausalWanTransformer3DModel(config, {})
+    return init_parameters(model.to(device), seed).to(dtype).eval()
 
 
 def matrixgame2(*, local_attn_size: int, sink_size: int, frames_per_block: int = 3, seed: int = 0,
-                dtype=torch.float32, **arch) -> torch.nn.Module:
-    """A tiny random-weight ``CausalMatrixGame2WanModel`` (Matrix-Game 2.0, no action module)."""
+                dtype=torch.float32, device="cpu", **arch) -> torch.nn.Module:
+    """A random-weight ``CausalMatrixGame2WanModel`` (Matrix-Game 2.0, no action module; tiny unless ``arch`` says
+    otherwise), built on ``device``."""
     setup()
     from fastvideo.configs.models.dits.matrixgame2 import MatrixGame2WanVideoConfig
     from fastvideo.models.dits.matrixgame2.causal_model import CausalMatrixGame2WanModel
@@ -116,8 +175,9 @@ def matrixgame2(*, local_attn_size: int, sink_size: int, frames_per_block: int =
                                                   "action_config": {}, "local_attn_size": local_attn_size,
                                                   "sink_size": sink_size, "num_frames_per_block": frames_per_block,
                                                   "sliding_window_num_frames": local_attn_size, **arch})
-    model = CausalMatrixGame2WanModel(config, {})
-    return init_parameters(model, seed).to(dtype).eval()
+    with torch.device(device):
+        model = CausalMatrixGame2WanModel(config, {})
+    return init_parameters(model.to(device), seed).to(dtype).eval()
 
 
 def frame_seq_length(height: int, width: int) -> int:
@@ -125,28 +185,30 @@ def frame_seq_length(height: int, width: int) -> int:
     return (height // 2) * (width // 2)
 
 
-def caches(model, batch: int, frame_len: int, dtype, text_len: int):
-    """The per-layer ``kv_cache`` and ``crossattn_cache`` dicts FastVideo's stages create for a request."""
+def caches(model, batch: int, frame_len: int, dtype, text_len: int, device="cpu"):
+    """The per-layer ``kv_cache`` and ``crossattn_cache`` dicts FastVideo's stages create for a request (on the
+    model's ``device``, index tensors included, as the stages make them)."""
     heads, head_dim = model.num_attention_heads, model.attention_head_dim
     size = model.local_attn_size * frame_len
-    kv = [{"k": torch.zeros(batch, size, heads, head_dim, dtype=dtype),
-           "v": torch.zeros(batch, size, heads, head_dim, dtype=dtype),
-           "global_end_index": torch.tensor([0], dtype=torch.long),
-           "local_end_index": torch.tensor([0], dtype=torch.long)} for _ in model.blocks]
-    cross = [{"k": torch.zeros(batch, text_len, heads, head_dim, dtype=dtype),
-              "v": torch.zeros(batch, text_len, heads, head_dim, dtype=dtype), "is_init": False}
+    kv = [{"k": torch.zeros(batch, size, heads, head_dim, dtype=dtype, device=device),
+           "v": torch.zeros(batch, size, heads, head_dim, dtype=dtype, device=device),
+           "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+           "local_end_index": torch.tensor([0], dtype=torch.long, device=device)} for _ in model.blocks]
+    cross = [{"k": torch.zeros(batch, text_len, heads, head_dim, dtype=dtype, device=device),
+              "v": torch.zeros(batch, text_len, heads, head_dim, dtype=dtype, device=device), "is_init": False}
              for _ in model.blocks]
     return kv, cross
 
 
 def conditioning(model, batch: int, seed: int) -> dict:
-    """Random text (Wan) or image (Matrix-Game 2.0) conditioning in the model's dtype, as model keywords."""
+    """Random text (Wan) or image (Matrix-Game 2.0) conditioning in the model's dtype and on its device, as model
+    keywords (drawn on the CPU: the same values on every device)."""
     gen = torch.Generator().manual_seed(seed)
-    dtype = model.proj_out.weight.dtype
+    dtype, device = model.proj_out.weight.dtype, model.proj_out.weight.device
     if type(model).__name__ == "CausalMatrixGame2WanModel":
-        image = torch.randn(batch, 257, model.config.arch_config.image_dim, generator=gen).to(dtype)
+        image = torch.randn(batch, 257, model.config.arch_config.image_dim, generator=gen).to(device, dtype)
         return {"encoder_hidden_states": None, "encoder_hidden_states_image": [image], "text_len": 257}
-    text = torch.randn(batch, model.text_len, model.config.arch_config.text_dim, generator=gen).to(dtype)
+    text = torch.randn(batch, model.text_len, model.config.arch_config.text_dim, generator=gen).to(device, dtype)
     return {"encoder_hidden_states": text, "text_len": model.text_len}
 
 

@@ -24,7 +24,9 @@ struct FrameWriteParams {
   int64_t page_stride[2] = {};
 };
 
-// One thread per (frame, h, d) column: F tokens copied for k and v, the k column summed in float32.
+// One block per (frame, group of columns of the [H, D] rows: 16 16-byte vectors when the rows are contiguous and
+// aligned, else 32 elements), the block's other threads token lanes: F tokens copied for k and v, the keys summed in
+// float32 per lane, the lanes' sums added in a fixed order (deterministic) into the mean.
 LaunchStatus frame_write_launch(const FrameWriteParams& p, DType dtype, void* stream);
 
 }  // namespace streamkern
