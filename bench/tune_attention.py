@@ -28,7 +28,8 @@ kernels/frame_attention.py and kernels/scale_attention.py should say).
 Budget: ``--budget`` seconds for the whole run (default 170, inside the 3 minutes a GPU session gives it); work is done
 in order of importance — per shape the baseline, the pointer kernel and the committed config, then every other
 config at MemFlow's and VAR's shapes, then at the others, FlexAttention last — and what the budget leaves out is a
-row saying so. FlexAttention compiles for tens of seconds per shape: it has its own cap (``--flex-budget``, default
+row saying so. Interrupted (SIGINT, as a session's ``timeout -s INT`` cap does), it prints the table of what it
+measured and returns. FlexAttention compiles for tens of seconds per shape: it has its own cap (``--flex-budget``, default
 45 s, enforced by an alarm that interrupts a compilation in progress) and ``--no-flex`` leaves it out.
 
 ``--dry-run``: on this CPU in seconds, tiny shapes (2×16 heads, pages of 5-9 tokens), the Triton kernels under
@@ -423,10 +424,13 @@ def run(device: torch.device, budget: float, flex_budget: float, jsonl: str | No
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    stage(0, ordered)
-    stage(1, [n for n in ordered if n in PRIORITY_SHAPES])
-    stage(1, [n for n in ordered if n not in PRIORITY_SHAPES])
-    stage(2, [n for n in ("memflow", *scale_shapes) if n in frame_shapes or n in scale_shapes])
+    try:
+        stage(0, ordered)
+        stage(1, [n for n in ordered if n in PRIORITY_SHAPES])
+        stage(1, [n for n in ordered if n not in PRIORITY_SHAPES])
+        stage(2, [n for n in ("memflow", *scale_shapes) if n in frame_shapes or n in scale_shapes])
+    except KeyboardInterrupt:   # a session's cap (timeout -s INT): keep what was measured, print it
+        tuner.skip("-", "-", "interrupted (SIGINT): the rows above are what was measured")
     for r in tuner.rows:                         # rows measured before their shape's baseline (FlexAttention's)
         if r.ms is not None and r.ratio is None and r.shape in tuner.base_ms:
             r.base, base_ms = tuner.base_ms[r.shape]

@@ -56,3 +56,23 @@ def test_flex_cap_interrupts_what_runs_past_it():
     with pytest.raises(tune_attention.BudgetExceeded, match="--flex-budget"):
         with tuner.flex_cap():
             pass
+
+
+def test_interrupt_keeps_the_rows(monkeypatch, tmp_path):
+    """SIGINT (a session's cap) in the middle: the rows measured so far stay in the file, the table is printed."""
+    calls = []
+    real = tune_attention._frame_shape
+
+    def interrupted(tuner, name, *args):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(tuner, name, *args)
+
+    monkeypatch.setattr(tune_attention, "_frame_shape", interrupted)
+    path = tmp_path / "rows.jsonl"
+    tuner = tune_attention.main(["--dry-run", "--jsonl", str(path), "--shapes", "cdit", "memflow"])
+    assert calls == ["memflow", "cdit"]
+    rows = [json.loads(line) for line in path.read_text().splitlines()][1:]
+    assert any(r["shape"] == "memflow" and r["ms"] for r in rows)
+    assert "interrupted" in rows[-1]["note"] and tuner.rows[-1].note == rows[-1]["note"]
