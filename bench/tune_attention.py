@@ -21,8 +21,9 @@
 
 TFLOP/s count ``4·D`` per attended (query, key) pair (all pairs of the listed pages; the allowed pairs of a scale
 mask). Relative error ‖out − ref‖ / ‖ref‖ against fp32 SDPA over the same keys (with the boolean mask for scale
-masks). Each row is printed as measured and, with ``--jsonl PATH``, appended to PATH as one JSON object and flushed;
-one table is printed at the end with, per shape, the fastest Hopper config (what the committed ``_choose`` tables of
+masks). Each row is printed as measured and, with ``--jsonl PATH``, appended to PATH as one JSON object and
+flushed (``"source": "tune"``, which bench/gpu_pack.py's summary counts; the first, ``"kind": "info"``, names the
+device); one table is printed at the end with, per shape, the fastest Hopper config (what the committed choices of
 kernels/frame_attention.py and kernels/scale_attention.py should say).
 
 Budget: ``--budget`` seconds for the whole run (default 170, inside the 3 minutes a GPU session gives it); work is done
@@ -111,7 +112,7 @@ class Tuner:
         print(_line(row), flush=True)
         if self.jsonl:
             with open(self.jsonl, "a") as f:
-                f.write(json.dumps({"kind": "tune_attention", **vars(row)}) + "\n")
+                f.write(json.dumps({"source": "tune", "kind": "row", **vars(row)}) + "\n")
                 f.flush()
 
     def skip(self, shape: str, impl: str, why: str) -> None:
@@ -408,7 +409,7 @@ def run(device: torch.device, budget: float, flex_budget: float, jsonl: str | No
     info = device_info(device)
     if jsonl:
         with open(jsonl, "a") as f:
-            f.write(json.dumps({"kind": "tune_attention_env", "dry_run": dry, **info}) + "\n")
+            f.write(json.dumps({"source": "tune", "kind": "info", "dry_run": dry, **info}) + "\n")
     print(f"tune_attention on {info['name']} (torch {info['torch']}, triton {info['triton']}, commit "
           f"{info['commit']}){' — dry run: the interpreter, tiny shapes; timings mean nothing' if dry else ''}")
     dtype = torch.bfloat16

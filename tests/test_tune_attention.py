@@ -20,8 +20,9 @@ def test_dry_run_times_every_kernel_and_config(tmp_path, capsys):
                                  "var256-d16"])
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0] == {"kind": "earlier"}                                       # appended, not overwritten
-    assert lines[1]["kind"] == "tune_attention_env" and lines[1]["dry_run"] is True
+    assert lines[1]["source"] == "tune" and lines[1]["kind"] == "info" and lines[1]["dry_run"] is True
     rows = lines[2:]
+    assert all(r["source"] == "tune" and r["kind"] == "row" for r in rows)
     assert [r["impl"] for r in rows] == [r.impl for r in tuner.rows]            # one line per row, as measured
     measured = {(r["shape"], r["impl"]): r for r in rows if r["ms"] is not None}
     for shape, configs in (("memflow", kfa.CONFIGS), ("memflow-sparse", kfa.CONFIGS), ("var256-d16", ksa.CONFIGS)):
