@@ -30,8 +30,9 @@ Budget: ``--budget`` seconds for the whole run (default 170, inside the 3 minute
 in order of importance — per shape the baseline, the pointer kernel and the committed config, then every other
 config at MemFlow's and VAR's shapes, then at the others, FlexAttention last — and what the budget leaves out is a
 row saying so. Interrupted (SIGINT, as a session's ``timeout -s INT`` cap does), it prints the table of what it
-measured and returns. FlexAttention compiles for tens of seconds per shape: it has its own cap (``--flex-budget``, default
-45 s, enforced by an alarm that interrupts a compilation in progress) and ``--no-flex`` leaves it out.
+measured and returns. FlexAttention compiles with Inductor at its first call of each shape (the H200 session's 15 s
+bench caps were spent there): it has its own cap (``--flex-budget``, default 45 s, enforced by an alarm that
+interrupts a compilation in progress) and ``--no-flex`` leaves it out.
 
 ``--dry-run``: on this CPU in seconds, tiny shapes (2×16 heads, pages of 5-9 tokens), the Triton kernels under
 Triton's interpreter (``TRITON_INTERPRET=1``, set here before the kernels are imported) at every config, the float64
