@@ -278,9 +278,10 @@ class HopperKernel:
     (one compiled binary per key, no timing, no host sync: safe in a CUDA-graph capture and under sync debug mode
     "error"). With ``STREAMKERN_AUTOTUNE=1`` (CUDA only) the kernel runs through ``triton.autotune`` over the
     configs keyed on ``autotune_key`` (the head dim and table kind; Triton adds every tensor's dtype): the first
-    call of a key times every config — it synchronises and takes seconds — and the process keeps the winner. That
-    first call must be an eager one: inside a CUDA-graph capture or under sync debug mode "error" it raises
-    RuntimeError instead of tuning (make one eager call with the same head dim, dtypes and table kind first).
+    call of a key times every config — it synchronises and takes seconds — and the process keeps the winner (and
+    Triton's cache keeps the timings for later processes, ``cache_results``). A process's first call of a key must
+    be an eager one: inside a CUDA-graph capture or under sync debug mode "error" it raises RuntimeError instead of
+    tuning (make one eager call with the same head dim, dtypes and table kind first).
 
     Warp-specialised configs take only the launches the launcher allows (``ws_ok``: Triton 3.6-3.9 specialise one
     key loop without branches, see the kernels). A launcher whose host work depends on the tiles (the visit lists
@@ -302,8 +303,8 @@ class HopperKernel:
             configs = [triton.Config(c.meta(self.with_warp_specialize), num_warps=c.num_warps,
                                      num_stages=c.num_stages)
                        for c in self.configs if (ws_ok or not c.warp_specialize) and tiles in (None, c.tiles)]
-            self.autotuners[picked] = triton.autotune(configs, key=self.autotune_key, do_bench=_bench_briefly)(
-                self.kernel)
+            self.autotuners[picked] = triton.autotune(configs, key=self.autotune_key, do_bench=_bench_briefly,
+                                                      cache_results=True)(self.kernel)
         return self.autotuners[picked]
 
     def config(self, key: tuple, Lq: int, ws_ok: bool, config: HopperConfig | None) -> HopperConfig | None:
