@@ -10,6 +10,10 @@ update ``online_softmax_tile`` of ``kernels/attention_tile.py`` (scores in log2 
 module also picks the tiles and the dots' precision: 3×TF32 for fp32 inputs unless torch's float32 matmul precision
 allows TF32); at the end ``out = acc / l`` and ``lse = (m + log2 l)·ln 2``, with out 0 and lse -inf where no key
 was seen (``l = 0``). Page offsets are int64 (a layer of a pool may exceed 2³¹ elements).
+
+On sm_90 and later, fp16/bf16 inputs whose rows are 16-byte aligned run ``_frame_attention_tma_kernel`` instead: the
+same program and the same results, its tiles copied by TMA through tensor descriptors (docs/frame_attention.md,
+"The Hopper kernels"; the rule and the configs in ``kernels/attention_tile.py``). Either way one launch.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import LOG2E, online_softmax_tile, tile_config
+from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_tile, online_softmax_tile_tma,
+                             WS_MAX_PAGES, tile_config, tma_dot_dtype, tma_unsupported)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -88,10 +93,123 @@ def _frame_attention_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F,
     tl.store(LSE + b * slb + h * slh + offs_m * slm, lse, mask=m_ok)
 
 
-def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale: float):
+# The Hopper kernel (kernels/attention_tile.py: where it runs, its configs). Page ids and the chunk length are
+# loop bounds and coordinates here, so they and the table are not specialisation keys either.
+@triton.jit(do_not_specialize=["TABLE", "K", "Ln", "stb", "sth", "stk", "per_head"])
+def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F, K, Ln, qk_scale, per_head,
+                                sqb, sql, sqh, skb, skp, skt, skh, svb, svp, svt, svh, stb, sth, stk,
+                                snb, snl, snh, sub, sul, suh, sg, sob, sol, soh, slb, slh, slm,
+                                HAS_NEW: tl.constexpr, HAS_GATE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                                LAZY_RESCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, MAX_PAGES: tl.constexpr):
+    """The attention of ``_frame_attention_kernel`` with every tile read by TMA, through descriptors over this
+    program's (b, h): queries ``[Lq, D]``, each pool layer ``[P, F, D]`` (a key tile is the box ``[page,
+    t·BLOCK_N : +BLOCK_N, :]``) and the chunk ``[Ln, D]``; rows past F, Ln or Lq and columns past D read as zeros.
+    The pages are one flat loop of ``K·ceil(F / BLOCK_N)`` tiles (page ``j`` and tile ``t`` carried), so the
+    pipeline does not drain at the end of each page; an id outside ``[0, P)`` is read at coordinate P, wholly out
+    of bounds: zeros, every key masked. ``out`` is contiguous (the launcher's). ``per_head`` (the table kind, 0 or
+    1) only keys the autotuner: an int, not a constexpr, so a table that looks shared while it is empty (K = 0)
+    compiles nothing more."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_desc = tl.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[Lq, D], strides=[sql, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])
+    q = q_desc.load([pid_m * BLOCK_M, 0]).to(DOT_DTYPE)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_pages = K
+    n_new = Ln
+    if HAS_GATE:
+        open_ = tl.load(GATE + b * sg) != 0
+        n_pages = tl.where(open_, K, 0)
+        n_new = tl.where(open_, Ln, 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_desc = tl.make_tensor_descriptor(KP + b * skb + h * skh, shape=[P, F, D], strides=[skp, skt, 1],
+                                       block_shape=[1, BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(VP + b * svb + h * svh, shape=[P, F, D], strides=[svp, svt, 1],
+                                       block_shape=[1, BLOCK_N, BLOCK_D])
+    tiles_per_page = tl.cdiv(F, BLOCK_N)
+    if WARP_SPECIALIZE:   # the producer warp may not load through pointers: the table row waits in registers
+        tl.static_assert(not HAS_NEW and not LAZY_RESCALE, "warp specialisation: one key loop, no branch in it")
+        offs_k = tl.arange(0, MAX_PAGES)
+        ids = tl.load(TABLE + b * stb + h * sth + offs_k.to(tl.int64) * stk, mask=offs_k < n_pages, other=-1)
+        ids = tl.where((ids >= 0) & (ids < P), ids, P).to(tl.int32)
+    j = 0
+    t = 0
+    for _ in tl.range(0, n_pages * tiles_per_page, warp_specialize=WARP_SPECIALIZE):
+        if WARP_SPECIALIZE:
+            page = tl.sum(tl.where(offs_k == j, ids, 0))
+        else:
+            page = tl.load(TABLE + b * stb + h * sth + j.to(tl.int64) * stk)
+            page = tl.where((page >= 0) & (page < P), page, P).to(tl.int32)
+        k = k_desc.load([page, t * BLOCK_N, 0]).reshape([BLOCK_N, BLOCK_D]).to(DOT_DTYPE)
+        v = v_desc.load([page, t * BLOCK_N, 0]).reshape([BLOCK_N, BLOCK_D]).to(DOT_DTYPE)
+        keep = (offs_n < F - t * BLOCK_N)[None, :] & (page < P)
+        acc, m_i, l_i = online_softmax_tile_tma(q, k, v, keep, acc, m_i, l_i, qk_scale, LAZY_RESCALE, DOT_DTYPE)
+        t += 1
+        page_done = t == tiles_per_page
+        j = tl.where(page_done, j + 1, j)
+        t = tl.where(page_done, 0, t)
+    if HAS_NEW:
+        nk_desc = tl.make_tensor_descriptor(NK + b * snb + h * snh, shape=[Ln, D], strides=[snl, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D])
+        nv_desc = tl.make_tensor_descriptor(NV + b * sub + h * suh, shape=[Ln, D], strides=[sul, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D])
+        for t in range(0, tl.cdiv(n_new, BLOCK_N)):
+            k = nk_desc.load([t * BLOCK_N, 0]).to(DOT_DTYPE)
+            v = nv_desc.load([t * BLOCK_N, 0]).to(DOT_DTYPE)
+            keep = (offs_n < n_new - t * BLOCK_N)[None, :]
+            acc, m_i, l_i = online_softmax_tile_tma(q, k, v, keep, acc, m_i, l_i, qk_scale, LAZY_RESCALE,
+                                                    DOT_DTYPE)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # stored through pointers: int64 offsets
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(LSE + b * slb + h * slh + offs_m * slm, lse, mask=m_ok)
+
+
+# Candidate configs: each compiles for sm_90 with triton 3.6 and 3.9 without spilling (tests/test_triton_lowering.py
+# checks it and the TMA copies and wgmma in its SASS; 128x128 tiles take 2 stages at D = 128, 160 KiB of shared
+# memory, 3 would need 224); bench/tune_attention.py times each against cuDNN.
+TILE_128x128 = HopperConfig(128, 128, 8, 2, False, True)
+SMALL_LQ = HopperConfig(64, 128, 4, 3, False, True)
+CONFIGS = (
+    HopperConfig(128, 128, 8, 2, False, False),
+    TILE_128x128,
+    HopperConfig(128, 64, 8, 3, False, True),
+    HopperConfig(128, 64, 8, 4, False, True),
+    SMALL_LQ,
+    HopperConfig(128, 128, 4, 2, True, False),
+    HopperConfig(128, 64, 4, 4, True, False),
+)
+
+
+def _choose(key, Lq: int, ws_ok: bool) -> HopperConfig:
+    """The committed config for a launch's key ``(D, dtype, table dtype, per_head, has_new, has_gate)`` and ``Lq``:
+    provisional until a GPU session's ``bench/tune_attention.py`` table replaces it — 128×128 tiles (the pointer
+    kernel's best tile on the H200) with the lazy rescale, 64-row tiles for short chunks."""
+    return SMALL_LQ if Lq <= 64 else TILE_128x128
+
+
+HOPPER = HopperKernel(_frame_attention_tma_kernel, CONFIGS, _choose, ["D", "per_head"])
+
+
+def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale: float, config=None):
     """Host launcher: ``(out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] float32)``, every element written, one
     launch (none when the output is empty), no host synchronisation; any strides; ``page_table`` is
-    ``[B, H, K]``, ``gate`` ``[B]`` bool or None."""
+    ``[B, H, K]``, ``gate`` ``[B]`` bool or None.
+
+    The Hopper kernel runs where ``tma_unsupported`` (kernels/attention_tile.py) allows it — sm_90+, fp16/bf16,
+    16-byte aligned rows of D contiguous elements in q, the pages and the chunk — with ``config`` (a
+    ``HopperConfig``) or the one ``HOPPER`` chooses; anything else runs the pointer kernel, and ``config="pointer"``
+    forces it."""
     B, Lq, H, D = q.shape
     P, F, K = k_pages.shape[1], k_pages.shape[2], page_table.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -99,15 +217,33 @@ def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scal
     if out.numel() == 0:
         return out, lse
     Ln = 0 if new_k is None else new_k.shape[1]
-    cfg = tile_config(Lq, D, q.dtype, q.device)
     no_new = (0, 0, 0, 0)
     gate_u8 = None if gate is None else gate.view(torch.uint8)
-    _frame_attention_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
-        q, k_pages, v_pages, page_table, new_k, new_v, gate_u8, out, lse, Lq, H, P, F, K, Ln, sm_scale * LOG2E,
-        *q.stride(), *k_pages.stride(), *v_pages.stride(), *page_table.stride(),
-        *(no_new if new_k is None else new_k.stride()), *(no_new if new_v is None else new_v.stride()),
-        0 if gate is None else gate.stride(0), *out.stride(), *lse.stride(),
-        HAS_NEW=new_k is not None, HAS_GATE=gate is not None, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION=cfg.precision, DOT_DTYPE=cfg.dot_dtype,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_d = max(16, triton.next_power_of_2(D))
+    args = (q, k_pages, v_pages, page_table, new_k, new_v, gate_u8, out, lse, Lq, H, P, F, K, Ln, sm_scale * LOG2E)
+    why_not = "config='pointer'" if config == "pointer" else tma_unsupported(
+        q, {"q": (q, (1,)), "k_pages": (k_pages, (1, 2)), "v_pages": (v_pages, (1, 2)), "new_k": (new_k, (1,)),
+            "new_v": (new_v, (1,))}, D)
+    if why_not:
+        if config not in (None, "pointer"):
+            raise ValueError(f"config: {config} is a Hopper config, and the Hopper kernel cannot take these inputs: "
+                             f"{why_not}")
+        cfg = tile_config(Lq, D, q.dtype, q.device)
+        _frame_attention_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+            *args, *q.stride(), *k_pages.stride(), *v_pages.stride(), *page_table.stride(),
+            *(no_new if new_k is None else new_k.stride()), *(no_new if new_v is None else new_v.stride()),
+            0 if gate is None else gate.stride(0), *out.stride(), *lse.stride(),
+            HAS_NEW=new_k is not None, HAS_GATE=gate is not None, D=D, BLOCK_D=block_d,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION=cfg.precision, DOT_DTYPE=cfg.dot_dtype,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out, lse
+    per_head = int(page_table.stride(1) != 0 and H > 1)
+    key = (D, q.dtype, page_table.dtype, per_head, new_k is not None, gate is not None)
+    HOPPER.launch(lambda block_m: (triton.cdiv(Lq, block_m), B * H), key, Lq,
+                  new_k is None and K <= WS_MAX_PAGES, config, *args, per_head, *q.stride()[:3],
+                  *k_pages.stride()[:4], *v_pages.stride()[:4], *page_table.stride(),
+                  *(no_new if new_k is None else new_k.stride())[:3],
+                  *(no_new if new_v is None else new_v.stride())[:3], 0 if gate is None else gate.stride(0),
+                  *out.stride()[:3], *lse.stride(), HAS_NEW=new_k is not None, HAS_GATE=gate is not None, D=D,
+                  BLOCK_D=block_d, DOT_DTYPE=tma_dot_dtype(q.dtype), MAX_PAGES=WS_MAX_PAGES)
     return out, lse

@@ -129,6 +129,9 @@ GPU_TIER = {
     "test_verify.py::test_parity": ("B2-s1x2-V37-cfg-strided", ("mode",)),
     "test_frame_write.py::test_parity": ("P7-F5-rows", ()),
     "test_frame_attention.py::test_parity": ("F7-perhead-holes-gate", ()),
+    "test_frame_attention.py::test_hopper_kernel_parity": ("D24-F21-holes-gate", ()),   # sm_90: the Hopper kernel
+    "test_frame_attention.py::test_hopper_kernel_replays_in_a_cuda_graph": EVERY,
+    "test_scale_attention.py::test_hopper_kernel_parity": ("random-layout-self-D64", ()),
     "test_frame_topk.py::test_parity": ("holes-per-head", ()),
     "test_streaming_kv.py::test_long_stream_matches_cat_reference": ("", ()),
     "test_step_graph.py::test_replay_reruns_the_ops_on_the_captured_tensors": EVERY,

@@ -174,29 +174,30 @@ def _unlisted(table, gate, P):
     return ~(listed & gate[:, None, None])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)   # bf16: the Hopper kernel on sm_90
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("kind", list(POISON_TABLES))
 @pytest.mark.parametrize("bd", ALL)
-def test_nothing_unlisted_reaches_the_output(bd, kind, value):
+def test_nothing_unlisted_reaches_the_output(bd, kind, value, dtype):
     """Whatever bits lie outside the listed pages and the chunk (a pool made with torch.empty) never reach out or
     lse: every token of each (row, page, head) not listed for that head, the page that -1 is clamped to, the pages
     and the chunk of a row whose gate is closed, and the padding tokens of pages allocated padded then sliced to
     frame_len hold ``value``; the result equals the reference on a clean pool."""
     B, Lq, H, D, P, F, Ln = 3, 4, 2, 8, 5, 3, 2
     gen = torch.Generator().manual_seed(7)
-    q, new_k, new_v = (torch.randn(B, n, H, D, generator=gen) for n in (Lq, Ln, Ln))
-    kp, vp = (torch.randn(B, P, F, H, D, generator=gen) for _ in range(2))
+    q, new_k, new_v = (torch.randn(B, n, H, D, generator=gen).to(dtype) for n in (Lq, Ln, Ln))
+    kp, vp = (torch.randn(B, P, F, H, D, generator=gen).to(dtype) for _ in range(2))
     table, gate = torch.tensor(POISON_TABLES[kind]), torch.tensor([False, True, True])
     want = _reference(q, kp, vp, table, new_k, new_v, gate)
     unlisted = _unlisted(table, gate, P)[:, :, None, :, None]
     pages = []
     for clean in (kp, vp):
-        padded = torch.full((B, P, F + 2, H, D), value)
+        padded = torch.full((B, P, F + 2, H, D), value, dtype=dtype)
         padded[:, :, :F] = clean.masked_fill(unlisted, value)
         pages.append(padded[:, :, :F].to(bd[1]))
     new_k, new_v = (t.clone() for t in (new_k, new_v))
     new_k[0], new_v[0] = value, value
-    out = _check(bd, torch.float32, q.to(bd[1]), *pages, table.to(bd[1]), new_k.to(bd[1]), new_v.to(bd[1]),
+    out = _check(bd, dtype, q.to(bd[1]), *pages, table.to(bd[1]), new_k.to(bd[1]), new_v.to(bd[1]),
                  gate.to(bd[1]), want=want)
     assert torch.isfinite(out).all() and not out[0].any()
 
@@ -366,13 +367,253 @@ def test_compile_fullgraph(bd):
     assert torch.equal(out, want + 1) and torch.equal(lse, want_lse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)   # pointer / Hopper kernel (sm_90)
 @pytest.mark.parametrize("bd", GPU)
-def test_no_host_sync(bd, monkeypatch):
+def test_no_host_sync(bd, dtype, monkeypatch):
     from streamkern.host_sync import count_host_syncs
 
     monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
-    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], torch.float32, bd[1])
+    q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], dtype, bd[1])
     want = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate, backend=bd[0])
     with count_host_syncs(forbid=True):
         out = streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate, backend=bd[0])
     assert torch.equal(out, want)
+
+
+# ---- the Hopper kernel (kernels/frame_attention.py; where it runs: kernels/attention_tile.py) ---------------------
+
+kfa = importlib.import_module("streamkern.kernels.frame_attention")
+tiles = importlib.import_module("streamkern.kernels.attention_tile")
+HOPPER = "_frame_attention_tma_kernel"
+POINTER = "_frame_attention_kernel"
+# the interpreter's configs (small tiles); on CUDA the candidate configs themselves
+INTERPRETED = [tiles.HopperConfig(16, 16, 1, 1, False, False), tiles.HopperConfig(16, 16, 1, 1, False, True),
+               tiles.HopperConfig(32, 16, 1, 2, True, False)]
+HOPPER_CONFIGS = [pytest.param(c, id=c.name) for c in (kfa.CONFIGS if torch.cuda.is_available() else INTERPRETED)]
+TRITON = [p for p in GPU if p.id == "triton-cuda"] if torch.cuda.is_available() else \
+    [p for p in backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.frame_attention_op]) if p.id == "triton-cpu"]
+# B, Lq, H, D, P, F, K, Ln, per_head, gate, table pattern: rows of D contiguous 16-bit elements (D·2 bytes a
+# multiple of 16); D 24 pads to 32 columns, F 21 ends in a partial tile, ids 6 and 7 (>= P) read nothing
+HOPPER_CASES = [
+    pytest.param((2, 37, 3, 24, 6, 21, 5, 13, True, "mixed", "holes"), id="D24-F21-holes-gate"),
+    pytest.param((1, 20, 2, 16, 4, 16, 6, 0, False, "none", "dups"), id="F16-dups-no-new"),
+    pytest.param((3, 4, 2, 8, 5, 3, 3, 0, True, "none", "nokey"), id="rows-with-no-key"),
+    pytest.param((2, 6, 1, 32, 7, 5, 0, 4, False, "mixed", "plain"), id="K0-new-only"),
+]
+
+
+def _hopper_table(table, P):
+    """Some -1 entries made ids past the pool (both are skipped)."""
+    return torch.where((table < 0) & (torch.arange(table.numel()).reshape(table.shape) % 2 == 0).to(table.device),
+                       P + 1, table)
+
+
+def _launched(fn, *args, **kwargs):
+    """``(fn's result, names of the Triton kernels it launched)``."""
+    names = []
+
+    def record(kernel, launch, a, k):
+        names.append(kernel.fn.__name__)
+        return launch(*a, **k)
+
+    with triton_launches_wrapped(record):
+        return fn(*args, **kwargs), names
+
+
+def _needs_hopper(bd):
+    if bd[1] == "cuda" and not tiles.tma_capable(torch.device("cuda")):
+        pytest.skip("the Hopper kernel needs sm_90 or later")
+
+
+@pytest.mark.parametrize("config", HOPPER_CONFIGS)
+@pytest.mark.parametrize("case", HOPPER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bd", TRITON)
+def test_hopper_kernel_parity(bd, dtype, case, config):
+    """The Hopper kernel at each config against the float64 reference (out at the dtype's bound, lse at fp32's),
+    and the pointer kernel on the same inputs; per-head and shared tables, skipped ids, gates, rows with no key."""
+    _needs_hopper(bd)
+    q, kp, vp, table, new_k, new_v, gate = _case(case, dtype, bd[1])
+    B, Lq, H, D = q.shape
+    table = _hopper_table(table, kp.shape[1])
+    full = table if table.dim() == 3 else table[:, None].expand(B, H, -1)
+    want, want_lse = _reference(q, kp, vp, torch.where(full >= kp.shape[1], -1, full), new_k, new_v, gate)
+    empty = torch.isinf(want_lse)
+    for chosen in (config, "pointer"):
+        if chosen != "pointer" and chosen.warp_specialize and new_k is not None:
+            with pytest.raises(ValueError, match="warp-specialised"):
+                kfa.frame_attention(q, kp, vp, full, new_k, new_v, gate, D ** -0.5, config=chosen)
+            continue
+        (out, lse), names = _launched(kfa.frame_attention, q, kp, vp, full, new_k, new_v, gate, D ** -0.5,
+                                      config=chosen)
+        assert names == [POINTER if chosen == "pointer" else HOPPER]
+        assert_parity(out, want, dtype, f"out ({chosen})")
+        assert torch.equal(torch.isinf(lse).cpu(), empty)
+        assert_parity(torch.where(empty, 0.0, lse.cpu().double()), torch.where(empty, 0.0, want_lse),
+                      torch.float32, f"lse ({chosen})")
+
+
+@pytest.mark.parametrize("config", HOPPER_CONFIGS)
+@pytest.mark.parametrize("bd", TRITON)
+def test_hopper_kernel_reads_only_listed_rows(bd, config):
+    """NaN and inf wherever the Hopper kernel must not read never reach the output: pages not listed, page 0 when
+    only -1 entries and ids past the pool point near it, the padding rows of pages sliced to F tokens, the columns
+    of a head dim padded to the tile, and the rows past the chunk in its storage."""
+    _needs_hopper(bd)
+    B, Lq, H, D, P, F, Ln = 2, 19, 2, 24, 5, 9, 7
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, Lq, H, D, generator=gen).to(bd[1], torch.bfloat16)
+    store = torch.randn(2, B, P, F + 3, H, D + 8, generator=gen).to(bd[1], torch.bfloat16)
+    store[:, :, 0] = float("nan")                                 # page 0: never listed
+    store[:, :, :, F:] = float("inf")                             # each page's padding rows
+    store[..., D:] = float("nan")                                 # the columns past D
+    kp, vp = store[0, :, :, :F, :, :D], store[1, :, :, :F, :, :D]
+    chunk = torch.randn(2, B, Ln + 5, H, D, generator=gen).to(bd[1], torch.bfloat16)
+    chunk[:, :, Ln:] = float("nan")
+    new_k, new_v = chunk[0, :, :Ln], chunk[1, :, :Ln]
+    table = torch.tensor([[[3, -1, 1], [P, 2, 4]], [[-1, 4, 4], [1, 2, P + 7]]], device=bd[1])
+    clean = torch.where((table <= 0) | (table >= P), -1, table)
+    finite = [torch.nan_to_num(t, nan=0.0, posinf=0.0) for t in (kp, vp, new_k, new_v)]   # for the reference
+    want, _ = _reference(q, finite[0], finite[1], clean, finite[2], finite[3], None)
+    for has_new in (True, False):
+        if config.warp_specialize and has_new:
+            continue
+        chunk_args = (new_k, new_v) if has_new else (None, None)
+        (out, _), names = _launched(kfa.frame_attention, q, kp, vp, table, *chunk_args, None, D ** -0.5,
+                                    config=config)
+        assert names == [HOPPER]
+        ref_out = want if has_new else _reference(q, finite[0], finite[1], clean, None, None, None)[0]
+        assert bool(torch.isfinite(out).all())
+        assert_parity(out, ref_out, torch.bfloat16)
+
+
+@pytest.mark.parametrize("config", HOPPER_CONFIGS)
+@pytest.mark.parametrize("bd", TRITON)
+def test_hopper_kernel_rescales_when_scores_rise(bd, config):
+    """Scores that rise by far more than the lazy rescale's threshold (2^8) from page to page and fall again, with
+    a tile whose rows are all below the running max: the reference max moves, acc is rescaled, and out and lse stay
+    at their bounds (fp16, whose p·v products would overflow without the rescale)."""
+    _needs_hopper(bd)
+    B, Lq, H, D, P, F = 1, 20, 2, 16, 5, 24
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Lq, H, D, generator=gen)
+    kp = torch.randn(B, P, F, H, D, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 6.0, 0.5]).view(1, P, 1, 1, 1)
+    vp = torch.randn(B, P, F, H, D, generator=gen)
+    q, kp, vp = (t.to(bd[1], torch.float16) for t in (q, kp, vp))
+    table = torch.tensor([[0, 1, 4, 2, 3, 0]], device=bd[1]).expand(B, H, -1)
+    want, want_lse = _reference(q, kp, vp, table, None, None, None, sm_scale=2.0)
+    (out, lse), names = _launched(kfa.frame_attention, q, kp, vp, table, None, None, None, 2.0, config=config)
+    assert names == [HOPPER]
+    assert float(want_lse.max() - want_lse.min()) > 8 and bool(torch.isfinite(out).all())
+    assert_parity(out, want, torch.float16)
+    assert_parity(lse.cpu().double(), want_lse, torch.float32, "lse")
+
+
+def _rule_case(layout, device):
+    """Inputs of one layout and whether the Hopper kernel takes them (``tma_unsupported``'s rule)."""
+    B, Lq, H, D, P, F = 2, 9, 2, 16, 3, 5
+    gen = torch.Generator().manual_seed(1)
+    dtype = torch.float32 if layout == "fp32" else torch.bfloat16
+    dim = {"D12": 12, "D256": 256}.get(layout, D)
+    q = torch.randn(B, Lq, H, dim, generator=gen).to(device, dtype)
+    kp, vp = (torch.randn(B, P, F, H, dim, generator=gen).to(device, dtype) for _ in range(2))
+    new_k = new_v = None
+    if layout == "q-last-dim-strided":
+        q = torch.randn(B, Lq, H, dim, 2, generator=gen).to(device, dtype)[..., 0]
+    if layout == "q-odd-row-stride":
+        q = torch.randn(B, Lq, H * dim + 1, generator=gen).to(device, dtype)[..., :H * dim].view(B, Lq, H, dim)
+    if layout == "pages-misaligned":
+        flat = torch.randn(kp.numel() + 1, generator=gen).to(device, dtype)
+        kp = flat[1:].view(kp.shape)
+    if layout == "padded-pages":
+        kp = torch.randn(B, P, F + 3, H, dim, generator=gen).to(device, dtype)[:, :, :F]
+    if layout in ("new-odd-stride", "contiguous-with-new"):
+        new_k = torch.randn(B, 4, H, dim + (1 if layout == "new-odd-stride" else 0), generator=gen).to(device, dtype)
+        new_k, new_v = new_k[..., :dim], new_k[..., :dim].clone()
+    table = torch.tensor([[0, 2], [1, -1]], device=device)
+    takes = layout in ("contiguous", "padded-pages", "contiguous-with-new")
+    return (q, kp, vp, table, new_k, new_v), takes
+
+
+RULE_LAYOUTS = ["contiguous", "padded-pages", "contiguous-with-new", "fp32", "D12", "D256", "q-last-dim-strided",
+                "q-odd-row-stride", "pages-misaligned", "new-odd-stride"]
+
+
+@pytest.mark.parametrize("layout", RULE_LAYOUTS)
+@pytest.mark.parametrize("bd", TRITON)
+def test_kernel_choice_follows_strides_dtype_and_head_dim(bd, layout):
+    """The launcher runs the Hopper kernel exactly where ``tma_unsupported`` allows it (fp16/bf16, a head dim of at
+    most 128 whose rows are 16-byte multiples, last dims contiguous, addresses and strides multiples of 16 bytes;
+    padded pages are fine) and the pointer kernel elsewhere, both exact."""
+    _needs_hopper(bd)
+    (q, kp, vp, table, new_k, new_v), takes = _rule_case(layout, bd[1])
+    out, names = _launched(streamkern.frame_attention, q, kp, vp, table, new_k=new_k, new_v=new_v, backend=bd[0])
+    assert names == [HOPPER if takes else POINTER]
+    assert_parity(out, _reference(q, kp, vp, table, new_k, new_v, None)[0], q.dtype)
+
+
+@pytest.mark.parametrize("capability, takes", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)])
+def test_hopper_kernel_from_sm90(capability, takes, monkeypatch):
+    """A CUDA device runs the Hopper kernel from compute capability 9.0; sm_80/sm_89 keep the pointer kernel."""
+    monkeypatch.setattr(tiles, "device_capability", lambda device: capability)
+    assert tiles.tma_capable(torch.device("cuda")) is takes
+
+
+def test_hopper_config_refused_where_it_cannot_run():
+    """An explicit Hopper config for inputs the Hopper kernel cannot take is a ValueError, not a silent switch."""
+    (q, kp, vp, table, *_), _ = _rule_case("fp32", "cpu")
+    with pytest.raises(ValueError, match="the Hopper kernel cannot take these inputs: torch.float32"):
+        kfa.frame_attention(q, kp, vp, table[:, None].expand(-1, 2, -1), None, None, None, 0.5,
+                            config=kfa.TILE_128x128)
+
+
+def test_autotune_refuses_to_tune_inside_a_capture(monkeypatch):
+    """With STREAMKERN_AUTOTUNE=1 the first call of a key would time configs (syncs): inside a CUDA-graph capture or
+    under sync debug mode "error" it raises RuntimeError before launching anything; a key tuned before is not
+    refused."""
+    monkeypatch.setenv("STREAMKERN_AUTOTUNE", "1")
+    monkeypatch.setattr(tiles, "triton_interpreting", lambda: False)
+    kernel = tiles.HopperKernel(kfa._frame_attention_tma_kernel, kfa.CONFIGS, kfa._choose, ["D", "per_head"])
+    launched = []
+    monkeypatch.setattr(tiles, "launch_with_descriptor_scratch", lambda *a, **k: launched.append(a))
+    for capturing, mode, why in ((True, 0, "inside a CUDA-graph capture"), (False, 2, "sync_debug_mode")):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode)
+        with pytest.raises(RuntimeError, match=f"STREAMKERN_AUTOTUNE=1 would time its configs.*{why}"):
+            kernel.launch(lambda block_m: (1, 1), ("key",), 100, True, None)
+    assert launched == []
+    kernel.tuned.add(("key", True, None))
+    kernel.launch(lambda block_m: (1, 1), ("key",), 100, True, None)
+    assert len(launched) == 1 and len(kernel.autotuners[(True, None)].configs) == len(kfa.CONFIGS)
+    kernel.tuned.add(("key", False, None))                 # a launch that cannot take warp specialisation
+    kernel.launch(lambda block_m: (1, 1), ("key",), 100, False, None)
+    assert [c.kwargs["WARP_SPECIALIZE"] for c in kernel.autotuners[(False, None)].configs] == \
+        [False] * sum(not c.warp_specialize for c in kfa.CONFIGS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_hopper_kernel_replays_in_a_cuda_graph(monkeypatch):
+    """On sm_90: the Hopper kernel's descriptor scratch comes from torch's allocator inside a capture, the replay
+    equals the eager call; with STREAMKERN_AUTOTUNE=1 a first call inside the capture is refused, and after one
+    eager (tuning) call the capture and its replay work."""
+    if not tiles.tma_capable(torch.device("cuda")):
+        pytest.skip("the Hopper kernel needs sm_90 or later")
+    monkeypatch.undo()
+    q, kp, vp, table, new_k, new_v, gate = _case(HOPPER_CASES[0].values[0], torch.bfloat16, "cuda")
+    for autotune in ("0", "1"):
+        monkeypatch.setenv("STREAMKERN_AUTOTUNE", autotune)
+        kfa.HOPPER.tuned.clear()
+        call = (lambda: streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, gate=gate,
+                                                   backend="triton"))
+        graph = torch.cuda.CUDAGraph()
+        if autotune == "1":
+            with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+                with torch.cuda.graph(graph):
+                    call()
+            graph = torch.cuda.CUDAGraph()
+        want = call()
+        with torch.cuda.graph(graph):
+            out = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)

@@ -2,6 +2,8 @@
 float64 "torch" reference, against SDPA with an independently built dense boolean mask, and against the seed's
 dense −inf bias form; skipping proven by NaN-poisoned keys in skipped tiles."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -453,3 +455,101 @@ def test_compile_fullgraph(bd):
     out = torch.compile(layer, fullgraph=True, backend="aot_eager")(q, k, v)
     assert_parity(out - 1.0, _reference(q * 2.0, k, v, ids, ids, allow, sm_scale=1.0), torch.float32)
     assert rel_error(out, layer(q, k, v)) < 1e-6
+
+
+# --- the Hopper kernel (kernels/scale_attention.py; where it runs: kernels/attention_tile.py) ---------------------
+
+ksa = importlib.import_module("streamkern.kernels.scale_attention")
+tiles = importlib.import_module("streamkern.kernels.attention_tile")
+HOPPER, POINTER = "_scale_attention_tma_kernel", "_scale_attention_kernel"
+INTERPRETED = [tiles.HopperConfig(16, 16, 1, 1, False, False), tiles.HopperConfig(32, 16, 1, 2, False, True)]
+HOPPER_CONFIGS = [pytest.param(c, id=c.name) for c in (ksa.CONFIGS if torch.cuda.is_available() else INTERPRETED)]
+TRITON = [p for p in backend_params(exclude=("torch", "cpu", "cuda"))
+          if p.id == ("triton-cuda" if torch.cuda.is_available() else "triton-cpu")]
+
+
+def _needs_hopper(bd):
+    if bd[1] == "cuda" and not tiles.tma_capable(torch.device("cuda")):
+        pytest.skip("the Hopper kernel needs sm_90 or later")
+
+
+def _launched(*args, config, **kwargs):
+    """``(ksa.block_masked_attention(*args, config=config), names of the attention kernels it launched)``."""
+    names = []
+
+    def record(kernel, launch, a, k):
+        names.append(kernel.fn.__name__)
+        return launch(*a, **k)
+
+    with triton_launches_wrapped(record):
+        out = ksa.block_masked_attention(*args, config=config, **kwargs)
+    return out, [n for n in names if n != "_visit_list_kernel"]
+
+
+@pytest.mark.parametrize("config", HOPPER_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES + [pytest.param(((1, 2, 3, 4, 5), 5, 24, 1.0, True), id="var-self-D24")])
+@pytest.mark.parametrize("bd", TRITON)
+def test_hopper_kernel_parity(bd, case, dtype, config):
+    """The Hopper kernel at each config and the pointer kernel against the float64 reference: random scale masks
+    (partial tiles), windows of query scales, self-attention, head dims 16-128 (24 padded to 32 columns)."""
+    _needs_hopper(bd)
+    sizes, n_window, D, sm_scale, self_attend = case
+    ids = _ids_from_sizes(sizes, bd[1])
+    qs = ids[sum(sizes[:-n_window]):]
+    allow = (torch.rand(len(sizes), len(sizes), generator=torch.Generator().manual_seed(D)) < 0.5).to(bd[1])
+    q, k, v = _qkv(2, 3, qs.numel(), ids.numel(), D, dtype, bd[1], seed=D)
+    want = _reference(q, k, v, qs, ids, allow, self_attend, sm_scale)
+    for chosen in (config, "pointer"):
+        out, names = _launched(q, k, v, qs, ids, allow, self_attend, sm_scale or D ** -0.5, config=chosen)
+        assert names == [POINTER if chosen == "pointer" else HOPPER]
+        assert_parity(out, want, dtype, f"out ({chosen})")
+
+
+@pytest.mark.parametrize("config", HOPPER_CONFIGS)
+@pytest.mark.parametrize("bd", TRITON)
+def test_hopper_kernel_reads_only_its_rows_and_columns(bd, config):
+    """q, k and v sliced from storage whose rows past L and columns past D hold NaN and inf, key tiles of a scale
+    no query sees NaN (skipped), and scores rising by far more than the lazy rescale's threshold from scale to
+    scale (fp16): the output is finite and at its bound."""
+    _needs_hopper(bd)
+    sizes = [1, 15, 48, 64, 128]
+    ids = _ids_from_sizes(sizes, bd[1])
+    L, D = ids.numel(), 24
+    gen = torch.Generator().manual_seed(2)
+    store = torch.randn(3, 1, 2, L + 9, D + 8, generator=gen)
+    store[1, :, :, :L] *= torch.repeat_interleave(torch.tensor([0.1, 1.0, 4.0, 0.5, 8.0]), torch.tensor(sizes))[
+        :, None]
+    store[:, :, :, L:] = float("inf")
+    store[..., D:] = float("nan")
+    store = store.to(bd[1], torch.float16)
+    q, k, v = (store[i, :, :, :L, :D] for i in range(3))
+    allow = streamkern.scale_allow(5, "var").to(bd[1])
+    allow[:, 4] = False                                  # scale 4 (tokens 128-255): no query sees it
+    finite = [torch.nan_to_num(t, nan=0.0, posinf=0.0) for t in (q, k, v)]
+    want = _reference(*finite, ids, ids, allow, False, 1.0)
+    k[:, :, 128:], v[:, :, 128:] = float("nan"), float("nan")
+    out, names = _launched(q, k, v, ids, ids, allow, False, 1.0, config=config)
+    assert names == [HOPPER]
+    assert bool(torch.isfinite(out).all())
+    assert_parity(out, want, torch.float16)
+
+
+@pytest.mark.parametrize("layout, takes", [("contiguous", True), ("fp32", False), ("33-scales", False),
+                                           ("odd-row-stride", False), ("heads-last", True)])
+@pytest.mark.parametrize("bd", TRITON)
+def test_kernel_choice_follows_strides_dtype_and_scales(bd, layout, takes):
+    """The Hopper kernel takes fp16/bf16 q, k, v with 16-byte rows and strides (any order of the B, H, L dims) and
+    at most 32 scales; the pointer kernel takes the rest, both exact."""
+    _needs_hopper(bd)
+    ns = 33 if layout == "33-scales" else 4
+    ids = (torch.arange(40) * ns // 40).to(bd[1])
+    q, k, v = _qkv(1, 2, 40, 40, 16, torch.float32 if layout == "fp32" else torch.bfloat16, bd[1])
+    if layout == "odd-row-stride":
+        q = torch.randn(1, 2, 40, 17).to(bd[1], torch.bfloat16)[..., :16]
+    if layout == "heads-last":                                 # [B, L, H, D] storage seen as [B, H, L, D]
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    allow = streamkern.scale_allow(ns, "var").to(bd[1])
+    out, names = _launched(q, k, v, ids, ids, allow, False, 0.25, config=None)
+    assert names == [HOPPER if takes else POINTER]
+    assert_parity(out, _reference(q, k, v, ids, ids, allow, False, 0.25), q.dtype)

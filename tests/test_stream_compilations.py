@@ -108,18 +108,19 @@ def test_streamed_generator_without_do_not_specialize_recompiles(stream_keys):
     assert sum(map(len, late.values())) > 0, stream_keys.first[False]
 
 
-def _growing_table_calls(device: str, on_call) -> None:
+def _growing_table_calls(device: str, on_call, dtype=torch.float32) -> None:
     """``frame_attention`` over per-head and shared page tables of 0 to 20 pages, the chunk length changing every
-    call (1 and multiples of 16 among them)."""
+    call (1 and multiples of 16 among them); fp32 runs the pointer kernel, bf16 the Hopper one (sm_90 and the
+    interpreter)."""
     g = torch.Generator().manual_seed(0)
     B, Lq, H, D, P, F = 1, 8, 2, 16, 24, 4
-    q = torch.randn(B, Lq, H, D, generator=g).to(device)
-    kp, vp = (torch.randn(B, P, F, H, D, generator=g).to(device) for _ in range(2))
+    q = torch.randn(B, Lq, H, D, generator=g).to(device, dtype)
+    kp, vp = (torch.randn(B, P, F, H, D, generator=g).to(device, dtype) for _ in range(2))
     lengths = [1, 2, 16, 5, 32, 3, 17, 8, 48, 1, 7, 16, 9, 11, 64, 2, 13, 4, 31, 6, 15]
     for per_head in (True, False):
         for K, Ln in enumerate(lengths):
             on_call(K)
-            new_k, new_v = (torch.randn(B, Ln, H, D, generator=g).to(device) for _ in range(2))
+            new_k, new_v = (torch.randn(B, Ln, H, D, generator=g).to(device, dtype) for _ in range(2))
             table = torch.randperm(P, generator=g)[:K].to(device)
             table = table.expand(B, H, K).contiguous() if per_head else table.expand(B, K).contiguous()
             streamkern.frame_attention(q, kp, vp, table, new_k=new_k, new_v=new_v, backend="triton")
@@ -142,6 +143,22 @@ def test_frame_attention_growing_table_compiles_once(growing_table_keys):
 def test_frame_attention_growing_table_without_do_not_specialize_recompiles(growing_table_keys):
     """Negative control: without the lists the page count, chunk length and table strides make many keys."""
     assert len(growing_table_keys.first[False]["_frame_attention_kernel"]) > 1
+
+
+@pytest.fixture(scope="module")
+def growing_table_keys_bf16() -> KeyLog:
+    log = KeyLog(run=False)
+    with triton_launches_wrapped(log):
+        _growing_table_calls(_device("cpu"), lambda k: setattr(log, "step", k), torch.bfloat16)
+    return log
+
+
+def test_frame_attention_growing_table_compiles_the_hopper_kernel_once(growing_table_keys_bf16):
+    """The same calls in bf16 launch the Hopper kernel: one key too, and many without its lists."""
+    keys = growing_table_keys_bf16.first
+    assert set(keys[True]) == {"_frame_attention_tma_kernel"}
+    assert len(keys[True]["_frame_attention_tma_kernel"]) == 1, sorted(keys[True]["_frame_attention_tma_kernel"])
+    assert len(keys[False]["_frame_attention_tma_kernel"]) > 1
 
 
 def test_ring_appends_at_a_moving_host_cursor_compile_once():
@@ -202,9 +219,11 @@ def test_streamed_generator_compiles_nothing_after_a_kernels_first_block_on_cuda
     assert not _late(compiled), f"compilations after a kernel's first block (kernel: blocks): {_late(compiled)}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bd", TRITON_CUDA)
-def test_frame_attention_growing_table_compiles_once_on_cuda(bd):
+def test_frame_attention_growing_table_compiles_once_on_cuda(bd, dtype):
     compiled, step = {}, [0]
     with _compilations_recorded(compiled, step):
-        _growing_table_calls(bd[1], lambda k: step.__setitem__(0, k))
-    assert compiled == {"_frame_attention_kernel": [0]}, compiled
+        _growing_table_calls(bd[1], lambda k: step.__setitem__(0, k), dtype)
+    hopper = dtype == torch.bfloat16 and torch.cuda.get_device_capability(bd[1]) >= (9, 0)
+    assert compiled == {"_frame_attention_tma_kernel" if hopper else "_frame_attention_kernel": [0]}, compiled

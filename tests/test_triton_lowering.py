@@ -9,15 +9,19 @@ and ``num_warps``/``num_stages``. One subprocess without ``TRITON_INTERPRET`` (s
 JITFunctions) compiles each distinct specialisation with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and
 ``GPUTarget("cuda", 89, 32)`` into an empty cache, and checks the kernel's shared memory against the per-block
 limit of the arch (227 KiB on sm_90, 99 KiB on sm_89). The scale-attention and frame-attention launchers are
-recorded with the tiles, dot dtypes and precisions they pick on each arch (fp16/bf16 64×64 and 128×64 tiles; fp32
-with 3×TF32 and TF32 dots, 128-row tiles on sm_90 and smaller ones on sm_89), not the interpreter's, and each is
-compiled for its arch; ptxas's registers, spills and shared memory of each are printed.
+recorded with the kernels, tiles, dot dtypes and precisions they pick on each arch (sm_89: the pointer kernels,
+fp16/bf16 64×64 and 128×64 tiles, fp32 with 3×TF32 and TF32 dots; sm_90: the Hopper kernels for fp16/bf16 with
+their committed configs and every candidate config, the pointer kernels for fp32 with 128-row tiles and for rows
+that are not 16-byte multiples), not the interpreter's, and each is compiled for its arch; ptxas's registers,
+spills and shared memory of each are printed, and for the Hopper kernels what the PTX, TTGIR and SASS hold (TMA
+copies, wgmma, warp specialisation).
 
 What it proves: each recorded specialisation lowers through Triton's passes and ptxas to a cubin for its
 targets: no Triton-to-PTX type errors, no op the backend cannot lower for that arch, no layout or shared-memory
 allocation that fails, no shared-memory overflow (found at compile time instead of at the first launch); no
-attention tile spills more than ``SPILL_BUDGET`` bytes a thread; and every kernel launched from the host (a
-``triton.jit`` function no other kernel calls) is launched by the calls below. What it does not prove: runtime
+pointer-kernel attention tile spills more than ``SPILL_BUDGET`` bytes a thread and no Hopper one spills at all,
+the Hopper ones load by TMA into wgmma (and warp-specialise where configured); and every kernel launched from the
+host (a ``triton.jit`` function no other kernel calls) is launched by the calls below. What it does not prove: runtime
 correctness on a GPU (results, races, the drift gate's last-block hand-off), speed or occupancy, or
 specialisations not recorded here (other dtypes, shapes that pick other block sizes).
 """
@@ -193,13 +197,17 @@ def _verify(dtype):
 
 def _attention(dtype):
     """Lq 40 with D 16 (fp16/bf16 64×64 tiles, fp32 64×32), 512 with D 64 (128×64 tiles, fp32 128×32) and 96 with D
-    80 (head dim padded to 128; fp32 128×32), without and with self-attention, int64/int32 ids."""
+    80 (head dim padded to 128; fp32 128×32), without and with self-attention, int64/int32 ids; on sm_90 fp16/bf16
+    run the Hopper kernel, and q rows of an odd stride (not 16-byte multiples) the pointer kernel."""
     allow = sk.scale_allow(4, "var", device=DEVICE)
     for L, D, self_attend, id_dtype in ((40, 16, False, torch.int64), (512, 64, True, torch.int32),
                                         (96, 80, False, torch.int64)):
         q, k, v = (_randn(1, 2, L, D, dtype=dtype, seed=s) for s in range(3))
         ids = (torch.arange(L) * 4 // L).to(DEVICE, id_dtype)
         sk.block_masked_attention(q, k, v, ids, ids, allow, self_attend=self_attend, **TRITON)
+    strided = _randn(1, 2, 40, 17, dtype=dtype)[..., :16]
+    sk.block_masked_attention(strided, *(_randn(1, 2, 40, 16, dtype=dtype, seed=s) for s in (1, 2)), ids[:40],
+                              ids[:40], allow, **TRITON)
 
 
 def _frame_ops(dtype):
@@ -220,15 +228,38 @@ def _frame_ops(dtype):
         sk.frame_attention(q, *pages, table, new_k=new_k, new_v=new_v, gate=torch.tensor([True, False],
                                                                                         device=DEVICE), **TRITON)
         sk.frame_attention(q, *pages, table[:, 0], **TRITON)
+    strided = _randn(2, 40, 2, 17, dtype=dtype)[..., :16]               # rows of 34 bytes: the pointer kernel
+    sk.frame_attention(strided, *(_randn(2, 4, 5, 2, 16, dtype=dtype, seed=s) for s in (3, 4)), table,
+                       new_k=strided, new_v=strided, **TRITON)
+
+
+def _hopper_configs():
+    """Every candidate config of the Hopper kernels (sm_90), each launched once through its launcher: frame
+    attention over pages only (so warp-specialised configs apply), bf16 D = 128, 200 queries over 100-token pages;
+    block-masked attention bf16 D = 64, 300 tokens of 4 scales with self-attention."""
+    frame = importlib.import_module("streamkern.kernels.frame_attention")
+    scale = importlib.import_module("streamkern.kernels.scale_attention")
+    q = _randn(1, 200, 2, 128, dtype=torch.bfloat16)
+    pages = [_randn(1, 4, 100, 2, 128, dtype=torch.bfloat16, seed=s) for s in (1, 2)]
+    table = torch.tensor([[[0, -1, 3], [2, 2, 1]]], device=DEVICE)
+    for config in frame.CONFIGS:
+        frame.frame_attention(q, *pages, table, None, None, None, 0.1, config=config)
+    q, k, v = (_randn(1, 2, 300, 64, dtype=torch.bfloat16, seed=s) for s in range(3))
+    ids = (torch.arange(300) * 4 // 300).to(DEVICE)
+    for config in scale.CONFIGS:
+        scale.block_masked_attention(q, k, v, ids, ids, sk.scale_allow(4, "var", device=DEVICE), True, 1.0,
+                                     config=config)
 
 
 @contextlib.contextmanager
 def _gpu_tiles(arch: int):
     """Make the scale-attention and frame-attention launchers pick the tiles, dot dtypes and precisions they pick
     on a GPU of ``arch`` (``tile_config`` of kernels/attention_tile.py, which reads the device's shared memory per
-    block; the interpreter runs them too, the values it computes are not looked at here)."""
+    block, and ``tma_capable``: the Hopper kernels from sm_90; the interpreter runs them too, the values it
+    computes are not looked at here)."""
     tiles = importlib.import_module("streamkern.kernels.attention_tile")
     with mock.patch.object(tiles, "triton_interpreting", lambda: False), \
+            mock.patch.object(tiles, "tma_capable", lambda device: arch >= 90), \
             mock.patch.object(tiles, "shared_memory_per_block", lambda device: SHARED_MEMORY[arch]):
         yield
 
@@ -258,8 +289,10 @@ def _run_every_op():
     _drift_gate(torch.uint8, torch.float64, torch.float32)
 
 
-def _run_attention_ops():
+def _run_attention_ops(arch: int):
     """The ops whose tiles depend on the GPU (run once per target, under ``_gpu_tiles``)."""
+    if arch >= 90:
+        _hopper_configs()
     for dtype in (torch.float16, torch.bfloat16):
         _attention(dtype)
         _frame_ops(dtype)
@@ -272,7 +305,7 @@ def _run_attention_ops():
 # --- compiling in a process where triton.jit gives JITFunctions ------------------------------------------------
 
 _CHILD = r"""
-import contextlib, importlib, io, json, re, sys
+import contextlib, importlib, io, json, os, re, subprocess, sys, tempfile
 import triton
 import triton.language as tl
 from triton import knobs
@@ -280,6 +313,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 knobs.nvidia.dump_ptxas_log = True                    # ptxas -v's log, printed by triton: registers and spills
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def sass(cubin):                                      # cuobjdump -sass (shipped with triton), None without it
+    if not os.path.exists(CUOBJDUMP):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def value(v):
@@ -308,6 +351,14 @@ for i, spec in enumerate(request["specs"]):
                                      target=GPUTarget("cuda", arch, 32), options=spec["options"])
             row["registers"], row["spill_bytes"] = resources(log.getvalue())
             row["shared"] = out.metadata.shared
+            if spec["kernel"].endswith("_tma_kernel") and "cubin" in out.asm:
+                code = sass(out.asm["cubin"])
+                ptx, ttgir = out.asm["ptx"], out.asm["ttgir"]
+                row["asm"] = dict(
+                    ptx_bulk_tensor="cp.async.bulk.tensor" in ptx, ptx_wgmma="wgmma.mma_async" in ptx,
+                    ptx_setmaxnreg="setmaxnreg" in ptx, ttgir_warp_specialize="ttg.warp_specialize" in ttgir,
+                    sass_utmaldg=None if code is None else len(re.findall(r"\bUTMALDG\b", code)),
+                    sass_hgmma=None if code is None else len(re.findall(r"\bHGMMA\b", code)))
             if "cubin" not in out.asm:
                 row["error"] = "no cubin produced"
             elif out.metadata.shared > request["shared_memory"][str(arch)]:
@@ -354,7 +405,7 @@ def lowered(tmp_path_factory):
         _run_every_op()
     for arch in TARGETS.values():
         with _launches_recorded(recorded, (arch,)), _gpu_tiles(arch):
-            _run_attention_ops()
+            _run_attention_ops(arch)
     specs = list(recorded.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # compile for real, never a cache hit
@@ -373,11 +424,16 @@ def lowered(tmp_path_factory):
     return list(zip(specs, results))
 
 
-@pytest.mark.parametrize("target", TARGETS, ids=list(TARGETS))
-@pytest.mark.parametrize("module,kernel", [pytest.param(m, k, id=f"{m.rsplit('.', 1)[1]}.{k}")
-                                          for m, k in ENTRY_KERNELS])
+HOPPER_KERNELS = {"_frame_attention_tma_kernel": "streamkern.kernels.frame_attention",
+                  "_scale_attention_tma_kernel": "streamkern.kernels.scale_attention"}   # launched from sm_90 only
+
+
+@pytest.mark.parametrize("module,kernel,target", [
+    pytest.param(m, k, target, id=f"{m.rsplit('.', 1)[1]}.{k}-{target}")
+    for m, k in ENTRY_KERNELS for target in TARGETS if not (k in HOPPER_KERNELS and TARGETS[target] < 90)])
 def test_kernel_lowers(lowered, module, kernel, target):
-    """Every recorded specialisation of the kernel for the target compiles to a cubin for it."""
+    """Every recorded specialisation of the kernel for the target compiles to a cubin for it (the Hopper kernels
+    for sm_90 only)."""
     arch = TARGETS[target]
     mine = [(spec, result[arch]["error"]) for spec, result in lowered
             if (spec["module"], spec["kernel"]) == (module, kernel) and arch in spec["archs"]]
@@ -427,3 +483,53 @@ def test_attention_tiles_spill_little(lowered, target):
     spilling = [row for row in rows if row[9] > SPILL_BUDGET]
     assert not spilling, (f"{len(spilling)} attention tiles spill over {SPILL_BUDGET} bytes a thread on {target}:"
                           f"\n{table}")
+
+
+def test_hopper_kernels_copy_by_tma_into_wgmma(lowered):
+    """The Hopper attention kernels run only from sm_90, and each of their sm_90 specialisations (every candidate
+    config, and the committed ones at the recorded shapes) spills no register, copies its tiles by TMA
+    (``cp.async.bulk.tensor`` in the PTX, UTMALDG in the SASS) for the tensor cores' wgmma (``wgmma.mma_async``,
+    HGMMA); a warp-specialised config is really specialised (Triton's ``ttg.warp_specialize`` in the TTGIR,
+    ``setmaxnreg`` in the PTX), the others are not. Printed with ``pytest -s``."""
+    tiles = importlib.import_module("streamkern.kernels.attention_tile")
+    rows, seen = [], {kernel: set() for kernel in HOPPER_KERNELS}
+    for spec, result in lowered:
+        if spec["kernel"] not in HOPPER_KERNELS:
+            continue
+        assert spec["archs"] == [90], f"{_describe(spec)} was launched for {spec['archs']}"
+        r = result[90]
+        if r["error"]:
+            continue                                                  # test_kernel_lowers reports it
+        c, o = spec["constexprs"], spec["options"]
+        config = tiles.HopperConfig(c["BLOCK_M"], c["BLOCK_N"], o["num_warps"], o["num_stages"],
+                                    c.get("WARP_SPECIALIZE", False), c["LAZY_RESCALE"])
+        seen[spec["kernel"]].add(config)
+        rows.append((spec["kernel"], spec["signature"]["Q"][1:], c["D"], c.get("HAS_NEW", "-"), config.name,
+                     r["registers"], r["spill_bytes"], r["shared"], *r["asm"].values()))
+    assert rows, "no Hopper kernel compiled"
+    head = ("kernel", "inputs", "D", "new", "config", "registers", "spill bytes", "shared bytes",
+            *lowered_asm_keys(lowered))
+    table = "\n".join(" | ".join(str(x) for x in row) for row in [head, *sorted(set(rows), key=str)])
+    print(f"\nsm90 Hopper kernels:\n{table}")
+    for kernel, module in HOPPER_KERNELS.items():
+        missing = set(importlib.import_module(module).CONFIGS) - seen[kernel]
+        assert not missing, f"{kernel}: candidate configs never compiled: {sorted(c.name for c in missing)}"
+    bad = []
+    for row in rows:
+        asm = dict(zip(head, row))
+        ws = row[4].endswith("-ws") or "-ws-" in row[4]
+        if (asm["spill bytes"] != 0 or not asm["ptx_bulk_tensor"] or not asm["ptx_wgmma"]
+                or asm["ttgir_warp_specialize"] != ws or asm["ptx_setmaxnreg"] != ws):
+            bad.append(row)
+        if asm["sass_utmaldg"] is not None and not (asm["sass_utmaldg"] > 0 and asm["sass_hgmma"] > 0):
+            bad.append(row)
+    assert not bad, f"Hopper kernels that spill, miss TMA or wgmma, or are not specialised as configured:\n{bad}" \
+                    f"\n{table}"
+    if any(dict(zip(head, row))["sass_utmaldg"] is None for row in rows):
+        pytest.skip("cuobjdump is not shipped with this triton: the SASS was not read (the PTX was)")
+
+
+def lowered_asm_keys(lowered) -> tuple:
+    """The names of the assembly facts the compiler process read of the Hopper kernels."""
+    return next(tuple(r[90]["asm"]) for spec, r in lowered
+                if spec["kernel"] in HOPPER_KERNELS and not r[90]["error"])
