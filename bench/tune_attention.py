@@ -257,6 +257,22 @@ def _sdpa(q, k, v, kernel: str | None = None, mask=None, scale=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _kernel_rows(tuner: Tuner, name: str, stage: int, triton, committed, configs: list, flops: int, ref, extra: dict):
+    """The Triton rows of a shape: stage 0 the pointer kernel and the committed Hopper config (``committed`` None
+    where the device or the layout takes no TMA), stage 1 every other Hopper config."""
+    if stage == 0:
+        tuner.time(name, "triton-pointer", triton("pointer"), flops, ref, extra=extra)
+        if committed is None:
+            tuner.skip(name, "triton-<hopper configs>", "no TMA on this device (sm_90 and later)")
+        else:
+            tuner.time(name, f"triton-{committed.name}", triton(committed), flops, ref,
+                       extra={**extra, "committed": True})
+    elif committed is not None:
+        for config in configs:
+            if config != committed:
+                tuner.time(name, f"triton-{config.name}", triton(config), flops, ref, extra=extra)
+
+
 def _frame_shape(tuner: Tuner, name: str, shape: dict, configs: list, dtype, stage: int) -> None:
     """Stage 0: baseline, pointer kernel and the committed config; stage 1: the other configs; stage 2: FlexAttention
     (MemFlow's dense shape)."""
@@ -288,16 +304,9 @@ def _frame_shape(tuner: Tuner, name: str, shape: dict, configs: list, dtype, sta
         else:
             tuner.time(name, "cudnn-sdpa-precat", lambda: _sdpa(qt, kt, vt, "cudnn").transpose(1, 2), flops, ref,
                        base=True, extra=extra)
-        tuner.time(name, "triton-pointer", triton("pointer"), flops, ref, extra=extra)
-        if not hopper:
-            tuner.skip(name, "triton-<hopper configs>", "no TMA on this device (sm_90 and later)")
-        else:
-            tuner.time(name, f"triton-{committed.name}", triton(committed), flops, ref,
-                       extra={**extra, "committed": True})
-    elif stage == 1 and hopper:
-        for config in configs:
-            if config != committed:
-                tuner.time(name, f"triton-{config.name}", triton(config), flops, ref, extra=extra)
+        _kernel_rows(tuner, name, 0, triton, committed, configs, flops, ref, extra)
+    elif stage == 1:
+        _kernel_rows(tuner, name, 1, triton, committed, configs, flops, ref, extra)
     elif stage == 2:
         _flex_rows(tuner, name, flops, ref, extra,
                    lambda: _frame_flex(kp, vp, table, q, shape["frame"], tuner.device))
@@ -376,16 +385,9 @@ def _scale_shape(tuner: Tuner, name: str, shape: dict, configs: list, dtype, sta
         else:
             tuner.time(name, "cudnn-sdpa-unmasked", lambda: _sdpa(q, k, v, "cudnn", scale=1.0), flops, None,
                        extra={**extra, "note": "all pairs, no mask: what the mask saves, not the same result"})
-        tuner.time(name, "triton-pointer", triton("pointer"), flops, ref, extra=extra)
-        if not hopper:
-            tuner.skip(name, "triton-<hopper configs>", "no TMA on this device (sm_90 and later)")
-        else:
-            tuner.time(name, f"triton-{committed.name}", triton(committed), flops, ref,
-                       extra={**extra, "committed": True})
-    elif stage == 1 and hopper:
-        for config in configs:
-            if config != committed:
-                tuner.time(name, f"triton-{config.name}", triton(config), flops, ref, extra=extra)
+        _kernel_rows(tuner, name, 0, triton, committed, configs, flops, ref, extra)
+    elif stage == 1:
+        _kernel_rows(tuner, name, 1, triton, committed, configs, flops, ref, extra)
     elif stage == 2:
         def make():
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention

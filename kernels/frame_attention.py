@@ -28,6 +28,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _open_counts(GATE, b, sg, K, Ln, HAS_GATE: tl.constexpr):
+    """``(pages, chunk tokens)`` row ``b`` attends: ``(K, Ln)``, or ``(0, 0)`` where its gate is closed, so that
+    nothing of the row's pages or chunk is read."""
+    n_pages = K
+    n_new = Ln
+    if HAS_GATE:
+        open_ = tl.load(GATE + b * sg) != 0
+        n_pages = tl.where(open_, K, 0)
+        n_new = tl.where(open_, Ln, 0)
+    return n_pages, n_new
+
+
+@triton.jit
 def _attend(q, acc, m_i, l_i, K, V, offs_n, n_lim, skn, svn, offs_d, d_ok, skd, svd, qk_scale,
             PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """One key tile (keys ``offs_n < n_lim`` of the segment at ``K``/``V``) loaded and attended."""
@@ -61,12 +74,7 @@ def _frame_attention_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P, F,
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    n_pages = K
-    n_new = Ln
-    if HAS_GATE:
-        open_ = tl.load(GATE + b * sg) != 0
-        n_pages = tl.where(open_, K, 0)
-        n_new = tl.where(open_, Ln, 0)
+    n_pages, n_new = _open_counts(GATE, b, sg, K, Ln, HAS_GATE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -118,12 +126,7 @@ def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P
                                        block_shape=[BLOCK_M, BLOCK_D])
     q = q_desc.load([pid_m * BLOCK_M, 0]).to(DOT_DTYPE)
     offs_n = tl.arange(0, BLOCK_N)
-    n_pages = K
-    n_new = Ln
-    if HAS_GATE:
-        open_ = tl.load(GATE + b * sg) != 0
-        n_pages = tl.where(open_, K, 0)
-        n_new = tl.where(open_, Ln, 0)
+    n_pages, n_new = _open_counts(GATE, b, sg, K, Ln, HAS_GATE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
