@@ -56,6 +56,18 @@ def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: Sequ
         raise ValueError(f"{name}: expected shape [{want}]{dims}, got {list(t.shape)}")
 
 
+def gate(name: str, g: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A per-row gate: None, or a bool tensor ``[]`` or ``[batch]``, returned expanded to ``[batch]``."""
+    if g is None:
+        return None
+    tensor(name, g, ndim=(0, 1))
+    if g.dtype != torch.bool:
+        raise TypeError(f"{name}: expected dtype bool, got {dtype_name(g.dtype)}")
+    if g.dim() == 1:
+        shape(name, g, (batch,), ("B",))
+    return g.expand(batch)
+
+
 def _same(what: str, error: type, tensors: dict, message):
     """The ``what`` (``device`` / ``dtype``) shared by every tensor that is not None; ``error`` names the first
     tensor that differs from the first one, with ``message(expected, first name, got)``."""

@@ -28,10 +28,7 @@ def _check(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
     if new_k is not None:
         check.tensor("new_k", new_k, ndim=4, dtypes=check.FLOATS)
         check.tensor("new_v", new_v, ndim=4, dtypes=check.FLOATS)
-    if gate is not None:
-        check.tensor("gate", gate, ndim=(0, 1))
-        if gate.dtype != torch.bool:
-            raise TypeError(f"gate: expected dtype bool, got {check.dtype_name(gate.dtype)}")
+    gate = check.gate("gate", gate, q.shape[0])
     check.same_device(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table, new_k=new_k, new_v=new_v,
                       gate=gate)
     check.same_dtype(q=q, k_pages=k_pages, v_pages=v_pages, new_k=new_k, new_v=new_v)
@@ -46,13 +43,11 @@ def _check(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scale):
     if new_k is not None:
         check.shape("new_k", new_k, (B, None, H, D), ("B", "Ln", "H", "D"))
         check.shape("new_v", new_v, tuple(new_k.shape), ("B", "Ln", "H", "D"))
-    if gate is not None and gate.dim() == 1:
-        check.shape("gate", gate, (B,), ("B",))
     if D == 0:
         raise ValueError(f"q: expected a head dim D >= 1, got shape {list(q.shape)}")
     scale = D ** -0.5 if sm_scale is None else check.number("sm_scale", sm_scale, low=0.0, open_low=True)
     table = page_table if page_table.dim() == 3 else page_table[:, None, :].expand(B, H, K)
-    return q, k_pages, v_pages, table, new_k, new_v, None if gate is None else gate.expand(B), scale
+    return q, k_pages, v_pages, table, new_k, new_v, gate, scale
 
 
 def _values(q, k_pages, v_pages, page_table, *args):

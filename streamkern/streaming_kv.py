@@ -292,7 +292,7 @@ class StreamingKV:
             B = self.window_pages.shape[0]
             sink, window = self._held(staged)
             recent = torch.cat([self.sink_pages[:sink], self.S + self._ring(0, window)]).expand(B, sink + window)
-            return recent, torch.cat([recent, torch.where(self.bank_valid, self.bank_pages, -1)], dim=1)
+            return recent, torch.cat([recent, self._bank_table()], dim=1)
         recent, shared = self._cached(("table", staged), build)
         if topk is None:
             return shared
@@ -304,8 +304,11 @@ class StreamingKV:
     def _bank_topk(self, q: torch.Tensor, layer: int, topk: int) -> torch.Tensor:
         """``[B, H, topk]`` the bank pages whose mean key in ``layer`` best matches each head's mean query (-1 pads)."""
         check.integer("topk", topk, low=0)
-        bank = self._cached("bank", lambda: torch.where(self.bank_valid, self.bank_pages, -1))
-        return frame_topk(q, self.pool.k_mean[layer], bank, topk, per_head=True, backend=self.backend)
+        return frame_topk(q, self.pool.k_mean[layer], self._bank_table(), topk, per_head=True, backend=self.backend)
+
+    def _bank_table(self) -> torch.Tensor:
+        """``[B, M]`` the bank's pages, -1 where a slot is empty (once per chunk)."""
+        return self._cached("bank", lambda: torch.where(self.bank_valid, self.bank_pages, -1))
 
     def attend(self, layer: int, q: torch.Tensor, new_k: torch.Tensor | None = None,
                new_v: torch.Tensor | None = None, *, topk: int | None = None, gate: torch.Tensor | None = None,
@@ -318,9 +321,21 @@ class StreamingKV:
         check.integer("layer", layer, low=0, high=self.pool.k.shape[0] - 1)
         if (new_k is None) != (new_v is None):
             raise ValueError("new_k, new_v: expected both or neither")
+        _, B, _, _, H, D = self.pool.k.shape
+        check.tensor("q", q, ndim=4)
+        check.shape("q", q, (B, None, H, D), ("B", "Lq", "H", "D"))
+        gate = check.gate("gate", gate, B)
+        if topk is not None:
+            check.integer("topk", topk, low=0)
+        if sm_scale is not None:
+            check.number("sm_scale", sm_scale, low=0.0, open_low=True)
+        check.same_device(pool=self.pool.k, q=q, new_k=new_k, new_v=new_v, gate=gate)
+        check.same_dtype(pool=self.pool.k, q=q, new_k=new_k, new_v=new_v)
         staged = 0
-        if new_k is not None:
+        if new_k is not None:       # everything is checked before the chunk is written
             check.tensor("new_k", new_k, ndim=4)
+            check.shape("new_k", new_k, (B, None, H, D), ("B", "T", "H", "D"))
+            check.shape("new_v", new_v, tuple(new_k.shape), ("B", "T", "H", "D"))
             staged = self._check_chunk("new_k", new_k)
             frame_write(self.pool.k[layer:layer + 1], self.pool.v[layer:layer + 1],
                         self.pool.k_mean[layer:layer + 1], new_k[None], new_v[None], self._chunk_pages(staged),
@@ -348,13 +363,9 @@ class StreamingKV:
 
     @staticmethod
     def _gated(result, gate: torch.Tensor | None):
-        """``(out, lse)`` with the rows whose ``gate`` is False set to 0 and -inf (lse may be None)."""
+        """``(out, lse)`` with the rows whose ``gate [B]`` is False set to 0 and -inf (lse may be None)."""
         out, lse = result if isinstance(result, tuple) else (result, None)
         if gate is None:
             return out, lse
-        check.tensor("gate", gate, ndim=(0, 1))
-        if gate.dtype != torch.bool:
-            raise TypeError(f"gate: expected dtype bool, got {check.dtype_name(gate.dtype)}")
-        open_ = gate.expand(out.shape[0])
-        out = torch.where(open_[:, None, None, None], out, 0.0)
-        return out, None if lse is None else torch.where(open_[:, None, None], lse, float("-inf"))
+        out = torch.where(gate[:, None, None, None], out, 0.0)
+        return out, None if lse is None else torch.where(gate[:, None, None], lse, float("-inf"))

@@ -335,3 +335,25 @@ def test_reduce_scores_decides_what_the_bank_keeps():
     assert torch.equal(plain.bank_scores[0], scores.gather(1, best[:, None]).mean())   # the hook saw these scores
     with pytest.raises(TypeError, match="reduce_scores: expected None or a function"):
         streamkern.StreamingKV(NL, B, F, H, D, window_frames=2, reduce_scores=1.0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "frame_attention"])
+def test_attend_checks_everything_before_the_chunk_is_written(attention):
+    """A bad query, gate, top-k or scale raises naming it and leaves the pool as it was (the chunk is written only
+    once every argument is checked)."""
+    skv = streamkern.StreamingKV(NL, B, F, H, D, sink_frames=1, window_frames=3, bank_frames=1, dtype=torch.float32,
+                                 attention=attention)
+    k, v = torch.randn(B, 3, H, D), torch.randn(B, 3, H, D)
+    q = torch.randn(B, 4, H, D)
+    bad = [(dict(q=torch.randn(B, 4, H + 1, D)), ValueError, "q: expected shape"),
+           (dict(q=q.double()), TypeError, "q: expected"),
+           (dict(q=q, gate=torch.ones(B, dtype=torch.int64)), TypeError, "gate: expected dtype bool"),
+           (dict(q=q, gate=torch.ones(B + 1, dtype=torch.bool)), ValueError, "gate: expected shape"),
+           (dict(q=q, topk=-1), ValueError, "topk"),
+           (dict(q=q, sm_scale=float("nan")), ValueError, "sm_scale")]
+    before = skv.pool.k.clone(), skv.pool.v.clone(), skv.pool.k_mean.clone()
+    for kwargs, error, message in bad:
+        q_arg = kwargs.pop("q")
+        with pytest.raises(error, match=message):
+            skv.attend(0, q_arg, k, v, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(before, (skv.pool.k, skv.pool.v, skv.pool.k_mean)))
