@@ -42,7 +42,7 @@ def extension():
 
 
 setup(
-    packages=["streamkern", "streamkern.reference", "streamkern.pipelines", "streamkern.integrations",
+    packages=["streamkern", "streamkern.ops", "streamkern.ops.reference", "streamkern.pipelines", "streamkern.integrations",
               "streamkern.kernels", "streamkern.bench"],
     package_dir={"streamkern": "streamkern", "streamkern.kernels": "kernels", "streamkern.bench": "bench"},
     ext_modules=[] if os.environ.get("STREAMKERN_NO_EXT", "0") == "1" else [extension()],

@@ -1,4 +1,4 @@
-"""Benchmark of bank_insert (DESIGN.md §6, issue 3), at the ring benchmark's model shapes (``bench_kv_ring.py``:
+"""Benchmark of bank_insert (DESIGN.md §6, issue 3), at the ring benchmark's model shapes (``bench_ring_write.py``:
 the seed's 24 × 64 heads with a 6-frame bank, MemFlow's 12 × 128 with 3 frames; 4 blocks on a CPU, 30 on a GPU).
 
 ``eager-seed`` is the seed's per-layer frame copy after ``.item()``, ``compile-seed`` its torch.compile, then
@@ -11,10 +11,10 @@ import gc
 import torch
 
 from streamkern import bank_insert
-from streamkern.bank_insert import bank_insert_op
-from streamkern.reference import bank_insert as bank_ref
+from streamkern.ops.bank_insert import bank_insert_op
+from streamkern.ops.reference import bank_insert as bank_ref
 
-from .bench_kv_ring import CASES, CHUNK_FRAMES, DTYPE, layers
+from .bench_ring_write import CASES, CHUNK_FRAMES, DTYPE, layers
 
 
 def _bank(bench, NL, name, H, D, fsl, frames):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from streamkern.drift_gate import DriftGate, drift_gate_step_op, patch_importance, patch_importance_op
-from streamkern.reference import drift_gate as ref
+from streamkern.ops.drift_gate import DriftGate, drift_gate_step_op, patch_importance, patch_importance_op
+from streamkern.ops.reference import drift_gate as ref
 
 NL, HEADS, S, LAYERS, A, V = 18, 8, 600, (14, 18), 50, 256
 C, HW, POOL = 3, 224, 8

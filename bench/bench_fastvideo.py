@@ -107,7 +107,7 @@ class Block:
 def attention_syncs(model, counts: list) -> list:
     """Wrap every causal self-attention call of ``model`` in its own host-sync count (appended to ``counts``);
     returns what ``unwrap`` needs to put the forwards back."""
-    from streamkern.host_sync import count_host_syncs
+    from streamkern.capture import count_host_syncs
 
     saved = []
     for block in model.blocks:
@@ -134,7 +134,7 @@ def unwrap(saved: list) -> None:
 def prepare(case_name: str, impl: str, base) -> tuple[dict, Block | None]:
     """The row of ``impl`` on ``case_name``, with its warm-up block measured (bytes, syncs, on CUDA peak memory),
     and its ``Block``."""
-    from streamkern.host_sync import count_host_syncs
+    from streamkern.capture import count_host_syncs
 
     case = CASES[case_name]
     attention = IMPLS[impl]
@@ -143,7 +143,7 @@ def prepare(case_name: str, impl: str, base) -> tuple[dict, Block | None]:
            "steps": case["steps"], "frame_seqlen": env.frame_seq_length(case["height"], case["width"]),
            "local_attn_size": case["local"], "sink_size": case["sink"], "dtype": str(case["dtype"]).replace("torch.", "")}
     if attention == "frame":
-        from streamkern.frame_attention import frame_attention_op
+        from streamkern.ops.frame_attention import frame_attention_op
         row["frame_attention_backend"] = frame_attention_op.backends.resolve(None, device)
         if row["frame_attention_backend"] == "torch" and 3 * row["frame_seqlen"] > REFERENCE_MAX_TOKENS:
             row["skipped"] = ("frame_attention resolves to its 'torch' reference here, which gathers pages and "

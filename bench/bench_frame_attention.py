@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from streamkern import frame_attention, frame_topk, frame_write
-from streamkern.frame_attention import frame_attention_op
-from streamkern.view_attention import merge_attention, view_attention
+from streamkern.ops.frame_attention import frame_attention_op
+from streamkern.ops.view_attention import merge_attention, view_attention
 
 OP = "frame_attention_step"
 H, D, FRAME = 12, 128, 1560

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from streamkern import frame_topk
-from streamkern.frame_topk import frame_topk_op
+from streamkern.ops.frame_topk import frame_topk_op
 
 from .bench_frame_attention import D, FRAME, H   # one transformer block of Wan2.1-1.3B as MemFlow runs it
 

@@ -20,7 +20,7 @@ import gc
 import torch
 
 from streamkern import frame_write
-from streamkern.frame_write import frame_write_op
+from streamkern.ops.frame_write import frame_write_op
 
 from .bench_frame_attention import D, FRAME, H   # one transformer block of Wan2.1-1.3B as MemFlow runs it
 

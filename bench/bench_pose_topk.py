@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from streamkern import pose_topk
-from streamkern.pose_topk import pose_topk_op
-from streamkern.reference import pose_topk as ref
+from streamkern.ops.pose_topk import pose_topk_op
+from streamkern.ops.reference import pose_topk as ref
 
 OP = "pose_topk"
 

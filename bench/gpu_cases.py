@@ -199,11 +199,12 @@ CASES: dict[str, Callable[[str, str], OpCase]] = {
     "frame_attention": frame_attention, "frame_topk": frame_topk,
 }
 # the declared op (streamkern.<module>.<op>_op) whose backends each case exercises
-OPS = {"select_frame": "consensus.consensus_frame_scores", "bank_evict_select": "bank_evict.bank_evict_select",
+OPS = {"select_frame": "consensus_frame_scores.consensus_frame_scores",
+       "bank_evict_select": "bank_evict_select.bank_evict_select",
        "bank_insert": "bank_insert.bank_insert", "pose_topk": "pose_topk.pose_topk",
        "patch_importance": "drift_gate.patch_importance",
-       "attention_weighted_drift": "drift_gate.attention_weighted_drift", "drift_gate": "drift_gate.drift_gate_step", "block_masked_attention": "scale_attention.block_masked_attention",
-       "verify_scales": "verify.verify_scales", "frame_write": "frame_write.frame_write",
+       "attention_weighted_drift": "drift_gate.attention_weighted_drift", "drift_gate": "drift_gate.drift_gate_step", "block_masked_attention": "block_masked_attention.block_masked_attention",
+       "verify_scales": "verify_scales.verify_scales", "frame_write": "frame_write.frame_write",
        "frame_attention": "frame_attention.frame_attention", "frame_topk": "frame_topk.frame_topk"}
 
 
@@ -211,7 +212,7 @@ def has_backend(case: str, backend: str) -> bool:
     import importlib
 
     module, op = OPS[case].split(".")
-    return backend in getattr(importlib.import_module(f"streamkern.{module}"), f"{op}_op").backends.impls
+    return backend in getattr(importlib.import_module(f"streamkern.ops.{module}"), f"{op}_op").backends.impls
 
 
 def pairs(backends=("triton", "cuda")) -> list[tuple[str, str]]:

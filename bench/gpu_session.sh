@@ -47,14 +47,14 @@ NPROC=$(nproc)
 CAP_ENV=10 CAP_BUILD=30 CAP_BUILD_FULL=300 CAP_SMOKE=35 CAP_TEST_OPS=70 CAP_TEST_GRAPHS=40 CAP_MEMCHECK=12
 CAP_RACECHECK=18 CAP_DEMO=50 CAP_BENCH_ATTENTION=35 CAP_BENCH_FP32=20 CAP_BENCH_WRITES=20 CAP_BENCH_OTHERS=20
 CAP_TUNE=190 CAP_FASTVIDEO=40
-BENCH_WRITES="frame_write kv_ring bank_insert"
-BENCH_OTHERS="consensus verify frame_topk pose_topk bank_evict scale_attention drift_gate"
+BENCH_WRITES="frame_write ring_write bank_insert"
+BENCH_OTHERS="consensus_frame_scores verify_scales frame_topk pose_topk bank_evict_select block_masked_attention drift_gate"
 GRAPH_TESTS="tests/test_pipeline_graphs.py tests/test_step_graph.py tests/test_gpu.py tests/test_distributed.py"
 SMOKE_PARTS=3
 if [ $DRY = 1 ]; then   # the same commands, on this CPU, small
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   CAP_SMOKE=60 SMOKE_PARTS=2 CAP_TEST_OPS=120 CAP_TEST_GRAPHS=120 CAP_DEMO=120 CAP_BENCH_WRITES=120
-  BENCH_WRITES="frame_write bank_evict" BENCH_OTHERS=""
+  BENCH_WRITES="frame_write bank_evict_select" BENCH_OTHERS=""
 fi
 log() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$OUT/session.log"; }
 capped() { local cap=$1; shift; timeout -k 15 -s INT "$cap" "$@"; }

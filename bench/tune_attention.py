@@ -24,7 +24,7 @@ mask). Relative error ‖out − ref‖ / ‖ref‖ against fp32 SDPA over the s
 masks). Each row is printed as measured and, with ``--jsonl PATH``, appended to PATH as one JSON object and
 flushed (``"source": "tune"``, which bench/gpu_pack.py's summary counts; the first, ``"kind": "info"``, names the
 device); one table is printed at the end with, per shape, the fastest Hopper config (what the committed choices of
-kernels/frame_attention.py and kernels/scale_attention.py should say).
+kernels/frame_attention.py and kernels/block_masked_attention.py should say).
 
 Budget: ``--budget`` seconds for the whole run (default 170, inside the 3 minutes a GPU session gives it); work is done
 in order of importance — per shape the baseline, the pointer kernel and the committed config, then every other
@@ -355,8 +355,8 @@ def _scale_shape(tuner: Tuner, name: str, shape: dict, configs: list, dtype, sta
     FlexAttention with its mask build (the baseline of the ratios) and without."""
     import streamkern
     from streamkern.kernels import attention_tile as tiles
-    from streamkern.kernels import scale_attention as ksa
-    from streamkern.reference import scale_attention as ref_sa
+    from streamkern.kernels import block_masked_attention as ksa
+    from streamkern.ops.reference import block_masked_attention as ref_sa
 
     layout = streamkern.scale_layout(shape["patch_nums"])
     ids = layout.scale_of_token.to(tuner.device)
@@ -406,7 +406,7 @@ def run(device: torch.device, budget: float, flex_budget: float, jsonl: str | No
         scale_shapes: dict, flex: bool, dry: bool) -> Tuner:
     from streamkern.bench.harness import device_info
     from streamkern.kernels import frame_attention as kfa
-    from streamkern.kernels import scale_attention as ksa
+    from streamkern.kernels import block_masked_attention as ksa
 
     tuner = Tuner(device, budget, flex_budget if flex else None, jsonl, dry)
     info = device_info(device)
@@ -443,7 +443,7 @@ def run(device: torch.device, budget: float, flex_budget: float, jsonl: str | No
     best = best_configs(tuner.rows)
     if best:
         print("\nfastest Hopper config per shape (for the committed choices of kernels/frame_attention.py and "
-              "kernels/scale_attention.py): " + ", ".join(f"{k}: {v}" for k, v in best.items()))
+              "kernels/block_masked_attention.py): " + ", ".join(f"{k}: {v}" for k, v in best.items()))
     return tuner
 
 

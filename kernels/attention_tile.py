@@ -1,4 +1,4 @@
-"""What the Triton flash-attention kernels share (``kernels/frame_attention.py``, ``kernels/scale_attention.py``):
+"""What the Triton flash-attention kernels share (``kernels/frame_attention.py``, ``kernels/block_masked_attention.py``):
 the host's choice of tiles and dot precision for a launch, and the online-softmax update of one key tile; for the
 Hopper (sm_90+) kernels also the rule that picks them, their configs and the tensor-descriptor scratch allocator.
 

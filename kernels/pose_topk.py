@@ -1,7 +1,7 @@
 """Triton kernel of pose_topk (DESIGN.md §4.2): one program computes every similarity and sorts N packed keys.
 
 ``sim = exp(-sqrt((dx² + dy²) + dz²) / scale)`` in float64 rounded to float32 (as every backend, see
-``streamkern/reference/pose_topk.py``); key (``rank_keys.h``, ``pose_key``) = ``(invalid, isnan, ~ordered(sim),
+``streamkern/ops/reference/pose_topk.py``); key (``rank_keys.h``, ``pose_key``) = ``(invalid, isnan, ~ordered(sim),
 index)``, padding the largest int64; ``tl.sort`` ascending; the first k keys decode to ``(idx, sim)``, or
 ``(-1, 0)`` for invalid ones. ``scale`` travels as the int64 bit pattern of the float64 (a Python float would be
 passed as float32; a float64 device scalar would cost a fill per call). One program, N <= 4096, no host sync, one

@@ -1,4 +1,4 @@
-"""Triton token-row copy, the shared kernel of ``ring_write`` (``kernels/kv_ring.py``) and ``bank_insert``
+"""Triton token-row copy, the shared kernel of ``ring_write`` (``kernels/ring_write.py``) and ``bank_insert``
 (``kernels/bank_insert.py``) (DESIGN.md §4.2; the C++/CUDA twin is ``csrc/include/streamkern/token_copy.h``).
 
 For layer l, batch row b, token t: the ``H*D`` values of ``src[l, b, src_base(b) + t]`` go to

@@ -26,7 +26,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from ._checks import debug_enabled, reading_layout
+from ._checks import debug_enabled
+from .capture import run_value_check
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}   # device type -> "auto"'s order
@@ -192,11 +193,6 @@ class OpBackends:
         return self(name)(*args)
 
 
-def cuda_capturing(device: torch.device) -> bool:
-    """A CUDA graph is being captured on the current stream and ``device`` is a CUDA device."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def device_guard(device: torch.device):
     """The context that makes ``device`` current for a Triton launch: Triton launches on the current CUDA device,
     so tensors on ``cuda:1`` launched from ``cuda:0`` would be read through the wrong context."""
@@ -261,28 +257,6 @@ def triton(path: str, arrange: Callable[..., tuple] | None = None) -> Callable:
     module, function = path.split(":")
     return _Forward(f"streamkern.kernels.{path}", lambda: getattr(importlib.import_module(
         f"streamkern.kernels.{module}"), function), arrange)
-
-
-_VALUE_CHECK_DEPTH = [0]
-
-
-def checking_values() -> bool:
-    """Whether an op's value check, or a check of memory layout, may read tensors on the host right now."""
-    return _VALUE_CHECK_DEPTH[0] > 0 or reading_layout()
-
-
-def run_value_check(values: Callable, args: Sequence) -> None:
-    """``values(*args)``, a check that reads tensor values on the host, flagged by :func:`checking_values` while it
-    runs. Skipped while the tensors' device is being captured in a CUDA graph: a host read there invalidates the
-    capture, and the eager call that precedes every capture (the warm-up) has checked the same kind of values."""
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    if device is not None and cuda_capturing(device):
-        return
-    _VALUE_CHECK_DEPTH[0] += 1
-    try:
-        values(*args)
-    finally:
-        _VALUE_CHECK_DEPTH[0] -= 1
 
 
 def _with_backend(schema: str) -> tuple[str, tuple[str, ...]]:
@@ -357,7 +331,7 @@ def define_op(name: str, schema: str, backends: Mapping[str, Callable | Kernel],
             runs before the ``"torch"`` and ``"cpu"`` backends, and before the GPU ones only with
             ``STREAMKERN_DEBUG=1``; never while the tensors' device is being captured in a CUDA graph (the read
             would invalidate the capture; the eager warm-up call before it checked). The host-sync counter
-            (``streamkern.host_sync``) books its reads as checks.
+            (``streamkern.capture``) books its reads as checks.
         alloc: ``alloc(*args)`` allocates the outputs that ``out=True`` kernels fill (also the fake kernel).
         fake: the fake (meta) kernel when it differs from ``alloc``; mutating ops without outputs need neither.
         missing: backend -> why this op has no such implementation.

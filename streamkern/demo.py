@@ -93,15 +93,15 @@ LABELS = [label for label, *_ in TINY]
 
 @functools.lru_cache(maxsize=None)
 def declared_ops() -> dict:
-    """Every op declared with ``define_op`` in streamkern's modules (``Op`` objects, by name)."""
+    """Every op declared with ``define_op`` in ``streamkern.ops`` (``Op`` objects, by name)."""
     import pkgutil
 
-    import streamkern
+    import streamkern.ops
     from streamkern._backend import Op
 
     ops = {}
-    for info in pkgutil.iter_modules(streamkern.__path__):
-        for value in vars(importlib.import_module(f"streamkern.{info.name}")).values():
+    for info in pkgutil.iter_modules(streamkern.ops.__path__):
+        for value in vars(importlib.import_module(f"streamkern.ops.{info.name}")).values():
             if isinstance(value, Op):
                 ops[value.name] = value
     return ops

@@ -25,9 +25,9 @@ caller refills in place before each replay.
 conditional nodes, which need CUDA 12.4 or newer; on CPU both bodies are recorded and the writes of the one not
 taken are undone). :func:`conditional_nodes_supported` says whether this torch can capture them.
 
-The captures in progress are a stack of :class:`StepGraph` objects kept here (each owns the ``CUDAGraph`` or the
-CPU recorder it captures into), so :func:`device_branch` needs no lookup of torch's current graph, and
-:func:`capturing` tells the ops (device tables, the drift gate's counter) that a capture is running.
+A capturing :class:`StepGraph` enters ``streamkern.capture.capture_scope`` (each graph owns the ``CUDAGraph`` or
+the CPU recorder it captures into), so :func:`device_branch` needs no lookup of torch's current graph, and
+``streamkern.capture.capturing`` tells the ops (device tables, the drift gate's counter) that a capture is running.
 """
 from __future__ import annotations
 
@@ -39,10 +39,9 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_structure
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from . import _backend
-from .host_sync import count_host_syncs, host_read
+from .capture import capture_scope, capturing, checking_values, count_host_syncs, host_read, innermost_capture
 
-__all__ = ["CaptureError", "StepGraph", "capturing", "conditional_nodes_supported", "device_branch"]
+__all__ = ["CaptureError", "StepGraph", "conditional_nodes_supported", "device_branch"]
 
 
 class CaptureError(RuntimeError):
@@ -128,7 +127,7 @@ class _Recorder(TorchDispatchMode):
         if func in _LAYOUT_OPS:
             return out   # decided from sizes, strides and dtypes (no value read), the same at every replay
         if out is not None and not isinstance(out, (torch.Tensor, list, tuple)):
-            if _backend.checking_values():
+            if checking_values():
                 return out   # an op's value check reads at capture; it is not replayed
             raise CaptureError(f"StepGraph: {_name(func)} reads a tensor value on the host inside a captured step "
                                f"(a CUDA capture fails the same way); keep the decision on the device")
@@ -174,17 +173,6 @@ def _check_same_outputs(a, b) -> None:
         if x.shape != y.shape or x.dtype != y.dtype:
             raise ValueError(f"device_branch: output {i} is {x.dtype} {list(x.shape)} in if_true but {y.dtype} "
                              f"{list(y.shape)} in if_false")
-
-
-_CAPTURES: list = []   # the StepGraph captures in progress, innermost last
-
-
-def capturing(device: torch.device) -> bool:
-    """A step is being captured on ``device``: a CUDA-graph capture on its current stream (a StepGraph's or any
-    other), or on CPU a ``StepGraph`` recording."""
-    if device.type == "cuda":
-        return _backend.cuda_capturing(device)
-    return device.type == "cpu" and any(g.device.type == "cpu" for g in _CAPTURES)
 
 
 _CONDITIONAL_API = ("begin_capture_to_if_node", "end_capture_to_conditional_node")
@@ -234,12 +222,8 @@ class StepGraph:
             capture = contextlib.ExitStack()
             capture.enter_context(self._graph)
             capture.enter_context(count_host_syncs(True, CaptureError, "inside a captured step"))
-        _CAPTURES.append(self)
-        try:
-            with capture:
-                self.outputs = step()
-        finally:
-            _CAPTURES.pop()
+        with capture_scope(self), capture:
+            self.outputs = step()
         if self.device.type == "cuda":
             self._graph.replay()
 
@@ -278,7 +262,7 @@ def device_branch(pred: torch.Tensor, if_true: Callable[[], Any], if_false: Call
         got = f"{pred.dtype} of shape {list(pred.shape)}" if isinstance(pred, torch.Tensor) else type(pred).__name__
         raise ValueError(f"pred: expected a 0-d bool tensor, got {got}")
     if capturing(pred.device):
-        owner = next((g for g in reversed(_CAPTURES) if g.device.type == pred.device.type), None)
+        owner = innermost_capture(pred.device.type)
         if owner is None:
             raise CaptureError("device_branch: a CUDA graph is being captured, but not by a StepGraph; capture the "
                                "step with streamkern.step_graph.StepGraph (the conditional nodes go into its graph)")

@@ -40,15 +40,15 @@ from typing import Callable, Sequence
 import torch
 
 from . import _checks as check
-from ._backend import run_value_check
-from .bank_evict import bank_evict_select, entity_mask
-from .bank_insert import bank_insert
-from .consensus import select_frame
-from .frame_attention import frame_attention, frame_attention_op
-from .frame_pool import FramePool
-from .frame_topk import frame_topk
-from .frame_write import frame_write
-from .view_attention import merge_attention, view_attention
+from .capture import run_value_check
+from .ops.bank_evict_select import bank_evict_select, entity_mask
+from .ops.bank_insert import bank_insert
+from .ops.consensus_frame_scores import select_frame
+from .ops.frame_attention import frame_attention, frame_attention_op
+from .ops.frame_write import FramePool
+from .ops.frame_topk import frame_topk
+from .ops.frame_write import frame_write
+from .ops.view_attention import merge_attention, view_attention
 
 ATTENTION = ("auto", "sdpa", "frame_attention")
 

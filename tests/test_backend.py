@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import streamkern
-from streamkern import _backend
-from streamkern.consensus import consensus_frame_scores_op
+from streamkern import _backend, capture
+from streamkern.ops.consensus_frame_scores import consensus_frame_scores_op
 
 CONSENSUS = consensus_frame_scores_op.backends
 
@@ -187,7 +187,7 @@ def test_define_op_declares_supports_values_and_outputs(monkeypatch):
     seen = []
 
     def values(x, n):
-        seen.append(_backend.checking_values())
+        seen.append(capture.checking_values())
 
     op = _backend.define_op("test_define_op", "(Tensor x, int n) -> Tensor", {
         "torch": lambda x, n: x + n,
@@ -203,9 +203,9 @@ def test_define_op_declares_supports_values_and_outputs(monkeypatch):
         op(torch.zeros(5), 1, backend="cpu")
     assert "cpu     at most 4 values, got 5" in str(info.value) and "torch   ok" in str(info.value)
     assert "triton  test_define_op has no 'triton' backend" in str(info.value)
-    assert seen == [True] * 4 and not _backend.checking_values()
+    assert seen == [True] * 4 and not capture.checking_values()
     with monkeypatch.context() as m:   # a CUDA capture of the tensors' device in progress: no value check runs
-        m.setattr(_backend, "cuda_capturing", lambda device: True)
+        m.setattr(capture, "cuda_capturing", lambda device: True)
         assert op(x, 1, backend="torch").tolist() == [1.0] * 3 and len(seen) == 4
     torch.library.opcheck(op.custom_op, (torch.zeros(3), 1, "cpu"))
     cuda, impls = torch.device("cuda"), {"torch": lambda x: x, "cuda": lambda x: x, "triton": lambda x: x}

@@ -6,7 +6,7 @@ import torch
 from conftest import DTYPES, assert_raises_untouched, backend_params
 
 import streamkern
-from streamkern.reference import bank_insert as ref
+from streamkern.ops.reference import bank_insert as ref
 from streamkern.testing import assert_parity
 
 CASES = [  # NL, B, M, F, fsl, H, D, broadcast

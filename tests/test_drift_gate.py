@@ -5,7 +5,7 @@ import torch
 
 import streamkern as sk
 from conftest import backend_params
-from streamkern.reference import drift_gate as ref
+from streamkern.ops.reference import drift_gate as ref
 from streamkern.testing import assert_parity, count_launches
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -532,7 +532,7 @@ def test_bad_gate_inputs_write_nothing():
 @pytest.mark.parametrize("bd", backend_params(exclude=("triton",)))
 def test_opcheck(bd):
     b, dev = bd
-    from streamkern.drift_gate import attention_weighted_drift_op, drift_gate_step_op, patch_importance_op
+    from streamkern.ops.drift_gate import attention_weighted_drift_op, drift_gate_step_op, patch_importance_op
 
     args = _drift_inputs((2, 3, 16, 24, 8, 3, (3, 2)), torch.float32, dev, True)
     torch.library.opcheck(attention_weighted_drift_op.custom_op, args + (b,))

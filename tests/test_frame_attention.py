@@ -3,17 +3,16 @@ plain per-(b, h) gather + cat + softmax formula and against FlexAttention; odd s
 page, Lq = 1), every dtype, non-contiguous q and padded-then-sliced pages, -1 entries, per-head and shared tables,
 duplicate ids, gates, rows with no key, lse, empty tables, NaN/inf in everything not listed; bad input, opcheck,
 compile, host syncs (launches per call: tests/test_gpu.py, tests/test_gpu_readiness.py)."""
-import importlib
 
 import pytest
 import torch
 from conftest import DTYPES, backend_params
 
 import streamkern
-from streamkern.reference import frame_attention as ref
+from streamkern.ops.reference import frame_attention as ref
 from streamkern.testing import assert_parity, triton_launches_wrapped
 
-fa = importlib.import_module("streamkern.frame_attention")   # the module (streamkern.frame_attention is the op)
+from streamkern.ops import frame_attention as fa
 # no "cuda" backend: the Triton kernel is the GPU path
 ALL = backend_params(exclude=("cuda",), ops=[fa.frame_attention_op])
 GPU = backend_params(exclude=("torch", "cpu", "cuda"), ops=[fa.frame_attention_op])
@@ -370,7 +369,7 @@ def test_compile_fullgraph(bd):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)   # pointer / Hopper kernel (sm_90)
 @pytest.mark.parametrize("bd", GPU)
 def test_no_host_sync(bd, dtype, monkeypatch):
-    from streamkern.host_sync import count_host_syncs
+    from streamkern.capture import count_host_syncs
 
     monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
     q, kp, vp, table, new_k, new_v, gate = _case(CASES[1].values[0], dtype, bd[1])
@@ -382,8 +381,8 @@ def test_no_host_sync(bd, dtype, monkeypatch):
 
 # ---- the Hopper kernel (kernels/frame_attention.py; where it runs: kernels/attention_tile.py) ---------------------
 
-kfa = importlib.import_module("streamkern.kernels.frame_attention")
-tiles = importlib.import_module("streamkern.kernels.attention_tile")
+from streamkern.kernels import frame_attention as kfa
+from streamkern.kernels import attention_tile as tiles
 HOPPER = "_frame_attention_tma_kernel"
 POINTER = "_frame_attention_kernel"
 # the interpreter's configs (small tiles); on CUDA the candidate configs themselves

@@ -2,16 +2,15 @@
 the reference against a per-(b, h) scoring loop with a ranking by (score, position); per-head and shared rankings,
 -1 candidates, duplicates, ties, k = 0 and k > C, every dtype, non-contiguous q, means of unlisted pages holding
 NaN/inf; bad input, opcheck, compile, host syncs (launches per call: tests/test_gpu.py, tests/test_gpu_readiness.py)."""
-import importlib
 
 import pytest
 import torch
 from conftest import DTYPES, backend_params
 
 import streamkern
-from streamkern.reference import frame_topk as ref
+from streamkern.ops.reference import frame_topk as ref
 
-ft = importlib.import_module("streamkern.frame_topk")   # the module (streamkern.frame_topk is the op)
+from streamkern.ops import frame_topk as ft
 ALL = backend_params(ops=[ft.frame_topk_op])
 GPU = backend_params(exclude=("torch", "cpu"), ops=[ft.frame_topk_op])
 
@@ -195,7 +194,7 @@ def test_compile_fullgraph(bd):
 
 @pytest.mark.parametrize("bd", GPU)
 def test_no_host_sync(bd, monkeypatch):
-    from streamkern.host_sync import count_host_syncs
+    from streamkern.capture import count_host_syncs
 
     monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
     q, k_mean, cand, k = _case(CASES[1].values[0], torch.float32, bd[1])

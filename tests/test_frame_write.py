@@ -10,10 +10,10 @@ import torch
 from conftest import DTYPES, backend_params
 
 import streamkern
-from streamkern.reference import frame_write as ref
+from streamkern.ops.reference import frame_write as ref
 from streamkern.testing import assert_parity
 
-fw = importlib.import_module("streamkern.frame_write")   # the module (streamkern.frame_write is the op)
+fw = importlib.import_module("streamkern.ops.frame_write")   # the module (streamkern.frame_write is the op)
 ALL = backend_params(ops=[fw.frame_write_op])
 GPU = backend_params(exclude=("torch", "cpu"), ops=[fw.frame_write_op])
 
@@ -248,7 +248,7 @@ def test_compile_fullgraph(bd):
 
 @pytest.mark.parametrize("bd", GPU)
 def test_no_host_sync(bd, monkeypatch):
-    from streamkern.host_sync import count_host_syncs
+    from streamkern.capture import count_host_syncs
 
     monkeypatch.delenv("STREAMKERN_DEBUG", raising=False)
     args = _case(CASES[1].values[0], torch.float32, bd[1])

@@ -61,7 +61,7 @@ def test_triton_threshold_decision_for_every_n():
     is too slow under the interpreter for 1024 sizes, so the rows' match bits are given (the full op runs below)."""
     if "triton" not in streamkern.available_backends("cpu"):
         pytest.skip("triton is not installed")
-    from streamkern.kernels.verify import _scales
+    from streamkern.kernels.verify_scales import _scales
 
     for n in SIZES:
         k = math.ceil(n / 2) if n % 3 else max(1, 7 * n // 10)
@@ -110,9 +110,9 @@ def _verify_args():
 CONSTANT_OPS = [
     pytest.param(lambda: streamkern.consensus_frame_scores(*_consensus_args(), layers=(0, 2),
                                                            layer_weights=(0.25, 0.75), backend="triton"),
-                 "streamkern.kernels.consensus", "_LAYERS", id="consensus"),
+                 "streamkern.kernels.consensus_frame_scores", "_LAYERS", id="consensus"),
     pytest.param(lambda: streamkern.verify_scales(*_verify_args(), threshold=0.375, cfg=None, backend="triton"),
-                 "streamkern.kernels.verify", "_WINDOWS", id="verify"),
+                 "streamkern.kernels.verify_scales", "_WINDOWS", id="verify"),
 ]
 
 
@@ -145,7 +145,7 @@ def test_device_tables_are_made_outside_capture(call, module, cache, monkeypatch
 
 def test_drift_gate_counter_is_made_outside_capture(monkeypatch):
     """The gate's arrival counter comes from the first (eager) call; a first call inside a capture raises."""
-    import streamkern.drift_gate as gate_module
+    import streamkern.ops.drift_gate as gate_module
 
     image, state = torch.rand(1, 3, 16, 16), torch.zeros(1, 7)
     gate = streamkern.DriftGate(pool=8, grid=(2, 2), backend="torch")

@@ -101,10 +101,10 @@ def test_junit_of_a_killed_chunk_is_read_from_its_log(tmp_path):
     from streamkern.bench import gpu_pack
 
     (tmp_path / "junit-ops.log").write_text(
-        "[gw0] [ 10%] PASSED tests/test_kv_ring.py::test_ring_write_parity[triton-cuda-fp32-x]\n"
+        "[gw0] [ 10%] PASSED tests/test_ring_write.py::test_ring_write_parity[triton-cuda-fp32-x]\n"
         "[gw3] [ 20%] FAILED tests/test_frame_topk.py::test_parity[cuda-cuda-bf16-holes-per-head]\n"
         "tests/test_gpu.py::test_attention_grid_limit_on_cuda SKIPPED (no CUDA device) [ 30%]\n"
-        "tests/test_verify.py::test_parity[triton-cuda-fp16-y] ERROR [ 40%]\n")
+        "tests/test_verify_scales.py::test_parity[triton-cuda-fp16-y] ERROR [ 40%]\n")
     gpu_pack.merge_junit(str(tmp_path / "junit.xml"), [str(tmp_path / "junit-ops.xml"),
                                                        str(tmp_path / "junit-graphs.xml")])
     root = ET.parse(tmp_path / "junit.xml").getroot()

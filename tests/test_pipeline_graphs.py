@@ -48,9 +48,9 @@ WARM, REPLAYS = 5, 4
 
 
 def _frame_ops():
-    from streamkern.frame_attention import frame_attention_op
-    from streamkern.frame_topk import frame_topk_op
-    from streamkern.frame_write import frame_write_op
+    from streamkern.ops.frame_attention import frame_attention_op
+    from streamkern.ops.frame_topk import frame_topk_op
+    from streamkern.ops.frame_write import frame_write_op
 
     return frame_attention_op, frame_topk_op, frame_write_op
 

@@ -10,7 +10,7 @@ import streamkern
 from conftest import backend_params
 from streamkern.pipelines import (GatedPolicy, HostSyncError, MemoryBank, MemoryWorldModel, SpeculativeVAR,
                                   StreamingGenerator, count_host_syncs)
-from streamkern.host_sync import host_read
+from streamkern.capture import host_read
 from streamkern.pipelines._runtime import measure_parts
 from streamkern.pipelines.speculative_var import guided
 from streamkern.pipelines.world_model import MemoryBuffer, camera_trajectory
@@ -25,7 +25,7 @@ def _var_params(params):
     """SpeculativeVAR's matrix: whole decodes are far too slow for Triton's CPU interpreter (its ops have their
     own parity tests there; triton-cuda runs these on a GPU); block_masked_attention has no "cuda" backend by design,
     so on a GPU the pipeline also runs with "auto" (each op's fastest GPU backend)."""
-    from streamkern.scale_attention import block_masked_attention_op
+    from streamkern.ops.block_masked_attention import block_masked_attention_op
 
     ATTENTION = block_masked_attention_op.backends
 
@@ -62,9 +62,9 @@ def _paths(*ops, reference=True):
 
 
 def _frame_ops():
-    from streamkern.frame_attention import frame_attention_op
-    from streamkern.frame_topk import frame_topk_op
-    from streamkern.frame_write import frame_write_op
+    from streamkern.ops.frame_attention import frame_attention_op
+    from streamkern.ops.frame_topk import frame_topk_op
+    from streamkern.ops.frame_write import frame_write_op
 
     return frame_attention_op, frame_topk_op, frame_write_op
 
@@ -232,7 +232,7 @@ WORLD_STEPS = 24
 
 
 def _pose_ops():
-    from streamkern.pose_topk import pose_topk_op
+    from streamkern.ops.pose_topk import pose_topk_op
 
     return (*_frame_ops(), pose_topk_op)
 

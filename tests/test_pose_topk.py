@@ -6,8 +6,8 @@ import torch
 
 import streamkern
 from streamkern.pipelines import count_host_syncs
-from streamkern.pose_topk import MAX_ENTRIES, pose_topk_op
-from streamkern.reference import pose_topk as ref
+from streamkern.ops.pose_topk import MAX_ENTRIES, pose_topk_op
+from streamkern.ops.reference import pose_topk as ref
 from streamkern.testing import assert_parity
 
 from conftest import DTYPES, assert_raises_untouched, backend_params

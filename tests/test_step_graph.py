@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import streamkern as sk
-from streamkern.kv_ring import ring_write_at_op
-from streamkern.host_sync import count_host_syncs
+from streamkern.ops.ring_write import ring_write_at_op
+from streamkern.capture import count_host_syncs
 from streamkern import step_graph
 from streamkern.step_graph import CaptureError, StepGraph, conditional_nodes_supported, device_branch
 

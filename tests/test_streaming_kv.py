@@ -10,7 +10,7 @@ import torch
 from conftest import backend_params
 
 import streamkern
-from streamkern.host_sync import count_host_syncs
+from streamkern.capture import count_host_syncs
 from streamkern.testing import assert_parity
 
 NL, B, F, H, D = 2, 2, 3, 2, 8

@@ -237,8 +237,8 @@ def _hopper_configs():
     """Every candidate config of the Hopper kernels (sm_90), each launched once through its launcher: frame
     attention over pages only (so warp-specialised configs apply), bf16 D = 128, 200 queries over 100-token pages;
     block-masked attention bf16 D = 64, 300 tokens of 4 scales with self-attention."""
-    frame = importlib.import_module("streamkern.kernels.frame_attention")
-    scale = importlib.import_module("streamkern.kernels.scale_attention")
+    from streamkern.kernels import frame_attention as frame
+    from streamkern.kernels import block_masked_attention as scale
     q = _randn(1, 200, 2, 128, dtype=torch.bfloat16)
     pages = [_randn(1, 4, 100, 2, 128, dtype=torch.bfloat16, seed=s) for s in (1, 2)]
     table = torch.tensor([[[0, -1, 3], [2, 2, 1]]], device=DEVICE)
@@ -257,7 +257,7 @@ def _gpu_tiles(arch: int):
     on a GPU of ``arch`` (``tile_config`` of kernels/attention_tile.py, which reads the device's shared memory per
     block, and ``tma_capable``: the Hopper kernels from sm_90; the interpreter runs them too, the values it
     computes are not looked at here)."""
-    tiles = importlib.import_module("streamkern.kernels.attention_tile")
+    from streamkern.kernels import attention_tile as tiles
     with mock.patch.object(tiles, "triton_interpreting", lambda: False), \
             mock.patch.object(tiles, "tma_capable", lambda device: arch >= 90), \
             mock.patch.object(tiles, "shared_memory_per_block", lambda device: SHARED_MEMORY[arch]):
@@ -425,7 +425,7 @@ def lowered(tmp_path_factory):
 
 
 HOPPER_KERNELS = {"_frame_attention_tma_kernel": "streamkern.kernels.frame_attention",
-                  "_scale_attention_tma_kernel": "streamkern.kernels.scale_attention"}   # launched from sm_90 only
+                  "_scale_attention_tma_kernel": "streamkern.kernels.block_masked_attention"}   # launched from sm_90 only
 
 
 @pytest.mark.parametrize("module,kernel,target", [
@@ -491,7 +491,7 @@ def test_hopper_kernels_copy_by_tma_into_wgmma(lowered):
     (``cp.async.bulk.tensor`` in the PTX, UTMALDG in the SASS) for the tensor cores' wgmma (``wgmma.mma_async``,
     HGMMA); a warp-specialised config is really specialised (Triton's ``ttg.warp_specialize`` in the TTGIR,
     ``setmaxnreg`` in the PTX), the others are not. Printed with ``pytest -s``."""
-    tiles = importlib.import_module("streamkern.kernels.attention_tile")
+    from streamkern.kernels import attention_tile as tiles
     rows, seen = [], {kernel: set() for kernel in HOPPER_KERNELS}
     for spec, result in lowered:
         if spec["kernel"] not in HOPPER_KERNELS:

@@ -8,7 +8,7 @@ import torch
 
 from streamkern.bench import tune_attention
 from streamkern.kernels import frame_attention as kfa
-from streamkern.kernels import scale_attention as ksa
+from streamkern.kernels import block_masked_attention as ksa
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU's; a GPU runs it for real")
 

@@ -5,7 +5,7 @@ import torch
 
 from conftest import DTYPES
 from streamkern.testing import assert_parity
-from streamkern.view_attention import merge_attention, view_attention
+from streamkern.ops.view_attention import merge_attention, view_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no CUDA device on this machine"))]

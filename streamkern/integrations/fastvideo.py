@@ -34,8 +34,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .._backend import _check_name
-from ..frame_attention import frame_attention
-from ..kv_ring import ring_write
+from ..ops.frame_attention import frame_attention
+from ..ops.ring_write import ring_write
 from ..streaming_kv import view_kernel
 
 _WAN_GLOBAL_FRAMES = 21   # causal_wanvideo.GLOBAL_ATTN_COMPAT_MAX_LATENT_FRAMES: the window when local_attn_size=-1

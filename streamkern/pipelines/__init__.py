@@ -5,7 +5,7 @@ runs the same pipeline on streamkern's ops with that backend. ``eager=False`` wi
 op-based path on the ops' eager references. ``run(...)`` returns a :class:`PipelineRun` (outputs, per-step
 latency, host syncs per step).
 """
-from ..host_sync import HostSyncError, count_host_syncs
+from ..capture import HostSyncError, count_host_syncs
 from ._runtime import PipelineRun
 from .gated_policy import GatedPolicy
 from .memory_bank import MemoryBank

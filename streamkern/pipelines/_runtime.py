@@ -1,4 +1,4 @@
-"""What every reference pipeline shares: per-step timing (with the host syncs of ``streamkern.host_sync``), the run
+"""What every reference pipeline shares: per-step timing (with the host syncs of ``streamkern.capture``), the run
 record, and the timer of the parts streamkern replaces.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..host_sync import count_host_syncs
+from ..capture import count_host_syncs
 
 
 def _sync_device(device: torch.device) -> None:

@@ -22,8 +22,8 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..drift_gate import DriftGate
-from ..reference.drift_gate import ProAttentionGate, seed_reason_code
+from ..ops.drift_gate import DriftGate
+from ..ops.reference.drift_gate import ProAttentionGate, seed_reason_code
 from ..step_graph import device_branch
 from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, randn, seeded

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..bank_evict import bank_evict_select, entity_mask
-from ..bank_insert import bank_insert
-from ..consensus import select_frame
-from ..reference.consensus import seed_fast_scores
+from ..ops.bank_evict_select import bank_evict_select, entity_mask
+from ..ops.bank_insert import bank_insert
+from ..ops.consensus_frame_scores import select_frame
+from ..ops.reference.consensus_frame_scores import seed_fast_scores
 from ._runtime import PipelineRun, nbytes, part, timed_step
 
 

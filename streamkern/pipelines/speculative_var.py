@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference.scale_attention import seed_attention, seed_bias
-from ..reference.verify import inverse_cdf, sdvar_greedy_check
-from ..scale_attention import block_masked_attention, scale_allow, scale_layout
-from ..host_sync import host_read
-from ..verify import verify_scales
+from ..ops.reference.block_masked_attention import seed_attention, seed_bias
+from ..ops.reference.verify_scales import inverse_cdf, sdvar_greedy_check
+from ..ops.block_masked_attention import block_masked_attention, scale_allow, scale_layout
+from ..capture import host_read
+from ..ops.verify_scales import verify_scales
 from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, seeded
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..frame_attention import frame_attention
-from ..frame_pool import FramePool
-from ..pose_topk import pose_topk
-from ..reference.pose_topk import seed_get_relevant_frames
+from ..ops.frame_attention import frame_attention
+from ..ops.frame_write import FramePool
+from ..ops.pose_topk import pose_topk
+from ..ops.reference.pose_topk import seed_get_relevant_frames
 from ._runtime import PipelineRun, nbytes, part, timed_step
 from ._tiny import Block, randn, sdpa, seeded, sinusoid
 

@@ -18,9 +18,9 @@ if not env.FASTVIDEO:
 env.setup()
 
 from streamkern import BackendUnavailable  # noqa: E402
-from streamkern.frame_attention import frame_attention_op  # noqa: E402
+from streamkern.ops.frame_attention import frame_attention_op  # noqa: E402
 from streamkern.integrations import fastvideo as skfv  # noqa: E402
-from streamkern.host_sync import HostSyncError, count_host_syncs  # noqa: E402
+from streamkern.capture import HostSyncError, count_host_syncs  # noqa: E402
 from streamkern.testing import assert_parity, rel_error  # noqa: E402
 
 MODELS = {"wan": env.wan, "matrixgame2": env.matrixgame2}

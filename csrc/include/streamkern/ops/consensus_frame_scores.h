@@ -1,6 +1,6 @@
 // consensus_frame_scores_ (DESIGN.md §4.1): the torch-free parameters of the CUDA launcher
-// (csrc/cuda/consensus.cu), and, outside nvcc, the op schema and the checks its C++ entry points
-// (csrc/cpu/consensus.cpp, csrc/cuda/consensus_binding.cpp) repeat for direct calls.
+// (csrc/cuda/consensus_frame_scores.cu), and, outside nvcc, the op schema and the checks its C++ entry points
+// (csrc/cpu/consensus_frame_scores.cpp, csrc/cuda/consensus_frame_scores_binding.cpp) repeat for direct calls.
 //
 //   out[b, f] = Σ_i λ_i / (H·√D·fsl) · Σ_{t ∈ f} chunk[l_i, b, t, :] · q_i[b, :]
 //   q_i[b, :] = Σ_s w[b, s] · text[l_i, b, s, :] / (Σ_s w[b, s] + 1e-8)          (flattened H·D vectors)

@@ -2,14 +2,14 @@
 
 ``qbar[b, h]`` (the mean query of the chunk) is scored against ``k_mean`` of each candidate page (kept current by
 ``frame_write``); the page ids of the ``k`` best come back as a device tensor that is a ready ``page_table`` for
-``frame_attention``. The formula is in ``streamkern/reference/frame_topk.py``.
+``frame_attention``. The formula is in ``streamkern/ops/reference/frame_topk.py``.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _checks as check
-from ._backend import Kernel, cxx, define_op, outputs_last, triton
+from .. import _checks as check
+from .._backend import Kernel, cxx, define_op, outputs_last, triton
 from .reference import frame_topk as ref
 
 

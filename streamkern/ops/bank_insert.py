@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks as check
-from ._backend import cxx, define_op, triton
+from .. import _checks as check
+from .._backend import cxx, define_op, triton
 from .reference import bank_insert as ref
 
 

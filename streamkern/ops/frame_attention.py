@@ -4,14 +4,14 @@ Sinks, the local window, the memory bank and retrieved memory frames are lists o
 ``[B, P, F, H, D]`` layer of a :class:`~streamkern.FramePool`; ``frame_attention`` attends the listed pages (in
 table order, -1 entries skipped) followed by the current chunk's own keys, without gathering, concatenating or
 copying the pool. A per-row ``gate`` turns the whole attention off on the device (output 0, lse -inf, no page read).
-The formula is in ``streamkern/reference/frame_attention.py``.
+The formula is in ``streamkern/ops/reference/frame_attention.py``.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _checks as check
-from ._backend import Kernel, cxx, define_op, outputs_last, triton
+from .. import _checks as check
+from .._backend import Kernel, cxx, define_op, outputs_last, triton
 from .reference import frame_attention as ref
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import streamkern
-from streamkern.reference import consensus as ref
+from streamkern.ops.reference import consensus_frame_scores as ref
 from streamkern.testing import assert_parity
 
 from conftest import DTYPES, backend_params

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from streamkern.consensus import (DEFAULT_LAYER_WEIGHTS, DEFAULT_LAYERS, consensus_frame_scores,
+from streamkern.ops.consensus_frame_scores import (DEFAULT_LAYER_WEIGHTS, DEFAULT_LAYERS, consensus_frame_scores,
                                   consensus_frame_scores_op)
-from streamkern.reference import consensus as ref
+from streamkern.ops.reference import consensus_frame_scores as ref
 
 OP = "consensus_frame_scores"
 NL, B, F, FSL, S = 30, 1, 3, 1560, 512

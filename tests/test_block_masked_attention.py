@@ -2,15 +2,14 @@
 float64 "torch" reference, against SDPA with an independently built dense boolean mask, and against the seed's
 dense −inf bias form; skipping proven by NaN-poisoned keys in skipped tiles."""
 
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import streamkern
-from streamkern import scale_attention as sa
-from streamkern.reference import scale_attention as ref
+from streamkern.ops import block_masked_attention as sa
+from streamkern.ops.reference import block_masked_attention as ref
 from streamkern.testing import assert_parity, rel_error, triton_launches_wrapped
 
 from conftest import DTYPES, backend_params
@@ -100,7 +99,7 @@ def test_tile_classes_match_brute_force(block_q, block_k, self_attend):
 def test_triton_visit_lists_match_tile_classes(self_attend):
     if "triton" not in streamkern.available_backends("cpu"):
         pytest.skip("triton cannot run on CPU tensors here")
-    from streamkern.kernels.scale_attention import visit_lists
+    from streamkern.kernels.block_masked_attention import visit_lists
 
     sizes = [1, 17, 1, 5, 16, 9, 30]
     ids = _ids_from_sizes(sizes, "cpu")
@@ -457,10 +456,10 @@ def test_compile_fullgraph(bd):
     assert rel_error(out, layer(q, k, v)) < 1e-6
 
 
-# --- the Hopper kernel (kernels/scale_attention.py; where it runs: kernels/attention_tile.py) ---------------------
+# --- the Hopper kernel (kernels/block_masked_attention.py; where it runs: kernels/attention_tile.py) ---------------------
 
-ksa = importlib.import_module("streamkern.kernels.scale_attention")
-tiles = importlib.import_module("streamkern.kernels.attention_tile")
+from streamkern.kernels import block_masked_attention as ksa
+from streamkern.kernels import attention_tile as tiles
 HOPPER, POINTER = "_scale_attention_tma_kernel", "_scale_attention_kernel"
 INTERPRETED = [tiles.HopperConfig(16, 16, 1, 1, False, False), tiles.HopperConfig(32, 16, 1, 2, False, True)]
 HOPPER_CONFIGS = [pytest.param(c, id=c.name) for c in (ksa.CONFIGS if torch.cuda.is_available() else INTERPRETED)]

@@ -6,7 +6,7 @@
   and the pooled image, in one launch.
 * :class:`DriftGate` — the seed's ProAttentionGate with every output a device tensor and no host sync.
 
-Formulas: ``streamkern/reference/drift_gate.py``.
+Formulas: ``streamkern/ops/reference/drift_gate.py``.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import torch
 from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
-from . import _checks as check
-from ._backend import Kernel, cxx, define_op, triton
+from .. import _checks as check
+from .._backend import Kernel, cxx, define_op, triton
 from .reference import drift_gate as ref
-from .step_graph import capturing
+from ..capture import capturing
 
 IMAGE_DTYPES = check.FLOATS + (torch.uint8,)
 

@@ -4,7 +4,7 @@
 else the lowest-score slot among those whose every entity is covered by another slot too (a slot with no
 entity counts as covered), or among all slots when none is; ties to the lowest index; NaN scores rank above
 +inf. The rule, its NaN convention and its mapping to the seed's "bank not full -> no eviction" are spelled out in
-``streamkern/reference/bank_evict.py``. The accelerated backends are one launch of one program that returns the
+``streamkern/ops/reference/bank_evict_select.py``. The accelerated backends are one launch of one program that returns the
 slot as a device tensor: no ``.item()``, no Python loop over slots.
 
 Limits: ``1 <= M <= 64`` slots and ``E <= 256`` entities (the single-program kernels hold the whole mask on
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks as check
-from ._backend import Kernel, cxx, define_op, triton
-from .reference import bank_evict as ref
+from .. import _checks as check
+from .._backend import Kernel, cxx, define_op, triton
+from .reference import bank_evict_select as ref
 
 MAX_SLOTS = 64
 MAX_ENTITIES = 256
@@ -40,7 +40,7 @@ def _check(scores, entity_mask, valid):
 _EXTENSION = Kernel(cxx("bank_evict_select_"), out=True)
 bank_evict_select_op = define_op(
     "bank_evict_select", "(Tensor scores, Tensor entity_mask, Tensor valid) -> Tensor",
-    {"torch": ref.bank_evict_select, "cpu": _EXTENSION, "triton": triton("bank_evict:bank_evict_select"),
+    {"torch": ref.bank_evict_select, "cpu": _EXTENSION, "triton": triton("bank_evict_select:bank_evict_select"),
      "cuda": _EXTENSION},
     check=_check, alloc=lambda scores, entity_mask, valid: torch.empty((), dtype=torch.int64, device=scores.device))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _checks as check
+from .. import _checks as check
 
 # torch's SDPA backend ids (``torch._fused_sdp_choice``): the kernel SDPA itself would pick for these inputs.
 _MATH, _FLASH, _EFFICIENT, _CUDNN = 0, 1, 2, 3

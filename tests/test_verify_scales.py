@@ -9,9 +9,9 @@ from conftest import DTYPES, backend_params
 import streamkern
 from streamkern import scale_layout
 from streamkern.pipelines import count_host_syncs
-from streamkern.reference import verify as ref
+from streamkern.ops.reference import verify_scales as ref
 from streamkern.testing import assert_parity
-from streamkern.verify import verify_scales, verify_scales_op
+from streamkern.ops.verify_scales import verify_scales, verify_scales_op
 
 
 LAYOUT = scale_layout((1, 2, 3, 4))

@@ -2,7 +2,7 @@
 
 ``sim[i] = exp(-‖poses[i, :3] − current[:3]‖₂ / scale)``; the k valid entries of largest sim in descending
 order, ties to the lowest index, padded with ``idx = -1, sim = 0`` when fewer than k entries are valid. NaN
-similarities rank below every number; see ``streamkern/reference/pose_topk.py`` for why every backend evaluates
+similarities rank below every number; see ``streamkern/ops/reference/pose_topk.py`` for why every backend evaluates
 sim in float64 and ranks its float32 rounding. The accelerated backends are one launch of one program (a sort
 of N packed keys on chip) instead of the seed's per-frame Python loop.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks as check
-from ._backend import Kernel, cxx, define_op, triton
+from .. import _checks as check
+from .._backend import Kernel, cxx, define_op, triton
 from .reference import pose_topk as ref
 
 MAX_ENTRIES = 4096             # "triton" and "cuda"

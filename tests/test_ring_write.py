@@ -7,7 +7,7 @@ import torch
 from conftest import DTYPES, assert_raises_untouched, backend_params
 
 import streamkern
-from streamkern.reference import kv_ring as ref
+from streamkern.ops.reference import ring_write as ref
 from streamkern.testing import assert_parity
 
 STEPS = {"torch": 10_000, "cpu": 10_000, "triton": 300, "cuda": 3_000}
@@ -345,7 +345,7 @@ def test_device_start_out_of_range_writes_nothing_unchecked():
         torch.ops.streamkern_C.ring_write_at_(a[0], a[1], a[2], a[3], torch.tensor(6), 0)
         assert not a[0].any() and not a[1].any()
     if "triton" in streamkern.available_backends("cpu"):
-        from streamkern.kernels.kv_ring import ring_write as launch
+        from streamkern.kernels.ring_write import ring_write as launch
         launch(a[0], a[1], a[2], a[3], torch.tensor(-1), 0)
         assert not a[0].any() and not a[1].any()
 

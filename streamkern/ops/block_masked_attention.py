@@ -5,7 +5,7 @@ attend key j when ``allow[q_scale[i], k_scale[j]]`` (VAR: key scale <= query sca
 ``i == j``. The source builds a dense ``[L, L]`` −inf bias and runs full attention over it. Here the work is
 tiled ``block_q × block_k``: a tile pair whose scale pairs are all disallowed is skipped without loading K/V,
 a tile pair whose scale pairs are all allowed runs unmasked, and only tiles that straddle a mask edge apply the
-element-wise mask. See ``streamkern/reference/scale_attention.py`` for the formula.
+element-wise mask. See ``streamkern/ops/reference/block_masked_attention.py`` for the formula.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from . import _checks as check
-from ._backend import Kernel, cxx, define_op, triton
-from .kernels.tile_classes import TILE_FULL, TILE_PARTIAL, TILE_SKIP
-from .reference import scale_attention as ref
+from .. import _checks as check
+from .._backend import Kernel, cxx, define_op, triton
+from ..kernels.tile_classes import TILE_FULL, TILE_PARTIAL, TILE_SKIP
+from .reference import block_masked_attention as ref
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PRESETS = ("var", "strict", "full", "diagonal")
@@ -168,7 +168,7 @@ block_masked_attention_op = define_op(
     "bool self_attend, float sm_scale) -> Tensor", {
         "torch": ref.block_masked_attention,
         "cpu": Kernel(cxx("block_masked_attention_"), out=True),
-        "triton": Kernel(triton("scale_attention:block_masked_attention"), supports=_triton_supports),
+        "triton": Kernel(triton("block_masked_attention:block_masked_attention"), supports=_triton_supports),
     }, check=_check, values=_check_ids, alloc=lambda q, *args: torch.empty(q.shape, dtype=q.dtype, device=q.device),
     missing={"cuda": "no CUDA C++ kernel (optional per issue 5): the Triton flash kernel is the GPU path"})
 

@@ -3,7 +3,7 @@
 Launch structure:
 
 1. A preparatory kernel, grid ``(nQ,)``, reads only the scale ids and ``allow``: for its q tile it classifies
-   every k tile as skip / partial / full (``tile_classes`` in streamkern.scale_attention is the torch twin the
+   every k tile as skip / partial / full (``tile_classes`` in streamkern.ops.block_masked_attention is the torch twin the
    tests compare against) and appends the non-skipped ones to a compacted visit list ``visit [nQ, nK]`` with
    their classes ``vcls`` and their count ``n_visit [nQ]``. It depends only on the scale layout, so one list
    serves every (batch, head); nothing is read back to the host.

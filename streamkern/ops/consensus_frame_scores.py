@@ -1,7 +1,7 @@
 """Multi-layer consensus frame scoring (seed 000, improvement 3; DESIGN.md §4.1).
 
 ``score[b, f] = Σ_l λ_l · mean_h(q_l[b,h] · kbar_l[b,f,h]) / sqrt(D)`` where ``q_l`` is the entity-weighted
-sum of layer l's text keys and ``kbar_l`` the mean key of frame f: see ``streamkern/reference/consensus.py``.
+sum of layer l's text keys and ``kbar_l`` the mean key of frame f: see ``streamkern/ops/reference/consensus_frame_scores.py``.
 The accelerated backends read each selected layer's chunk keys and text keys once, in one launch, and write
 only ``[B, F]``.
 """
@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
-from . import _checks as check
-from ._backend import Kernel, cxx, define_op, triton
-from .reference import consensus as ref
+from .. import _checks as check
+from .._backend import Kernel, cxx, define_op, triton
+from .reference import consensus_frame_scores as ref
 
 DEFAULT_LAYERS = (0, 15, 29)
 DEFAULT_LAYER_WEIGHTS = (0.2, 0.3, 0.5)
@@ -50,7 +50,7 @@ _EXTENSION = Kernel(cxx("consensus_frame_scores_"), out=True)
 consensus_frame_scores_op = define_op(
     "consensus_frame_scores", "(Tensor chunk_k, Tensor text_k, Tensor entity_weights, int frame_seq_len, "
     "int[] layers, float[] layer_weights) -> Tensor",
-    {"torch": ref.consensus_frame_scores, "cpu": _EXTENSION, "triton": triton("consensus:consensus_frame_scores"),
+    {"torch": ref.consensus_frame_scores, "cpu": _EXTENSION, "triton": triton("consensus_frame_scores:consensus_frame_scores"),
      "cuda": _EXTENSION},
     check=_check, alloc=_alloc)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from streamkern import bank_evict_select
-from streamkern.bank_evict import bank_evict_select_op
-from streamkern.reference import bank_evict as ref
+from streamkern.ops.bank_evict_select import bank_evict_select_op
+from streamkern.ops.reference import bank_evict_select as ref
 
 OP = "bank_evict_select"
 

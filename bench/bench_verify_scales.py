@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from streamkern import scale_layout
-from streamkern.reference import verify as ref
-from streamkern.verify import verify_scales, verify_scales_op
+from streamkern.ops.reference import verify_scales as ref
+from streamkern.ops.verify_scales import verify_scales, verify_scales_op
 
 OP = "verify_scales"
 VAR = scale_layout()

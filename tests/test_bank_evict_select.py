@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import streamkern
-from streamkern.bank_evict import MAX_ENTITIES, MAX_SLOTS, bank_evict_select_op
+from streamkern.ops.bank_evict_select import MAX_ENTITIES, MAX_SLOTS, bank_evict_select_op
 from streamkern.pipelines import count_host_syncs
-from streamkern.reference import bank_evict as ref
+from streamkern.ops.reference import bank_evict_select as ref
 
 from conftest import assert_raises_untouched, backend_params
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks as check
+from ... import _checks as check
 
 
 def check_values(pages: torch.Tensor, num_pages: int) -> None:

@@ -3,7 +3,7 @@
 ``KVRing`` keeps ``[NL, B, sink + window, H, D]`` keys and values. The first ``sink`` tokens ever appended stay in
 slots ``[0, sink)``; the n-th later token goes to slot ``sink + n mod window``, overwriting the oldest when full.
 ``ring_write`` is the kernel under ``append``: one launch writes k and v of every layer, only the new tokens.
-The eager cat-and-slice caches of the source pipelines are in ``streamkern/reference/kv_ring.py``.
+The eager cat-and-slice caches of the source pipelines are in ``streamkern/ops/reference/ring_write.py``.
 
 CUDA graphs: a host int ``start`` is baked into a captured launch, so every replay writes the same slots. With
 ``KVRing(..., device_cursor=True)`` the ring keeps its write cursor in an int64 device tensor and passes the start
@@ -16,9 +16,9 @@ import threading
 
 import torch
 
-from . import _checks as check
-from ._backend import cxx, define_op, triton
-from .reference import kv_ring as ref
+from .. import _checks as check
+from .._backend import cxx, define_op, triton
+from .reference import ring_write as ref
 
 
 def _check(cache_k, cache_v, k_new, v_new, start, sink):
@@ -54,13 +54,13 @@ def _start_values(cache_k, cache_v, k_new, v_new, start, sink):
 
 ring_write_op = define_op(
     "ring_write", "(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, int start, int sink) -> ()",
-    {"torch": ref.ring_write, "cpu": cxx("ring_write_"), "triton": triton("kv_ring:ring_write"),
+    {"torch": ref.ring_write, "cpu": cxx("ring_write_"), "triton": triton("ring_write:ring_write"),
      "cuda": cxx("ring_write_")}, check=_check)
 # The same copy with ``start`` an int64 [] device tensor read by the kernel (capture-safe for CUDA graphs).
 ring_write_at_op = define_op(
     "ring_write_at",
     "(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, Tensor start, int sink) -> ()",
-    {"torch": ref.ring_write, "cpu": cxx("ring_write_at_"), "triton": triton("kv_ring:ring_write"),
+    {"torch": ref.ring_write, "cpu": cxx("ring_write_at_"), "triton": triton("ring_write:ring_write"),
      "cuda": cxx("ring_write_at_")}, check=_check,
     values=_start_values)
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from streamkern import scale_allow, scale_layout, skipped_tile_fraction
-from streamkern.reference import scale_attention as ref
-from streamkern.scale_attention import block_masked_attention, block_masked_attention_op
+from streamkern.ops.reference import block_masked_attention as ref
+from streamkern.ops.block_masked_attention import block_masked_attention, block_masked_attention_op
 
 OP = "block_masked_attention"
 

@@ -18,8 +18,8 @@ import gc
 import torch
 
 from streamkern import KVRing
-from streamkern.kv_ring import ring_write_op
-from streamkern.reference import kv_ring as ring_ref
+from streamkern.ops.ring_write import ring_write_op
+from streamkern.ops.reference import ring_write as ring_ref
 
 DTYPE = torch.bfloat16
 CASES = [  # name, H, D, tokens per frame, window frames, sink frames, bank frames

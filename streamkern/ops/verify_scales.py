@@ -3,12 +3,12 @@
 The target model scores a window of ``NS`` scales (``T`` tokens) proposed by a draft model in one forward pass;
 ``verify_scales`` decides how many scales to keep, in greedy mode (SDVAR's top-1 match with a ratio threshold) or
 in sample mode (lossless speculative sampling: the kept and redrawn tokens follow the target distribution).
-The formulas are in ``streamkern/reference/verify.py``. The accelerated backends read each logits row once
+The formulas are in ``streamkern/ops/reference/verify_scales.py``. The accelerated backends read each logits row once
 (CFG combined on the fly, online max/sum/argmax), then a tiny per-batch-row pass finds the first rejected scale,
 and, in sample mode only, the rejected rows of that scale are read again for the residual redraw. Every
-result stays on the device: no host sync. ``"cpu"``: ``csrc/cpu/verify.cpp`` (at::parallel_for over rows, chunked
-float scan). ``"triton"``: ``kernels/verify.py`` (one program per row, V tiles of up to 4096). ``"cuda"``:
-``csrc/cuda/verify.cu`` (a warp per row for many small-vocabulary rows, a 256/1024-thread block per row otherwise).
+result stays on the device: no host sync. ``"cpu"``: ``csrc/cpu/verify_scales.cpp`` (at::parallel_for over rows, chunked
+float scan). ``"triton"``: ``kernels/verify_scales.py`` (one program per row, V tiles of up to 4096). ``"cuda"``:
+``csrc/cuda/verify_scales.cu`` (a warp per row for many small-vocabulary rows, a 256/1024-thread block per row otherwise).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import _checks as check
-from ._backend import Kernel, cxx, define_op, triton
-from .reference import verify as ref
+from .. import _checks as check
+from .._backend import Kernel, cxx, define_op, triton
+from .reference import verify_scales as ref
 
 MODES = ("greedy", "sample")
 MAX_CUDA_SCALES = 64  # the CUDA launcher passes the per-scale offsets and CFG ratios by value
@@ -77,7 +77,7 @@ def _fake(logits, draft_tokens, offsets, *config):
 verify_scales_op = define_op(
     "verify_scales", "(Tensor logits, Tensor draft_tokens, int[] offsets, bool greedy, float threshold, "
     "Tensor? draft_probs, Tensor? uniforms, float[]? cfg, float temperature) -> (Tensor, Tensor, Tensor, Tensor)", {
-        "torch": _torch, "cpu": _EXTENSION, "triton": _filling(triton("verify:verify_scales")),
+        "torch": _torch, "cpu": _EXTENSION, "triton": _filling(triton("verify_scales:verify_scales")),
         "cuda": Kernel(_EXTENSION, supports=_cuda_supports),
     }, values=_values, fake=_fake)
 
@@ -178,7 +178,7 @@ def verify_scales(target_logits: torch.Tensor, draft_tokens: torch.Tensor, layou
     is invalid: it never matches, and where the rules ask for its target or redrawn token, that token is −1
     (visible on the device, no sync needed). ``B = 0`` returns empty results; ``V = 1`` is a one-word vocabulary;
     ``T`` is never 0 (every scale holds at least one token). Unchecked draft probabilities (GPU backends without
-    ``STREAMKERN_DEBUG=1``) follow the IEEE rules of ``streamkern/reference/verify.py`` on every backend.
+    ``STREAMKERN_DEBUG=1``) follow the IEEE rules of ``streamkern/ops/reference/verify_scales.py`` on every backend.
 
     Returns:
         :class:`VerifyResult` ``(accepted [B] int64, match [B, T] bool, ratio [B, NS] float32, tokens [B, T] int64)``.
