@@ -137,9 +137,12 @@ class _ShiftCache:
         k, v = (torch.stack([torch.cat([t[:, :self.n_sink], t[:, w]], dim=1) for t in ts]) for ts in (self.k, self.v))
         return positions, k, v
 
-    def start_block(self, e: int, text_k, weights, entities, first_frame: int) -> None:
-        """Drop the ``e`` oldest window tokens from attention, offering them to the bank first."""
-        self.e = e
+    def start_block(self, tokens: int, text_k, weights, entities) -> None:
+        """Before a block of ``tokens`` new tokens: drop the window tokens it pushes out (the oldest) from attention,
+        offering them to the bank first."""
+        s_new = min(tokens, self.sink - self.n_sink)
+        e = self.e = max(0, self.n_win + tokens - s_new - self.window)
+        first_frame = (self.sink + self.count - self.n_sink - self.n_win) // self.fsl
         if e:
             s = slice(self.sink, self.sink + e)
             with part("cache", self.device) as moved:
@@ -206,8 +209,9 @@ class _PagedCache:
     def bank_count(self) -> int:
         return self.kv.n_bank
 
-    def start_block(self, e: int, text_k, weights, entities, first_frame: int) -> None:
-        """Evict the window frames the block pushes out; the bank copies the one it keeps into its region."""
+    def start_block(self, tokens: int, text_k, weights, entities) -> None:
+        """Evict the window frames a block of ``tokens`` new tokens pushes out; the bank copies the one it keeps
+        into its region."""
         if self.parallel is not None:
             text_k = self.parallel.heads_of(text_k, dim=3)
         with part("eviction", self.device) as moved:
@@ -358,18 +362,15 @@ class StreamingGenerator(nn.Module):
             vs.append(v)
         return x, torch.stack(ks), torch.stack(vs)
 
-    def _block(self, i: int, block, noise, cache, sched, state) -> torch.Tensor:
-        """Denoise and cache block ``i`` (host count; ``block`` is ``i`` eagerly, else the device block counter,
-        from which the positions, the context and the entities are computed) → its latent ``[B, T, C]``."""
+    def _block(self, block, noise, cache, sched, state) -> torch.Tensor:
+        """Denoise and cache the next block (``block``: its index, a host int eagerly, else the device block
+        counter, from which the positions, the context and the entities are computed) → its latent ``[B, T, C]``."""
         T, C = self.fpb * self.fsl, self.h * self.d
-        n_win, n_total = state["n_win"], state["n_total"]
-        s_new = min(T, max(0, self.sink - i * T))
-        e = max(0, n_win + (T - s_new) - self.window)
         context, segment = self._context(block, sched, state)
         tk, tv = zip(*(blk.text_kv(context) for blk in self.blocks))
         text_kv = torch.stack(tk), torch.stack(tv)
         weights, entities = self._entities(segment)
-        cache.start_block(e, text_kv[0], weights, entities, (self.sink + n_total - n_win) // self.fsl)
+        cache.start_block(T, text_kv[0], weights, entities)
         pos = sinusoid(block * self.fpb + torch.arange(self.fpb, device=self.device), C)
         pos = pos.repeat_interleave(self.fsl, dim=0).to(self.dtype)
         if self.parallel is not None:   # this rank's tokens of the block
@@ -381,7 +382,6 @@ class StreamingGenerator(nn.Module):
             x = pred if step == self.steps - 1 else keep * pred + (1 - keep) * noise
         _, k_new, v_new = self._forward(x + pos, cache, text_kv)
         cache.append(k_new, v_new)
-        state["n_win"], state["n_total"] = min(n_win + T - s_new, self.window), n_total + T - s_new
         return x if self.parallel is None else self.parallel.gather_seq(x)
 
     def stream(self) -> "BlockStream":
@@ -429,7 +429,7 @@ class BlockStream:
         self.gen = gen
         self.cache = _ShiftCache(gen) if gen.eager else _PagedCache(gen)
         self.sched = AdaptiveScheduler(3, 15, 3, gen.fpb)
-        self.state = {"n_win": 0, "n_total": 0}
+        self.state = {}
         self.noise = torch.zeros(gen.batch, gen.fpb * gen.fsl, gen.h * gen.d, dtype=gen.dtype, device=gen.device)
         self.blocks = 0
         self.block = None if gen.eager else torch.zeros((), dtype=torch.int64, device=gen.device)
@@ -442,8 +442,8 @@ class BlockStream:
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Stream the next block; returns its latent ``[B, fpb * fsl, C]`` (no autograd)."""
-        x = self.gen._block(self.blocks, self.blocks if self.block is None else self.block, self.noise, self.cache,
-                            self.sched, self.state)
+        x = self.gen._block(self.blocks if self.block is None else self.block, self.noise, self.cache, self.sched,
+                            self.state)
         if self.block is not None:
             self.block.add_(1)
         self.blocks += 1
