@@ -1,4 +1,4 @@
-"""Benchmark of bank_evict_select, a latency-bound bank decision (DESIGN.md §6, issue 3).
+"""Benchmark of bank_evict_select, a latency-bound bank decision (docs/contract.md §6, issue 3).
 
 M = 6 (seed 000) and 64 slots, E = 16 / 256 entities: ``eager-seed`` is the seed's ``_select_frame_to_evict``
 including the ``.tolist()`` that builds its lists from the device tensors (as the source pipelines must),

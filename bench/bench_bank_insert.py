@@ -1,4 +1,4 @@
-"""Benchmark of bank_insert (DESIGN.md §6, issue 3), at the ring benchmark's model shapes (``bench_ring_write.py``:
+"""Benchmark of bank_insert (docs/contract.md §6, issue 3), at the ring benchmark's model shapes (``bench_ring_write.py``:
 the seed's 24 × 64 heads with a 6-frame bank, MemFlow's 12 × 128 with 3 frames; 4 blocks on a CPU, 30 on a GPU).
 
 ``eager-seed`` is the seed's per-layer frame copy after ``.item()``, ``compile-seed`` its torch.compile, then

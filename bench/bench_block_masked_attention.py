@@ -1,4 +1,4 @@
-"""Benchmark of block_masked_attention at VAR shapes (DESIGN.md §6, issue 5).
+"""Benchmark of block_masked_attention at VAR shapes (docs/contract.md §6, issue 5).
 
 Cases: VAR-d16/d20/d24/d30 (heads = depth, D = 64, the full 680-token sequence of patch_nums 1..16, batch 2 × 8
 with CFG, block-causal ``"var"`` mask, ``sm_scale = 1`` as VAR's L2-normalised attention uses) and speculative

@@ -1,4 +1,4 @@
-"""Benchmark of consensus_frame_scores (DESIGN.md §6, issue 2).
+"""Benchmark of consensus_frame_scores (docs/contract.md §6, issue 2).
 
 Shapes: Wan2.1-1.3B as used by MemFlow: 30 blocks, B = 1, a chunk of 3 latent frames × 1560 tokens, text cache
 S = 512, bf16, layers (0, 15, 29); heads × head_dim 24 × 64 (as seed 000 quotes) and 12 × 128 (the public code),

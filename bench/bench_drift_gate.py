@@ -1,4 +1,4 @@
-"""Benchmark of the drift gate (DESIGN.md §6, issue 4; seed 002).
+"""Benchmark of the drift gate (docs/contract.md §6, issue 4; seed 002).
 
 Shapes: pi0 — B = 1 and 2 cameras, images 3×224×224, 16×16 patches, attention stack 18 layers × 8 heads × S = 600
 (2×256 image + 50 action + prompt tokens), layers [14, 18), 50 action rows, 256 vision columns.

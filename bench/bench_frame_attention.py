@@ -1,4 +1,4 @@
-"""Benchmark of one step of memory attention + cache handling at MemFlow's shapes (DESIGN.md §4.5, §6; issue 13).
+"""Benchmark of one step of memory attention + cache handling at MemFlow's shapes (docs/contract.md §4.5, §6; issue 13).
 
 Shapes (one transformer block): ``memflow``, the heads, head dim and page size of Wan2.1-1.3B as MemFlow uses it:
 12 heads × 128, pages of 1560 tokens, q = one 3-frame chunk (Lq = 4680) attending 3 sink + 9 window + 3 bank frames

@@ -1,4 +1,4 @@
-"""Benchmark of frame_topk (DESIGN.md §4.5, §6): MemFlow's sparse memory activation, the bank frames each head
+"""Benchmark of frame_topk (docs/contract.md §4.5, §6): MemFlow's sparse memory activation, the bank frames each head
 attends, at one transformer block's shapes.
 
 Shapes: 12 heads × 128, 1560-token frames, q = a 3-frame chunk (Lq = 4680), the top 3 of a 6-frame bank per head,

@@ -1,4 +1,4 @@
-"""Benchmark of frame_write (DESIGN.md §4.5, §6): one block's clean chunk written into its frame pages, every layer,
+"""Benchmark of frame_write (docs/contract.md §4.5, §6): one block's clean chunk written into its frame pages, every layer,
 k and v, with each new page's mean key.
 
 Shapes: MemFlow's Wan2.1-1.3B per block (30 layers, 12 heads × 128, 1560-token frames, a 3-frame chunk) into a

@@ -1,4 +1,4 @@
-"""Benchmark of pose_topk, a latency-bound bank decision (DESIGN.md §6, issue 3).
+"""Benchmark of pose_topk, a latency-bound bank decision (docs/contract.md §6, issue 3).
 
 N = 50 (seed 004's buffer) and 1000 / 4096 (WorldMem), k = 8: ``eager-seed`` the seed's per-frame loop +
 ``torch.topk``, ``torch`` the sort-based reference, its compile, then each backend. Bytes: the inputs read once

@@ -1,4 +1,4 @@
-"""Benchmark of the ring KV window append (KVRing / ring_write) (DESIGN.md §6, issue 3).
+"""Benchmark of the ring KV window append (KVRing / ring_write) (docs/contract.md §6, issue 3).
 
 Cases (bf16, B = 1, 3-frame chunks): the seed's shape, 30 blocks × 24 heads × 64, 1560 tokens per frame, window
 15 frames; MemFlow (12 × 128, sink 3 frames, window 12); Matrix-Game 2.0 (12 × 128, 880 tokens per frame, window

@@ -1,4 +1,4 @@
-"""Benchmark of verify_scales (DESIGN.md §6, issue 6).
+"""Benchmark of verify_scales (docs/contract.md §6, issue 6).
 
 VAR cases: V = 4096, fp32 logits ``[2B, T, V]`` (CFG doubles the batch, guidance t = 1.5·si/9 as VAR's), windows of
 the last 2/3/4 scales of patch_nums 1..16 (T = 425/525/589), B = 1/8/16, greedy mode (SDVAR) and sample mode.

@@ -7,7 +7,7 @@
   (``triton-<config>``, kernels/frame_attention.py ``CONFIGS``; on GPUs without TMA only the pointer kernel), the
   pages read in place as ``StreamingKV`` does (the chunk already written to its pages, no ``new_k``), against cuDNN's
   SDPA over the same keys concatenated beforehand (``cudnn-sdpa-precat``, the baseline of the ratio column) and, at
-  MemFlow's dense shape, compiled FlexAttention with its BlockMask (``flex``, ``flex+mask-build``). Shapes (DESIGN.md
+  MemFlow's dense shape, compiled FlexAttention with its BlockMask (``flex``, ``flex+mask-build``). Shapes (docs/contract.md
   §6): ``memflow`` (12×128 heads, 1560-token pages, a 3-frame chunk over 3 sink + 9 window + 3 chunk + 3 bank
   pages: 4680 × 28080), ``memflow-sparse`` (the same pages with the bank's 3 per head out of 6, a per-head table),
   ``mg2`` (Matrix-Game 2.0: 880-token pages, 2640 × 13200), ``wan14b`` (40×128 heads over MemFlow's memory),

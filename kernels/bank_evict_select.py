@@ -1,4 +1,4 @@
-"""Triton kernel of bank_evict_select (DESIGN.md §4.2): one program holds the whole ``[M, E]`` mask.
+"""Triton kernel of bank_evict_select (docs/contract.md §4.2): one program holds the whole ``[M, E]`` mask.
 
 Per slot the packed key of ``csrc/include/streamkern/rank_keys.h`` (``evict_key``): an invalid slot keys by its
 index alone, a valid one by ``(1, !redundant, isnan(score), ordered(score), slot)``; the slot of the smallest key

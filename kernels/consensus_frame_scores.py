@@ -1,4 +1,4 @@
-"""Triton kernel for consensus frame scoring (DESIGN.md §4.1), one launch for all selected layers and frames.
+"""Triton kernel for consensus frame scoring (docs/contract.md §4.1), one launch for all selected layers and frames.
 
 Program ``(split, hd_block, b, i)`` owns the ``BLOCK_HD`` slice ``[hd0, hd0 + BLOCK_HD)`` of the flattened
 H·D axis of selected layer ``i = layers[i]`` and batch row ``b``, and the token range ``[t0, t1)`` of split
@@ -112,7 +112,7 @@ def _flat(x: torch.Tensor) -> bool:
 
 def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights: torch.Tensor, frame_seq_len: int,
                            layers, layer_weights) -> torch.Tensor:
-    """``[B, F]`` float32 consensus scores (DESIGN.md §4.1) in one Triton launch; arguments already checked.
+    """``[B, F]`` float32 consensus scores (docs/contract.md §4.1) in one Triton launch; arguments already checked.
 
     ``chunk_k [NL, B, L, H, D]`` and ``text_k [NL, B, S, H, D]`` in any strides, ``weights [S]`` or ``[B, S]``.
     """

@@ -1,4 +1,4 @@
-"""Triton kernels of the drift gate (DESIGN.md §4.3).
+"""Triton kernels of the drift gate (docs/contract.md §4.3).
 
 ``attention_weighted_drift``: one program per batch row (camera), one launch. The program walks the ``h·w`` pooled
 cells in tiles of ``BLOCK`` cells; for each channel it loads a ``[BLOCK, pool²]`` gather of the image, pools it, stores

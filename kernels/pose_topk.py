@@ -1,4 +1,4 @@
-"""Triton kernel of pose_topk (DESIGN.md §4.2): one program computes every similarity and sorts N packed keys.
+"""Triton kernel of pose_topk (docs/contract.md §4.2): one program computes every similarity and sorts N packed keys.
 
 ``sim = exp(-sqrt((dx² + dy²) + dz²) / scale)`` in float64 rounded to float32 (as every backend, see
 ``streamkern/ops/reference/pose_topk.py``); key (``rank_keys.h``, ``pose_key``) = ``(invalid, isnan, ~ordered(sim),

@@ -1,5 +1,5 @@
 """Triton token-row copy, the shared kernel of ``ring_write`` (``kernels/ring_write.py``) and ``bank_insert``
-(``kernels/bank_insert.py``) (DESIGN.md §4.2; the C++/CUDA twin is ``csrc/include/streamkern/token_copy.h``).
+(``kernels/bank_insert.py``) (docs/contract.md §4.2; the C++/CUDA twin is ``csrc/include/streamkern/token_copy.h``).
 
 For layer l, batch row b, token t: the ``H*D`` values of ``src[l, b, src_base(b) + t]`` go to
 ``dst[l, b, dst_token]`` with ``dst_token = dst_base(b) + t`` minus ``wrap_by`` once it reaches ``wrap_at``.

@@ -1,4 +1,4 @@
-"""Triton kernels of ``verify_scales`` (DESIGN.md §4.4; formulas in ``streamkern/ops/reference/verify_scales.py``).
+"""Triton kernels of ``verify_scales`` (docs/contract.md §4.4; formulas in ``streamkern/ops/reference/verify_scales.py``).
 
 Three launches, all on the device, no host sync:
 

@@ -1,6 +1,6 @@
 """streamkern: fused kernels for the hot paths of streaming generative models.
 
-Every op takes ``backend=None`` ("torch", "cpu", "triton", "cuda" or "auto"); see DESIGN.md and README.md.
+Every op takes ``backend=None`` ("torch", "cpu", "triton", "cuda" or "auto"); see docs/contract.md and README.md.
 """
 from ._backend import BackendUnavailable, available_backends, backend, current_backend, set_backend
 from .ops.consensus_frame_scores import consensus_frame_scores, select_frame

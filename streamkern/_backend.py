@@ -1,4 +1,4 @@
-"""Backend registry and dispatch (DESIGN.md §2).
+"""Backend registry and dispatch (docs/contract.md §2).
 
 A backend is one of ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``. Each op declares which backends it
 implements (an :class:`OpBackends` table); :func:`resolve` picks one for the op's input device:

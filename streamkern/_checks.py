@@ -1,4 +1,4 @@
-"""Argument checks shared by every op (DESIGN.md §3).
+"""Argument checks shared by every op (docs/contract.md §3).
 
 Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong rank, shape,
 device, value) whose message names the argument, the expected and the actual value. Ops run all

@@ -4,13 +4,13 @@ For each pipeline (``MemoryBank``, ``StreamingGenerator`` with and without spars
 ``MemoryWorldModel``, ``GatedPolicy``, ``SpeculativeVAR`` greedy and sample) it runs the eager baseline
 (``backend="torch"``, the source pipeline's own code) and then the same streamed run on streamkern's ops with every
 accelerated backend available on the device, and prints one table: outputs identical (tokens/indices equal and
-tensors within the parity metric of DESIGN.md §3) with the largest relative error, median latency per step (best of
+tensors within the parity metric of docs/contract.md §3) with the largest relative error, median latency per step (best of
 ``--repeats`` rounds), speed-up over eager, host syncs per step; then the parts of a step that streamkern replaces
 (cache handling, scoring, eviction, retrieval, gating, verification, the attention over the streaming memory),
 timed alone in one more run (each part between device synchronisations), eager vs accelerated, with the bytes they
 read and write per step. The table is also written as JSON and a PNG chart (both measures) under ``--out``.
 
-``--shapes real`` runs ``StreamingGenerator`` at the Wan2.1 per-block shapes of DESIGN.md §6 (12 heads × 128,
+``--shapes real`` runs ``StreamingGenerator`` at the Wan2.1 per-block shapes of docs/contract.md §6 (12 heads × 128,
 1560-token frames; one transformer block and one-frame chunks on a CPU) and ``MemoryWorldModel`` at the CDiT-L/2
 shapes (16 heads × 64, 196-token frames, buffer 50, k = 8; 4 blocks, the later two with memory), one round with the
 parts timed within it, so the parts' share reflects real proportions, not only the tiny models' matmuls.
@@ -73,7 +73,7 @@ TINY = [
     ("SpeculativeVAR sample", "SpeculativeVAR", dict(mode="sample", patch_nums=(1, 2, 3), vocab=8, depth=2,
                                                      draft_depth=1), (2,)),
 ]
-# DESIGN.md §6 shapes. Wan2.1-1.3B per block (12 × 128 heads, 1560-token frames, 512 text tokens, MemFlow's 3-frame
+# docs/contract.md §6 shapes. Wan2.1-1.3B per block (12 × 128 heads, 1560-token frames, 512 text tokens, MemFlow's 3-frame
 # bank) with one transformer block, one-frame chunks and a 2-frame window, so that a 2-core CPU streams 5 chunks
 # (2 evicted into the bank) in seconds; seed 004's CDiT-L/2 (16 × 64 heads, 196-token frames, buffer 50, k = 8)
 # with 4 blocks, memory in the later two.
@@ -229,7 +229,7 @@ def backends_for(device: torch.device, triton: bool, reference_ops: bool, ops=()
 def measured(make, args, progress, parts: bool):
     """``(run, parts)``: a run of a pipeline and, with ``parts``, its replaced parts timed alone: the median over
     steps of their total ms, and ``{part: {"ms", "mb"}}`` means per step (else ``None``)."""
-    from streamkern.pipelines._runtime import measure_parts
+    from streamkern.pipelines.runtime import measure_parts
 
     if not parts:
         return make().run(*args, progress=progress), None
@@ -380,7 +380,7 @@ def _policy_pair(kwargs: dict, backend: str, device: torch.device, steps: int):
     frames (both branches of the gate taken); static image/state/noise buffers; ``(refill, eager_step,
     graphed_step)``; a step returns the actions, the gate's reason and drift."""
     from streamkern.pipelines import GatedPolicy
-    from streamkern.pipelines._tiny import randn
+    from streamkern.pipelines.tiny import randn
     from streamkern.pipelines.gated_policy import scripted_trajectory
 
     pipes = [GatedPolicy(backend=backend, eager=False, device=device, **kwargs) for _ in range(2)]
@@ -624,7 +624,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--reference-ops", action="store_true", help="also run the op path on the torch references")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--shapes", choices=("tiny", "real"), default=None,
-                        help="'real': StreamingGenerator and MemoryWorldModel at DESIGN.md §6 shapes (one round); "
+                        help="'real': StreamingGenerator and MemoryWorldModel at docs/contract.md §6 shapes (one round); "
                              "default: real on CUDA, tiny on CPU")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
                         help="storage dtype(s) of the pipelines that take one (default: bf16 on CUDA, fp32 on CPU)")

@@ -1,4 +1,4 @@
-"""The streaming memory of a causal video model on one frame-paged pool (DESIGN.md §4.5).
+"""The streaming memory of a causal video model on one frame-paged pool (docs/contract.md §4.5).
 
 :class:`StreamingKV` lays one :class:`~streamkern.FramePool` out as three fixed regions of pages::
 

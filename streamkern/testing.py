@@ -1,4 +1,4 @@
-"""The parity metric of DESIGN.md §3, a kernel-launch counter and Triton's specialisation of a launch, shared by
+"""The parity metric of docs/contract.md §3, a kernel-launch counter and Triton's specialisation of a launch, shared by
 the tests, the benchmarks and the demo."""
 from __future__ import annotations
 

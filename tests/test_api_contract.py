@@ -1,4 +1,4 @@
-"""Every public name and argument list of DESIGN.md exists exactly as written (tests outside the project rely on it)."""
+"""Every public name and argument list of docs/contract.md exists exactly as written (tests outside the project rely on it)."""
 import inspect
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import streamkern
 
-# name -> the parameters DESIGN.md gives, in order (keyword-only ones after "*"); extra trailing
+# name -> the parameters docs/contract.md gives, in order (keyword-only ones after "*"); extra trailing
 # keyword-only parameters are allowed ("add freely"), missing or renamed ones are not.
 CONTRACT = {
     "consensus_frame_scores": "chunk_k text_k entity_weights frame_seq_len layers layer_weights * backend",
@@ -64,14 +64,14 @@ def _params(obj):
 
 @pytest.mark.parametrize("name", sorted(CONTRACT))
 def test_public_signature(name):
-    assert hasattr(streamkern, name), f"streamkern.{name} is missing (DESIGN.md §4)"
+    assert hasattr(streamkern, name), f"streamkern.{name} is missing (docs/contract.md §4)"
     obj = getattr(streamkern, name)
     params = _params(obj)
     names = [p.name for p in params]
     want = CONTRACT[name].split()
     positional = want[: want.index("*")] if "*" in want else want
     keyword = want[want.index("*") + 1:] if "*" in want else []
-    assert names[: len(positional)] == positional, f"{name}: parameters {names}, DESIGN.md gives {want}"
+    assert names[: len(positional)] == positional, f"{name}: parameters {names}, docs/contract.md gives {want}"
     for kw in keyword:
         assert kw in names, f"{name}: keyword {kw!r} missing from {names}"
         assert params[names.index(kw)].kind in (inspect.Parameter.KEYWORD_ONLY,
@@ -81,14 +81,14 @@ def test_public_signature(name):
     for arg, default in DEFAULTS.get(name, {}).items():
         got = params[names.index(arg)].default
         assert got == default or (isinstance(got, (tuple, list)) and tuple(got) == tuple(default)), \
-            f"{name}({arg}=...) defaults to {got!r}, DESIGN.md gives {default!r}"
+            f"{name}({arg}=...) defaults to {got!r}, docs/contract.md gives {default!r}"
 
 
 @pytest.mark.parametrize("cls", sorted(METHODS))
 def test_public_methods(cls):
     obj = getattr(streamkern, cls)
     for attr in METHODS[cls]:
-        assert hasattr(obj, attr), f"{cls}.{attr} is missing (DESIGN.md §4)"
+        assert hasattr(obj, attr), f"{cls}.{attr} is missing (docs/contract.md §4)"
 
 
 def test_other_public_names():
@@ -115,7 +115,7 @@ def test_pipelines_exported():
     from streamkern import pipelines
 
     for name in ("MemoryBank", "StreamingGenerator", "GatedPolicy", "SpeculativeVAR"):
-        assert hasattr(pipelines, name), f"streamkern.pipelines.{name} is missing (DESIGN.md §5)"
+        assert hasattr(pipelines, name), f"streamkern.pipelines.{name} is missing (docs/contract.md §5)"
 
 
 OPS = ("consensus_frame_scores", "ring_write", "bank_evict_select", "bank_insert", "pose_topk", "patch_importance",

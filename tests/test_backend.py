@@ -1,4 +1,4 @@
-"""Backend registry and dispatch (DESIGN.md §2), exercised through consensus_frame_scores, OpBackends and
+"""Backend registry and dispatch (docs/contract.md §2), exercised through consensus_frame_scores, OpBackends and
 define_op."""
 import pytest
 import torch

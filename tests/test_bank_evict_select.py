@@ -1,4 +1,4 @@
-"""bank_evict_select (DESIGN.md §4.2, seed 000 §2.3): exhaustively against the seed's Python rule on small banks,
+"""bank_evict_select (docs/contract.md §4.2, seed 000 §2.3): exhaustively against the seed's Python rule on small banks,
 randomly against the float64 torch reference on large ones, NaN/±0 conventions, strides, bad input, no host
 sync, opcheck and torch.compile."""
 import itertools

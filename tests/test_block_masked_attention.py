@@ -1,4 +1,4 @@
-"""block_masked_attention, scale_layout, scale_allow, tile classes (DESIGN.md §4.4): every backend against the
+"""block_masked_attention, scale_layout, scale_allow, tile classes (docs/contract.md §4.4): every backend against the
 float64 "torch" reference, against SDPA with an independently built dense boolean mask, and against the seed's
 dense −inf bias form; skipping proven by NaN-poisoned keys in skipped tiles."""
 
@@ -160,7 +160,7 @@ def test_random_allow_parity(bd, case, dtype):
     _check(bd, dtype, q, k, v, qs, ids, allow, self_attend, sm_scale)
 
 
-# fp32 dots (DESIGN.md §4.5): 3xTF32 while torch's float32 matmul precision is "highest" (the fp32 bound), plain TF32
+# fp32 dots (docs/contract.md §4.5): 3xTF32 while torch's float32 matmul precision is "highest" (the fp32 bound), plain TF32
 # when it is "high" or "medium" (the bf16 bound): (setting, the kernel's input_precision, the bound that applies)
 FP32_PRECISIONS = [pytest.param("highest", "tf32x3", torch.float32, id="highest"),
                    pytest.param("high", "tf32", torch.bfloat16, id="high"),

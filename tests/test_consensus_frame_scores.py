@@ -1,4 +1,4 @@
-"""consensus_frame_scores / select_frame (DESIGN.md §4.1): every backend against the float64 "torch" reference
+"""consensus_frame_scores / select_frame (docs/contract.md §4.1): every backend against the float64 "torch" reference
 and the seed's quadratic form; odd sizes, dtypes, strides, weights, ties, bad inputs, opcheck, torch.compile."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Drift gate (DESIGN.md §4.3, seed 002): parity of every backend with the float64 torch reference and with the
+"""Drift gate (docs/contract.md §4.3, seed 002): parity of every backend with the float64 torch reference and with the
 seed's ProAttentionGate, edge cases, bad input, opcheck, torch.compile, no host sync."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""frame_attention (DESIGN.md §4.5): every backend against the float64 "torch" reference; the reference against a
+"""frame_attention (docs/contract.md §4.5): every backend against the float64 "torch" reference; the reference against a
 plain per-(b, h) gather + cat + softmax formula and against FlexAttention; odd sizes (frame_len 1 and primes, one
 page, Lq = 1), every dtype, non-contiguous q and padded-then-sliced pages, -1 entries, per-head and shared tables,
 duplicate ids, gates, rows with no key, lse, empty tables, NaN/inf in everything not listed; bad input, opcheck,
@@ -92,7 +92,7 @@ def test_parity(bd, dtype, case):
     _check(bd, dtype, *_case(case, dtype, bd[1]))
 
 
-# fp32 dots (DESIGN.md §4.5): 3xTF32 while torch's float32 matmul precision is "highest" (the fp32 bound), plain TF32
+# fp32 dots (docs/contract.md §4.5): 3xTF32 while torch's float32 matmul precision is "highest" (the fp32 bound), plain TF32
 # when it is "high" or "medium" (the bf16 bound): (setting, the kernel's input_precision, the bound that applies)
 FP32_PRECISIONS = [pytest.param("highest", "tf32x3", torch.float32, id="highest"),
                    pytest.param("high", "tf32", torch.bfloat16, id="high"),

@@ -1,4 +1,4 @@
-"""frame_topk (DESIGN.md §4.5): every backend against the float64 "torch" reference (indices equal exactly) and
+"""frame_topk (docs/contract.md §4.5): every backend against the float64 "torch" reference (indices equal exactly) and
 the reference against a per-(b, h) scoring loop with a ranking by (score, position); per-head and shared rankings,
 -1 candidates, duplicates, ties, k = 0 and k > C, every dtype, non-contiguous q, means of unlisted pages holding
 NaN/inf; bad input, opcheck, compile, host syncs (launches per call: tests/test_gpu.py, tests/test_gpu_readiness.py)."""

@@ -1,4 +1,4 @@
-"""frame_write and FramePool (DESIGN.md §4.5): every backend against the float64 "torch" reference and a per-frame
+"""frame_write and FramePool (docs/contract.md §4.5): every backend against the float64 "torch" reference and a per-frame
 loop; the written pages equal the new frames bit for bit, every other page is unchanged; odd sizes (frame_len 1 and
 primes, one page), every dtype, [n] and [B, n] pages, non-contiguous inputs, bad ids (raise on torch/cpu, skipped
 frames on GPU backends), bad inputs, empty writes, opcheck, compile, host syncs (launches per call: the op's case in

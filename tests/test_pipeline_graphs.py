@@ -11,7 +11,7 @@ from conftest import backend_params
 
 from streamkern import drift_gate
 from streamkern.pipelines import GatedPolicy, SpeculativeVAR, StreamingGenerator
-from streamkern.pipelines._tiny import randn
+from streamkern.pipelines.tiny import randn
 from streamkern.pipelines.gated_policy import scripted_trajectory
 from streamkern.step_graph import CaptureError, StepGraph, conditional_nodes_supported
 from streamkern.streaming_kv import StreamingKV

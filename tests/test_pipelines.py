@@ -11,7 +11,7 @@ from conftest import backend_params
 from streamkern.pipelines import (GatedPolicy, HostSyncError, MemoryBank, MemoryWorldModel, SpeculativeVAR,
                                   StreamingGenerator, count_host_syncs)
 from streamkern.capture import host_read
-from streamkern.pipelines._runtime import measure_parts
+from streamkern.pipelines.runtime import measure_parts
 from streamkern.pipelines.speculative_var import guided
 from streamkern.pipelines.world_model import MemoryBuffer, camera_trajectory
 from streamkern.testing import assert_parity, rel_error

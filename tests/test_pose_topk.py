@@ -1,4 +1,4 @@
-"""pose_topk (DESIGN.md §4.2, seed 004): every backend against the float64 torch reference and a plain-Python
+"""pose_topk (docs/contract.md §4.2, seed 004): every backend against the float64 torch reference and a plain-Python
 sort, with ties, invalid entries, padding, NaN, strides, empty inputs, bad input, no host sync, opcheck and
 torch.compile; the seed's loop agrees on untied data."""
 import pytest

@@ -1,9 +1,9 @@
-"""Property-based suite over every public op (issue 11 item 7; the frame ops of DESIGN.md §4.5 have their own).
+"""Property-based suite over every public op (issue 11 item 7; the frame ops of docs/contract.md §4.5 have their own).
 
 Each example draws shapes (0, 1 and primes), a dtype, input layouts (contiguous, strided, permuted, and expanded
 where an input is only read; torch has no negative strides, so a flip is a copy and adds no layout) and, in about
 one example in three, one invalid argument. Every example must either match the ``"torch"`` backend on the same
-inputs (DESIGN.md §3 metric: relative error under 1e-5 for float32, 1e-2 for fp16/bf16; indices and booleans
+inputs (docs/contract.md §3 metric: relative error under 1e-5 for float32, 1e-2 for fp16/bf16; indices and booleans
 exactly) or raise ``ValueError``/``TypeError`` whose message starts with the name of one of the op's arguments, as
 the ``"torch"`` backend does, leaving every input, output and cache bit-identical. Inputs an op only reads are
 bit-identical after a successful call too. Hypothesis runs derandomised with a fixed example count per backend
@@ -132,7 +132,7 @@ def check_case(op, make, backend, names, dtype, *, bad=None, written=(), must_su
     """Run ``op(backend, **make())`` on ``backend`` and on ``"torch"`` (fresh inputs each) and check the property.
 
     ``bad``: ``(label, mutate)`` applied to both argument sets (an invalid argument: both must raise);
-    ``written``: names of the arguments the op writes; ``must_succeed``: DESIGN.md says these inputs are valid."""
+    ``written``: names of the arguments the op writes; ``must_succeed``: docs/contract.md says these inputs are valid."""
     exp_args, got_args = make(), make()
     if bad is not None:
         bad[1](exp_args)
@@ -144,7 +144,7 @@ def check_case(op, make, backend, names, dtype, *, bad=None, written=(), must_su
     event("matched" if e_ok and g_ok else f"raised naming {arg_name(g) if not g_ok else '?'}")
     if bad is not None or not e_ok:
         assert bad is None or not e_ok, f"{label}: torch accepted it"
-        assert not must_succeed, f"{label}: DESIGN.md allows these inputs, got {e!r}"
+        assert not must_succeed, f"{label}: docs/contract.md allows these inputs, got {e!r}"
         assert not g_ok, f"{label}: {backend} accepted what torch rejected ({e!r})"
         assert arg_name(g) in names, f"{label}: message names no argument of {sorted(names)}: {g}"
         assert type(g) is type(e) and arg_name(g) == arg_name(e), f"{label}: {g!r} vs torch's {e!r}"
@@ -393,7 +393,7 @@ def test_pose_topk_properties(backend, examples):
     @given(st.data())
     def run(data):
         N, P = data.draw(sizes(tiny)), data.draw(st.integers(3, 7))
-        k = data.draw(st.integers(0, N + 3))            # DESIGN.md: k may exceed N (padding idx -1, sim 0)
+        k = data.draw(st.integers(0, N + 3))            # docs/contract.md: k may exceed N (padding idx -1, sim 0)
         valid = data.draw(st.lists(st.booleans(), min_size=N, max_size=N))
         scale = data.draw(st.sampled_from([0.5, 1.0, 10.0]))
         dtype = data.draw(st.sampled_from(FLOATS))

@@ -164,7 +164,7 @@ def test_host_read_inside_a_capture_raises(read, match):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_value_checks_may_read_at_capture(backend):
-    """``ring_write`` with a device ``start`` checks its range on the host on "torch" and "cpu" (DESIGN.md §3):
+    """``ring_write`` with a device ``start`` checks its range on the host on "torch" and "cpu" (docs/contract.md §3):
     allowed at capture and not replayed; the replay writes the refilled tokens at the refilled start."""
     if backend not in sk.available_backends("cpu"):
         pytest.skip(f"{backend} is not built here")

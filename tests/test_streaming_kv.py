@@ -1,4 +1,4 @@
-"""StreamingKV (DESIGN.md §4.5) over a long stream — sinks, window rolls, bank keeps, sparse activation — against
+"""StreamingKV (docs/contract.md §4.5) over a long stream — sinks, window rolls, bank keeps, sparse activation — against
 a reference that keeps the frames as tensors and concatenates them (MemFlow's way): equal attention outputs at
 every step, through both attention kernels (SDPA over the contiguous view, frame_attention), and the same frames in
 the bank; a bank keep copies exactly the kept frame into the victim's page; dense attention reads a view of the pool;

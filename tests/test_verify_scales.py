@@ -1,4 +1,4 @@
-"""verify_scales (DESIGN.md §4.4): every backend against the float64 "torch" reference and the SDVAR-style eager
+"""verify_scales (docs/contract.md §4.4): every backend against the float64 "torch" reference and the SDVAR-style eager
 check, losslessness of sample mode (χ² with power), edge cases, bad input, opcheck, torch.compile, no host sync."""
 from types import SimpleNamespace
 

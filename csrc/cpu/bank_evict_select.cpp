@@ -1,4 +1,4 @@
-// bank_evict_select (DESIGN.md §4.2, seed 000 §2.3): the op schema and its CPU kernel.
+// bank_evict_select (docs/contract.md §4.2, seed 000 §2.3): the op schema and its CPU kernel.
 //
 //   coverage[e] = Σ_i mask[i, e];  redundant[i] = no entity e of slot i has coverage[e] < 2
 //   out = argmin_i evict_key(valid[i], redundant[i], scores[i], i)     (rank_keys.h: the whole rule in one key)

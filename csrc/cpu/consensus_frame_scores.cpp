@@ -1,4 +1,4 @@
-// Consensus frame scoring (DESIGN.md §4.1): the op schema and its CPU kernel.
+// Consensus frame scoring (docs/contract.md §4.1): the op schema and its CPU kernel.
 //
 //   score[b, f] = Σ_i λ_i / (H·√D·fsl) · Σ_{t ∈ f} k_{l_i}[b, t, :] · q_i[b, :]
 //   q_i[b, :]   = Σ_s w[b, s] · text_k[l_i, b, s, :] / (Σ_s w[b, s] + 1e-8)        (flattened H·D vectors)

@@ -1,4 +1,4 @@
-// Drift gate (DESIGN.md §4.3): the op schemas and the CPU kernels.
+// Drift gate (docs/contract.md §4.3): the op schemas and the CPU kernels.
 //
 // attention_weighted_drift_: one parallel pass over the rows of the pooled grid. Task (b, y) pools the `pool` image
 // rows of grid row y for every channel (column sums over the rows, then over `pool` columns), writes

@@ -1,4 +1,4 @@
-// frame_topk_ on the CPU (streamkern.frame_topk, backend "cpu"; DESIGN.md §4.5): the op schema and its kernel.
+// frame_topk_ on the CPU (streamkern.frame_topk, backend "cpu"; docs/contract.md §4.5): the op schema and its kernel.
 // qbar of every head (float64 sums of q read natively, any strides; parallel over its columns), then
 // at::parallel_for over batch rows: the C scores in float64 rounded to float32 and a stable partial sort of the
 // valid candidates by frame_topk_before.

@@ -1,4 +1,4 @@
-// frame_write_ on the CPU (streamkern.frame_write, backend "cpu"; DESIGN.md §4.5): the op schema and its kernel.
+// frame_write_ on the CPU (streamkern.frame_write, backend "cpu"; docs/contract.md §4.5): the op schema and its kernel.
 // at::parallel_for over (layer, batch row, frame, group of heads): the F token rows of those heads are copied for
 // k and v (one memcpy per row when its heads are contiguous in both) and the keys summed in float64 (in token
 // order, as before) for k_mean (float32).

@@ -1,4 +1,4 @@
-// pose_topk (DESIGN.md §4.2, seed 004) on the CPU; schema and checks in streamkern/ops/pose_topk.h.
+// pose_topk (docs/contract.md §4.2, seed 004) on the CPU; schema and checks in streamkern/ops/pose_topk.h.
 //
 //   sim[i] = exp(-‖poses[i, :3] − current[:3]‖₂ / scale)    (float64, rounded to float: rank_keys.h)
 //   the k smallest pose_key(valid[i], sim[i], i) by a partial sort: descending sim, ties to the lowest index,

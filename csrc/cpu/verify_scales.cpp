@@ -1,4 +1,4 @@
-// Batched scale verification (DESIGN.md §4.4): the op schema and the CPU kernel.
+// Batched scale verification (docs/contract.md §4.4): the op schema and the CPU kernel.
 // Pass 1, parallel over token rows (b, t): CFG combine, online max/sum/argmax over V in float, match bit,
 // provisional token. Pass 2, parallel over b: per-scale ratios, leading accepted run, final tokens outside the
 // first rejected scale. Pass 3 (sample mode), parallel over rows: the rejected rows of the first rejected scale

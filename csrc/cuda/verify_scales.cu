@@ -1,4 +1,4 @@
-// Batched scale verification (DESIGN.md §4.4), CUDA kernels.
+// Batched scale verification (docs/contract.md §4.4), CUDA kernels.
 // A "group" of G threads owns one token row: G = 32 (a warp, 8 rows per 256-thread block, shuffles only) when
 // there are many rows of a small vocabulary, G = 256 or 1024 (the whole block) otherwise.
 //  1. rows_kernel: CFG combine, one pass over V (16-byte vector loads when aligned) with a per-thread online

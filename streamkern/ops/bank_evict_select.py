@@ -1,4 +1,4 @@
-"""Memory-bank eviction on the device (seed 000 §2.3; DESIGN.md §4.2).
+"""Memory-bank eviction on the device (seed 000 §2.3; docs/contract.md §4.2).
 
 ``bank_evict_select(scores [M], entity_mask [M, E], valid [M]) -> [] int64``: the first invalid slot if any;
 else the lowest-score slot among those whose every entity is covered by another slot too (a slot with no

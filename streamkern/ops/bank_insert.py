@@ -1,4 +1,4 @@
-"""Memory-bank frame insertion (seed 000 §2; DESIGN.md §4.2).
+"""Memory-bank frame insertion (seed 000 §2; docs/contract.md §4.2).
 
 ``bank[l, b, slot[b]*fsl + t] = chunk[l, b, frame_idx[b]*fsl + t]`` for every layer l, token ``0 <= t < fsl``,
 k and v, in one launch, with ``frame_idx``/``slot`` read on the device, so ``select_frame`` →

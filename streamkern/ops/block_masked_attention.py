@@ -1,4 +1,4 @@
-"""Scale-block-masked attention for next-scale generation (seed 003; DESIGN.md §4.4).
+"""Scale-block-masked attention for next-scale generation (seed 003; docs/contract.md §4.4).
 
 VAR generates an image scale by scale; its attention mask is defined between scales, not tokens: query i may
 attend key j when ``allow[q_scale[i], k_scale[j]]`` (VAR: key scale <= query scale), or when ``self_attend`` and

@@ -1,4 +1,4 @@
-"""Multi-layer consensus frame scoring (seed 000, improvement 3; DESIGN.md §4.1).
+"""Multi-layer consensus frame scoring (seed 000, improvement 3; docs/contract.md §4.1).
 
 ``score[b, f] = Σ_l λ_l · mean_h(q_l[b,h] · kbar_l[b,f,h]) / sqrt(D)`` where ``q_l`` is the entity-weighted
 sum of layer l's text keys and ``kbar_l`` the mean key of frame f: see ``streamkern/ops/reference/consensus_frame_scores.py``.

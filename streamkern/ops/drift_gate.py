@@ -1,4 +1,4 @@
-"""Dilated attention-weighted drift gate (seed 002; DESIGN.md §4.3).
+"""Dilated attention-weighted drift gate (seed 002; docs/contract.md §4.3).
 
 * :func:`patch_importance` — the action→vision attention of layers ``[start, end)`` as a normalised ``[B, gh, gw]``
   map, reading only the ``action_tokens × num_vision_tokens`` block of each ``[S, S]`` map.

@@ -1,4 +1,4 @@
-"""Attention over frame pages read in place (DESIGN.md §4.5).
+"""Attention over frame pages read in place (docs/contract.md §4.5).
 
 Sinks, the local window, the memory bank and retrieved memory frames are lists of page ids into one
 ``[B, P, F, H, D]`` layer of a :class:`~streamkern.FramePool`; ``frame_attention`` attends the listed pages (in

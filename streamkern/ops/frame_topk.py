@@ -1,4 +1,4 @@
-"""Sparse memory activation (MemFlow): the top-k memory pages per head by mean-query · mean-key (DESIGN.md §4.5).
+"""Sparse memory activation (MemFlow): the top-k memory pages per head by mean-query · mean-key (docs/contract.md §4.5).
 
 ``qbar[b, h]`` (the mean query of the chunk) is scored against ``k_mean`` of each candidate page (kept current by
 ``frame_write``); the page ids of the ``k`` best come back as a device tensor that is a ready ``page_table`` for

@@ -1,4 +1,4 @@
-"""Writes of whole latent frames into a frame-paged KV pool, and the pool itself (:class:`FramePool`) (DESIGN.md §4.5).
+"""Writes of whole latent frames into a frame-paged KV pool, and the pool itself (:class:`FramePool`) (docs/contract.md §4.5).
 
 Frame i of the new tokens (tokens ``[i·F, (i+1)·F)``) goes to page ``pages[b, i]`` of every layer, k and v, and
 ``k_mean`` of that page becomes the float32 mean of its F keys, in one launch with the page ids read on the

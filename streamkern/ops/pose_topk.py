@@ -1,4 +1,4 @@
-"""Pose-similarity top-k retrieval (seed 004's memory buffer; DESIGN.md §4.2).
+"""Pose-similarity top-k retrieval (seed 004's memory buffer; docs/contract.md §4.2).
 
 ``sim[i] = exp(-‖poses[i, :3] − current[:3]‖₂ / scale)``; the k valid entries of largest sim in descending
 order, ties to the lowest index, padded with ``idx = -1, sim = 0`` when fewer than k entries are valid. NaN
@@ -9,7 +9,7 @@ of N packed keys on chip) instead of the seed's per-frame Python loop.
 Limits, declared per backend (``"auto"`` passes over a backend that cannot take the inputs, a request by name
 raises ``BackendUnavailable`` saying why): ``"triton"`` and ``"cuda"`` take ``N <= 4096`` entries (one program
 sorts them all on chip), ``"cpu"`` ``N < 65536`` (16 index bits in each packed key), ``"torch"`` any N. Every
-backend takes ``k <= 4096``; ``k > N`` is allowed (DESIGN.md §4.2): rows past the valid entries are padding.
+backend takes ``k <= 4096``; ``k > N`` is allowed (docs/contract.md §4.2): rows past the valid entries are padding.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Batched scale verification for speculative next-scale decoding (seed 003, SDVAR; DESIGN.md §4.4).
+"""Batched scale verification for speculative next-scale decoding (seed 003, SDVAR; docs/contract.md §4.4).
 
 The target model scores a window of ``NS`` scales (``T`` tokens) proposed by a draft model in one forward pass;
 ``verify_scales`` decides how many scales to keep, in greedy mode (SDVAR's top-1 match with a ratio threshold) or

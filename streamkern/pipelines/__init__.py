@@ -1,4 +1,4 @@
-"""Reference pipelines that call streamkern's ops (DESIGN.md §5).
+"""Reference pipelines that call streamkern's ops (docs/contract.md §5).
 
 Each takes ``backend=``: ``"torch"`` runs the source pipeline's own eager code (the baseline); any other backend
 runs the same pipeline on streamkern's ops with that backend. ``eager=False`` with ``backend="torch"`` runs the
@@ -6,7 +6,7 @@ op-based path on the ops' eager references. ``run(...)`` returns a :class:`Pipel
 latency, host syncs per step).
 """
 from ..capture import HostSyncError, count_host_syncs
-from ._runtime import PipelineRun
+from .runtime import PipelineRun
 from .gated_policy import GatedPolicy
 from .memory_bank import MemoryBank
 from .speculative_var import SpeculativeVAR

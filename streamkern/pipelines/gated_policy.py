@@ -25,8 +25,8 @@ from torch import nn
 from ..ops.drift_gate import DriftGate
 from ..ops.reference.drift_gate import ProAttentionGate, seed_reason_code
 from ..step_graph import device_branch
-from ._runtime import PipelineRun, nbytes, part, timed_step
-from ._tiny import Block, randn, seeded
+from .runtime import PipelineRun, nbytes, part, timed_step
+from .tiny import Block, randn, seeded
 
 REASON_NAMES = {0: "reuse", 1: "state drift", 2: "vision drift", 3: "first frame"}
 

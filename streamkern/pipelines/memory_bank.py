@@ -24,7 +24,7 @@ from ..ops.bank_evict_select import bank_evict_select, entity_mask
 from ..ops.bank_insert import bank_insert
 from ..ops.consensus_frame_scores import select_frame
 from ..ops.reference.consensus_frame_scores import seed_fast_scores
-from ._runtime import PipelineRun, nbytes, part, timed_step
+from .runtime import PipelineRun, nbytes, part, timed_step
 
 
 @dataclass

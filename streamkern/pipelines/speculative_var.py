@@ -31,8 +31,8 @@ from ..ops.reference.verify_scales import inverse_cdf, sdvar_greedy_check
 from ..ops.block_masked_attention import block_masked_attention, scale_allow, scale_layout
 from ..capture import host_read
 from ..ops.verify_scales import verify_scales
-from ._runtime import PipelineRun, nbytes, part, timed_step
-from ._tiny import Block, seeded
+from .runtime import PipelineRun, nbytes, part, timed_step
+from .tiny import Block, seeded
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 

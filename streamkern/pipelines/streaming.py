@@ -11,7 +11,7 @@ context of a block ``f`` frames after the switch is ``(1 − α)·old + α·new`
 ``α = 0`` for ``f < delay``, else ``(1 − cos(π·min(1, (f − delay)/window)))/2``.
 
 ``sparse_bank=k`` adds MemFlow's sparse memory activation: each head of each layer attends only to the ``k`` bank
-frames whose mean key best matches its mean query (``qbar · kbar``, DESIGN.md §4.5 ``frame_topk``).
+frames whose mean key best matches its mean query (``qbar · kbar``, docs/contract.md §4.5 ``frame_topk``).
 
 * ``eager=True`` (``backend="torch"``): MemFlow's cache — per-layer tensors shifted by clone + copy when the window is
   full, the sink and window parts cloned and ``torch.cat``-ed with the bank on every pass (the top-k bank frames
@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from ..streaming_kv import StreamingKV
-from ._runtime import PipelineRun, nbytes, part, timed_step
-from ._tiny import Block, randn, sdpa, seeded, sinusoid
+from .runtime import PipelineRun, nbytes, part, timed_step
+from .tiny import Block, randn, sdpa, seeded, sinusoid
 from .memory_bank import MemoryBank
 
 

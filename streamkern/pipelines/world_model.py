@@ -30,8 +30,8 @@ from ..ops.frame_attention import frame_attention
 from ..ops.frame_write import FramePool
 from ..ops.pose_topk import pose_topk
 from ..ops.reference.pose_topk import seed_get_relevant_frames
-from ._runtime import PipelineRun, nbytes, part, timed_step
-from ._tiny import Block, randn, sdpa, seeded, sinusoid
+from .runtime import PipelineRun, nbytes, part, timed_step
+from .tiny import Block, randn, sdpa, seeded, sinusoid
 
 THRESHOLD = 0.3     # seed 004: memory_activation_threshold
 

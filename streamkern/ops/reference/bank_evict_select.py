@@ -1,6 +1,6 @@
 """Memory-bank eviction in eager PyTorch (the ``"torch"`` backend) and the seed's original Python rule.
 
-Seed 000 §2.3, DESIGN.md §4.2. Slots ``i < M`` hold frames with a score ``scores[i]`` and a set of entities
+Seed 000 §2.3, docs/contract.md §4.2. Slots ``i < M`` hold frames with a score ``scores[i]`` and a set of entities
 ``{e : entity_mask[i, e]}``; ``valid[i]`` says whether slot i holds a frame at all::
 
     if any slot is invalid:  victim = the first invalid slot

@@ -1,5 +1,5 @@
 """Memory-bank frame insertion in eager PyTorch: the ``"torch"`` backend and the seed's per-layer form
-(seed 000 §2; DESIGN.md §4.2).
+(seed 000 §2; docs/contract.md §4.2).
 
 ``bank_k/v [NL, B, M*fsl, H, D]``, ``chunk_k/v [NL, B, F*fsl, H, D]``, ``frame_idx``/``slot`` int64 ``[B]`` or ``[]``::
 

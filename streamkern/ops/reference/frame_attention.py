@@ -1,4 +1,4 @@
-"""Attention over KV pages in eager PyTorch: the ``"torch"`` backend of ``frame_attention`` (DESIGN.md §4.5).
+"""Attention over KV pages in eager PyTorch: the ``"torch"`` backend of ``frame_attention`` (docs/contract.md §4.5).
 
 ``q [B, Lq, H, D]``, ``k_pages/v_pages [B, P, F, H, D]``, ``table [B, H, K]`` int64 (entries in ``[0, P)`` or -1),
 ``new_k/new_v [B, Ln, H, D]`` or None, ``gate [B]`` bool or None. For every (b, h) the keys are, in order,

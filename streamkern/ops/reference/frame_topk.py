@@ -1,4 +1,4 @@
-"""Sparse memory activation (MemFlow) in eager PyTorch: the ``"torch"`` backend of ``frame_topk`` (DESIGN.md §4.5).
+"""Sparse memory activation (MemFlow) in eager PyTorch: the ``"torch"`` backend of ``frame_topk`` (docs/contract.md §4.5).
 
 ``q [B, Lq, H, D]``, ``k_mean [B, P, H, D]`` float32, ``candidates [B, C]`` int64 page ids or -1::
 

@@ -1,4 +1,4 @@
-"""Frame-paged KV pool writes in eager PyTorch: the ``"torch"`` backend of ``frame_write`` (DESIGN.md §4.5).
+"""Frame-paged KV pool writes in eager PyTorch: the ``"torch"`` backend of ``frame_write`` (docs/contract.md §4.5).
 
 ``pool_k/v [NL, B, P, F, H, D]``, ``k_mean [NL, B, P, H, D]`` float32, ``k_new/v_new [NL, B, n·F, H, D]``,
 ``pages [B, n]`` int64::

@@ -1,6 +1,6 @@
 """Pose-similarity top-k retrieval in eager PyTorch (the ``"torch"`` backend) and the seed's original loop.
 
-Seed 004 (``MemoryBuffer.get_relevant_frames``), DESIGN.md §4.2. ``poses [N, P]`` (P >= 3, only x, y, z are
+Seed 004 (``MemoryBuffer.get_relevant_frames``), docs/contract.md §4.2. ``poses [N, P]`` (P >= 3, only x, y, z are
 read), ``valid [N]``, ``current [P]``::
 
     sim[i] = exp(-‖poses[i, :3] − current[:3]‖₂ / scale)

@@ -1,5 +1,5 @@
 """Ring-buffer KV window in eager PyTorch: the ``"torch"`` backend of ``ring_write`` and the source pipelines'
-cat-and-slice caches (seeds 000 §2, 001; DESIGN.md §4.2).
+cat-and-slice caches (seeds 000 §2, 001; docs/contract.md §4.2).
 
 Caches are ``[NL, B, S, H, D]`` with ``S = sink + window``; new tokens ``[NL, B, T, H, D]``.
 

@@ -1,6 +1,6 @@
 """Batched scale verification in eager PyTorch: the ``"torch"`` backend and the SDVAR-style eager check.
 
-Seed 003 (SDVAR), DESIGN.md §4.4. The window holds ``NS`` consecutive scales, ``T`` tokens; ``offsets [NS + 1]``
+Seed 003 (SDVAR), docs/contract.md §4.4. The window holds ``NS`` consecutive scales, ``T`` tokens; ``offsets [NS + 1]``
 are the window-relative token offsets of its scales (scale s owns tokens ``[offsets[s], offsets[s + 1])``).
 For a token row ``(b, t)`` of scale ``s``::
 

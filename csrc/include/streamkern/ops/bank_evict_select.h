@@ -1,4 +1,4 @@
-// bank_evict_select_ (DESIGN.md §4.2): the torch-free parameters shared by the CPU kernel
+// bank_evict_select_ (docs/contract.md §4.2): the torch-free parameters shared by the CPU kernel
 // (csrc/cpu/bank_evict_select.cpp) and the CUDA launcher (csrc/cuda/bank_evict_select.cu), and, outside nvcc, the
 // op schema and the parameters read off the tensors with the checks its C++ entry points repeat for direct calls.
 #pragma once

@@ -1,4 +1,4 @@
-// bank_insert_ (DESIGN.md §4.2, the copy under MemoryBank.insert): the op schema and the token-copy parameters
+// bank_insert_ (docs/contract.md §4.2, the copy under MemoryBank.insert): the op schema and the token-copy parameters
 // (streamkern/token_copy.h) with the checks its C++ entry points repeat for direct calls, shared by the CPU op
 // (csrc/cpu/bank_insert.cpp) and the CUDA binding (csrc/cuda/bank_insert_binding.cpp).
 //

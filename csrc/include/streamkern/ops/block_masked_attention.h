@@ -1,4 +1,4 @@
-// block_masked_attention_ (DESIGN.md §4.4; CPU only, csrc/cpu/block_masked_attention.cpp): the op schema.
+// block_masked_attention_ (docs/contract.md §4.4; CPU only, csrc/cpu/block_masked_attention.cpp): the op schema.
 #pragma once
 
 namespace streamkern {

@@ -1,4 +1,4 @@
-// consensus_frame_scores_ (DESIGN.md §4.1): the torch-free parameters of the CUDA launcher
+// consensus_frame_scores_ (docs/contract.md §4.1): the torch-free parameters of the CUDA launcher
 // (csrc/cuda/consensus_frame_scores.cu), and, outside nvcc, the op schema and the checks its C++ entry points
 // (csrc/cpu/consensus_frame_scores.cpp, csrc/cuda/consensus_frame_scores_binding.cpp) repeat for direct calls.
 //

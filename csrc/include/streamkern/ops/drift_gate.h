@@ -1,4 +1,4 @@
-// The drift gate ops attention_weighted_drift_, drift_gate_step_ and patch_importance_ (DESIGN.md §4.3): the
+// The drift gate ops attention_weighted_drift_, drift_gate_step_ and patch_importance_ (docs/contract.md §4.3): the
 // torch-free parameters of the CUDA launchers (csrc/cuda/drift_gate.cu), and, outside nvcc, the op schemas and the
 // checks their C++ entry points (csrc/cpu/drift_gate.cpp, csrc/cuda/drift_gate_binding.cpp) repeat for direct calls.
 #pragma once

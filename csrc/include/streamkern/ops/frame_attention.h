@@ -1,4 +1,4 @@
-// frame_attention_ (DESIGN.md §4.5): the op schema and the checks its C++ entry points repeat for direct calls of
+// frame_attention_ (docs/contract.md §4.5): the op schema and the checks its C++ entry points repeat for direct calls of
 // torch.ops.streamkern_C.frame_attention_ (the Python layer has already validated every argument). frame_attention
 // has a CPU kernel only (csrc/cpu/frame_attention.cpp); the Triton kernel is its GPU path.
 #pragma once

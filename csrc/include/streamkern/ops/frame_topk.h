@@ -1,4 +1,4 @@
-// frame_topk_ (DESIGN.md §4.5, MemFlow's sparse memory activation): the torch-free parameters shared by the CPU
+// frame_topk_ (docs/contract.md §4.5, MemFlow's sparse memory activation): the torch-free parameters shared by the CPU
 // kernel (csrc/cpu/frame_topk.cpp) and the CUDA launcher (csrc/cuda/frame_topk.cu), the ranking rule both apply,
 // and, outside nvcc, the op schema, the checks its C++ entry points repeat for direct calls and the parameters
 // read off the tensors.

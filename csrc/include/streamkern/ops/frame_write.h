@@ -1,4 +1,4 @@
-// frame_write_ (DESIGN.md §4.5, the kernel under FramePool.write): the torch-free parameters shared by the CPU
+// frame_write_ (docs/contract.md §4.5, the kernel under FramePool.write): the torch-free parameters shared by the CPU
 // kernel (csrc/cpu/frame_write.cpp) and the CUDA launcher (csrc/cuda/frame_write.cu), and, outside nvcc, the op
 // schema, the checks its C++ entry points repeat for direct calls and the parameters read off the tensors.
 //

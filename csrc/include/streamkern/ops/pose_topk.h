@@ -1,4 +1,4 @@
-// pose_topk_ (DESIGN.md §4.2): the torch-free parameters shared by the CPU kernel (csrc/cpu/pose_topk.cpp) and the
+// pose_topk_ (docs/contract.md §4.2): the torch-free parameters shared by the CPU kernel (csrc/cpu/pose_topk.cpp) and the
 // CUDA launcher (csrc/cuda/pose_topk.cu), and, outside nvcc, the op schema and the parameters read off the tensors
 // with the checks its C++ entry points repeat for direct calls.
 #pragma once

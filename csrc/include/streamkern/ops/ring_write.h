@@ -1,4 +1,4 @@
-// ring_write_ and ring_write_at_ (DESIGN.md §4.2, the KV ring under KVRing.append): the op schemas and the
+// ring_write_ and ring_write_at_ (docs/contract.md §4.2, the KV ring under KVRing.append): the op schemas and the
 // token-copy parameters (streamkern/token_copy.h) with the checks their C++ entry points repeat for direct calls,
 // shared by the CPU op (csrc/cpu/ring_write.cpp) and the CUDA binding (csrc/cuda/ring_write_binding.cpp).
 //

@@ -1,4 +1,4 @@
-// verify_scales_ (DESIGN.md §4.4): the torch-free parameters of the CUDA launcher (csrc/cuda/verify_scales.cu), and,
+// verify_scales_ (docs/contract.md §4.4): the torch-free parameters of the CUDA launcher (csrc/cuda/verify_scales.cu), and,
 // outside nvcc, the op schema and the checks its C++ entry points (csrc/cpu/verify_scales.cpp, csrc/cuda/verify_scales_binding.cpp)
 // repeat for direct calls.
 #pragma once
