@@ -413,26 +413,18 @@ def _var_pair(kwargs: dict, backend: str, device: torch.device, pos: int = 1):
     write fresh prefixes and labels into static token and label buffers; the sample mode draws from generators
     the graph advances; ``(refill, eager_step, graphed_step, generators)``; a step returns the kept count and the
     whole token buffer."""
-    from streamkern.pipelines import SpeculativeVAR
+    from streamkern.pipelines import RoundInputs, SpeculativeVAR
 
     pipes = [SpeculativeVAR(backend=backend, eager=False, device=device, **kwargs) for _ in range(2)]
-    m, B = pipes[0].model, pipes[0].batch
     gens = [torch.Generator(device).manual_seed(7) for _ in pipes]
-    host = torch.Generator().manual_seed(2)
-    inputs = [(torch.full((B, m.end[-1]), -1, dtype=torch.int64, device=device),
-               torch.zeros(B, dtype=torch.int64, device=device)) for _ in pipes]
+    inputs = RoundInputs(pipes, pos)
     stats = {"draft_calls": 0, "target_calls": 0}
 
     def refill(_):
-        prefix = torch.randint(0, m.vocab, (B, m.begin[pos]), generator=host)
-        labels = torch.randint(0, m.num_classes, (B,), generator=host)
-        for tokens, lab in inputs:
-            tokens.fill_(-1)
-            tokens[:, :m.begin[pos]] = prefix
-            lab.copy_(labels)
+        inputs.refill()
 
     def stepper(i):
-        return lambda: [pipes[i].round(*inputs[i], gens[i], pos, stats), inputs[i][0]]
+        return lambda: [pipes[i].round(*inputs.pairs[i], gens[i], pos, stats), inputs.pairs[i][0]]
 
     refill(None)
     stepper(0)()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import backend_params
 
-from streamkern import drift_gate
-from streamkern.pipelines import GatedPolicy, SpeculativeVAR, StreamingGenerator
+from streamkern.ops import drift_gate
+from streamkern.pipelines import GatedPolicy, RoundInputs, SpeculativeVAR, StreamingGenerator
 from streamkern.pipelines.tiny import randn
 from streamkern.pipelines.gated_policy import scripted_trajectory
 from streamkern.step_graph import CaptureError, StepGraph, conditional_nodes_supported
@@ -99,9 +99,13 @@ def _ring_from_host_count(self, offset: int, n: int) -> torch.Tensor:
 
 
 def _block_from_host_count(real):
-    """A rule broken on purpose: the block index a tensor made from the host count, frozen at capture."""
-    def block(self, i, counter, *args):
-        return real(self, i, torch.tensor(i, device=counter.device), *args)
+    """A rule broken on purpose: the block index a tensor made from the host count (of each generator's blocks),
+    frozen at capture."""
+    counts: dict[int, int] = {}
+
+    def block(self, counter, *args):
+        i = counts[id(self)] = counts.get(id(self), -1) + 1
+        return real(self, torch.tensor(i, device=counter.device), *args)
     return block
 
 
@@ -247,27 +251,16 @@ def _var_round_replays(backend, device, mode, pos=1, replays=2, warmup=1):
     eager rounds; each pair holds the kept count and the whole token buffer. The sample mode draws from a
     generator registered with the graph."""
     pipes = [SpeculativeVAR(backend=backend, eager=False, device=device, mode=mode, **SMALL_VAR) for _ in range(2)]
-    m = pipes[0].model
     gens = [torch.Generator(device).manual_seed(7) for _ in pipes]
-    host = torch.Generator().manual_seed(2)
-    B, L = SMALL_VAR["batch"], m.end[-1]
-    inputs = [(torch.full((B, L), -1, dtype=torch.int64, device=device),
-               torch.zeros(B, dtype=torch.int64, device=device)) for _ in pipes]
+    inputs = RoundInputs(pipes, pos)
+    refill = inputs.refill
     stats = {"draft_calls": 0, "target_calls": 0}
 
-    def refill():
-        prefix = torch.randint(0, m.vocab, (B, m.begin[pos]), generator=host)
-        labels = torch.randint(0, m.num_classes, (B,), generator=host)
-        for tokens, lab in inputs:
-            tokens.fill_(-1)
-            tokens[:, :m.begin[pos]] = prefix
-            lab.copy_(labels)
-
     def round_of(i):
-        return lambda: pipes[i].round(*inputs[i], gens[i], pos, stats)
+        return lambda: pipes[i].round(*inputs.pairs[i], gens[i], pos, stats)
 
     def carried(keep, i):
-        return [keep.clone(), inputs[i][0].clone()]
+        return [keep.clone(), inputs.pairs[i][0].clone()]
 
     for _ in range(warmup):
         refill()

@@ -9,9 +9,9 @@ from ..capture import HostSyncError, count_host_syncs
 from .runtime import PipelineRun
 from .gated_policy import GatedPolicy
 from .memory_bank import MemoryBank
-from .speculative_var import SpeculativeVAR
+from .speculative_var import RoundInputs, SpeculativeVAR
 from .streaming import BlockState, BlockStream, StreamingGenerator
 from .world_model import MemoryWorldModel
 
 __all__ = ["MemoryBank", "StreamingGenerator", "BlockStream", "BlockState", "MemoryWorldModel", "GatedPolicy",
-           "SpeculativeVAR", "PipelineRun", "HostSyncError", "count_host_syncs"]
+           "SpeculativeVAR", "RoundInputs", "PipelineRun", "HostSyncError", "count_host_syncs"]

@@ -256,3 +256,25 @@ class SpeculativeVAR:
                        "draft_calls_per_image": stats["draft_calls"] / images,
                        "plain_target_calls_per_image": len(self.model.patch_nums)}
         return record
+
+
+class RoundInputs:
+    """Static inputs for :meth:`SpeculativeVAR.round` at scale ``pos`` in a captured step: one ``(tokens [B, L]
+    int64, labels [B] int64)`` pair per decoder of ``pipes`` (``.pairs``). :meth:`refill` writes one fresh prefix
+    (the tokens of the scales before ``pos``) and fresh labels, drawn on the CPU from ``seed``, into every pair, in
+    place, and sets the other tokens to −1: what a round reads."""
+
+    def __init__(self, pipes: list[SpeculativeVAR], pos: int, seed: int = 2):
+        self.model, self.batch, self.pos = pipes[0].model, pipes[0].batch, pos
+        self.host = torch.Generator().manual_seed(seed)
+        self.pairs = [(torch.full((self.batch, self.model.end[-1]), -1, dtype=torch.int64, device=p.device),
+                       torch.zeros(self.batch, dtype=torch.int64, device=p.device)) for p in pipes]
+
+    def refill(self) -> None:
+        m, B, begin = self.model, self.batch, self.model.begin[self.pos]
+        prefix = torch.randint(0, m.vocab, (B, begin), generator=self.host)
+        labels = torch.randint(0, m.num_classes, (B,), generator=self.host)
+        for tokens, lab in self.pairs:
+            tokens.fill_(-1)
+            tokens[:, :begin] = prefix
+            lab.copy_(labels)
