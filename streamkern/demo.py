@@ -44,6 +44,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -492,32 +493,30 @@ def graph_configs(configs, sizes, replays: int = GRAPH_REPLAYS) -> list[tuple]:
     return out
 
 
+def _table(head: str, rows: list, label: Callable, cells: Callable) -> str:
+    """``head``, a rule, then per row ``label(r)`` and ``cells(r)``, or FAILED and the error."""
+    lines = [head, "-" * len(head)]
+    lines += [f"{label(r)} {'FAILED':9s} {r.error}" if r.error else f"{label(r)} {cells(r)}" for r in rows]
+    return "\n".join(lines)
+
+
 def format_graphs(rows: list[GraphRow]) -> str:
     head = (f"{'pipeline':26s} {'step (graph, auto)':24s} {'identical':9s} {'max rel err':>11s} "
             f"{'eager ms':>9s} {'replay ms':>9s} {'speed-up':>8s} replays")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if r.error:
-            lines.append(f"{r.pipeline:26s} {r.step:24s} {'FAILED':9s} {r.error}")
-            continue
-        lines.append(f"{r.pipeline:26s} {r.step:24s} {'yes' if r.identical else 'NO':9s} {r.max_error:11.1e} "
-                     f"{r.eager_ms:9.3f} {r.replay_ms:9.3f} {r.speedup:7.2f}x {r.replays:7d}")
-    return "\n".join(lines)
+    return _table(head, rows, lambda r: f"{r.pipeline:26s} {r.step:24s}",
+                  lambda r: (f"{'yes' if r.identical else 'NO':9s} {r.max_error:11.1e} {r.eager_ms:9.3f} "
+                             f"{r.replay_ms:9.3f} {r.speedup:7.2f}x {r.replays:7d}"))
 
 
 def format_table(rows: list[Row]) -> str:
     head = (f"{'pipeline':26s} {'backend':13s} {'identical':9s} {'max rel err':>11s} {'ms/step':>9s} "
             f"{'speed-up':>8s} {'syncs/step':>10s} {'parts ms':>9s} {'parts x':>7s} {'parts MB':>9s}  notes")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if r.error:
-            lines.append(f"{r.pipeline:26s} {r.backend:13s} {'FAILED':9s} {r.error}")
-            continue
+
+    def cells(r: Row) -> str:
         px = f"{r.parts_speedup:6.2f}x" if r.parts_speedup else f"{'-':>7s}"
-        lines.append(f"{r.pipeline:26s} {r.backend:13s} {'yes' if r.identical else 'NO':9s} {r.max_error:11.1e} "
-                     f"{r.latency_ms:9.1f} {r.speedup:7.2f}x {r.syncs_per_step:10.2f} {r.parts_ms:9.2f} {px} "
-                     f"{r.parts_mb:9.3f}  {r.notes}")
-    return "\n".join(lines)
+        return (f"{'yes' if r.identical else 'NO':9s} {r.max_error:11.1e} {r.latency_ms:9.1f} {r.speedup:7.2f}x "
+                f"{r.syncs_per_step:10.2f} {r.parts_ms:9.2f} {px} {r.parts_mb:9.3f}  {r.notes}")
+    return _table(head, rows, lambda r: f"{r.pipeline:26s} {r.backend:13s}", cells)
 
 
 def closing_note(rows: list[Row]) -> str:
