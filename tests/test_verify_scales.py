@@ -21,6 +21,16 @@ def window(first, num):
     return LAYOUT.end[first + num - 1] - LAYOUT.begin[first]
 
 
+def _sample_window(B: int, T: int, V: int, seed: int):
+    """``(logits [B, T, V], q = softmax(logits), draft tokens drawn from q, uniforms [B, T, 2] in [0, 0.99))``: a
+    sample-mode window whose draft probabilities are the target's."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g)
+    q = torch.softmax(logits.double(), -1).float()
+    draft = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, T)
+    return logits, q, draft, torch.rand(B, T, 2, generator=g) * 0.99
+
+
 def combined(logits, first, num, cfg):
     offsets = [LAYOUT.begin[s] - LAYOUT.begin[first] for s in range(first, first + num)] + [window(first, num)]
     return ref.combined_logits(logits, offsets, cfg, torch.float64)
@@ -256,11 +266,7 @@ def test_edge_cases(bd):
 def test_sample_edge_cases(bd):
     backend, device = bd
     V, T, B = 7, window(0, 3), 2
-    g = torch.Generator().manual_seed(4)
-    logits = torch.randn(B, T, V, generator=g)
-    q = torch.softmax(logits.double(), -1).float()
-    draft = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, T)
-    u = torch.rand(B, T, 2, generator=g) * 0.99
+    logits, q, draft, u = _sample_window(B, T, V, seed=4)
     run = lambda **kw: verify_scales(logits.to(device), draft.to(device), LAYOUT, 0, 3, mode="sample",  # noqa: E731
                                      backend=backend, uniforms=u.to(device), **{k: v.to(device) for k, v in kw.items()})
     res = run(draft_probs=q)  # p = q: always accept
@@ -351,11 +357,7 @@ def _unchecked_probs_case(kind):
     """A window where row 0 passes scale 0 (q = p) and two of its scale-1 rows hold uniform draft probabilities
     that break the rules in one way (the value checks reject them), so that they are used as given."""
     B, T, V = 2, window(0, 3), 7
-    g = torch.Generator().manual_seed(31)
-    logits = torch.randn(B, T, V, generator=g)
-    q = torch.softmax(logits.double(), -1).float()
-    draft = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, T)
-    u = torch.rand(B, T, 2, generator=g) * 0.99
+    logits, q, draft, u = _sample_window(B, T, V, seed=31)
     q[0, 1:3] = 1.0 / V                    # rows under test: a residual p − q well above rounding
     x0, x1 = draft[0, 1].item(), draft[0, 2].item()
     if kind == "nan":
