@@ -19,7 +19,7 @@ namespace {
 
 void bank_evict_select_cpu(at::Tensor out, const at::Tensor& scores, const at::Tensor& entity_mask,
                            const at::Tensor& valid) {
-  const BankEvictParams p = bank_evict_select_params(out, scores, entity_mask, valid);
+  const BankEvictSelectParams p = bank_evict_select_params(out, scores, entity_mask, valid);
   const int64_t M = p.M, E = p.E, m0 = p.m0, m1 = p.m1, sv = p.s_v, ss = p.s_s;
   const bool* mask = p.mask;
   const bool* ok = p.valid;

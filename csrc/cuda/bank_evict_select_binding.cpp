@@ -13,7 +13,7 @@ namespace {
 
 void bank_evict_select_cuda(at::Tensor out, const at::Tensor& scores, const at::Tensor& entity_mask,
                             const at::Tensor& valid) {
-  const BankEvictParams p = bank_evict_select_params(out, scores, entity_mask, valid);
+  const BankEvictSelectParams p = bank_evict_select_params(out, scores, entity_mask, valid);
   TORCH_CHECK_VALUE(scores.is_cuda(), "bank_evict_select_: the cuda kernel needs CUDA tensors, got ", scores.device());
   const c10::cuda::CUDAGuard guard(scores.device());
   STREAMKERN_CHECK_LAUNCH(bank_evict_select_launch(p, dtype_of(scores), at::cuda::getCurrentCUDAStream().stream()));

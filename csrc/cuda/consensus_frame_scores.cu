@@ -83,7 +83,7 @@ __device__ float block_sum(float v, float* smem) {
 
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads)
-    consensus_kernel(const ConsensusParams p, const __grid_constant__ LayerTable table, int64_t n_slices,
+    consensus_kernel(const ConsensusFrameScoresParams p, const __grid_constant__ LayerTable table, int64_t n_slices,
                      int64_t tokens_per_split) {
   constexpr int V = kVec<T>;
   constexpr int kWidth = kLanes * V;
@@ -191,7 +191,7 @@ bool vector_ok(const void* base, const int64_t* st, int64_t H, int64_t D, int64_
 }
 
 template <typename T>
-LaunchStatus launch_typed(const ConsensusParams& p, cudaStream_t stream) {
+LaunchStatus launch_typed(const ConsensusFrameScoresParams& p, cudaStream_t stream) {
   constexpr int64_t V = kVec<T>;
   const int64_t HD = p.H * p.D;
   const int64_t n_slices = (HD + kLanes * V - 1) / (kLanes * V);
@@ -232,7 +232,7 @@ LaunchStatus launch_typed(const ConsensusParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-LaunchStatus consensus_frame_scores_launch(const ConsensusParams& p, DType dtype, void* stream_ptr) {
+LaunchStatus consensus_frame_scores_launch(const ConsensusFrameScoresParams& p, DType dtype, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.num_layers <= 0 || p.frame_seq_len <= 0) return static_cast<int>(cudaErrorInvalidValue);
   const int64_t F = p.L / p.frame_seq_len;

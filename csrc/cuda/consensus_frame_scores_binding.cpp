@@ -19,7 +19,7 @@ void consensus_frame_scores_cuda(at::Tensor out, const at::Tensor& chunk_k, cons
   TORCH_CHECK(chunk_k.is_cuda() && text_k.device() == chunk_k.device() && entity_weights.device() == chunk_k.device() &&
                   out.device() == chunk_k.device(),
               "consensus_frame_scores_: all tensors must be on one CUDA device");
-  const ConsensusParams p =
+  const ConsensusFrameScoresParams p =
       consensus_frame_scores_params(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
   const c10::cuda::CUDAGuard guard(chunk_k.device());
   STREAMKERN_CHECK_LAUNCH(

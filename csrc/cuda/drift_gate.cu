@@ -49,7 +49,7 @@ __device__ float block_sum(float v, float* scratch) { return block_reduce(v, 0.f
 // Pools cell e of camera b for every channel and writes small; returns mean_c |small − prev_small| (0 when there
 // is no previous frame).
 template <typename T, typename S>
-__device__ float pool_cell(const WeightedDriftParams& p, int64_t b, int64_t e, float inv) {
+__device__ float pool_cell(const AttentionWeightedDriftParams& p, int64_t b, int64_t e, float inv) {
   const int64_t y = e / p.w, x = e % p.w;
   const T* src = static_cast<const T*>(p.image) + b * p.si[0] + y * p.pool * p.si[2] + x * p.pool * p.si[3];
   S* out = static_cast<S*>(p.small) + b * p.C * p.h * p.w + e;
@@ -80,7 +80,7 @@ __device__ float staged_dilated(const float* up, int64_t h, int64_t w, int64_t y
 }
 
 template <typename T, typename S>
-__global__ void __launch_bounds__(kThreads) weighted_drift_kernel(WeightedDriftParams p, float scale) {
+__global__ void __launch_bounds__(kThreads) weighted_drift_kernel(AttentionWeightedDriftParams p, float scale) {
   __shared__ float scratch[32];
   const int64_t b = blockIdx.x;
   const ImportanceMap map{p.importance + b * p.simp[0], p.simp[1], p.simp[2], p.gh, p.gw};
@@ -111,20 +111,20 @@ __global__ void __launch_bounds__(kThreads) weighted_drift_kernel(WeightedDriftP
 // |state − prev_state| at flat index i, rounded to the state's dtype as PyTorch rounds it (the double difference of
 // two values of a narrower type rounds to that type exactly like its own subtraction), widened to double.
 template <typename T>
-__device__ double state_diff_as(const DriftGateParams& g, int64_t r, int64_t k) {
+__device__ double state_diff_as(const DriftGateStepParams& g, int64_t r, int64_t k) {
   const double a = static_cast<const T*>(g.state)[r * g.ss[0] + k * g.ss[1]];
   const double b = static_cast<const T*>(g.prev_state)[r * g.state_cols + k];
   return fabs(static_cast<double>(static_cast<T>(a - b)));
 }
 
 template <typename T>
-__device__ double state_diff_narrow(const DriftGateParams& g, int64_t r, int64_t k) {
+__device__ double state_diff_narrow(const DriftGateStepParams& g, int64_t r, int64_t k) {
   const float a = to_float(static_cast<const T*>(g.state)[r * g.ss[0] + k * g.ss[1]]);
   const float b = to_float(static_cast<const T*>(g.prev_state)[r * g.state_cols + k]);
   return fabs(static_cast<double>(to_float(from_float<T>(a - b))));
 }
 
-__device__ double state_diff_at(const DriftGateParams& g, int64_t i) {
+__device__ double state_diff_at(const DriftGateStepParams& g, int64_t i) {
   const int64_t r = i / g.state_cols, k = i % g.state_cols;
   switch (g.state_dtype) {
     case DType::kFloat64: return state_diff_as<double>(g, r, k);
@@ -135,11 +135,11 @@ __device__ double state_diff_at(const DriftGateParams& g, int64_t i) {
 }
 
 template <typename T, typename S>
-__global__ void __launch_bounds__(kThreads) drift_gate_kernel(DriftGateParams g, float scale) {
+__global__ void __launch_bounds__(kThreads) drift_gate_kernel(DriftGateStepParams g, float scale) {
   __shared__ float scratch[32];
   __shared__ double dscratch[32];
   __shared__ bool last;
-  const WeightedDriftParams& p = g.frame;
+  const AttentionWeightedDriftParams& p = g.frame;
   const bool has_frame = p.prev_small != nullptr, has_state = g.prev_state != nullptr;
   const int64_t b = blockIdx.y, split = blockIdx.x, hw = p.h * p.w;
   const float inv = scale / static_cast<float>(p.pool * p.pool);
@@ -219,14 +219,14 @@ __global__ void __launch_bounds__(kThreads) importance_finish_kernel(PatchImport
 
 struct WeightedDriftKernel {
   template <typename T, typename S>
-  static void launch(dim3 grid, cudaStream_t stream, const WeightedDriftParams& p, float scale) {
+  static void launch(dim3 grid, cudaStream_t stream, const AttentionWeightedDriftParams& p, float scale) {
     weighted_drift_kernel<T, S><<<grid, kThreads, 0, stream>>>(p, scale);
   }
 };
 
 struct DriftGateKernel {
   template <typename T, typename S>
-  static void launch(dim3 grid, cudaStream_t stream, const DriftGateParams& p, float scale) {
+  static void launch(dim3 grid, cudaStream_t stream, const DriftGateStepParams& p, float scale) {
     drift_gate_kernel<T, S><<<grid, kThreads, 0, stream>>>(p, scale);
   }
 };
@@ -247,7 +247,7 @@ LaunchStatus launch_on_image_dtype(DType image_dtype, dim3 grid, cudaStream_t st
 
 }  // namespace
 
-LaunchStatus attention_weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, void* stream_ptr) {
+LaunchStatus attention_weighted_drift_launch(const AttentionWeightedDriftParams& p, DType image_dtype, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.B == 0) return 0;
   return launch_on_image_dtype<WeightedDriftKernel>(image_dtype, dim3(static_cast<unsigned>(p.B)), stream, p);
@@ -258,7 +258,7 @@ int drift_gate_splits(int64_t h, int64_t w) {
   return static_cast<int>(blocks < 1 ? 1 : blocks);
 }
 
-LaunchStatus drift_gate_step_launch(const DriftGateParams& p, DType image_dtype, void* stream_ptr) {
+LaunchStatus drift_gate_step_launch(const DriftGateStepParams& p, DType image_dtype, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.frame.B));
   return launch_on_image_dtype<DriftGateKernel>(image_dtype, grid, stream, p);

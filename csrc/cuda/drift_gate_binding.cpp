@@ -16,7 +16,7 @@ namespace {
 void attention_weighted_drift_cuda(at::Tensor drift, at::Tensor small, const at::Tensor& image,
                                    const at::Tensor& prev_small, const at::Tensor& importance, int64_t pool,
                                    int64_t dilation) {
-  const WeightedDriftParams p = attention_weighted_drift_params(drift, small, image, prev_small, importance, pool,
+  const AttentionWeightedDriftParams p = attention_weighted_drift_params(drift, small, image, prev_small, importance, pool,
                                                                 dilation);
   const c10::cuda::CUDAGuard guard(image.device());
   STREAMKERN_CHECK_LAUNCH(
@@ -28,7 +28,7 @@ void drift_gate_step_cuda(at::Tensor recompute, at::Tensor reason, at::Tensor dr
                           const std::optional<at::Tensor>& importance, const at::Tensor& state,
                           const std::optional<at::Tensor>& prev_state, int64_t pool, int64_t dilation,
                           double drift_threshold, double state_threshold) {
-  DriftGateParams g = drift_gate_step_params(recompute, reason, drift, small, counter, image, prev_small, importance,
+  DriftGateStepParams g = drift_gate_step_params(recompute, reason, drift, small, counter, image, prev_small, importance,
                                              state, prev_state, pool, dilation, drift_threshold, state_threshold);
   TORCH_CHECK(g.frame.B <= 65535, "drift_gate_step_: at most 65535 cameras per launch");
   const c10::cuda::CUDAGuard guard(image.device());

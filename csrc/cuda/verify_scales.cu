@@ -97,7 +97,7 @@ __device__ __forceinline__ float load_float(const void* p, DType d, int64_t i) {
   }
 }
 
-__device__ __forceinline__ int scale_of(const VerifyParams& p, int64_t t) {
+__device__ __forceinline__ int scale_of(const VerifyScalesParams& p, int64_t t) {
   int s = 0;
   while (s + 1 < p.NS && t >= p.offsets[s + 1]) ++s;
   return s;
@@ -108,7 +108,7 @@ template <typename T> struct Row {
   const T* cond;
   const T* uncond;
   float w;
-  __device__ Row(const VerifyParams& p, int64_t b, int64_t t, int s) {
+  __device__ Row(const VerifyScalesParams& p, int64_t b, int64_t t, int s) {
     const T* base = static_cast<const T*>(p.logits);
     cond = base + b * p.sl0 + t * p.sl1;
     uncond = p.has_cfg ? base + (b + p.B) * p.sl0 + t * p.sl1 : nullptr;
@@ -122,7 +122,7 @@ template <typename T> struct Row {
 
 // Visits every element v of the row owned by this lane, in increasing v, with its combined logit.
 template <typename T, int G, typename F>
-__device__ __forceinline__ void for_each_logit(const VerifyParams& p, const Row<T>& row, int lane, F&& f) {
+__device__ __forceinline__ void for_each_logit(const VerifyScalesParams& p, const Row<T>& row, int lane, F&& f) {
   if (p.logits_vec16) {
     constexpr int K = kVec<T>;
 #pragma unroll 4
@@ -138,7 +138,7 @@ __device__ __forceinline__ void for_each_logit(const VerifyParams& p, const Row<
   }
 }
 
-template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G) rows_kernel(const VerifyParams p) {
+template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G) rows_kernel(const VerifyScalesParams p) {
   const int64_t row_id = static_cast<int64_t>(blockIdx.x) * (blockDim.x / G) + threadIdx.x / G;
   const int lane = threadIdx.x % G;
   if (row_id >= p.B * p.T) return;  // whole groups only: G = 32 groups never synchronise the block
@@ -186,7 +186,7 @@ template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G
   }
 }
 
-__global__ void __launch_bounds__(256) scales_kernel(const VerifyParams p) {
+__global__ void __launch_bounds__(256) scales_kernel(const VerifyScalesParams p) {
   const int64_t b = blockIdx.x;
   int64_t run = 0;
   bool open = true;
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(256) scales_kernel(const VerifyParams p) {
   }
 }
 
-template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G) redraw_kernel(const VerifyParams p) {
+template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G) redraw_kernel(const VerifyScalesParams p) {
   const int64_t row_id = static_cast<int64_t>(blockIdx.x) * (blockDim.x / G) + threadIdx.x / G;
   const int lane = threadIdx.x % G;
   if (row_id >= p.B * p.T) return;
@@ -257,7 +257,7 @@ template <typename T, int G> __global__ void __launch_bounds__(G == 32 ? 256 : G
   if (lane == 0) p.tokens[row_id] = last;
 }
 
-template <typename T, int G> cudaError_t launch_rows(const VerifyParams& p, cudaStream_t stream) {
+template <typename T, int G> cudaError_t launch_rows(const VerifyScalesParams& p, cudaStream_t stream) {
   const int threads = G == 32 ? 256 : G;
   const int64_t rows = p.B * p.T, per_block = threads / G;
   const unsigned blocks = static_cast<unsigned>((rows + per_block - 1) / per_block);
@@ -273,7 +273,7 @@ template <typename T, int G> cudaError_t launch_rows(const VerifyParams& p, cuda
 
 }  // namespace
 
-LaunchStatus verify_scales_launch(const VerifyParams& p, DType logits_dtype, void* stream_ptr) {
+LaunchStatus verify_scales_launch(const VerifyScalesParams& p, DType logits_dtype, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.B == 0 || p.T == 0) return 0;
   if (p.NS < 1 || p.NS > kVerifyMaxScales || p.V < 1 || p.V > INT_MAX) return static_cast<int>(cudaErrorInvalidValue);

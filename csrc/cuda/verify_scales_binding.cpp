@@ -18,7 +18,7 @@ void verify_scales_cuda(at::Tensor& accepted, at::Tensor& match, at::Tensor& rat
                         const c10::optional<at::Tensor>& draft_probs, const c10::optional<at::Tensor>& uniforms,
                         at::IntArrayRef offsets, c10::optional<at::ArrayRef<double>> cfg, bool greedy,
                         double threshold, double temperature) {
-  const VerifyParams p = verify_scales_params(accepted, match, ratio, tokens, stats, logits, draft_tokens,
+  const VerifyScalesParams p = verify_scales_params(accepted, match, ratio, tokens, stats, logits, draft_tokens,
                                               draft_probs, uniforms, offsets, cfg, greedy, threshold, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   STREAMKERN_CHECK_LAUNCH(verify_scales_launch(p, dtype_of(logits), at::cuda::getCurrentCUDAStream().stream()));

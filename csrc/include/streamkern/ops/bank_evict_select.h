@@ -8,7 +8,7 @@
 
 namespace streamkern {
 
-struct BankEvictParams {
+struct BankEvictSelectParams {
   const void* scores;  // [M] float/half/bf16, stride s_s
   const bool* mask;    // [M, E], strides m0, m1
   const bool* valid;   // [M], stride s_v
@@ -19,7 +19,7 @@ struct BankEvictParams {
 
 // One block of 256 threads: coverage per entity (thread e), redundancy and packed key per slot (thread i),
 // then the smallest key (rank_keys.h evict_key). Returns the launch's cudaError_t as int.
-LaunchStatus bank_evict_select_launch(const BankEvictParams& p, DType dtype, void* stream);
+LaunchStatus bank_evict_select_launch(const BankEvictSelectParams& p, DType dtype, void* stream);
 
 }  // namespace streamkern
 
@@ -33,7 +33,7 @@ inline constexpr const char* kBankEvictSelectSchema =
     "bank_evict_select_(Tensor(a!) out, Tensor scores, Tensor entity_mask, Tensor valid) -> ()";
 
 // scores [1 <= M <= 64] floating, bool entity_mask [M, E <= 256], bool valid [M], int64 out []; one device.
-inline BankEvictParams bank_evict_select_params(at::Tensor& out, const at::Tensor& scores,
+inline BankEvictSelectParams bank_evict_select_params(at::Tensor& out, const at::Tensor& scores,
                                                 const at::Tensor& entity_mask, const at::Tensor& valid) {
   TORCH_CHECK(scores.dim() == 1 && entity_mask.dim() == 2 && valid.dim() == 1 && out.dim() == 0 &&
                   entity_mask.size(0) == scores.size(0) && valid.size(0) == scores.size(0) &&

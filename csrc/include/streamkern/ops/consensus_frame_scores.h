@@ -11,7 +11,7 @@
 
 namespace streamkern {
 
-struct ConsensusParams {
+struct ConsensusFrameScoresParams {
   float* out;                 // [B, F] contiguous float32, fully overwritten
   const void* chunk;          // [NL, B, L, H, D] storage type `dtype`
   const void* text;           // [NL, B, S, H, D] storage type `dtype`
@@ -29,7 +29,7 @@ struct ConsensusParams {
 
 // Zeroes `out` and adds every selected layer's contribution: one kernel launch per 64 selected layers (one in
 // practice). Returns the CUDA error (0 on success).
-LaunchStatus consensus_frame_scores_launch(const ConsensusParams& p, DType dtype, void* stream);
+LaunchStatus consensus_frame_scores_launch(const ConsensusFrameScoresParams& p, DType dtype, void* stream);
 
 }  // namespace streamkern
 
@@ -69,12 +69,12 @@ inline void check_consensus_args(const at::Tensor& out, const at::Tensor& chunk_
 }
 
 // The checks above, then the parameters read off the tensors (layers and layer_weights stay host arrays).
-inline ConsensusParams consensus_frame_scores_params(at::Tensor& out, const at::Tensor& chunk_k,
+inline ConsensusFrameScoresParams consensus_frame_scores_params(at::Tensor& out, const at::Tensor& chunk_k,
                                                      const at::Tensor& text_k, const at::Tensor& entity_weights,
                                                      int64_t frame_seq_len, at::IntArrayRef layers,
                                                      at::ArrayRef<double> layer_weights) {
   check_consensus_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
-  ConsensusParams p{};
+  ConsensusFrameScoresParams p{};
   p.out = out.data_ptr<float>();
   p.chunk = chunk_k.const_data_ptr();
   p.text = text_k.const_data_ptr();

@@ -9,7 +9,7 @@
 namespace streamkern {
 
 // drift[b] = Σ_yx mean_c|avgpool(image)[b,c,y,x] − prev_small[b,c,y,x]| · dilated_weight(y, x); small = avgpool(image).
-struct WeightedDriftParams {
+struct AttentionWeightedDriftParams {
   float* drift;             // [B] float32
   void* small;              // [B, C, h, w] contiguous, dtype small_dtype
   const void* image;        // [B, C, H, W] strided
@@ -23,8 +23,8 @@ struct WeightedDriftParams {
 // DriftGate.should_recompute in one launch: grid (splits, B); block (split, b) pools its share of camera b's cells
 // (drift terms too when there is a previous frame) and writes partial[b, split]; the last block to finish (counter,
 // reset to 0 on exit) applies the state guard, averages the drift over the cameras and writes the decision.
-struct DriftGateParams {
-  WeightedDriftParams frame;  // frame.drift unused; prev_small/importance null on the first frame
+struct DriftGateStepParams {
+  AttentionWeightedDriftParams frame;  // frame.drift unused; prev_small/importance null on the first frame
   float* partial;             // [B, splits]
   int* counter;               // one int32, 0 between launches
   bool* recompute;
@@ -48,10 +48,10 @@ struct PatchImportanceParams {
 };
 
 // image_dtype: float32/float16/bfloat16 (small in the same dtype) or uint8 (small float32, values / 255).
-LaunchStatus attention_weighted_drift_launch(const WeightedDriftParams& p, DType image_dtype, void* stream);
-// Blocks per camera of drift_gate_step_launch (the size of DriftGateParams::partial is B × this).
+LaunchStatus attention_weighted_drift_launch(const AttentionWeightedDriftParams& p, DType image_dtype, void* stream);
+// Blocks per camera of drift_gate_step_launch (the size of DriftGateStepParams::partial is B × this).
 int drift_gate_splits(int64_t h, int64_t w);
-LaunchStatus drift_gate_step_launch(const DriftGateParams& p, DType image_dtype, void* stream);
+LaunchStatus drift_gate_step_launch(const DriftGateStepParams& p, DType image_dtype, void* stream);
 LaunchStatus patch_importance_launch(const PatchImportanceParams& p, DType attn_dtype, void* stream);
 
 }  // namespace streamkern
@@ -151,9 +151,9 @@ inline void check_patch_importance_args(const at::Tensor& out, const at::Tensor&
 }
 
 // The pooling (and, with a previous frame, drift) half shared by attention_weighted_drift_ and drift_gate_step_.
-inline WeightedDriftParams drift_frame_params(at::Tensor& small, const at::Tensor& image, const at::Tensor* prev_small,
+inline AttentionWeightedDriftParams drift_frame_params(at::Tensor& small, const at::Tensor& image, const at::Tensor* prev_small,
                                               const at::Tensor* importance, int64_t pool, int64_t dilation) {
-  WeightedDriftParams p{};
+  AttentionWeightedDriftParams p{};
   p.small = small.data_ptr();
   p.image = image.data_ptr();
   p.B = image.size(0);
@@ -174,18 +174,18 @@ inline WeightedDriftParams drift_frame_params(at::Tensor& small, const at::Tenso
   return p;
 }
 
-inline WeightedDriftParams attention_weighted_drift_params(at::Tensor& drift, at::Tensor& small,
+inline AttentionWeightedDriftParams attention_weighted_drift_params(at::Tensor& drift, at::Tensor& small,
                                                            const at::Tensor& image, const at::Tensor& prev_small,
                                                            const at::Tensor& importance, int64_t pool,
                                                            int64_t dilation) {
   check_weighted_drift_args(drift, small, image, prev_small, importance, pool, dilation);
-  WeightedDriftParams p = drift_frame_params(small, image, &prev_small, &importance, pool, dilation);
+  AttentionWeightedDriftParams p = drift_frame_params(small, image, &prev_small, &importance, pool, dilation);
   p.drift = drift.data_ptr<float>();
   return p;
 }
 
 // Everything but the launch shape (splits) and its partial-drift buffer, which the launcher's side decides.
-inline DriftGateParams drift_gate_step_params(at::Tensor& recompute, at::Tensor& reason, at::Tensor& drift,
+inline DriftGateStepParams drift_gate_step_params(at::Tensor& recompute, at::Tensor& reason, at::Tensor& drift,
                                               at::Tensor& small, at::Tensor& counter, const at::Tensor& image,
                                               const std::optional<at::Tensor>& prev_small,
                                               const std::optional<at::Tensor>& importance, const at::Tensor& state,
@@ -193,7 +193,7 @@ inline DriftGateParams drift_gate_step_params(at::Tensor& recompute, at::Tensor&
                                               int64_t dilation, double drift_threshold, double state_threshold) {
   check_gate_step_args(recompute, reason, drift, small, counter, image, prev_small, importance, state, prev_state,
                        pool, dilation);
-  DriftGateParams g{};
+  DriftGateStepParams g{};
   g.frame = drift_frame_params(small, image, prev_small ? &*prev_small : nullptr,
                                importance ? &*importance : nullptr, pool, dilation);
   g.counter = counter.data_ptr<int>();

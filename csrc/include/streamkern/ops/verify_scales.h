@@ -10,7 +10,7 @@ namespace streamkern {
 
 constexpr int kVerifyMaxScales = 64;
 
-struct VerifyParams {
+struct VerifyScalesParams {
   const void* logits;  // [B or 2B, T, V] (rows [B, 2B) unconditional when has_cfg), strides in elements
   int64_t sl0, sl1, sl2;
   bool logits_vec16;   // sl2 == 1, V a multiple of the 16-byte vector, every row 16-byte aligned
@@ -35,7 +35,7 @@ struct VerifyParams {
 };
 
 // Three launches on `stream`: row pass, per-batch scale pass, and (sample mode) the residual redraw.
-LaunchStatus verify_scales_launch(const VerifyParams& p, DType logits_dtype, void* stream);
+LaunchStatus verify_scales_launch(const VerifyScalesParams& p, DType logits_dtype, void* stream);
 
 }  // namespace streamkern
 
@@ -85,7 +85,7 @@ inline bool rows_aligned16(const at::Tensor& t) {
 }
 
 // The checks above (and the CUDA limit of kVerifyMaxScales scales), then the parameters read off the tensors.
-inline VerifyParams verify_scales_params(at::Tensor& accepted, at::Tensor& match, at::Tensor& ratio,
+inline VerifyScalesParams verify_scales_params(at::Tensor& accepted, at::Tensor& match, at::Tensor& ratio,
                                          at::Tensor& tokens, at::Tensor& stats, const at::Tensor& logits,
                                          const at::Tensor& draft_tokens, const c10::optional<at::Tensor>& draft_probs,
                                          const c10::optional<at::Tensor>& uniforms, at::IntArrayRef offsets,
@@ -96,7 +96,7 @@ inline VerifyParams verify_scales_params(at::Tensor& accepted, at::Tensor& match
   const int64_t B = draft_tokens.size(0), T = draft_tokens.size(1), V = logits.size(2);
   const int64_t NS = static_cast<int64_t>(offsets.size()) - 1;
   TORCH_CHECK(NS <= kVerifyMaxScales, "verify_scales_: at most ", kVerifyMaxScales, " scales on CUDA, got ", NS);
-  VerifyParams p{};
+  VerifyScalesParams p{};
   p.logits = logits.const_data_ptr();
   p.sl0 = logits.stride(0);
   p.sl1 = logits.stride(1);
