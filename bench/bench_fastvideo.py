@@ -9,7 +9,8 @@ also appends each row to PATH as one JSON line the moment its case is done.
 A block is what FastVideo's causal stages run per chunk: ``steps`` denoising calls and the clean t=0 pass, all at
 the same ``current_start``. The caches are first brought to the steady state of a long stream (window full, so
 every block rolls FastVideo's cache): filled with random keys/values and marked full (FastVideo: its index
-tensors; streamkern: its host-side stream position). The first block of each is the warm-up and is measured for
+tensors; streamkern: each layer's stream, ``stream(attn, kv_cache[l], frame_seqlen).seek``). The first block of
+each is the warm-up and is measured for
 * bytes moved by cache handling (``fastvideo_env.CacheTraffic``: copies, clones, cats and ``ring_write`` touching
   the self-attention caches, bytes read + bytes written; attention reading its window is not counted),
 * host syncs per block (``count_host_syncs``): of the whole model and of the causal self-attention alone,
@@ -84,8 +85,8 @@ class Block:
             c["local_end_index"].fill_(size)
         if accelerated:
             from streamkern.integrations import fastvideo as skfv
-            for c in self.kv:   # what the stream so far would have left: the newest block ends at self.start
-                skfv._STREAMS[c["k"]] = skfv._Stream(self.start - 3 * self.frame_len, self.start)
+            for block, c in zip(model.blocks, self.kv):   # as the stream so far would have left it
+                skfv.stream(block.attn1, c, self.frame_len).seek(self.start - 3 * self.frame_len, self.start)
         self.x = torch.randn(1, model.in_channels, 3, case["height"], case["width"], generator=gen,
                              device=self.device).to(case["dtype"])
         self.timesteps = [torch.full((1, 3), 0 if i == case["steps"] else int(1000 * (1 - i / case["steps"])),

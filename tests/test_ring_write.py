@@ -157,6 +157,125 @@ def test_ring_slots_follow_the_formula():
     assert ring.ordered()[0].shape == (1, 1, 0, 1, 1)
 
 
+# ---- KVRing.over (existing storage), rewrite, seek -------------------------------------------------------------
+
+OVER_STEPS = {"torch": 60, "cpu": 60, "triton": 16, "cuda": 60}
+
+
+def _expected_ordered(stream, sink, window):
+    """The ordered (k, v) a ring holds after a logical stream of ``[NL, B, 1, H, D]`` token pairs: sinks, then the
+    newest ``window`` others."""
+    kept = stream[:sink] + stream[max(sink, len(stream) - window):]
+    return tuple(torch.cat([t[i] for t in kept], dim=2) for i in (0, 1))
+
+
+@pytest.mark.parametrize("device_cursor", [False, True], ids=["host-cursor", "device-cursor"])
+@pytest.mark.parametrize("bd", backend_params())
+def test_ring_over_storage_appends_and_rewrites_in_place(bd, device_cursor):
+    """``KVRing.over`` a strided view of a bigger buffer ([B, NL, S + 2, H, D] storage, one padding slot at each
+    end): random appends and rewrites of the newest tokens (as a streamed block's denoising steps write its keys
+    again) leave the ring holding the logical stream's sinks and newest window tokens bit for bit, ``positions``
+    follow the count alone, every write lands in the buffer, and the padding slots are never touched."""
+    backend, device = bd
+    gen = torch.Generator().manual_seed(17)
+    rng = random.Random(17)
+    for sink, window in ((0, 5), (2, 4)):
+        S = sink + window
+        base_k = torch.randn(1, 2, S + 2, 2, 4, generator=gen).to(device)
+        base_v = torch.randn(1, 2, S + 2, 2, 4, generator=gen).to(device)
+        pads = [b[:, :, [0, S + 1]].clone() for b in (base_k, base_v)]
+        ring = streamkern.KVRing.over(base_k.transpose(0, 1)[:, :, 1:S + 1], base_v.transpose(0, 1)[:, :, 1:S + 1],
+                                      sink=sink, backend=backend, device_cursor=device_cursor)
+        assert ring.k.data_ptr() == base_k[0, 0, 1].data_ptr() and ring.size == S and ring.count == 0
+        stream = []   # the logical stream: (k, v) [2, 1, 1, 2, 4] per token
+        for step in range(OVER_STEPS[backend]):
+            T = rng.randint(1, window)
+            kn, vn = _new_tokens(T, torch.float32, device, gen), _new_tokens(T, torch.float32, device, gen)
+            tokens = [(kn[:, :, i:i + 1], vn[:, :, i:i + 1]) for i in range(T)]
+            if stream and T <= len(stream) and rng.random() < 0.5:
+                ring.rewrite(kn, vn)
+                stream[len(stream) - T:] = tokens
+            else:
+                ring.append(kn, vn)
+                stream += tokens
+            assert ring.count == len(stream), f"step {step}"
+            ok, ov = ring.ordered()
+            want_k, want_v = _expected_ordered(stream, sink, window)
+            assert torch.equal(ok, want_k) and torch.equal(ov, want_v), f"step {step}"
+            assert torch.equal(ring.positions, ref.ring_positions(len(stream), S, sink, device)), f"step {step}"
+            if device_cursor:
+                assert int(ring.cursor) == len(stream)
+        assert len(stream) > 2 * S   # wrapped
+        assert torch.equal(base_k[:, :, [0, S + 1]], pads[0]) and torch.equal(base_v[:, :, [0, S + 1]], pads[1])
+
+
+@pytest.mark.parametrize("device_cursor", [False, True], ids=["host-cursor", "device-cursor"])
+def test_seek_takes_prefilled_storage_as_a_stream(device_cursor):
+    """A ring over storage that another ring filled with n tokens, after ``seek(n)``, has the same positions,
+    length and ordered tokens, and the same appends and rewrites then leave both identical."""
+    gen = torch.Generator().manual_seed(23)
+    for sink, window, n in ((0, 4, 3), (2, 5, 19), (3, 3, 3)):
+        filled = streamkern.KVRing(2, 1, 2, 4, window, sink, torch.float32, backend="torch")
+        for T in [window] * (n // window) + [n % window] * bool(n % window):
+            filled.append(_new_tokens(T, torch.float32, "cpu", gen), _new_tokens(T, torch.float32, "cpu", gen))
+        ring = streamkern.KVRing.over(filled.k.clone(), filled.v.clone(), sink=sink, backend="torch",
+                                      device_cursor=device_cursor)
+        ring.seek(n)
+        assert ring.count == filled.count == n and ring.length == filled.length
+        assert torch.equal(ring.positions, filled.positions)
+        assert all(torch.equal(a, b) for a, b in zip(ring.ordered(), filled.ordered()))
+        if device_cursor:
+            assert int(ring.cursor) == n
+        for T, again in ((2, False), (2, True), (1, False), (1, True)):
+            kn, vn = _new_tokens(T, torch.float32, "cpu", gen), _new_tokens(T, torch.float32, "cpu", gen)
+            for r in (ring, filled):
+                (r.rewrite if again else r.append)(kn, vn)
+            assert torch.equal(ring.k, filled.k) and torch.equal(ring.v, filled.v), (sink, window, n, T, again)
+            assert torch.equal(ring.positions, filled.positions)
+
+
+def _storage():
+    return torch.zeros(2, 1, 6, 2, 4), torch.zeros(2, 1, 6, 2, 4)
+
+
+BAD_OVER = [
+    pytest.param(lambda k, v: (k[0], v), {}, ValueError, "^k: expected a 5-d", id="rank"),
+    pytest.param(lambda k, v: (k, v[:, :, :5]), {}, ValueError, "^v: expected shape", id="shape"),
+    pytest.param(lambda k, v: (k, v.double()), {}, TypeError, "^v: expected dtype", id="dtype-float64"),
+    pytest.param(lambda k, v: (k, v.half()), {}, TypeError, "^v: .*dtype", id="dtype-mismatch"),
+    pytest.param(lambda k, v: (k.int(), v.int()), {}, TypeError, "^k: expected dtype", id="dtype-int"),
+    pytest.param(lambda k, v: (k.transpose(3, 4).contiguous().transpose(3, 4), v), {}, ValueError,
+                 "^k: expected the last two dims", id="rows-strided"),
+    pytest.param(lambda k, v: (k[:1].expand(2, 1, 6, 2, 4), v), {}, ValueError, "^k: ", id="expanded"),
+    pytest.param(lambda k, v: (k, k), {}, ValueError, "^v: .*share memory with k", id="v-is-k"),
+    pytest.param(lambda k, v: (k, v), {"sink": 6}, ValueError, "^sink: expected an int in \\[0, 5\\]", id="sink"),
+    pytest.param(lambda k, v: (k.numpy(), v), {}, TypeError, "^k: expected a torch.Tensor", id="numpy"),
+]
+
+
+@pytest.mark.parametrize("bad, kwargs, exc, msg", BAD_OVER)
+def test_kvring_over_rejects_bad_storage(bad, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        streamkern.KVRing.over(*bad(*_storage()), **kwargs)
+
+
+def test_rewrite_and_seek_reject_bad_arguments_and_write_nothing():
+    ring = streamkern.KVRing.over(*_storage(), sink=1, backend="torch")
+    with pytest.raises(ValueError, match="k_new: expected 1 <= T <= min\\(count=0, window=5\\)"):
+        ring.rewrite(torch.ones(2, 1, 1, 2, 4), torch.ones(2, 1, 1, 2, 4))   # nothing appended yet
+    ring.append(torch.ones(2, 1, 3, 2, 4), torch.ones(2, 1, 3, 2, 4))
+    k, v = ring.k.clone(), ring.v.clone()
+    for T in (0, 4):
+        with pytest.raises(ValueError, match=f"k_new: expected 1 <= T <= min\\(count=3, window=5\\) .* got {T}"):
+            ring.rewrite(torch.full((2, 1, T, 2, 4), 2.0), torch.full((2, 1, T, 2, 4), 2.0))
+    with pytest.raises(ValueError, match="^v_new: expected shape"):
+        ring.rewrite(torch.ones(2, 1, 2, 2, 4), torch.ones(2, 1, 1, 2, 4))
+    for bad, exc in ((-1, ValueError), (2.0, TypeError)):
+        with pytest.raises(exc, match="^count: expected an int"):
+            ring.seek(bad)
+    assert ring.count == 3 and torch.equal(ring.k, k) and torch.equal(ring.v, v)
+
+
 # ---- bad inputs ---------------------------------------------------------------------------------------------
 
 def _good():

@@ -99,6 +99,9 @@ class KVRing:
     ``.length``: valid slots, ``min(appended, sink + window)`` (a host int, no sync).
     ``.positions``: ``[sink + window]`` int64 device tensor, the logical index of the token in each slot, -1 if empty.
     ``.ordered()``: ``(k, v)`` of the valid tokens in logical order (sinks first), ``[NL, B, length, H, D]``.
+    ``.rewrite(k_new, v_new)``: overwrite the newest ``T`` tokens in place (same slots, the count unchanged).
+    ``KVRing.over(k, v, sink=...)``: a ring over storage that exists already (used in place, not copied);
+    ``.seek(count)``: take the storage as holding a stream of ``count`` tokens.
 
     Logical token n sits in slot ``n`` if ``n < sink``, else ``sink + (n - sink) mod window``.
 
@@ -107,8 +110,8 @@ class KVRing:
     CUDA graph writes the next slots on every replay (and ``.positions`` follows the replays). ``.count``,
     ``.length`` and ``ordered()`` count the host's own calls; after replays, ``sync_count()`` reads the cursor back.
 
-    Thread safety: ``append``, ``reset`` and ``ordered`` hold a per-ring lock around the bookkeeping and the launch,
-    so threads may share a ring (their appends are serialised in some order).
+    Thread safety: ``append``, ``rewrite``, ``seek``, ``reset`` and ``ordered`` hold a per-ring lock around the
+    bookkeeping and the launch, so threads may share a ring (their appends are serialised in some order).
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, window: int, sink: int = 0,
@@ -117,16 +120,45 @@ class KVRing:
         for name, value in (("num_layers", num_layers), ("batch", batch), ("heads", heads),
                             ("head_dim", head_dim)):
             check.integer(name, value, low=1)
-        self.window = check.integer("window", window, low=1)
-        self.sink = check.integer("sink", sink, low=0)
+        check.integer("window", window, low=1)
+        check.integer("sink", sink, low=0)
         if dtype not in check.FLOATS:
             raise TypeError(f"dtype: expected {'/'.join(str(d) for d in check.FLOATS)}, got {dtype}")
         shape = (num_layers, batch, sink + window, heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._hold(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   sink, backend, device_cursor)
+
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor, *, sink: int = 0, backend: str | None = None,
+             device_cursor: bool = False) -> KVRing:
+        """A ring whose storage is ``k``, ``v``: ``[NL, B, S, H, D]`` tensors that exist already (e.g. a model's own
+        cache, or a view of it), written in place, neither copied nor cleared; ``window = S - sink``.
+
+        ``k`` and ``v`` must be what ``ring_write`` accepts as caches: same shape, dtype (fp32/fp16/bf16) and device,
+        each token's ``[H, D]`` contiguous, neither overlapping itself nor the other, and ``0 <= sink < S``
+        (``TypeError``/``ValueError`` naming the argument). The ring starts empty (``count = 0``) whatever the
+        storage holds; ``seek`` takes it as holding a stream already.
+        """
+        for name, t in (("k", k), ("v", v)):
+            check.tensor(name, t, ndim=5, dtypes=check.FLOATS)
+        check.same_device(k=k, v=v)
+        check.same_dtype(k=k, v=v)
+        check.shape("v", v, tuple(k.shape), ("NL", "B", "sink+window", "H", "D"))
+        for name, t in (("k", k), ("v", v)):
+            check.rows_contiguous(name, t)
+            check.no_internal_overlap(name, t)
+        check.no_overlap("k", k, v=v)
+        check.integer("sink", sink, low=0, high=k.shape[2] - 1)
+        ring = cls.__new__(cls)
+        ring._hold(k, v, sink, backend, device_cursor)
+        return ring
+
+    def _hold(self, k: torch.Tensor, v: torch.Tensor, sink: int, backend: str | None, device_cursor: bool) -> None:
+        self.k, self.v = k, v
+        self.sink, self.window = sink, k.shape[2] - sink
         self.backend = backend
         self.count = 0  # tokens appended so far (host side)
-        self.cursor = torch.zeros((), dtype=torch.int64, device=self.k.device) if device_cursor else None
+        self.cursor = torch.zeros((), dtype=torch.int64, device=k.device) if device_cursor else None
         self._lock = threading.Lock()
 
     @property
@@ -160,6 +192,31 @@ class KVRing:
             if self.cursor is not None:
                 self.cursor.add_(T)
             self.count += T
+
+    def rewrite(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Overwrite the newest ``T`` tokens (logical ``[count - T, count)``, ``1 <= T <= min(count, window)``)
+        with ``k_new``, ``v_new`` ``[NL, B, T, H, D]``: the slots they were appended to, one ``ring_write``, no host
+        sync; the count does not change (e.g. the denoising steps of one streamed block, each writing its keys
+        again). With a device cursor the slots come from ``.cursor`` and ``T`` is checked against the host's
+        ``.count``."""
+        check.tensor("k_new", k_new, ndim=5)
+        T = k_new.shape[2]
+        with self._lock:
+            if not 1 <= T <= min(self.count, self.window):
+                raise ValueError(f"k_new: expected 1 <= T <= min(count={self.count}, window={self.window}) tokens "
+                                 f"to rewrite (dim 2), got {T}")
+            start = self.slot_of((self.count if self.cursor is None else self.cursor) - T)
+            ring_write(self.k, self.v, k_new, v_new, start, sink=self.sink, backend=self.backend)
+
+    def seek(self, count: int) -> None:
+        """Take the storage as holding a stream of ``count`` appended tokens (token ``n`` in ``slot_of(n)`` for the
+        newest ones, as ``count`` appends would have left them; nothing is written): the next ``append`` goes on
+        from token ``count``. Sets the device cursor too (a device write, no host sync)."""
+        check.integer("count", count, low=0)
+        with self._lock:
+            if self.cursor is not None:
+                self.cursor.fill_(count)
+            self.count = count
 
     def sync_count(self) -> int:
         """Read the device cursor back into ``.count`` (one host sync; for rings advanced by graph replays)."""

@@ -185,3 +185,95 @@ def test_out_of_order_block_is_refused_and_writes_nothing():
         with pytest.raises(ValueError, match="current_start"):   # skips frame 1
             fast(x, text, t, kv_cache=kv, crossattn_cache=cross, current_start=2 * frame_len, start_frame=2)
     assert all(torch.equal(c["k"], b) for c, b in zip(kv, before))
+
+
+def _block_calls(model, kv, cross, text, cond, frames: int, start_frame: int, gen) -> list[torch.Tensor]:
+    """One block as the stages stream it (one denoising call + the clean pass) on the given caches."""
+    from fastvideo.forward_context import set_forward_context
+
+    frame_len = env.frame_seq_length(HEIGHT, WIDTH)
+    x = torch.randn(1, model.in_channels, frames, HEIGHT, WIDTH, generator=gen)
+    outs = []
+    with torch.no_grad(), set_forward_context(current_timestep=0, attn_metadata=None):
+        for t in (500, 0):
+            outs.append(model(x, text, torch.full((1, frames), t, dtype=torch.long), kv_cache=kv,
+                              crossattn_cache=cross, current_start=start_frame * frame_len, start_frame=start_frame,
+                              **cond))
+    return outs
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_seek_positions_a_prefilled_cache(name):
+    """``stream(attn, kv_cache[l], frame_seqlen).seek(start, end)`` on new caches holding a stream's keys and values
+    (as bench_fastvideo prefills them): the next block's outputs equal those of the stream that ran; without the
+    seek that block is refused. Each layer's stream is a KVRing over its cache, at the newest block."""
+    frame_len = env.frame_seq_length(HEIGHT, WIDTH)
+    blocks = [1, 3, 3, 3]   # the last block rolls the window
+    ran = accelerated(name, 1, "torch")
+    cond = env.conditioning(ran, 1, 0)
+    text_len = cond.pop("text_len")
+    text = cond.pop("encoder_hidden_states")
+    kv, cross = env.caches(ran, 1, frame_len, torch.float32, text_len)
+    gen = torch.Generator().manual_seed(3)
+    start = 0
+    for frames in blocks[:-1]:
+        _block_calls(ran, kv, cross, text, cond, frames, start, gen)
+        start += frames
+    for block, c in zip(ran.blocks, kv):
+        s = skfv.stream(block.attn1, c, frame_len)
+        assert (s.start, s.end) == ((start - blocks[-2]) * frame_len, start * frame_len)
+        assert s.ring.k.data_ptr() == c["k"].data_ptr() and s.ring.v.data_ptr() == c["v"].data_ptr()
+    filled = [{key: t.clone() for key, t in c.items()} for c in kv]
+    state = gen.get_state()
+    want = _block_calls(ran, kv, cross, text, cond, blocks[-1], start, gen)
+
+    fresh = accelerated(name, 1, "torch")
+    _, cross_2 = env.caches(fresh, 1, frame_len, torch.float32, text_len)
+    with pytest.raises(ValueError, match="current_start: .* on a fresh kv_cache"):
+        _block_calls(fresh, filled, cross_2, text, cond, blocks[-1], start, gen)
+    for block, c in zip(fresh.blocks, filled):
+        skfv.stream(block.attn1, c, frame_len).seek((start - blocks[-2]) * frame_len, start * frame_len)
+    gen.set_state(state)
+    got = _block_calls(fresh, filled, cross_2, text, cond, blocks[-1], start, gen)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"{name} call {i}"
+
+
+def test_streams_go_with_their_caches_and_follow_accelerate():
+    """A layer holds its streams weakly by the cache tensors (dropping a request's caches frees them); calling
+    ``accelerate`` again sets the new backend on the streams it holds; a stream asked for with another frame length
+    or after ``kv_cache["v"]`` was replaced is remade at the same position; a deep copy of the model starts with no
+    stream; ``stream`` refuses a layer that was not patched."""
+    import gc
+    import weakref
+
+    frame_len = env.frame_seq_length(HEIGHT, WIDTH)
+    fast = accelerated("wan", 1, "torch")
+    cond = env.conditioning(fast, 1, 0)
+    kv, cross = env.caches(fast, 1, frame_len, torch.float32, cond.pop("text_len"))
+    text = cond.pop("encoder_hidden_states")
+    _block_calls(fast, kv, cross, text, cond, 1, 0, torch.Generator().manual_seed(0))
+    attn = fast.blocks[0].attn1
+    s = skfv.stream(attn, kv[0], frame_len)
+    assert skfv.stream(attn, kv[0], frame_len) is s and (s.start, s.end, s.ring.backend) == (0, frame_len, "torch")
+    skfv.accelerate(fast, backend="cpu", attention="sdpa")
+    assert s.ring.backend == "cpu"
+    other = skfv.stream(attn, kv[0], 2 * frame_len)   # another frame length: a new ring, at the same position
+    assert other is not s and (other.start, other.end, other.frame_seqlen) == (0, frame_len, 2 * frame_len)
+    kv[0]["v"] = kv[0]["v"].clone()                  # another v tensor: a ring over it
+    s = skfv.stream(attn, kv[0], frame_len)
+    assert (s.start, s.end) == (0, frame_len) and s.ring.v.data_ptr() == kv[0]["v"].data_ptr()
+    copied = copy.deepcopy(fast)
+    assert skfv.stream(copied.blocks[0].attn1, kv[0], frame_len).end == 0
+    copied.blocks[0].attn1.sink_size = 0     # the copy's patch reads the copy's layer, not the original's
+    assert skfv.stream(copied.blocks[0].attn1, kv[0], frame_len).ring.sink == 0
+    assert skfv.stream(attn, kv[0], frame_len) is s and s.ring.sink == frame_len
+    gone = weakref.ref(s)
+    del s, kv, cross
+    gc.collect()
+    assert gone() is None, "a stream outlived its cache"
+    with pytest.raises(TypeError, match="attn: expected a causal self-attention layer patched by accelerate"):
+        skfv.stream(model("wan", 1).blocks[0].attn1, {"k": torch.zeros(1, 6, 2, 2), "v": torch.zeros(1, 6, 2, 2)},
+                    frame_len)
+    with pytest.raises(TypeError, match="kv_cache: expected a dict with 'k' and 'v' tensors"):
+        skfv.stream(attn, {"k": None, "v": None}, frame_len)
