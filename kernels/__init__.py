@@ -3,8 +3,9 @@
 
 Run from a clone, the repository root is often on ``sys.path`` (a script, ``python -m``, pytest), and this folder
 would then be the top-level package ``kernels``, shadowing an installed one (Hugging Face's ``kernels``, which
-transformers imports). Imported under that name, this file hands the name over: it loads the ``kernels`` found
-on ``sys.path`` without the root, or raises ``ModuleNotFoundError`` as if the folder were not there.
+transformers imports). Imported under that name, this file hands the name over: to the ``kernels`` found on
+``sys.path`` without the root, or, when there is none, to an empty namespace package, which is what Python makes of
+a folder without ``__init__.py`` and what transformers' availability check reads as "not installed".
 """
 if __name__ == "kernels":
     import importlib.machinery
@@ -16,9 +17,9 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
     if _spec is None:
-        del sys.modules["kernels"]
-        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ folder is streamkern.kernels)",
-                                  name="kernels")
+        _spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module   # the import statement returns what sys.modules holds once this file has run
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)

@@ -195,8 +195,21 @@ def test_root_does_not_shadow_an_installed_kernels_package(tmp_path):
 
 
 def test_root_kernels_folder_is_not_a_top_level_package(tmp_path):
-    run = _python_at_root("import kernels", tmp_path, standin=False)
-    assert run.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in run.stderr
+    """With nothing installed under the name, ``kernels`` from the root is an empty namespace package (what a
+    folder without ``__init__.py`` gives): no file, no version, no submodules, so availability checks that import
+    it (transformers') read "not installed"."""
+    run = _python_at_root("import kernels\nprint(getattr(kernels, '__file__', None), list(kernels.__path__), "
+                          "hasattr(kernels, '__version__'))\nimport kernels.frame_write", tmp_path, standin=False)
+    assert run.stdout.split() == ["None", "[]", "False"], run.stderr
+    assert "ModuleNotFoundError: No module named 'kernels.frame_write'" in run.stderr
+
+
+def test_transformers_sees_no_kernels_package_from_the_root(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is not installed here (it is in `make test-fastvideo`'s "
+                                               "venv)")
+    run = _python_at_root("from transformers.utils.import_utils import is_kernels_available\n"
+                          "print(is_kernels_available())", tmp_path, standin=False)
+    assert run.returncode == 0 and run.stdout.split()[-1:] == ["False"], run.stderr
 
 
 # --- references resolve inside the repository ---------------------------------------------------------------
