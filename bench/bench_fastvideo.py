@@ -16,7 +16,7 @@ each is the warm-up and is measured for
 * host syncs per block (``count_host_syncs``): of the whole model and of the causal self-attention alone,
 then ``--blocks`` more blocks of each are timed (wall clock; the implementations take turns block by block;
 median and 10th/90th percentiles).
-Cases: the tiny test models, and the Wan2.1-1.3B per-block shapes of DESIGN.md §6 (12 heads × 128,
+Cases: the tiny test models, and the Wan2.1-1.3B per-block shapes of docs/contract.md §6 (12 heads × 128,
 1560 tokens per latent frame, 3-frame blocks; causal Wan with a 12-frame window and 3 sink frames as
 MemFlow/LongLive keep it; Matrix-Game 2.0 with 880-token frames, a 6-frame window, no sink), bf16 under the bf16
 autocast FastVideo's stages run them in. On a CPU (the default there: every case) the models have two layers; on

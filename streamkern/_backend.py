@@ -42,7 +42,8 @@ class BackendUnavailable(RuntimeError):
 _default: dict[str, str | None] = {"name": None}
 
 
-def _check_name(name: str, allow_auto: bool = True) -> str:
+def check_backend_name(name: str, allow_auto: bool = True) -> str:
+    """``name`` if it names a backend (or ``"auto"`` when ``allow_auto``), else a ``ValueError`` naming ``backend``."""
     allowed = BACKENDS + (("auto",) if allow_auto else ())
     if name not in allowed:
         raise ValueError(f"backend: expected one of {allowed}, got {name!r}")
@@ -51,14 +52,14 @@ def _check_name(name: str, allow_auto: bool = True) -> str:
 
 def set_backend(name: str | None) -> None:
     """Set the process-wide default backend (``None`` or ``"auto"`` restores automatic choice)."""
-    _default["name"] = None if name is None else _check_name(name)
+    _default["name"] = None if name is None else check_backend_name(name)
 
 
 @contextlib.contextmanager
 def backend(name: str | None) -> Iterator[None]:
     """Use ``name`` as the default backend inside the ``with`` block."""
     previous = _default["name"]
-    _default["name"] = None if name is None else _check_name(name)
+    _default["name"] = None if name is None else check_backend_name(name)
     try:
         yield
     finally:
@@ -70,7 +71,7 @@ def current_backend() -> str:
     name = _default["name"]
     if name is None:
         name = os.environ.get("STREAMKERN_BACKEND", "").strip() or "auto"
-        _check_name(name)
+        check_backend_name(name)
     return name
 
 
@@ -159,7 +160,7 @@ class OpBackends:
     def resolve(self, requested: str | None, device: torch.device, args: Sequence = ()) -> str:
         """The backend to run: ``requested``, else the current default; ``"auto"`` takes the first of the device's
         order (the op's own where it declares one) that can take ``args`` (``"torch"`` as the last resort)."""
-        name = _check_name(requested) if requested is not None else current_backend()
+        name = check_backend_name(requested) if requested is not None else current_backend()
         if name == "auto":
             for cand in self.auto_order.get(device.type) or _AUTO_ORDER.get(device.type, ("torch",)):
                 if not self.why_not(cand, device, args):
@@ -280,10 +281,10 @@ class Op:
         self._check, self._values, self._alloc = check, values, alloc
         kernels = {b: k if isinstance(k, Kernel) else Kernel(k) for b, k in backends.items()}
         for b, k in kernels.items():
-            _check_name(b, allow_auto=False)
+            check_backend_name(b, allow_auto=False)
             if k.out and alloc is None:
                 raise ValueError(f"{name}: backend {b!r} fills outputs (out=True) but the op has no alloc")
-        order = {dev: tuple(_check_name(b, allow_auto=False) for b in names)
+        order = {dev: tuple(check_backend_name(b, allow_auto=False) for b in names)
                  for dev, names in (auto_order or {}).items()}
         self.backends = OpBackends(name, {b: self._runner(b, k) for b, k in kernels.items()}, dict(missing or {}),
                                    {b: k.supports for b, k in kernels.items() if k.supports is not None}, order)

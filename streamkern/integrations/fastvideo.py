@@ -1,4 +1,4 @@
-"""FastVideo's causal self-attention on streamkern's ring cache (DESIGN.md §4.2; issue 15).
+"""FastVideo's causal self-attention on streamkern's ring cache (docs/contract.md §4.2; issue 15).
 
 ``accelerate(model)`` patches every causal self-attention layer of a FastVideo ``CausalWanTransformer3DModel``
 (Self-Forcing-style causal Wan) or ``CausalMatrixGame2WanModel`` (Matrix-Game 2.0) in place; the model keeps its
@@ -39,7 +39,7 @@ import functools
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._backend import _check_name
+from .._backend import check_backend_name
 from ..ops.frame_attention import frame_attention
 from ..ops.ring_write import KVRing
 from ..streaming_kv import view_kernel
@@ -306,7 +306,7 @@ def accelerate(model: torch.nn.Module, *, backend: str | None = None, attention:
             ``attention`` is unknown.
     """
     if backend is not None:
-        _check_name(backend)
+        check_backend_name(backend)
     if attention not in ATTENTION:
         raise ValueError(f"attention: expected one of {ATTENTION}, got {attention!r}")
     fv = _fastvideo()

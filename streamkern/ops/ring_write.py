@@ -1,4 +1,4 @@
-"""Ring-buffer KV window with attention sinks (seeds 000 §2, 001; DESIGN.md §4.2).
+"""Ring-buffer KV window with attention sinks (seeds 000 §2, 001; docs/contract.md §4.2).
 
 ``KVRing`` keeps ``[NL, B, sink + window, H, D]`` keys and values. The first ``sink`` tokens ever appended stay in
 slots ``[0, sink)``; the n-th later token goes to slot ``sink + n mod window``, overwriting the oldest when full.
