@@ -7,8 +7,8 @@
 // A row that has kept no key yet (m' = -inf) computes against base 0 instead of m' (no inf − inf NaN): its p, alpha
 // and l stay 0. The loops are written so that GCC vectorises each of the AVX-512 / AVX2 / baseline clones
 // (STREAMKERN_SIMD_CLONES, x86-64 GCC only): float compares may be if-converted (no FP exceptions are used:
-// no-trapping-math), no out-of-line function is called (it would not inline into a clone), and the reductions run
-// over kSoftmaxLanes independent lanes (the order of a float sum is kept, so no fast-math is needed).
+// no-trapping-math), no out-of-line function is called (it would not inline into a clone), the row sum runs over
+// kSoftmaxLanes independent lanes (a float sum GCC may not reorder) and the row max under finite math (row_max).
 #pragma once
 #include <cstdint>
 #include <limits>
