@@ -88,22 +88,45 @@ def tile_config(Lq: int, D: int, dtype: torch.dtype, device: torch.device) -> Ti
     return TileConfig(64, 32 if block_d * 2 > 256 else 64, 4, 2, dot_dtype, precision)
 
 
+RESCALE_THRESHOLD = tl.constexpr(8.0)   # log2 units: a row's reference max moves only when a score exceeds it by 2^8
+
+
 @triton.jit
-def online_softmax_tile(q, kT, v, keep, acc, m_i, l_i, qk_scale, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """One key tile of flash attention: ``q [BLOCK_M, BLOCK_D]`` and ``kT [BLOCK_D, BLOCK_N]``, ``v [BLOCK_N,
-    BLOCK_D]`` in ``DOT_DTYPE``, ``keep [BLOCK_M, BLOCK_N]`` the (query, key) pairs that count. With scores
-    ``S = q·kT · qk_scale`` in log2 units (``qk_scale = sm_scale·log2 e``), -inf where not kept:
-    ``m' = max(m, rowmax S)``, ``l' = l·2^(m−m') + Σ 2^(S−m')``, ``acc' = acc·2^(m−m') + 2^(S−m')·v``; returns
-    ``(acc', m', l')``, all fp32. A row that has kept no key keeps ``m = −inf`` (its exponent base is taken as 0,
-    so no NaN) and ``l = 0``."""
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+def online_softmax_update(s, keep, v, acc, m_i, l_i, qk_scale, LAZY_RESCALE: tl.constexpr, PRECISION: tl.constexpr,
+                          DOT_DTYPE: tl.constexpr):
+    """One key tile of flash attention, the update every attention kernel runs (pointer and Hopper kernels of both
+    ops): ``s [BLOCK_M, BLOCK_N]`` the raw fp32 scores ``q·kᵀ`` of the caller's dot (at the caller's precision),
+    ``keep`` (broadcastable to ``s``) the (query, key) pairs that count, ``v [BLOCK_N, BLOCK_D]`` in ``DOT_DTYPE``;
+    ``acc [BLOCK_M, BLOCK_D]``, the reference max ``m_i`` (log2 units) and the sum ``l_i [BLOCK_M]`` in fp32.
+    With ``qk_scale = sm_scale·log2 e`` (> 0) and scores -inf where not kept: ``p = 2^(s·qk_scale − m')`` (the scale
+    folded into the exponent's FMA), ``l' = l·2^(m−m') + Σ p``, ``acc' = acc·2^(m−m') + p·v`` (one dot accumulating
+    into the rescaled ``acc`` at ``input_precision=PRECISION``: the pointer kernels pass theirs, 3×TF32 for fp32
+    while torch's matmul precision is "highest"; the Hopper kernels' fp16/bf16 dots pass None); returns
+    ``(acc', m', l')``.
+
+    ``LAZY_RESCALE=False``: ``m' = max(m, rowmax s·qk_scale)`` (flash attention 2). ``True``: a row's ``m`` moves
+    only when the tile's max exceeds it by more than ``RESCALE_THRESHOLD`` (= 8), and ``acc`` is rescaled only
+    when some row moved. Exact: out = acc / l and lse = m + log2 l hold for any reference m with the same m in both,
+    and every p ≤ 2^8 (fp32 l and acc cannot overflow below 2^120 keys; bf16/fp16 p keep their relative precision);
+    a row that did not move has ``2^(m−m') = 2^0 = 1`` exactly, so skipping its multiply changes no bit. A row that
+    has kept no key keeps ``m = -inf`` (its exponent base is taken as 0, so no NaN) and ``l = 0``."""
     s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_tile = tl.max(s, 1) * qk_scale
+    if LAZY_RESCALE:
+        moved = m_tile > m_i + RESCALE_THRESHOLD
+        m_new = tl.where(moved, m_tile, m_i)
+    else:
+        m_new = tl.maximum(m_i, m_tile)
     base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s * qk_scale - base[:, None])
     alpha = tl.exp2(m_i - base)
-    p = tl.exp2(s - base[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+    if LAZY_RESCALE:
+        if tl.max(moved.to(tl.int32), 0) > 0:
+            acc = acc * alpha[:, None]
+    else:
+        acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(DOT_DTYPE), v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
@@ -116,14 +139,11 @@ def online_softmax_tile(q, kT, v, keep, acc, m_i, l_i, qk_scale, PRECISION: tl.c
 # of the pointer kernels: rows past a page, a chunk or the queries and columns past D read as zeros, and so does a
 # whole tile at an out-of-range coordinate (how a page id outside [0, P) is skipped without a branch).
 
-RESCALE_THRESHOLD = tl.constexpr(8.0)   # log2 units: a row's reference max moves only when a score exceeds it by 2^8
-
-
 class HopperConfig(NamedTuple):
     """One launch of a Hopper kernel: ``BLOCK_M`` query rows and ``BLOCK_N`` keys per tile, ``num_warps`` (Triton's;
     warp specialisation adds the warps of its partitions to them), ``num_stages`` of the TMA pipeline,
     ``warp_specialize`` (Triton's automatic warp specialisation of the key loop: a producer warp issues the copies,
-    consumer warp groups the dots and softmax) and ``lazy_rescale`` (see ``online_softmax_tile_tma``)."""
+    consumer warp groups the dots and softmax) and ``lazy_rescale`` (``LAZY_RESCALE`` of ``online_softmax_update``)."""
     block_m: int
     block_n: int
     num_warps: int
@@ -220,41 +240,6 @@ def launch_with_descriptor_scratch(launch, *args, **kwargs):
         triton.set_allocator(_SCRATCH)
         return launch(*args, **kwargs)
     return contextvars.copy_context().run(run)
-
-
-@triton.jit
-def online_softmax_tile_tma(q, k, v, keep, acc, m_i, l_i, qk_scale, LAZY_RESCALE: tl.constexpr,
-                            DOT_DTYPE: tl.constexpr):
-    """One key tile of flash attention in the Hopper kernels: ``q [BLOCK_M, BLOCK_D]``, ``k`` and ``v [BLOCK_N,
-    BLOCK_D]`` in ``DOT_DTYPE`` (straight from shared memory), ``keep [BLOCK_M, BLOCK_N]`` (or broadcastable) the
-    pairs that count. Raw scores ``s = q·kᵀ`` (-inf where not kept); with the reference max ``m`` (log2 units),
-    ``p = 2^(s·qk_scale − m')`` (the scale folded into the exponent's FMA), ``l' = l·2^(m−m') + Σ p``,
-    ``acc' = acc·2^(m−m') + p·v``.
-
-    ``LAZY_RESCALE=False``: ``m' = max(m, rowmax s·qk_scale)`` (flash attention 2). ``True``: a row's ``m`` moves
-    only when the tile's max exceeds it by more than ``RESCALE_THRESHOLD`` (= 8), and ``acc`` is rescaled only
-    when some row moved. Exact: out = acc / l and lse = m + log2 l hold for any reference m with the same m in both,
-    and every p ≤ 2^8 (fp32 l and acc cannot overflow below 2^120 keys; bf16/fp16 p keep their relative precision);
-    a row that did not move has ``2^(m−m') = 2^0 = 1`` exactly, so skipping its multiply changes no bit. A row that
-    has kept no key keeps ``m = -inf`` (base 0, no NaN) and ``l = 0``."""
-    s = tl.where(keep, tl.dot(q, tl.trans(k)), float("-inf"))
-    m_tile = tl.max(s, 1) * qk_scale
-    if LAZY_RESCALE:
-        moved = m_tile > m_i + RESCALE_THRESHOLD
-        m_new = tl.where(moved, m_tile, m_i)
-    else:
-        m_new = tl.maximum(m_i, m_tile)
-    base = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s * qk_scale - base[:, None])
-    alpha = tl.exp2(m_i - base)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if LAZY_RESCALE:
-        if tl.max(moved.to(tl.int32), 0) > 0:
-            acc = acc * alpha[:, None]
-    else:
-        acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(DOT_DTYPE), v, acc)
-    return acc, m_new, l_i
 
 
 def autotune_enabled() -> bool:

@@ -10,7 +10,7 @@ Launch structure:
 2. One kernel, grid ``(nQ, B * heads)``: a program keeps its ``BLOCK_M × D`` queries in registers and walks its
    visit list only, so skipped tiles never load K/V. Per visited tile: the element-wise scale mask, applied only
    on partial tiles (key scale ids + a gather from ``allow``; an id outside ``[0, NS)`` allows nothing), the
-   key-length bound on every tile, then the online-softmax update ``online_softmax_tile`` of
+   key-length bound on every tile, then the online-softmax update ``online_softmax_update`` of
    ``kernels/attention_tile.py`` (which also picks the tiles and the dots' precision). A row that has seen no
    allowed key ends with ``l = 0`` and output 0.
 
@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._grid import grid as launch_grid
-from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_tile, online_softmax_tile_tma,
-                             tile_config, tma_dot_dtype, tma_unsupported)
+from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_update, tile_config, tma_dot_dtype,
+                             tma_unsupported)
 from .tile_classes import TILE_FULL, TILE_PARTIAL
 
 MAX_TMA_SCALES = tl.constexpr(32)   # scales the Hopper kernel's per-row bit sets hold
@@ -115,7 +115,8 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
             if SELF:
                 ok = ok | (offs_m[:, None] == offs_n[None, :])
             keep = keep & ok
-        acc, m_i, l_i = online_softmax_tile(q, kT, vt, keep, acc, m_i, l_i, qk_scale, PRECISION, DOT_DTYPE)
+        acc, m_i, l_i = online_softmax_update(tl.dot(q, kT, input_precision=PRECISION), keep, vt, acc, m_i, l_i,
+                                              qk_scale, False, PRECISION, DOT_DTYPE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
@@ -166,7 +167,8 @@ def _scale_attention_tma_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
             if SELF:
                 ok = ok | (offs_m[:, None] == offs_n[None, :])
             keep = keep & ok
-        acc, m_i, l_i = online_softmax_tile_tma(q, k, v, keep, acc, m_i, l_i, qk_scale, LAZY_RESCALE, DOT_DTYPE)
+        acc, m_i, l_i = online_softmax_update(tl.dot(q, tl.trans(k)), keep, v, acc, m_i, l_i, qk_scale, LAZY_RESCALE,
+                                              None, DOT_DTYPE)
     offs_d = tl.arange(0, BLOCK_D)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),

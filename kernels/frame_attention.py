@@ -6,7 +6,7 @@ and no ``new_k`` is read. It then walks its row of the page table (``table[b, h,
 over heads): each entry is a page id read in the kernel; an id outside ``[0, P)`` (-1) runs no tile, a valid one
 runs ``ceil(F / BLOCK_N)`` key tiles of that page, the tail tile masked inside the page (F need not be a multiple of
 the tile). The new chunk is a last segment of ``ceil(Ln / BLOCK_N)`` tiles. Every tile does the online-softmax
-update ``online_softmax_tile`` of ``kernels/attention_tile.py`` (scores in log2 units, fp32 accumulation; that
+update ``online_softmax_update`` of ``kernels/attention_tile.py`` (scores in log2 units, fp32 accumulation; that
 module also picks the tiles and the dots' precision: 3×TF32 for fp32 inputs unless torch's float32 matmul precision
 allows TF32); at the end ``out = acc / l`` and ``lse = (m + log2 l)·ln 2``, with out 0 and lse -inf where no key
 was seen (``l = 0``). Page offsets are int64 (a layer of a pool may exceed 2³¹ elements).
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_tile, online_softmax_tile_tma,
-                             WS_MAX_PAGES, tile_config, tma_dot_dtype, tma_unsupported)
+from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_update, WS_MAX_PAGES, tile_config,
+                             tma_dot_dtype, tma_unsupported)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -49,7 +49,8 @@ def _attend(q, acc, m_i, l_i, K, V, offs_n, n_lim, skn, svn, offs_d, d_ok, skd, 
                  other=0.0).to(DOT_DTYPE)
     vt = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
                  other=0.0).to(DOT_DTYPE)
-    return online_softmax_tile(q, kT, vt, n_ok[None, :], acc, m_i, l_i, qk_scale, PRECISION, DOT_DTYPE)
+    return online_softmax_update(tl.dot(q, kT, input_precision=PRECISION), n_ok[None, :], vt, acc, m_i, l_i, qk_scale,
+                                 False, PRECISION, DOT_DTYPE)
 
 
 # Not specialisation keys (Triton would compile a kernel per value 1 / multiple of 16 / 16-byte alignment): what
@@ -151,7 +152,8 @@ def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P
         k = k_desc.load([page, t * BLOCK_N, 0]).reshape([BLOCK_N, BLOCK_D]).to(DOT_DTYPE)
         v = v_desc.load([page, t * BLOCK_N, 0]).reshape([BLOCK_N, BLOCK_D]).to(DOT_DTYPE)
         keep = (offs_n < F - t * BLOCK_N)[None, :] & (page < P)
-        acc, m_i, l_i = online_softmax_tile_tma(q, k, v, keep, acc, m_i, l_i, qk_scale, LAZY_RESCALE, DOT_DTYPE)
+        acc, m_i, l_i = online_softmax_update(tl.dot(q, tl.trans(k)), keep, v, acc, m_i, l_i, qk_scale, LAZY_RESCALE,
+                                              None, DOT_DTYPE)
         t += 1
         page_done = t == tiles_per_page
         j = tl.where(page_done, j + 1, j)
@@ -165,8 +167,8 @@ def _frame_attention_tma_kernel(Q, KP, VP, TABLE, NK, NV, GATE, O, LSE, Lq, H, P
             k = nk_desc.load([t * BLOCK_N, 0]).to(DOT_DTYPE)
             v = nv_desc.load([t * BLOCK_N, 0]).to(DOT_DTYPE)
             keep = (offs_n < n_new - t * BLOCK_N)[None, :]
-            acc, m_i, l_i = online_softmax_tile_tma(q, k, v, keep, acc, m_i, l_i, qk_scale, LAZY_RESCALE,
-                                                    DOT_DTYPE)
+            acc, m_i, l_i = online_softmax_update(tl.dot(q, tl.trans(k)), keep, v, acc, m_i, l_i, qk_scale,
+                                                  LAZY_RESCALE, None, DOT_DTYPE)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # stored through pointers: int64 offsets
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq

@@ -3,9 +3,10 @@
 // Query i attends key j when allow[q_scale[i], k_scale[j]] (or i == j with self_attend). The (Lq, Lk) plane is cut
 // into kBlockQ x kBlockK blocks; each block pair is classified once from the scale ids present in its two token
 // ranges: skip (no pair allowed: K/V never touched), full (every pair allowed: no element mask) or partial.
-// at::parallel_for runs over (batch, head, q block). Per visited block pair: S = (sm_scale·Q)·Kᵀ and acc += P·V
-// are float GEMMs (ATen mm on float copies of the blocks), the mask (partial blocks only) and the per-row online
-// softmax (running max m, sum l, rescaled accumulator, all float) sit between them, exp vectorised by ATen.
+// at::parallel_for runs over (batch, head, q block). Per visited block pair: S = Q·Kᵀ and acc += P·V are float
+// GEMMs (ATen mm on float copies of the blocks), the mask (partial blocks only: -inf scores) and the per-row online
+// softmax between them (online_softmax_row of streamkern/online_softmax.h: running max m and sum l in units of
+// sm_scale·q·k, rescaled accumulator, all float, exp vectorised by the compiler's AVX-512/AVX2 clones).
 // Rows with no allowed key end with l = 0 and output 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "streamkern/online_softmax.h"
 #include "streamkern/ops/block_masked_attention.h"
 
 namespace {
@@ -58,42 +60,26 @@ std::vector<int8_t> classify(const int64_t* qs, int64_t Lq, const int64_t* ks, i
   return cls;
 }
 
-// dst[r, d] = float(src[r * s_row + d * s_d]) * scale for r < rows, d < D (a block of rows, packed).
+// dst[r, d] = float(src[r * s_row + d * s_d]) for r < rows, d < D (a block of rows, packed).
 template <typename scalar_t>
-void load_rows(const scalar_t* src, int64_t rows, int64_t s_row, int64_t s_d, int64_t D, float scale, float* dst) {
+void load_rows(const scalar_t* src, int64_t rows, int64_t s_row, int64_t s_d, int64_t D, float* dst) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<float>(src[r * s_row + d * s_d]) * scale;
+    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<float>(src[r * s_row + d * s_d]);
 }
 
-// One visited block pair: masks the scores S [rows, cols] (partial blocks only), folds them into the running
-// max m and sum l of each row, rescales the accumulator rows, and leaves P = exp(S - m') in S.
+// One visited block pair: masks the scores S [rows, cols] (partial blocks only), folds them into the running max m
+// and sum l of each row, rescales the accumulator rows and leaves P = exp(sm_scale·S − m') in S.
 void online_softmax_block(float* S, int64_t rows, int64_t cols, int64_t q0, int64_t k0, bool partial,
                           const int64_t* qs, const int64_t* ks, const bool* allow, int64_t ns, bool self_attend,
-                          float* m, float* l, float* acc, int64_t D, const at::Tensor& S_view) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> alpha(rows);
+                          float sm_scale, float* m, float* l, float* acc, int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = S + r * cols;
     if (partial) {
       const bool* arow = allow + qs[q0 + r] * ns;
       for (int64_t j = 0; j < cols; ++j)
-        if (!(arow[ks[k0 + j]] || (self_attend && q0 + r == k0 + j))) sr[j] = neg_inf;
+        if (!(arow[ks[k0 + j]] || (self_attend && q0 + r == k0 + j))) sr[j] = -std::numeric_limits<float>::infinity();
     }
-    float row_max = neg_inf;
-    for (int64_t j = 0; j < cols; ++j) row_max = std::max(row_max, sr[j]);
-    const float m_new = std::max(m[r], row_max);
-    const float base = m_new == neg_inf ? 0.f : m_new;  // a row with nothing allowed yet stays all zero
-    alpha[r] = std::exp(m[r] - base);
-    m[r] = m_new;
-    for (int64_t j = 0; j < cols; ++j) sr[j] -= base;
-  }
-  S_view.exp_();  // vectorised by ATen; exp(-inf) = 0 for masked keys
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* sr = S + r * cols;
-    float sum = 0.f;
-    for (int64_t j = 0; j < cols; ++j) sum += sr[j];
-    l[r] = l[r] * alpha[r] + sum;
-    for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha[r];
+    streamkern::online_softmax_row(sr, cols, sm_scale, m[r], l[r], acc + r * D, D);
   }
 }
 
@@ -120,13 +106,13 @@ void attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tq = task % nq, bh = task / nq, h = bh % H, b = bh / H;
       if (bh != loaded) {
-        load_rows(kp + b * k.stride(0) + h * k.stride(1), Lk, k.stride(2), k.stride(3), D, 1.f, kf.data());
-        load_rows(vp + b * v.stride(0) + h * v.stride(1), Lk, v.stride(2), v.stride(3), D, 1.f, vf.data());
+        load_rows(kp + b * k.stride(0) + h * k.stride(1), Lk, k.stride(2), k.stride(3), D, kf.data());
+        load_rows(vp + b * v.stride(0) + h * v.stride(1), Lk, v.stride(2), v.stride(3), D, vf.data());
         loaded = bh;
       }
       const int64_t q0 = tq * kBlockQ, rows = std::min(kBlockQ, Lq - q0);
       load_rows(qp + b * q.stride(0) + h * q.stride(1) + q0 * q.stride(2), rows, q.stride(2), q.stride(3), D,
-                sm_scale, qf.data());
+                qf.data());
       const at::Tensor Q = at::from_blob(qf.data(), {rows, D}, f32);
       at::Tensor Acc = at::from_blob(acc.data(), {rows, D}, f32);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -138,8 +124,8 @@ void attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
         const int64_t k0 = tk * kBlockK, cols = std::min(kBlockK, Lk - k0);
         at::Tensor S = at::from_blob(s.data(), {rows, cols}, f32);
         at::mm_out(S, Q, K.narrow(0, k0, cols).t());
-        online_softmax_block(s.data(), rows, cols, q0, k0, c == kPartial, qs, ks, allow, ns, self_attend, m.data(),
-                             l.data(), acc.data(), D, S);
+        online_softmax_block(s.data(), rows, cols, q0, k0, c == kPartial, qs, ks, allow, ns, self_attend, sm_scale,
+                             m.data(), l.data(), acc.data(), D);
         Acc.addmm_(S, V.narrow(0, k0, cols));
       }
       scalar_t* o = op + b * out.stride(0) + h * out.stride(1) + q0 * out.stride(2);

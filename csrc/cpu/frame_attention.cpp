@@ -8,8 +8,9 @@
 //   and, for fp16/bf16, the V tile are converted to float32 too),
 //   S = Q·Kᵀ            (cpublas::brgemm, float32: oneDNN's f32 ukernel, faster on CPUs without AMX than the
 //                        bf16 GEMM and keeping P in float32),
-//   online softmax of the rows of S in float32 (running max m and sum l in units of sm_scale·q·k, exp vectorised
-//   by the compiler's AVX-512/AVX2 clones), the accumulator rows rescaled,
+//   online softmax of the rows of S in float32 (online_softmax_row of streamkern/online_softmax.h: running max m
+//   and sum l in units of sm_scale·q·k, exp vectorised by the compiler's AVX-512/AVX2 clones), the accumulator
+//   rows rescaled,
 //   acc += P·V          (cpublas::brgemm, float32; an fp32 V is read in place).
 // out = acc / l and lse = m + log l; a row with no key gets out 0 and lse -inf. A False gate writes exactly that
 // before any page or new_k is read. All offsets are int64.
@@ -26,16 +27,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "streamkern/online_softmax.h"
 #include "streamkern/ops/frame_attention.h"
 
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
 #define STREAMKERN_HAVE_BRGEMM 1
-#endif
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define STREAMKERN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define STREAMKERN_SIMD_CLONES
 #endif
 
 namespace streamkern {
@@ -45,65 +41,6 @@ constexpr int64_t kTileQ = 256;   // query rows per tile
 constexpr int64_t kGroup = 4;     // query tiles per task (they share each packed Kᵀ tile)
 constexpr int64_t kTileKV = 512;  // most keys per kv tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// The row kernels below are written so that GCC vectorises each clone: float compares may be if-converted (no FP
-// exceptions are used: no-trapping-math), no out-of-region function is called (it would not inline), and the
-// reductions run over kLanes independent lanes.
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-
-constexpr int64_t kLanes = 16;
-
-// exp(x) for x <= 0 (the softmax's s - max): 2^n · p(r) with n = x·log2 e rounded toward zero after a -1/2 shift
-// (|r| <= ln 2 / 2 for x <= 0), r = x - n·ln 2 (two-part ln 2), p Cephes' expf polynomial (about 1 ulp). x is
-// clamped at -87 (exp < 1.7e-38 counts as 0 in a sum led by exp(0) = 1); NaN stays NaN.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);
-  const float n = static_cast<float>(ni);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, static_cast<uint32_t>(ni + 127) << 23);
-}
-
-// max_j scale · s[j] over a row of n scores. Finite math here only (the max reduction then vectorises): a NaN
-// score may or may not reach the max, and exp_row turns it into NaN either way.
-#pragma GCC push_options
-#pragma GCC optimize("finite-math-only", "no-signed-zeros")
-STREAMKERN_SIMD_CLONES float scaled_row_max(const float* s, int64_t n, float scale) {
-  float m = kNegInf;
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = s[j] * scale;
-    m = v > m ? v : m;
-  }
-  return m;
-}
-#pragma GCC pop_options
-
-// s[j] <- exp(scale · s[j] - m) in place; returns the row sum.
-STREAMKERN_SIMD_CLONES float exp_row(float* s, int64_t n, float scale, float m) {
-  for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] * scale - m);
-  float lane[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t i = 0; i < kLanes; ++i) lane[i] += s[j + i];
-  for (; j < n; ++j) lane[0] += s[j];
-  float sum = 0.f;
-  for (int64_t i = 0; i < kLanes; ++i) sum += lane[i];
-  return sum;
-}
-
-STREAMKERN_SIMD_CLONES void scale_row(float* a, int64_t n, float alpha) {
-  for (int64_t j = 0; j < n; ++j) a[j] *= alpha;
-}
-
-#pragma GCC pop_options
 
 // A run of tokens of one (b, h): a page of the pool or the new keys; element (t, d) of k at k[t * k_t + d * k_d].
 template <typename T>
@@ -217,14 +154,8 @@ void run_task(const Problem<T>& p, int64_t b, int64_t h, int64_t g, Scratch<T>& 
         float* m = w.m.data() + i * kTileQ;
         float* l = w.l.data() + i * kTileQ;
         brgemm(rows, kv, D, D, kv, kv, false, w.q.data() + i * kTileQ * D, w.kt.data(), w.s.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          float* s = w.s.data() + r * kv;
-          const float m_new = std::max(m[r], scaled_row_max(s, kv, p.scale));
-          const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - m_new);
-          l[r] = l[r] * alpha + exp_row(s, kv, p.scale, m_new);
-          m[r] = m_new;
-          scale_row(acc + r * D, D, alpha);
-        }
+        for (int64_t r = 0; r < rows; ++r)
+          online_softmax_row(w.s.data() + r * kv, kv, p.scale, m[r], l[r], acc + r * D, D);
         brgemm(rows, D, kv, kv, ldv, D, true, w.s.data(), vb, acc);
       }
     }
