@@ -2,7 +2,7 @@
 the host's choice of tiles and dot precision for a launch, and the online-softmax update of one key tile; for the
 Hopper (sm_90+) kernels also the rule that picks them, their configs and the tensor-descriptor scratch allocator.
 
-Dot precision (DESIGN.md §4.5): fp16/bf16 tiles go to the tensor cores as they are (fp32 accumulation). fp32 tiles
+Dot precision (docs/contract.md §4.5): fp16/bf16 tiles go to the tensor cores as they are (fp32 accumulation). fp32 tiles
 go to the tensor cores too, never through IEEE fp32 dot loops (0.7 TFLOP/s on an H200 against 33.5 for fp32 SDPA):
 as split-precision 3×TF32 products (``input_precision="tf32x3"``, a = a_hi + a_lo in TF32, three products; 6.7e-7
 relative error on an H200, inside the fp32 bound) while ``torch.get_float32_matmul_precision()`` is "highest" (the

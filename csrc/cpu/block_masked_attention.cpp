@@ -1,4 +1,4 @@
-// Scale-block-masked attention on the CPU (streamkern.block_masked_attention, backend "cpu"; DESIGN.md §4.4).
+// Scale-block-masked attention on the CPU (streamkern.block_masked_attention, backend "cpu"; docs/contract.md §4.4).
 //
 // Query i attends key j when allow[q_scale[i], k_scale[j]] (or i == j with self_attend). The (Lq, Lk) plane is cut
 // into kBlockQ x kBlockK blocks; each block pair is classified once from the scale ids present in its two token

@@ -1,4 +1,4 @@
-// frame_attention on the CPU (streamkern.frame_attention, backend "cpu"; DESIGN.md §4.5).
+// frame_attention on the CPU (streamkern.frame_attention, backend "cpu"; docs/contract.md §4.5).
 //
 // For every (b, h) the keys are the listed pages of k_pages[b] (table order, ids outside [0, P) skipped) followed by
 // new_k[b]; each page is attended where it lies, as a strided [F, D] block of the pool: no gather, no cat.
