@@ -253,3 +253,21 @@ def test_contract_citations_resolve():
             if cited not in sections:
                 bad.append(f"{path.relative_to(ROOT)}: §{cited} is not a section of docs/contract.md")
     assert bad == []
+
+
+@needs_git
+def test_repository_paths_named_in_code_and_docs_exist():
+    """Every path into the repository that a docstring, comment or document names (``kernels/attention_tile.py``,
+    ``docs/contract.md``) exists; headers may be named from ``csrc/include``."""
+    named = re.compile(r"(?<![\w/.-])((?:streamkern|kernels|csrc|tests|bench|docs|tools)/[\w/.-]+"
+                       r"\.(?:py|cpp|cu|h|cuh|md|sh|json|jsonl|txt))\b")
+    bad = []
+    for path in _tracked():
+        if path.suffix not in (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh", ".txt", ".toml") or \
+                "bench/results" in str(path):
+            continue
+        for name in named.findall(path.read_text(errors="replace")):
+            if "foo" not in name and not any((base / name).exists() for base in
+                                             (ROOT, ROOT / "csrc/include", ROOT / "csrc/include/streamkern")):
+                bad.append(f"{path.relative_to(ROOT)} names {name}")
+    assert bad == []
