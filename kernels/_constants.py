@@ -14,7 +14,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from streamkern.capture import capturing
+from streamkern import capture
 
 
 class DeviceConstants:
@@ -27,7 +27,7 @@ class DeviceConstants:
         full = (key, str(device))
         table = self.tables.get(full)
         if table is None:
-            if capturing(device):
+            if capture.capturing(device):
                 raise RuntimeError(f"streamkern: the {self.what} {key} for {device} would be created during CUDA "
                                    f"graph capture; run the op once eagerly with the same arguments before "
                                    f"capturing (the usual warm-up), so that the table exists outside the graph")

@@ -9,7 +9,7 @@ import torch
 from conftest import backend_params
 
 import streamkern
-from streamkern import _backend, step_graph
+from streamkern import _backend, capture
 
 SIZES = range(1, 1025)
 
@@ -128,7 +128,7 @@ def test_device_tables_are_made_outside_capture(call, module, cache, monkeypatch
     tables = getattr(importlib.import_module(module), cache).tables
     tables.clear()
     with monkeypatch.context() as m:
-        m.setattr(step_graph, "capturing", lambda device: True)
+        m.setattr(capture, "capturing", lambda device: True)
         with pytest.raises(RuntimeError, match="during CUDA graph capture; run the op once eagerly"):
             call()
         assert not tables
@@ -136,7 +136,7 @@ def test_device_tables_are_made_outside_capture(call, module, cache, monkeypatch
     built = dict(tables)
     assert len(built) == 1
     with monkeypatch.context() as m:
-        m.setattr(step_graph, "capturing", lambda device: True)
+        m.setattr(capture, "capturing", lambda device: True)
         got = call()
     assert tables == built and all(tables[k] is built[k] for k in built)
     for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
