@@ -19,17 +19,17 @@ PHASES = ("env", "build", "smoke", "test", "sanitize", "demo", "bench", "fastvid
 BUDGET_S = 420   # the session's share of one device call
 # each op's parity test in the tier ("test module", "test", whether it is parametrised by dtype)
 OP_TESTS = {
-    "consensus_frame_scores": ("test_consensus", "test_parity_large_on_gpu", True),
-    "ring_write": ("test_kv_ring", "test_ring_write_parity", True),
-    "ring_write_at": ("test_kv_ring", "test_ring_write_device_start_equals_host_start", False),
-    "bank_evict_select": ("test_bank_evict", "test_random_against_reference", True),
+    "consensus_frame_scores": ("test_consensus_frame_scores", "test_parity_large_on_gpu", True),
+    "ring_write": ("test_ring_write", "test_ring_write_parity", True),
+    "ring_write_at": ("test_ring_write", "test_ring_write_device_start_equals_host_start", False),
+    "bank_evict_select": ("test_bank_evict_select", "test_random_against_reference", True),
     "bank_insert": ("test_bank_insert", "test_parity", True),
     "pose_topk": ("test_pose_topk", "test_against_reference", True),
     "patch_importance": ("test_drift_gate", "test_patch_importance_parity", True),
     "attention_weighted_drift": ("test_drift_gate", "test_drift_parity", True),
     "drift_gate_step": ("test_drift_gate", "test_gate_step_parity", True),
-    "block_masked_attention": ("test_scale_attention", "test_presets_parity", True),
-    "verify_scales": ("test_verify", "test_parity", True),
+    "block_masked_attention": ("test_block_masked_attention", "test_presets_parity", True),
+    "verify_scales": ("test_verify_scales", "test_parity", True),
     "frame_write": ("test_frame_write", "test_parity", True),
     "frame_attention": ("test_frame_attention", "test_parity", True),
     "frame_topk": ("test_frame_topk", "test_parity", True),

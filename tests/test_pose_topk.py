@@ -235,7 +235,7 @@ def test_opcheck(bd):
 @pytest.mark.parametrize("bd", backend_params(exclude=("triton",)))
 def test_torch_compile_fullgraph(bd):
     """Retrieval followed by a gather of the chosen frames compiles without graph breaks (backend named: see
-    test_bank_evict.test_torch_compile_fullgraph)."""
+    test_bank_evict_select.test_torch_compile_fullgraph)."""
     b, d = bd
 
     def retrieve(poses, valid, current, frames):
