@@ -15,7 +15,7 @@ from streamkern.testing import assert_parity
 
 NL, B, F, H, D = 2, 2, 3, 2, 8
 LAYERS, WEIGHTS = (0, 1), (0.4, 0.6)
-OPS = [getattr(importlib.import_module(f"streamkern.{m}"), f"{m}_op")
+OPS = [getattr(importlib.import_module(f"streamkern.ops.{m}"), f"{m}_op")
        for m in ("frame_write", "frame_attention", "frame_topk")]
 
 
