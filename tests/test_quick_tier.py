@@ -1,7 +1,8 @@
 """The quick tier (``pytest -m quick``), which ``make test-oldest-torch`` runs against the oldest torch the package
-declares: the package imports from this tree with its CPU backends, and the tier (tests/conftest.py QUICK_TIER)
-holds every public op's parity on each CPU backend and dtype."""
+declares: the package imports from this tree with its CPU backends, the tier (tests/conftest.py QUICK_TIER) holds
+every public op's parity on each CPU backend and dtype, and the versions declared are the ones ``make test`` tests."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,18 @@ def test_quick_tier_holds_every_public_op_on_each_cpu_backend_and_dtype():
         # "torch" backend that the test runs itself
         assert {b for b, _ in _on_cpu(params)} in ({None}, set(CPU_BACKENDS), {"cpu", "triton"}), test
     assert sum(map(len, quick.values())) <= 200   # quick: a few per op, not every parametrisation
+
+
+def test_the_torch_and_triton_declared_are_the_ones_make_test_tests():
+    """pyproject's torch range (the package's and the build's) starts at the torch of ``make test-oldest-torch`` and
+    holds the one ``.venv`` gets; its triton floor is the triton installed beside that oldest torch."""
+    pyproject, make = (ROOT / "pyproject.toml").read_text(), (ROOT / "Makefile").read_text()
+    ranges = re.findall(r'"torch>=(\d+\.\d+),<(\d+\.\d+)"', pyproject)
+    assert len(ranges) == 2 and ranges[0] == ranges[1], ranges   # [project] dependencies and [build-system]
+    low, high = (tuple(map(int, v.split("."))) for v in ranges[0])
+    oldest_torch, oldest_triton = re.search(r"\$\(OPY\) -m pip install -q torch==(\d+\.\d+)\.\d+ triton==(\d+\.\d+)",
+                                            make).groups()
+    newest = re.search(r'\$\(PY\) -m pip install -q "torch>=([\d.]+),<=(\d+\.\d+)', make).groups()
+    assert tuple(map(int, oldest_torch.split("."))) == low == tuple(map(int, newest[0].split(".")))
+    assert low <= tuple(map(int, newest[1].split("."))) < high
+    assert set(re.findall(r'"triton>=([\d.]+)"', pyproject + make)) == {oldest_triton}
