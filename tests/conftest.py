@@ -161,7 +161,8 @@ def _on_cuda(item, backends=None) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Mark the GPU tier's items ``gpu_tier`` (before ``-m`` selects)."""
+    """Mark the GPU tier's items ``gpu_tier`` and the quick tier's ``quick`` (before ``-m`` selects)."""
+    _mark_quick_tier(items)
     taken = set()
     for item in items:
         entry = GPU_TIER.get(f"{item.path.name}::{item.originalname}", False)
@@ -176,3 +177,49 @@ def pytest_collection_modifyitems(config, items):
                 continue
             taken.add(key)
         item.add_marker(pytest.mark.gpu_tier)
+
+
+
+# --- the quick tier ----------------------------------------------------------------------------------------------
+# ``pytest -m quick`` (``make test-oldest-torch`` runs it against the oldest torch the package declares): the imports
+# (tests/test_quick_tier.py) and each public op's parity once on each CPU backend ("torch", "cpu", "triton" through
+# its interpreter) and dtype. Per test: ``(where, per, names)``: one parametrisation per (backend-device, dtype,
+# *per params) on CPU among those whose id contains ``where`` (a test without a backend-device parameter: one per
+# dtype); ``names``: what of ``streamkern.__all__`` it checks. tests/test_quick_tier.py checks that the tier holds
+# every public op on each CPU backend.
+QUICK_TIER = {
+    "test_consensus_frame_scores.py::test_parity_with_reference_and_seed_form": ("B1-F3-fsl7-S5-H3-D16", (),
+                                                                               ("consensus_frame_scores",)),
+    "test_consensus_frame_scores.py::test_select_frame_exact_tie_goes_to_lowest_index": ("", (), ("select_frame",)),
+    "test_ring_write.py::test_ring_write_parity": ("wrap-NL3-B2-H3-D5", (), ("ring_write",)),
+    "test_ring_write.py::test_device_cursor_ring_follows_the_device_count": ("", (), ("KVRing",)),
+    "test_bank_evict_select.py::test_random_against_reference": ("M7-E13", (), ("bank_evict_select",)),
+    "test_bank_insert.py::test_parity": ("NL3-B2-M3-F4-fsl5-D5", (), ("bank_insert",)),
+    "test_pose_topk.py::test_against_reference": ("random-N7-P5-k3", (), ("pose_topk",)),
+    "test_drift_gate.py::test_patch_importance_parity": ("strided", (), ("patch_importance",)),
+    "test_drift_gate.py::test_drift_parity": ("strided", (), ("attention_weighted_drift",)),
+    "test_drift_gate.py::test_gate_step_parity": ("strided", (), ("DriftGate",)),
+    "test_block_masked_attention.py::test_presets_parity": ("var-self", (), ("block_masked_attention",
+                                                                            "scale_layout", "scale_allow")),
+    "test_block_masked_attention.py::test_skipped_fraction_var_680": ("", (), ("skipped_tile_fraction",)),
+    "test_verify_scales.py::test_parity": ("B2-s1x2-V37-cfg-strided", ("mode",), ("verify_scales",)),
+    "test_frame_write.py::test_parity": ("P7-F5-rows", (), ("frame_write", "FramePool")),
+    "test_frame_attention.py::test_parity": ("F7-perhead-holes-gate", (), ("frame_attention",)),
+    "test_frame_topk.py::test_parity": ("holes-per-head", (), ("frame_topk",)),
+    "test_streaming_kv.py::test_long_stream_matches_cat_reference": ("", (), ("StreamingKV",)),
+}
+
+
+def _mark_quick_tier(items):
+    """Mark the quick tier's items ``quick``."""
+    taken = set()
+    for item in items:
+        entry = QUICK_TIER.get(f"{item.path.name}::{item.originalname}")
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if entry is None or params.get("bd", ("", "cpu"))[1] != "cpu" or entry[0] not in item.name:
+            continue
+        key = (item.path.name, item.originalname, str(params.get("bd")), str(params.get("dtype")),
+               *(str(params.get(p)) for p in entry[1]))
+        if key not in taken:
+            taken.add(key)
+            item.add_marker(pytest.mark.quick)
