@@ -30,8 +30,9 @@ cuda-check: $(VENV)/.ready
 	  tools/binding_check.sh $(PY) $(NVCC); \
 	else echo "cuda-check: nvcc not found, CUDA compile check skipped"; fi
 
-test: ext cuda-check test-oldest-torch
+test: ext cuda-check
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-oldest-torch
 
 # The quick tier (`pytest -m quick`: the imports, each public op's parity once per CPU backend and dtype) against the
 # oldest torch the package declares, in a venv of its own: torch 2.11 (the registry's build, with its CUDA wheels)
