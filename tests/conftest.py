@@ -179,7 +179,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.gpu_tier)
 
 
-
 # --- the quick tier ----------------------------------------------------------------------------------------------
 # ``pytest -m quick`` (``make test-oldest-torch`` runs it against the oldest torch the package declares): the imports
 # (tests/test_quick_tier.py) and each public op's parity once on each CPU backend ("torch", "cpu", "triton" through
