@@ -21,18 +21,32 @@ from .._backend import cxx, define_op, triton
 from .reference import ring_write as ref
 
 
-def _check(cache_k, cache_v, k_new, v_new, start, sink):
-    for name, t in (("cache_k", cache_k), ("cache_v", cache_v), ("k_new", k_new), ("v_new", v_new)):
+def _check_storage(k, v, sink, names=("cache_k", "cache_v")) -> None:
+    """What ring storage must be (``names``: how the caller calls ``k`` and ``v``): ``[NL, B, S, H, D]`` k and v of
+    one shape, float dtype and device, each token's ``[H, D]`` contiguous, neither overlapping itself nor the
+    other, ``0 <= sink < S``."""
+    nk, nv = names
+    for name, t in ((nk, k), (nv, v)):
         check.tensor(name, t, ndim=5, dtypes=check.FLOATS)
-    check.same_device(cache_k=cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new)
-    check.same_dtype(cache_k=cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new)
+    check.same_device(**{nk: k, nv: v})
+    check.same_dtype(**{nk: k, nv: v})
+    check.shape(nv, v, tuple(k.shape), ("NL", "B", "sink+window", "H", "D"))
+    for name, t in ((nk, k), (nv, v)):
+        check.rows_contiguous(name, t)
+        check.no_internal_overlap(name, t)
+    check.no_overlap(nk, k, **{nv: v})
+    check.integer("sink", sink, low=0, high=k.shape[2] - 1)
+
+
+def _check(cache_k, cache_v, k_new, v_new, start, sink):
+    _check_storage(cache_k, cache_v, sink)
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        check.tensor(name, t, ndim=5, dtypes=check.FLOATS)
+    check.same_device(cache_k=cache_k, k_new=k_new, v_new=v_new)
+    check.same_dtype(cache_k=cache_k, k_new=k_new, v_new=v_new)
     NL, B, S, H, D = cache_k.shape
-    check.shape("cache_v", cache_v, tuple(cache_k.shape), ("NL", "B", "sink+window", "H", "D"))
     check.shape("k_new", k_new, (NL, B, None, H, D), ("NL", "B", "T", "H", "D"))
     check.shape("v_new", v_new, tuple(k_new.shape), ("NL", "B", "T", "H", "D"))
-    check.rows_contiguous("cache_k", cache_k)
-    check.rows_contiguous("cache_v", cache_v)
-    check.integer("sink", sink, low=0, high=S - 1)
     if isinstance(start, torch.Tensor):
         check.tensor("start", start, ndim=0, dtypes=check.INDEX)
         check.same_device(cache_k=cache_k, start=start)
@@ -41,10 +55,8 @@ def _check(cache_k, cache_v, k_new, v_new, start, sink):
     window = S - sink
     if k_new.shape[2] > window:
         raise ValueError(f"k_new: expected at most window={window} new tokens (dim 2), got {k_new.shape[2]}")
-    check.no_internal_overlap("cache_k", cache_k)
-    check.no_internal_overlap("cache_v", cache_v)
     slot = start if isinstance(start, torch.Tensor) else None
-    check.no_overlap("cache_k", cache_k, cache_v=cache_v, k_new=k_new, v_new=v_new, start=slot)
+    check.no_overlap("cache_k", cache_k, k_new=k_new, v_new=v_new, start=slot)
     check.no_overlap("cache_v", cache_v, k_new=k_new, v_new=v_new, start=slot)
 
 
@@ -139,16 +151,7 @@ class KVRing:
         (``TypeError``/``ValueError`` naming the argument). The ring starts empty (``count = 0``) whatever the
         storage holds; ``seek`` takes it as holding a stream already.
         """
-        for name, t in (("k", k), ("v", v)):
-            check.tensor(name, t, ndim=5, dtypes=check.FLOATS)
-        check.same_device(k=k, v=v)
-        check.same_dtype(k=k, v=v)
-        check.shape("v", v, tuple(k.shape), ("NL", "B", "sink+window", "H", "D"))
-        for name, t in (("k", k), ("v", v)):
-            check.rows_contiguous(name, t)
-            check.no_internal_overlap(name, t)
-        check.no_overlap("k", k, v=v)
-        check.integer("sink", sink, low=0, high=k.shape[2] - 1)
+        _check_storage(k, v, sink, names=("k", "v"))
         ring = cls.__new__(cls)
         ring._hold(k, v, sink, backend, device_cursor)
         return ring
