@@ -13,7 +13,7 @@ from .ordered_bits import ordered_bits
 
 
 @triton.jit
-def _bank_evict_kernel(scores_ptr, mask_ptr, valid_ptr, out_ptr, M, E, s_s, s_m0, s_m1, s_v,
+def _bank_evict_select_kernel(scores_ptr, mask_ptr, valid_ptr, out_ptr, M, E, s_s, s_m0, s_m1, s_v,
                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     i = tl.arange(0, BLOCK_M).to(tl.int64)  # int64 element offsets: strides arrive as i32
     e = tl.arange(0, BLOCK_E).to(tl.int64)
@@ -38,7 +38,7 @@ def bank_evict_select(scores: torch.Tensor, entity_mask: torch.Tensor, valid: to
     M, E = entity_mask.shape
     out = torch.empty((), dtype=torch.int64, device=scores.device)
     mask_u8, valid_u8 = entity_mask.view(torch.uint8), valid.view(torch.uint8)
-    _bank_evict_kernel[(1,)](scores, mask_u8, valid_u8, out, M, E, scores.stride(0), mask_u8.stride(0),
+    _bank_evict_select_kernel[(1,)](scores, mask_u8, valid_u8, out, M, E, scores.stride(0), mask_u8.stride(0),
                              mask_u8.stride(1), valid_u8.stride(0),
                              BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_E=max(16, triton.next_power_of_2(E)),
                              num_warps=4)

@@ -15,8 +15,8 @@ Launch structure:
    allowed key ends with ``l = 0`` and output 0.
 
 On sm_90 and later, fp16/bf16 q, k, v whose rows are 16-byte aligned (and at most ``MAX_TMA_SCALES`` scales) run
-``_scale_attention_tma_kernel`` in step 2: the same visit lists, its tiles copied by TMA (docs/frame_attention.md,
-"The Hopper kernels").
+``_block_masked_attention_tma_kernel`` in step 2: the same visit lists, its tiles copied by TMA
+(docs/frame_attention.md, "The Hopper kernels").
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _visit_list_kernel(QS, KS, ALLOW, VISIT, VCLS, NVISIT, Lq, Lk, NS, n_ktiles,
 
 
 @triton.jit
-def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
+def _block_masked_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
                             Lq, Lk, H, NS, row_stride, qk_scale, sqs, sks, sa0, sa1,
                             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                             SELF: tl.constexpr, PARTIAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -123,13 +123,13 @@ def _scale_attention_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
 
 
 @triton.jit
-def _scale_attention_tma_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
+def _block_masked_attention_tma_kernel(Q, K, V, O, QS, KS, ALLOW, VISIT, VCLS, NVISIT,
                                 Lq, Lk, H, NS, row_stride, qk_scale, sqs, sks, sa0, sa1,
                                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                                 SELF: tl.constexpr, PARTIAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY_RESCALE: tl.constexpr,
                                 DOT_DTYPE: tl.constexpr):
-    """The attention of ``_scale_attention_kernel`` (the same visit lists and tile classes) with q, k and v read
+    """The attention of ``_block_masked_attention_kernel`` (the same visit lists and tile classes) with q, k and v read
     by TMA through descriptors over this program's (b, h) ``[L, D]`` slices: rows past Lq or Lk and columns past D
     read as zeros. The element-wise mask of a partial tile is ``(bits[i] >> k_scale[j]) & 1``: each query row's
     allowed key scales as one int32 bit set, gathered from ``allow`` once per program (``NS <= MAX_TMA_SCALES``),
@@ -197,7 +197,7 @@ def _choose(key, Lq: int, ws_ok: bool) -> HopperConfig:
     return SMALL_L if Lq < 512 else TILE_128x64
 
 
-HOPPER = HopperKernel(_scale_attention_tma_kernel, CONFIGS, _choose, ["D", "SELF"])
+HOPPER = HopperKernel(_block_masked_attention_tma_kernel, CONFIGS, _choose, ["D", "SELF"])
 
 
 def visit_lists(q_scale, k_scale, allow, self_attend: bool, block_m: int, block_n: int):
@@ -251,7 +251,7 @@ def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend: bool, 
             Lq, k.shape[2], H, allow.shape[0], visit.stride(0), sm_scale * LOG2E,
             q_scale.stride(0), k_scale.stride(0), *allow_u8.stride())
     if why_not:
-        _scale_attention_kernel[launch](
+        _block_masked_attention_kernel[launch](
             *args, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             SELF=self_attend, PARTIAL=TILE_PARTIAL, D=D, BLOCK_D=block_d,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION=cfg.precision, DOT_DTYPE=cfg.dot_dtype,

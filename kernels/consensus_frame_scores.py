@@ -27,7 +27,7 @@ from ._grid import grid as launch_grid
 # chunk's worth); loop bounds and scalar offsets. The chunk strides stay keys: their divisibility lets the
 # chunk-key loads vectorise.
 @triton.jit(do_not_specialize=["L", "F", "tokens_per_split"])
-def _consensus_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
+def _consensus_frame_scores_kernel(out_ptr, chunk_ptr, text_ptr, w_ptr, layer_ptr, lam_ptr,
                       L, S, HD, D, F, fsl, tokens_per_split, n_hd_blocks,
                       sc_l, sc_b, sc_t, sc_h, sc_d,
                       st_l, st_b, st_s, st_h, st_d,
@@ -132,7 +132,7 @@ def consensus_frame_scores(chunk_k: torch.Tensor, text_k: torch.Tensor, weights:
     sw_b = weights.stride(0) if weights.dim() == 2 else 0
     launch = launch_grid("consensus_frame_scores", (splits * n_hd, "token splits x H*D blocks"), (B, "batch"),
                   (len(layers), "layers"))
-    _consensus_kernel[launch](
+    _consensus_frame_scores_kernel[launch](
         out, chunk_k, text_k, weights, ids, lam,
         L, S, HD, D, F, frame_seq_len, tokens_per_split, n_hd,
         *chunk_k.stride(), *text_k.stride(), sw_b, weights.stride(-1),

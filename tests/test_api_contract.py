@@ -104,7 +104,7 @@ def test_other_public_names():
         assert field in fields, f"VerifyResult.{field} is missing"
 
 
-def test_kv_ring_storage_shape():
+def test_ring_storage_shape():
     ring = streamkern.KVRing(2, 1, 3, 4, window=5, sink=2, dtype=torch.float32)
     assert tuple(ring.k.shape) == tuple(ring.v.shape) == (2, 1, 7, 3, 4)
     assert ring.length == 0

@@ -460,7 +460,7 @@ def test_compile_fullgraph(bd):
 
 from streamkern.kernels import block_masked_attention as ksa
 from streamkern.kernels import attention_tile as tiles
-HOPPER, POINTER = "_scale_attention_tma_kernel", "_scale_attention_kernel"
+HOPPER, POINTER = "_block_masked_attention_tma_kernel", "_block_masked_attention_kernel"
 INTERPRETED = [tiles.HopperConfig(16, 16, 1, 1, False, False), tiles.HopperConfig(32, 16, 1, 2, False, True)]
 HOPPER_CONFIGS = [pytest.param(c, id=c.name) for c in (ksa.CONFIGS if torch.cuda.is_available() else INTERPRETED)]
 TRITON = [p for p in backend_params(exclude=("torch", "cpu", "cuda"))

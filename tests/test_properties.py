@@ -201,7 +201,7 @@ def best_frame_within_ties(got, exp, dtype, what):
 
 
 @property_test()
-def test_consensus_properties(data, backend, tiny):
+def test_consensus_frame_scores_properties(data, backend, tiny):
     NL = data.draw(st.integers(1, 3))
     B, F, H = data.draw(sizes(tiny)), data.draw(sizes(tiny)), data.draw(sizes(tiny, 1))
     fsl, S, D = data.draw(st.sampled_from([1, 2, 3])), data.draw(sizes(tiny, 1)), data.draw(sizes(tiny, 1))
@@ -277,7 +277,7 @@ def ring_stream(backend, NL, B, H, D, window, sink, dtype, lengths, seed):
 
 
 @property_test()
-def test_kv_ring_properties(data, backend, tiny):
+def test_ring_properties(data, backend, tiny):
     """Any sequence of appends leaves the same storage, positions and logical order as the "torch" ring; an
     append of 0 or more than ``window`` tokens raises naming ``k_new`` and changes nothing."""
     NL, B, H, D = (data.draw(sizes(tiny, 1)) for _ in range(4))
@@ -300,7 +300,7 @@ def test_kv_ring_properties(data, backend, tiny):
 # --- bank_evict_select / bank_insert -----------------------------------------------------------------------------
 
 @property_test()
-def test_bank_evict_properties(data, backend, tiny):
+def test_bank_evict_select_properties(data, backend, tiny):
     M, E = data.draw(sizes(tiny, 1)), data.draw(sizes(tiny))
     dtype = data.draw(st.sampled_from(FLOATS))
     scores = data.draw(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0]), min_size=M, max_size=M))  # ties

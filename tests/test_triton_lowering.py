@@ -170,7 +170,7 @@ def _drift(dtype):
     sk.attention_weighted_drift(_image(dtype), small, _randn(2, 3, 5).abs(), 4, 3, **TRITON)
 
 
-def _kv_ring(dtype):
+def _ring_write(dtype):
     ring = sk.KVRing(2, 1, 2, 4, window=4, sink=1, dtype=dtype, device=DEVICE, backend="triton")
     for seed in range(2):                                                   # the second append wraps
         ring.append(_randn(2, 1, 3, 2, 4, dtype=dtype, seed=seed), _randn(2, 1, 3, 2, 4, dtype=dtype, seed=9))
@@ -280,7 +280,7 @@ def _run_every_op():
         _bank_evict(dtype)
         _pose_topk(dtype)
         _drift(dtype)
-        _kv_ring(dtype)
+        _ring_write(dtype)
         _bank_insert(dtype)
         _verify(dtype)
     _drift(torch.uint8)
@@ -424,8 +424,9 @@ def lowered(tmp_path_factory):
     return list(zip(specs, results))
 
 
+# launched from sm_90 only
 HOPPER_KERNELS = {"_frame_attention_tma_kernel": "streamkern.kernels.frame_attention",
-                  "_scale_attention_tma_kernel": "streamkern.kernels.block_masked_attention"}   # launched from sm_90 only
+                  "_block_masked_attention_tma_kernel": "streamkern.kernels.block_masked_attention"}
 
 
 @pytest.mark.parametrize("module,kernel,target", [
@@ -451,7 +452,7 @@ def test_every_launch_is_an_entry_kernel(lowered):
     assert launched <= set(ENTRY_KERNELS), sorted(launched - set(ENTRY_KERNELS))
 
 
-ATTENTION_KERNELS = ("_frame_attention_kernel", "_scale_attention_kernel")
+ATTENTION_KERNELS = ("_frame_attention_kernel", "_block_masked_attention_kernel")
 # Register spill a thread may have (ptxas's spill stores + loads, bytes). The chosen tiles spill at most ~350 on
 # sm_90 and ~250 on sm_89 with triton 3.9 (the landed bf16 64x64 tiles at head dim 128: 40-110); a tile too large
 # for the register file spills kilobytes (3xTF32 at head dim 128: 64x32 with 4 warps 1.0-1.7 KB, 128x32 with 8

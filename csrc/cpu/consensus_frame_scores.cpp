@@ -202,7 +202,7 @@ void consensus_cpu(at::Tensor& out, const at::Tensor& chunk_k, const at::Tensor&
 void consensus_frame_scores_cpu(at::Tensor out, const at::Tensor& chunk_k, const at::Tensor& text_k,
                                 const at::Tensor& entity_weights, int64_t frame_seq_len, at::IntArrayRef layers,
                                 at::ArrayRef<double> layer_weights) {
-  check_consensus_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
+  check_consensus_frame_scores_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
   if (out.numel() == 0) return;
   const std::vector<int64_t> ls(layers.begin(), layers.end());
   const std::vector<double> lw(layer_weights.begin(), layer_weights.end());

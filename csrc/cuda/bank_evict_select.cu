@@ -12,7 +12,7 @@ constexpr int kThreads = 256;
 constexpr int kMaxSlots = 64;
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bank_evict_kernel(BankEvictSelectParams p) {
+__global__ void __launch_bounds__(kThreads) bank_evict_select_kernel(BankEvictSelectParams p) {
   __shared__ bool lonely[kThreads];
   __shared__ unsigned long long keys[kMaxSlots];
   const int t = threadIdx.x;
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) bank_evict_kernel(BankEvictSelectPar
 LaunchStatus bank_evict_select_launch(const BankEvictSelectParams& p, DType dtype, void* stream) {
   if (p.M < 1 || p.M > kMaxSlots || p.E < 0 || p.E > kThreads) return static_cast<int>(cudaErrorInvalidValue);
   STREAMKERN_DISPATCH_FLOAT(dtype, T,
-      bank_evict_kernel<T><<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p));
+      bank_evict_select_kernel<T><<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p));
   return static_cast<int>(cudaGetLastError());
 }
 

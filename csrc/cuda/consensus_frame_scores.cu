@@ -83,8 +83,8 @@ __device__ float block_sum(float v, float* smem) {
 
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads)
-    consensus_kernel(const ConsensusFrameScoresParams p, const __grid_constant__ LayerTable table, int64_t n_slices,
-                     int64_t tokens_per_split) {
+    consensus_frame_scores_kernel(const ConsensusFrameScoresParams p, const __grid_constant__ LayerTable table,
+                                  int64_t n_slices, int64_t tokens_per_split) {
   constexpr int V = kVec<T>;
   constexpr int kWidth = kLanes * V;
   __shared__ float partial[kGroups][kWidth];
@@ -222,9 +222,9 @@ LaunchStatus launch_typed(const ConsensusFrameScoresParams& p, cudaStream_t stre
     const dim3 grid(static_cast<unsigned>(n_slices * splits), static_cast<unsigned>(p.B),
                     static_cast<unsigned>(table.count));
     if (vec) {
-      consensus_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, table, n_slices, tokens_per_split);
+      consensus_frame_scores_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, table, n_slices, tokens_per_split);
     } else {
-      consensus_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, table, n_slices, tokens_per_split);
+      consensus_frame_scores_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, table, n_slices, tokens_per_split);
     }
   }
   return static_cast<int>(cudaGetLastError());

@@ -45,9 +45,10 @@ inline constexpr const char* kConsensusFrameScoresSchema =
     "consensus_frame_scores_(Tensor(a!) out, Tensor chunk_k, Tensor text_k, Tensor entity_weights, "
     "int frame_seq_len, int[] layers, float[] layer_weights) -> ()";
 
-inline void check_consensus_args(const at::Tensor& out, const at::Tensor& chunk_k, const at::Tensor& text_k,
-                                 const at::Tensor& entity_weights, int64_t frame_seq_len, at::IntArrayRef layers,
-                                 at::ArrayRef<double> layer_weights) {
+inline void check_consensus_frame_scores_args(const at::Tensor& out, const at::Tensor& chunk_k,
+                                              const at::Tensor& text_k, const at::Tensor& entity_weights,
+                                              int64_t frame_seq_len, at::IntArrayRef layers,
+                                              at::ArrayRef<double> layer_weights) {
   TORCH_CHECK(chunk_k.dim() == 5 && text_k.dim() == 5, "consensus_frame_scores_: chunk_k and text_k must be 5-d");
   TORCH_CHECK(chunk_k.scalar_type() == text_k.scalar_type(), "consensus_frame_scores_: chunk_k/text_k dtype mismatch");
   const int64_t NL = chunk_k.size(0), B = chunk_k.size(1), L = chunk_k.size(2);
@@ -73,7 +74,7 @@ inline ConsensusFrameScoresParams consensus_frame_scores_params(at::Tensor& out,
                                                      const at::Tensor& text_k, const at::Tensor& entity_weights,
                                                      int64_t frame_seq_len, at::IntArrayRef layers,
                                                      at::ArrayRef<double> layer_weights) {
-  check_consensus_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
+  check_consensus_frame_scores_args(out, chunk_k, text_k, entity_weights, frame_seq_len, layers, layer_weights);
   ConsensusFrameScoresParams p{};
   p.out = out.data_ptr<float>();
   p.chunk = chunk_k.const_data_ptr();
