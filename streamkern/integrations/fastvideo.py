@@ -42,6 +42,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._backend import check_backend_name
 from ..ops.frame_attention import frame_attention
 from ..ops.ring_write import KVRing
+from ..ops.view_attention import view_attention
 from ..streaming_kv import view_kernel
 
 _WAN_GLOBAL_FRAMES = 21   # causal_wanvideo.GLOBAL_ATTN_COMPAT_MAX_LATENT_FRAMES: the window when local_attn_size=-1
@@ -119,14 +120,12 @@ class FastVideoStream:
 
     def attend(self, q: torch.Tensor, scale: float | None, attention: str) -> torch.Tensor:
         """Softmax attention of ``q`` ``[B, T, H, D]`` over the ring's valid slots ``[0, length)``, in place:
-        ``attention="sdpa"`` over a view of them, ``"frame"``: ``frame_attention`` over their latent frames."""
+        ``attention="sdpa"``: ``view_attention`` (SDPA) over a view of them, ``"frame"``: ``frame_attention`` over
+        their latent frames."""
         cache_k, cache_v = self.ring.k[0], self.ring.v[0]
         valid = self.ring.length
         if attention == "sdpa":
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), cache_k[:, :valid].transpose(1, 2), cache_v[:, :valid].transpose(1, 2),
-                scale=scale)
-            return out.transpose(1, 2)
+            return view_attention(q, cache_k[:, :valid], cache_v[:, :valid], sm_scale=scale)
         B, C, H, D = cache_k.shape
         fs = self.frame_seqlen
         pages = valid // fs
