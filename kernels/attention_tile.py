@@ -222,6 +222,16 @@ def tma_unsupported(q: torch.Tensor, descriptor_tensors: dict, head_dim: int) ->
     return ""
 
 
+def pointer_kernel_reason(config, q: torch.Tensor, descriptor_tensors: dict, head_dim: int, limit: str = "") -> str:
+    """Why a launch runs the pointer kernel ("" when the Hopper kernel runs): ``config="pointer"`` forces it,
+    else :func:`tma_unsupported`, else ``limit`` (a launcher's own bound on the Hopper kernel). A ``HopperConfig``
+    asked for where the Hopper kernel cannot run is a ``ValueError`` naming ``config``."""
+    why = "config='pointer'" if config == "pointer" else (tma_unsupported(q, descriptor_tensors, head_dim) or limit)
+    if why and config not in (None, "pointer"):
+        raise ValueError(f"config: {config} is a Hopper config, and the Hopper kernel cannot take these inputs: {why}")
+    return why
+
+
 class _ScratchAllocator:
     """Global memory for the kernels' device-side tensor descriptors (128 bytes each per program), from torch's
     caching allocator on the launch's stream (so a CUDA-graph capture takes it from the graph's pool)."""

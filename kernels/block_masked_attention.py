@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._grid import grid as launch_grid
-from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_update, tile_config, tma_dot_dtype,
-                             tma_unsupported)
+from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_update, pointer_kernel_reason,
+                             tile_config, tma_dot_dtype)
 from .tile_classes import TILE_FULL, TILE_PARTIAL
 
 MAX_TMA_SCALES = tl.constexpr(32)   # scales the Hopper kernel's per-row bit sets hold
@@ -231,14 +231,10 @@ def block_masked_attention(q, k, v, q_scale, k_scale, allow, self_attend: bool, 
         return out
     block_d = max(16, triton.next_power_of_2(D))
     allow_u8 = allow.view(torch.uint8)
-    why_not = "config='pointer'" if config == "pointer" else (
-        tma_unsupported(q, {"q": (q, (2,)), "k": (k, (2,)), "v": (v, (2,))}, D)
-        or (f"{allow.shape[0]} scales (at most {MAX_TMA_SCALES.value})" if allow.shape[0] > MAX_TMA_SCALES.value
-            else ""))
+    too_many = allow.shape[0] > MAX_TMA_SCALES.value
+    why_not = pointer_kernel_reason(config, q, {"q": (q, (2,)), "k": (k, (2,)), "v": (v, (2,))}, D,
+                                    f"{allow.shape[0]} scales (at most {MAX_TMA_SCALES.value})" if too_many else "")
     if why_not:
-        if config not in (None, "pointer"):
-            raise ValueError(f"config: {config} is a Hopper config, and the Hopper kernel cannot take these inputs: "
-                             f"{why_not}")
         cfg = tile_config(Lq, D, q.dtype, q.device)
         tiles = (cfg.block_m, cfg.block_n)
     else:

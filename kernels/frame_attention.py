@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_update, WS_MAX_PAGES, tile_config,
-                             tma_dot_dtype, tma_unsupported)
+from .attention_tile import (LOG2E, HopperConfig, HopperKernel, online_softmax_update, pointer_kernel_reason,
+                             WS_MAX_PAGES, tile_config, tma_dot_dtype)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -226,13 +226,8 @@ def frame_attention(q, k_pages, v_pages, page_table, new_k, new_v, gate, sm_scal
     gate_u8 = None if gate is None else gate.view(torch.uint8)
     block_d = max(16, triton.next_power_of_2(D))
     args = (q, k_pages, v_pages, page_table, new_k, new_v, gate_u8, out, lse, Lq, H, P, F, K, Ln, sm_scale * LOG2E)
-    why_not = "config='pointer'" if config == "pointer" else tma_unsupported(
-        q, {"q": (q, (1,)), "k_pages": (k_pages, (1, 2)), "v_pages": (v_pages, (1, 2)), "new_k": (new_k, (1,)),
-            "new_v": (new_v, (1,))}, D)
-    if why_not:
-        if config not in (None, "pointer"):
-            raise ValueError(f"config: {config} is a Hopper config, and the Hopper kernel cannot take these inputs: "
-                             f"{why_not}")
+    if pointer_kernel_reason(config, q, {"q": (q, (1,)), "k_pages": (k_pages, (1, 2)), "v_pages": (v_pages, (1, 2)),
+                                         "new_k": (new_k, (1,)), "new_v": (new_v, (1,))}, D):
         cfg = tile_config(Lq, D, q.dtype, q.device)
         _frame_attention_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
             *args, *q.stride(), *k_pages.stride(), *v_pages.stride(), *page_table.stride(),
